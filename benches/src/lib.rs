@@ -1,0 +1,1 @@
+//! Benchmarks for the echomimic crates (see `benches/benches/*.rs`).

@@ -1,0 +1,11 @@
+//! EchoMimic v1 (audio-driven portrait animation) in pure Rust on Candle.
+//!
+//! The crate loads the official released checkpoint files unchanged
+//! (`pretrained_weights/` layout) and knows nothing about Redis, HTTP or the
+//! worker protocol: it takes plain Rust requests and reports progress through
+//! callbacks.
+
+pub mod error;
+pub mod ops;
+
+pub use error::{AudioError, PipelineError, Result};

@@ -1,0 +1,2 @@
+//! Client and compatible server for the temp-file HTTP API.
+#![deny(missing_docs)]

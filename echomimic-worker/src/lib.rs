@@ -1,0 +1,1 @@
+//! The EchoMimic worker service.

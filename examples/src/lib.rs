@@ -1,0 +1,1 @@
+//! Examples for the echomimic crates (see `examples/*.rs`).
