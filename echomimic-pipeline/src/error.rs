@@ -104,7 +104,12 @@ pub enum PipelineError {
 
 fn preview(keys: &[String]) -> String {
     const SHOWN: usize = 8;
-    let mut s = keys.iter().take(SHOWN).cloned().collect::<Vec<_>>().join(", ");
+    let mut s = keys
+        .iter()
+        .take(SHOWN)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
     if keys.len() > SHOWN {
         s.push_str(&format!(", ... ({} more)", keys.len() - SHOWN));
     }

@@ -5,7 +5,9 @@
 //! worker protocol: it takes plain Rust requests and reports progress through
 //! callbacks.
 
+pub mod config;
 pub mod error;
 pub mod ops;
+pub mod weights;
 
 pub use error::{AudioError, PipelineError, Result};
