@@ -121,7 +121,7 @@ pub fn torch_randn_from(gen: &mut Mt19937, n: usize) -> Vec<f32> {
     for block in data.chunks_exact_mut(16) {
         box_muller_16(block);
     }
-    if n % 16 != 0 {
+    if !n.is_multiple_of(16) {
         let tail = &mut data[n - 16..];
         for v in tail.iter_mut() {
             *v = gen.uniform_f32();
