@@ -24,8 +24,8 @@ pub fn golden(name: &str) -> anyhow::Result<HashMap<String, Tensor>> {
     let path = golden_dir()
         .join("tensors")
         .join(format!("{name}.safetensors"));
-    Ok(candle_core::safetensors::load(&path, &Device::Cpu)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?)
+    candle_core::safetensors::load(&path, &Device::Cpu)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
 /// Fetches one tensor from a loaded golden file, with a clear error.
