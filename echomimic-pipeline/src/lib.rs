@@ -7,7 +7,9 @@
 
 pub mod config;
 pub mod error;
+pub mod models;
 pub mod ops;
+pub mod schedulers;
 pub mod weights;
 
 pub use error::{AudioError, PipelineError, Result};
