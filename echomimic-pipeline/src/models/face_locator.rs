@@ -49,7 +49,9 @@ impl FaceLocatorConfig {
     /// Reads the sizes from the tensor shapes of a face-locator checkpoint.
     pub fn from_checkpoint(ck: &Checkpoint) -> Result<Self> {
         let conv_weight = |key: &str| -> Result<[usize; 4]> {
-            let t = ck.tensor(key).ok_or_else(|| ck_err(ck, key, "tensor not found"))?;
+            let t = ck
+                .tensor(key)
+                .ok_or_else(|| ck_err(ck, key, "tensor not found"))?;
             match *t.dims() {
                 [o, i, 3, 3] => Ok([o, i, 3, 3]),
                 ref d => Err(ck_err(
@@ -106,7 +108,12 @@ pub struct FaceLocator {
     span: tracing::Span,
 }
 
-fn conv3x3(vb: VarBuilder<'_>, c_in: usize, c_out: usize, stride: usize) -> candle_core::Result<Conv2d> {
+fn conv3x3(
+    vb: VarBuilder<'_>,
+    c_in: usize,
+    c_out: usize,
+    stride: usize,
+) -> candle_core::Result<Conv2d> {
     let cfg = Conv2dConfig {
         padding: 1,
         stride,
@@ -183,7 +190,9 @@ impl Module for FaceLocator {
         let xs = self.conv_out.forward(&xs)?;
         // 4. deflate: (b*f, c', h', w') -> (b, c', f, h', w').
         let (_, c2, h2, w2) = xs.dims4()?;
-        xs.reshape((b, f, c2, h2, w2))?.permute((0, 2, 1, 3, 4))?.contiguous()
+        xs.reshape((b, f, c2, h2, w2))?
+            .permute((0, 2, 1, 3, 4))?
+            .contiguous()
     }
 }
 
@@ -196,7 +205,10 @@ mod tests {
         let dev = Device::Cpu;
         let mut map = HashMap::new();
         let mut add = |name: String, o: usize, i: usize| -> candle_core::Result<()> {
-            map.insert(format!("{name}.weight"), Tensor::randn(0f32, 0.2, (o, i, 3, 3), &dev)?);
+            map.insert(
+                format!("{name}.weight"),
+                Tensor::randn(0f32, 0.2, (o, i, 3, 3), &dev)?,
+            );
             map.insert(format!("{name}.bias"), Tensor::randn(0f32, 0.05, o, &dev)?);
             Ok(())
         };
@@ -206,7 +218,11 @@ mod tests {
             add(format!("blocks.{}", 2 * i), w[0], w[0])?;
             add(format!("blocks.{}", 2 * i + 1), w[1], w[0])?;
         }
-        add("conv_out".into(), cfg.conditioning_embedding_channels, boc[boc.len() - 1])?;
+        add(
+            "conv_out".into(),
+            cfg.conditioning_embedding_channels,
+            boc[boc.len() - 1],
+        )?;
         Ok(Checkpoint::from_tensors(map, "face_locator.pth"))
     }
 
@@ -240,7 +256,9 @@ mod tests {
         };
         let ck = random_checkpoint(&cfg)?;
         let odd = ck.filtered(|k| !k.starts_with("blocks.1."));
-        let err = FaceLocatorConfig::from_checkpoint(&odd).unwrap_err().to_string();
+        let err = FaceLocatorConfig::from_checkpoint(&odd)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("pairs"), "{err}");
 
         let mut extra: HashMap<String, Tensor> = ck
@@ -248,12 +266,18 @@ mod tests {
             .into_iter()
             .filter_map(|k| ck.tensor(&k).map(|t| (k.clone(), t.clone())))
             .collect();
-        extra.insert("module.stray".into(), Tensor::zeros(1, DType::F32, &Device::Cpu)?);
+        extra.insert(
+            "module.stray".into(),
+            Tensor::zeros(1, DType::F32, &Device::Cpu)?,
+        );
         let ck = Checkpoint::from_tensors(extra, "face_locator.pth");
         let err = FaceLocator::from_checkpoint(&ck, DType::F32, &Device::Cpu)
             .unwrap_err()
             .to_string();
-        assert!(err.contains("module.stray") && err.contains("face_locator.pth"), "{err}");
+        assert!(
+            err.contains("module.stray") && err.contains("face_locator.pth"),
+            "{err}"
+        );
         Ok(())
     }
 }

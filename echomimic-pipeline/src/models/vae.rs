@@ -80,7 +80,14 @@ pub fn validate_config(cfg: &AutoencoderKLConfig) -> std::result::Result<(), Str
     Ok(())
 }
 
-fn conv(vb: VarBuilder<'_>, c_in: usize, c_out: usize, k: usize, stride: usize, padding: usize) -> candle_core::Result<Conv2d> {
+fn conv(
+    vb: VarBuilder<'_>,
+    c_in: usize,
+    c_out: usize,
+    k: usize,
+    stride: usize,
+    padding: usize,
+) -> candle_core::Result<Conv2d> {
     let cfg = Conv2dConfig {
         padding,
         stride,
@@ -89,7 +96,11 @@ fn conv(vb: VarBuilder<'_>, c_in: usize, c_out: usize, k: usize, stride: usize, 
     candle_nn::conv2d(c_in, c_out, k, cfg, vb)
 }
 
-fn group_norm(vb: VarBuilder<'_>, groups: usize, channels: usize) -> candle_core::Result<GroupNorm> {
+fn group_norm(
+    vb: VarBuilder<'_>,
+    groups: usize,
+    channels: usize,
+) -> candle_core::Result<GroupNorm> {
     candle_nn::group_norm(groups, channels, VAE_NORM_EPS, vb)
 }
 
@@ -104,7 +115,12 @@ struct ResnetBlock2D {
 }
 
 impl ResnetBlock2D {
-    fn new(vb: VarBuilder<'_>, c_in: usize, c_out: usize, groups: usize) -> candle_core::Result<Self> {
+    fn new(
+        vb: VarBuilder<'_>,
+        c_in: usize,
+        c_out: usize,
+        groups: usize,
+    ) -> candle_core::Result<Self> {
         let conv_shortcut = if c_in == c_out {
             None
         } else {
@@ -212,7 +228,9 @@ struct Downsample2D {
 
 impl Module for Downsample2D {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let xs = xs.pad_with_zeros(D::Minus1, 0, 1)?.pad_with_zeros(D::Minus2, 0, 1)?;
+        let xs = xs
+            .pad_with_zeros(D::Minus1, 0, 1)?
+            .pad_with_zeros(D::Minus2, 0, 1)?;
         self.conv.forward(&xs)
     }
 }
@@ -337,7 +355,11 @@ struct UNetMidBlock2D {
 }
 
 impl UNetMidBlock2D {
-    fn new(vb: VarBuilder<'_>, channels: usize, cfg: &AutoencoderKLConfig) -> candle_core::Result<Self> {
+    fn new(
+        vb: VarBuilder<'_>,
+        channels: usize,
+        cfg: &AutoencoderKLConfig,
+    ) -> candle_core::Result<Self> {
         let groups = cfg.norm_num_groups;
         let resnets = (0..2)
             .map(|i| ResnetBlock2D::new(vb.pp("resnets").pp(i), channels, channels, groups))
@@ -678,10 +700,14 @@ mod tests {
     fn rejects_unsupported_configs() {
         let mut cfg = tiny();
         cfg.norm_num_groups = 3;
-        assert!(validate_config(&cfg).unwrap_err().contains("norm_num_groups"));
+        assert!(validate_config(&cfg)
+            .unwrap_err()
+            .contains("norm_num_groups"));
         let mut cfg = tiny();
         cfg.up_block_types[1] = "AttnUpDecoderBlock2D".into();
-        assert!(validate_config(&cfg).unwrap_err().contains("AttnUpDecoderBlock2D"));
+        assert!(validate_config(&cfg)
+            .unwrap_err()
+            .contains("AttnUpDecoderBlock2D"));
         let mut cfg = tiny();
         cfg.act_fn = "gelu".into();
         assert!(validate_config(&cfg).is_err());
