@@ -8,8 +8,10 @@
 pub mod config;
 pub mod context;
 pub mod error;
+pub mod models;
 pub mod ops;
 pub mod rng;
+pub mod schedulers;
 pub mod weights;
 
 pub use error::{AudioError, PipelineError, Result};

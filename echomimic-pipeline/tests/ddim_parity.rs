@@ -1,0 +1,147 @@
+//! DDIM parity against `tensors/ddim.safetensors` of the golden set.
+//!
+//! The reference side (diffusers 0.24.0, EchoMimic's scheduler kwargs from the
+//! set's inference yaml):
+//!
+//! ```python
+//! s = DDIMScheduler(**noise_scheduler_kwargs)
+//! s.set_timesteps(n); timesteps_n = s.timesteps
+//! alphas_cumprod = s.alphas_cumprod; final_alpha_cumprod = s.final_alpha_cumprod
+//! for i, t in enumerate(s.timesteps):   # n = the pipeline's step count
+//!     out = s.step(model_output, t, sample, eta=0)   # same inputs every step
+//!     step{i}.prev_sample, step{i}.pred_original_sample = out
+//! ```
+
+mod common;
+
+use std::path::PathBuf;
+
+use candle_core::DType;
+use common::{assert_close, assert_exact_i64, get, golden, golden_dir};
+use echomimic_pipeline::config::{InferenceConfig, PromptConfig};
+use echomimic_pipeline::schedulers::DDIMScheduler;
+
+/// README tolerance of `ddim.step*.prev_sample`.
+const STEP_ATOL: f64 = 7e-6;
+
+fn prompt_yaml() -> anyhow::Result<PathBuf> {
+    let dir = golden_dir().join("configs/prompts");
+    let mut yamls: Vec<PathBuf> = std::fs::read_dir(&dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        .collect();
+    yamls.sort();
+    yamls
+        .into_iter()
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("no prompt yaml in {}", dir.display()))
+}
+
+fn scheduler() -> anyhow::Result<DDIMScheduler> {
+    let prompt = PromptConfig::from_file(&prompt_yaml()?)?;
+    let inference = match &prompt.inference_config {
+        Some(p) => InferenceConfig::from_file(p)?,
+        None => InferenceConfig::default(),
+    };
+    Ok(DDIMScheduler::new(&inference.noise_scheduler_kwargs)?)
+}
+
+#[test]
+fn ddim_timestep_lists_match_diffusers() -> anyhow::Result<()> {
+    let g = golden("ddim")?;
+    let mut sched = scheduler()?;
+    let mut names: Vec<&String> = g.keys().filter(|k| k.starts_with("timesteps_")).collect();
+    names.sort();
+    anyhow::ensure!(!names.is_empty(), "no timesteps_* tensor in the golden set");
+    for name in names {
+        let n: usize = name["timesteps_".len()..].parse()?;
+        sched.set_timesteps(n)?;
+        let got: Vec<i64> = sched.timesteps().iter().map(|&t| t as i64).collect();
+        assert_exact_i64(name, &got, get(&g, name)?)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn ddim_alpha_table_matches_diffusers() -> anyhow::Result<()> {
+    let g = golden("ddim")?;
+    let sched = scheduler()?;
+    let want = get(&g, "alphas_cumprod")?.to_vec1::<f32>()?;
+    let got = sched.alphas_cumprod();
+    anyhow::ensure!(got.len() == want.len(), "{} != {}", got.len(), want.len());
+    let (mut max_diff, mut max_ulps, mut differ) = (0f32, 0i64, 0usize);
+    for (a, b) in got.iter().zip(&want) {
+        max_diff = max_diff.max((a - b).abs());
+        let ulps = (i64::from(a.to_bits() as i32) - i64::from(b.to_bits() as i32)).abs();
+        max_ulps = max_ulps.max(ulps);
+        differ += usize::from(ulps != 0);
+    }
+    eprintln!(
+        "alphas_cumprod: max |ours - golden| = {max_diff:.3e}, max {max_ulps} ulp, {differ}/{} entries not bit-equal",
+        want.len()
+    );
+    // The zero-SNR end point and the start are exact; the rest tracks torch's
+    // f32 rounding to a few ulp (see the module docs of `schedulers::ddim`).
+    anyhow::ensure!(
+        got[0] == want[0],
+        "alphas_cumprod[0]: {} != {}",
+        got[0],
+        want[0]
+    );
+    anyhow::ensure!(
+        got[got.len() - 1] == want[want.len() - 1],
+        "last alphas_cumprod: {} != {}",
+        got[got.len() - 1],
+        want[want.len() - 1]
+    );
+    anyhow::ensure!(max_diff <= 1e-6, "alphas_cumprod max diff {max_diff:.3e}");
+    let final_alpha = get(&g, "final_alpha_cumprod")?.to_scalar::<f32>()?;
+    anyhow::ensure!(
+        sched.final_alpha_cumprod() == final_alpha,
+        "final_alpha_cumprod {} != {final_alpha}",
+        sched.final_alpha_cumprod()
+    );
+    Ok(())
+}
+
+#[test]
+fn ddim_steps_match_diffusers() -> anyhow::Result<()> {
+    let g = golden("ddim")?;
+    let mut sched = scheduler()?;
+    let model_output = get(&g, "step.model_output")?;
+    let sample = get(&g, "step.sample")?;
+    let mut n = 0;
+    while g.contains_key(&format!("step{n}.timestep")) {
+        n += 1;
+    }
+    anyhow::ensure!(n > 0, "no step*.timestep tensor in the golden set");
+    sched.set_timesteps(n)?;
+    anyhow::ensure!(sched.timesteps().len() == n);
+    for (i, &t) in sched.timesteps().to_vec().iter().enumerate() {
+        assert_exact_i64(
+            &format!("step{i}.timestep"),
+            &[t as i64],
+            get(&g, &format!("step{i}.timestep"))?,
+        )?;
+        assert_exact_i64(
+            &format!("step{i}.prev_timestep"),
+            &[sched.prev_timestep(t)?],
+            get(&g, &format!("step{i}.prev_timestep"))?,
+        )?;
+        let out = sched.step(model_output, t, sample)?;
+        assert_eq!(out.prev_sample.dtype(), DType::F32);
+        assert_close(
+            &format!("ddim.step{i}.prev_sample"),
+            &out.prev_sample,
+            get(&g, &format!("step{i}.prev_sample"))?,
+            STEP_ATOL,
+        )?;
+        assert_close(
+            &format!("ddim.step{i}.pred_original_sample"),
+            &out.pred_original_sample,
+            get(&g, &format!("step{i}.pred_original_sample"))?,
+            STEP_ATOL,
+        )?;
+    }
+    Ok(())
+}
