@@ -7,6 +7,7 @@
 
 pub mod config;
 pub mod error;
+pub mod models;
 pub mod ops;
 pub mod weights;
 

@@ -1,0 +1,12 @@
+//! The networks, one file per Python module of the reference code.
+
+pub mod attention;
+pub mod embeddings;
+pub mod motion_module;
+pub mod resnet;
+pub mod transformer_2d;
+pub mod unet_2d_blocks;
+pub mod unet_2d_condition;
+pub mod unet_3d;
+pub mod unet_3d_blocks;
+pub mod unet_loading;
