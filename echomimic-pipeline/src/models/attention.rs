@@ -53,8 +53,12 @@ impl LayerNorm {
     /// Loads `weight`/`bias` of width `dim` at `vb`.
     pub fn new(vb: VarBuilder<'_>, dim: usize, eps: f64) -> Result<Self> {
         Ok(Self {
-            weight: vb.get(dim, "weight")?.to_dtype(DType::F32)?,
-            bias: vb.get(dim, "bias")?.to_dtype(DType::F32)?,
+            weight: vb
+                .get_with_hints(dim, "weight", candle_nn::Init::Const(1.))?
+                .to_dtype(DType::F32)?,
+            bias: vb
+                .get_with_hints(dim, "bias", candle_nn::Init::Const(0.))?
+                .to_dtype(DType::F32)?,
             eps,
         })
     }

@@ -232,3 +232,39 @@ impl Upsample2D {
         self.conv.forward(&xs.upsample_nearest2d(oh, ow)?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    #[test]
+    fn group_norm_scope_per_frame_or_across_frames() -> Result<()> {
+        let dev = Device::Cpu;
+        let gn = GroupNorm::new(
+            Tensor::ones(4, DType::F32, &dev)?,
+            Tensor::zeros(4, DType::F32, &dev)?,
+            4,
+            2,
+            1e-6,
+        )?;
+        // One video of two frames; frame 1 = frame 0 + 10.
+        let f0 = Tensor::randn(0f32, 1., (1, 4, 3, 3), &dev)?;
+        let xs = Tensor::cat(&[&f0, &(&f0 + 10.0)?], 0)?;
+        // Per frame, the offset is normalised away.
+        let per_frame = gn.forward(&xs)?;
+        let d = crate::ops::max_abs_diff(&per_frame.get(0)?, &per_frame.get(1)?)?;
+        assert!(d < 1e-4, "{d}");
+        // Across frames, the statistics are shared: frame 1 sits above frame 0.
+        let across = group_norm_across_frames(&gn, &xs, 2)?;
+        let gap = (across.get(1)? - across.get(0)?)?
+            .mean_all()?
+            .to_scalar::<f32>()?;
+        assert!(gap > 1.5, "{gap}");
+        // With one frame per video both scopes agree.
+        let one = group_norm_across_frames(&gn, &xs, 1)?;
+        assert!(crate::ops::max_abs_diff(&one, &per_frame)? < 1e-6);
+        assert!(group_norm_across_frames(&gn, &xs, 3).is_err());
+        Ok(())
+    }
+}

@@ -262,3 +262,53 @@ impl UNet2DConditionModel {
         Ok((h, bank))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::PerBlock;
+    use candle_core::{DType, Device};
+    use candle_nn::VarMap;
+
+    #[test]
+    fn linear_projection_and_odd_sizes_write_every_bank_entry() -> Result<()> {
+        let cfg = UNet2DConditionConfig {
+            block_out_channels: vec![16, 32, 32],
+            down_block_types: vec![
+                DownBlockType::CrossAttnDownBlock,
+                DownBlockType::CrossAttnDownBlock,
+                DownBlockType::DownBlock,
+            ],
+            up_block_types: vec![
+                UpBlockType::UpBlock,
+                UpBlockType::CrossAttnUpBlock,
+                UpBlockType::CrossAttnUpBlock,
+            ],
+            layers_per_block: 1,
+            attention_head_dim: PerBlock::List(vec![2, 4, 4]),
+            norm_num_groups: 8,
+            use_linear_projection: true,
+            ..Default::default()
+        };
+        let vm = VarMap::new();
+        let unet = UNet2DConditionModel::new(
+            VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
+            &cfg,
+        )?;
+        let x = Tensor::randn(0f32, 1., (1, 4, 7, 5), &Device::Cpu)?;
+        let (out, bank) = unet.forward(&x, 0.0)?;
+        assert_eq!(out.dims(), &[1, 16, 7, 5]);
+        // 2 down + 1 mid + 2·2 up transformer blocks.
+        assert_eq!(bank.len(), 7);
+        let b = bank
+            .get("up_blocks.2.attentions.1.transformer_blocks.0")
+            .expect("entry");
+        assert_eq!(b.dims(), &[1, 35, 16]);
+        let b = bank
+            .get("mid_block.attentions.0.transformer_blocks.0")
+            .expect("entry");
+        // 7×5 → 4×3 → 2×2 at the mid block.
+        assert_eq!(b.dims(), &[1, 4, 32]);
+        Ok(())
+    }
+}

@@ -336,3 +336,160 @@ fn face_rows(face: &Tensor, b: usize, frames: usize) -> Result<Tensor> {
         .contiguous()?
         .reshape((b * frames, c, h, w))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{MotionModuleKwargs, PerBlock};
+    use candle_core::{DType, Device};
+    use candle_nn::VarMap;
+
+    /// A two-level config small enough for random-weight smoke tests.
+    fn tiny() -> (UNet2DConditionConfig, UnetAdditionalKwargs) {
+        let cfg = UNet2DConditionConfig {
+            block_out_channels: vec![32, 64],
+            down_block_types: vec![DownBlockType::CrossAttnDownBlock, DownBlockType::DownBlock],
+            up_block_types: vec![UpBlockType::UpBlock, UpBlockType::CrossAttnUpBlock],
+            layers_per_block: 1,
+            attention_head_dim: PerBlock::Uniform(2),
+            norm_num_groups: 8,
+            cross_attention_dim: 24,
+            ..Default::default()
+        };
+        let extra = UnetAdditionalKwargs {
+            cross_attention_dim: Some(16),
+            motion_module_resolutions: vec![1, 2],
+            motion_module_kwargs: MotionModuleKwargs {
+                num_attention_heads: 2,
+                temporal_position_encoding_max_len: 6,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        (cfg, extra)
+    }
+
+    fn random_model(
+        cfg: &UNet2DConditionConfig,
+        extra: &UnetAdditionalKwargs,
+    ) -> Result<UNet3DConditionModel> {
+        let vm = VarMap::new();
+        UNet3DConditionModel::new(
+            VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
+            cfg,
+            extra,
+        )
+    }
+
+    fn inputs(b: usize, f: usize, h: usize, w: usize) -> Result<(Tensor, Tensor, Tensor)> {
+        let dev = Device::Cpu;
+        Ok((
+            Tensor::randn(0f32, 1., (b, 4, f, h, w), &dev)?,
+            Tensor::randn(0f32, 1., (b, f, 5, 16), &dev)?,
+            Tensor::randn(0f32, 1., (b, 32, 1, h, w), &dev)?,
+        ))
+    }
+
+    #[test]
+    fn odd_latent_sizes_and_both_group_norm_scopes_run() -> Result<()> {
+        let (cfg, mut extra) = tiny();
+        for inflated in [true, false] {
+            extra.use_inflated_groupnorm = inflated;
+            let unet = random_model(&cfg, &extra)?;
+            // 5 × 7 is not a multiple of the down factor 2: the upsampler
+            // follows the skip sizes.
+            let (x, audio, face) = inputs(2, 3, 5, 7)?;
+            let out = unet.forward(&x, 981.0, &audio, Some(&face), &PreparedBank::empty(), true)?;
+            assert_eq!(out.dims(), &[2, 4, 3, 5, 7]);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn batch_rows_are_independent_and_bank_reads_follow_cfg() -> Result<()> {
+        let (cfg, extra) = tiny();
+        let unet = random_model(&cfg, &extra)?;
+        let (x, audio, face) = inputs(2, 2, 4, 4)?;
+        // A bank of the right shapes: one [1, h_l·w_l, C_l] entry per reader.
+        let mut bank = Bank::new();
+        for block in unet.reader_blocks() {
+            let path = block.path().to_owned();
+            let (tokens, width) =
+                if path.starts_with("down_blocks.0") || path.starts_with("up_blocks.1") {
+                    (16, 32)
+                } else {
+                    (4, 64)
+                };
+            bank.insert(
+                path,
+                Tensor::randn(0f32, 1., (1, tokens, width), &Device::Cpu)?,
+            );
+        }
+        let prepared = unet.prepare_bank(&bank, BankRounding::F16)?;
+        let both = unet.forward(&x, 500.0, &audio, Some(&face), &prepared, true)?;
+        let row = |t: &Tensor, i| t.narrow(0, i, 1);
+        let cond = unet.forward(
+            &row(&x, 1)?,
+            500.0,
+            &row(&audio, 1)?,
+            Some(&row(&face, 1)?),
+            &prepared,
+            false,
+        )?;
+        let uncond = unet.forward(
+            &row(&x, 0)?,
+            500.0,
+            &row(&audio, 0)?,
+            Some(&row(&face, 0)?),
+            &PreparedBank::empty(),
+            false,
+        )?;
+        assert!(crate::ops::max_abs_diff(&row(&both, 1)?, &cond)? < 1e-4);
+        assert!(crate::ops::max_abs_diff(&row(&both, 0)?, &uncond)? < 1e-4);
+        let uncond_bank = unet.forward(
+            &row(&x, 0)?,
+            500.0,
+            &row(&audio, 0)?,
+            Some(&row(&face, 0)?),
+            &prepared,
+            false,
+        )?;
+        assert!(crate::ops::max_abs_diff(&row(&both, 0)?, &uncond_bank)? > 1e-3);
+        Ok(())
+    }
+
+    #[test]
+    fn bad_inputs_and_configs_are_errors() -> Result<()> {
+        let (cfg, extra) = tiny();
+        let unet = random_model(&cfg, &extra)?;
+        let (x, audio, face) = inputs(1, 7, 4, 4)?;
+        // 7 frames exceed the position table of 6.
+        let err = unet
+            .forward(&x, 1.0, &audio, Some(&face), &PreparedBank::empty(), false)
+            .unwrap_err();
+        assert!(err.to_string().contains("7 frames"), "{err}");
+        // CFG needs an even batch.
+        let (x, audio, face) = inputs(1, 2, 4, 4)?;
+        assert!(unet
+            .forward(&x, 1.0, &audio, Some(&face), &PreparedBank::empty(), true)
+            .is_err());
+        for bad in [
+            UnetAdditionalKwargs {
+                unet_use_temporal_attention: true,
+                ..extra.clone()
+            },
+            UnetAdditionalKwargs {
+                unet_use_cross_frame_attention: true,
+                ..extra.clone()
+            },
+            UnetAdditionalKwargs {
+                motion_module_type: "Conv".into(),
+                ..extra.clone()
+            },
+        ] {
+            assert!(validate(&cfg, &bad).is_err());
+            assert!(random_model(&cfg, &bad).is_err());
+        }
+        Ok(())
+    }
+}
