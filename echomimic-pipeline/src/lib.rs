@@ -9,6 +9,7 @@ pub mod config;
 pub mod error;
 pub mod models;
 pub mod ops;
+pub mod unet_loading;
 pub mod weights;
 
 pub use error::{AudioError, PipelineError, Result};

@@ -17,9 +17,7 @@ use candle_core::{DType, Device, Tensor};
 use echomimic_pipeline::config::PromptConfig;
 use echomimic_pipeline::models::attention::{Bank, BankRounding, PreparedBank};
 use echomimic_pipeline::models::unet_3d::UNet3DConditionModel;
-use echomimic_pipeline::models::unet_loading::{
-    base_unet_config, inference_config, DenoisingUnetFiles,
-};
+use echomimic_pipeline::unet_loading::{base_unet_config, inference_config, DenoisingUnetFiles};
 use echomimic_pipeline::weights::Checkpoint;
 use echomimic_pipeline::PipelineError;
 

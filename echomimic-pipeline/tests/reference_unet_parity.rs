@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor};
 use echomimic_pipeline::config::PromptConfig;
 use echomimic_pipeline::models::unet_2d_condition::UNet2DConditionModel;
-use echomimic_pipeline::models::unet_loading::base_unet_config;
+use echomimic_pipeline::unet_loading::base_unet_config;
 use echomimic_pipeline::weights::Checkpoint;
 use echomimic_pipeline::PipelineError;
 

@@ -9,4 +9,3 @@ pub mod unet_2d_blocks;
 pub mod unet_2d_condition;
 pub mod unet_3d;
 pub mod unet_3d_blocks;
-pub mod unet_loading;

@@ -23,12 +23,12 @@ use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 
-use super::unet_2d_condition::UNet2DConditionModel;
-use super::unet_3d::UNet3DConditionModel;
 use crate::config::{
     read_json, InferenceConfig, PromptConfig, UNet2DConditionConfig, UnetAdditionalKwargs,
 };
 use crate::error::{PipelineError, Result};
+use crate::models::unet_2d_condition::{self, UNet2DConditionModel};
+use crate::models::unet_3d::{self, UNet3DConditionModel};
 use crate::weights::Checkpoint;
 
 /// File names of the SD base UNet weights, in order of preference.
@@ -282,7 +282,7 @@ impl UNet2DConditionModel {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        super::unet_2d_condition::validate(cfg).map_err(|e| unsupported(None, &e))?;
+        unet_2d_condition::validate(cfg).map_err(|e| unsupported(None, &e))?;
         let ck = Checkpoint::load(path)?;
         let (model, ck) = build(CombinedBackend::new(ck, None), dtype, device, |vb| {
             Self::new(vb, cfg)
@@ -312,7 +312,7 @@ impl UNet2DConditionModel {
     /// `unet/config.json`.
     pub fn from_prompt(prompt: &PromptConfig, dtype: DType, device: &Device) -> Result<Self> {
         let cfg = base_unet_config(prompt)?;
-        super::unet_2d_condition::validate(&cfg)
+        unet_2d_condition::validate(&cfg)
             .map_err(|e| unsupported(Some(&base_unet_config_path(prompt)), &e))?;
         Self::load(&prompt.reference_unet_path, &cfg, dtype, device)
     }
@@ -328,7 +328,7 @@ impl UNet3DConditionModel {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        super::unet_3d::validate(cfg, extra).map_err(|e| unsupported(None, &e))?;
+        unet_3d::validate(cfg, extra).map_err(|e| unsupported(None, &e))?;
         let denoising = Checkpoint::load(&files.denoising_unet)?;
         let motion = Checkpoint::load(&files.motion_module)?;
         let primary = Checkpoint::layered(&[&denoising, &motion]);
@@ -353,7 +353,7 @@ impl UNet3DConditionModel {
     pub fn from_prompt(prompt: &PromptConfig, dtype: DType, device: &Device) -> Result<Self> {
         let cfg = base_unet_config(prompt)?;
         let extra = inference_config(prompt)?.unet_additional_kwargs;
-        super::unet_3d::validate(&cfg, &extra).map_err(|e| {
+        unet_3d::validate(&cfg, &extra).map_err(|e| {
             let path = prompt
                 .inference_config
                 .clone()
