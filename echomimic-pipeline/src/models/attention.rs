@@ -399,14 +399,14 @@ impl TemporalBasicTransformerBlock {
                 self.path
             );
         }
-        let dim = self.attn1.to_k.weight().dim(1)?;
+        let weight = self.attn1.to_k.weight();
+        let dim = weight.dim(1)?;
         if width != dim {
             candle_core::bail!(
                 "bank entry of {} has width {width}, the block has {dim} channels",
                 self.path
             );
         }
-        let weight = self.attn1.to_k.weight();
         let (dtype, features) = (weight.dtype(), features.to_device(weight.device())?);
         let features = match rounding {
             BankRounding::F16 => features.to_dtype(DType::F16)?.to_dtype(dtype)?,
