@@ -12,6 +12,7 @@ pub mod models;
 pub mod ops;
 pub mod rng;
 pub mod schedulers;
+pub mod unet_loading;
 pub mod weights;
 
 pub use error::{AudioError, PipelineError, Result};

@@ -1,4 +1,14 @@
-//! The networks, one file per network (field names = checkpoint key segments).
+//! The networks, one file per Python module of the reference code (field
+//! names = checkpoint key segments).
 
+pub mod attention;
+pub mod embeddings;
 pub mod face_locator;
+pub mod motion_module;
+pub mod resnet;
+pub mod transformer_2d;
+pub mod unet_2d_blocks;
+pub mod unet_2d_condition;
+pub mod unet_3d;
+pub mod unet_3d_blocks;
 pub mod vae;

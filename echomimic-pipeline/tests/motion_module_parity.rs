@@ -1,0 +1,105 @@
+//! Motion module parity against the official PyTorch implementation.
+//!
+//! Golden tensors: `tensors/motion_module.safetensors`, produced by calling
+//! `denoising_unet.down_blocks.1.motion_modules.0(x, None, None)` (EchoMimic
+//! `VanillaTemporalModule`) on a random `(B, C, F, h, w)` input; the weights
+//! are those of `motion_module.pth`. Tolerance: the golden README.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use echomimic_pipeline::config::PromptConfig;
+use echomimic_pipeline::models::motion_module::{PositionalEncoding, VanillaTemporalModule};
+use echomimic_pipeline::unet_loading::{base_unet_config, inference_config};
+use echomimic_pipeline::weights::Checkpoint;
+
+const OUTPUT_ATOL: f64 = 3e-5;
+const MODULE: &str = "down_blocks.1.motion_modules.0";
+
+fn prompt() -> anyhow::Result<PromptConfig> {
+    Ok(PromptConfig::from_file(
+        &common::golden_dir().join("configs/prompts/animation_tiny.yaml"),
+    )?)
+}
+
+/// `(b, c, f, h, w)` ↔ `(b·f, c, h, w)`, the layout of the UNet internals.
+fn to_rows(x: &Tensor) -> anyhow::Result<Tensor> {
+    let (b, c, f, h, w) = x.dims5()?;
+    Ok(x.permute((0, 2, 1, 3, 4))?
+        .contiguous()?
+        .reshape((b * f, c, h, w))?)
+}
+
+fn from_rows(x: &Tensor, b: usize, f: usize) -> anyhow::Result<Tensor> {
+    let (_, c, h, w) = x.dims4()?;
+    Ok(x.reshape((b, f, c, h, w))?
+        .permute((0, 2, 1, 3, 4))?
+        .contiguous()?)
+}
+
+#[test]
+fn motion_module_matches_golden() -> anyhow::Result<()> {
+    let p = prompt()?;
+    let unet = base_unet_config(&p)?;
+    let kwargs = inference_config(&p)?
+        .unet_additional_kwargs
+        .motion_module_kwargs;
+    let ck = Checkpoint::load(&p.motion_module_path)?;
+    // down_blocks.1 works at the width of block_out_channels[1].
+    let channels = unet.block_out_channels[1];
+    let module = VanillaTemporalModule::new(
+        ck.var_builder(DType::F32, &Device::Cpu).pp(MODULE),
+        channels,
+        &kwargs,
+    )?;
+    ck.check_complete()?;
+
+    let g = common::golden("motion_module")?;
+    let input = common::get(&g, "input")?;
+    let (b, c, f, _, _) = input.dims5()?;
+    assert_eq!(c, channels);
+    let out = from_rows(&module.forward(&to_rows(input)?, f)?, b, f)?;
+    common::assert_close(
+        "motion_module.output",
+        &out,
+        common::get(&g, "output")?,
+        OUTPUT_ATOL,
+    )?;
+    Ok(())
+}
+
+/// The `pos_encoder.pe` buffers are recomputed; they must equal the stored ones.
+#[test]
+fn recomputed_position_table_equals_stored_buffers() -> anyhow::Result<()> {
+    let p = prompt()?;
+    let kwargs = inference_config(&p)?
+        .unet_additional_kwargs
+        .motion_module_kwargs;
+    let ck = Checkpoint::load(&p.motion_module_path)?;
+    let (mut checked, mut worst) = (0, 0f64);
+    for key in ck.keys().iter().filter(|k| k.ends_with("pos_encoder.pe")) {
+        let stored = ck.tensor(key).expect("listed key").to_dtype(DType::F32)?;
+        let (one, max_len, d) = stored.dims3()?;
+        assert_eq!(
+            (one, max_len),
+            (1, kwargs.temporal_position_encoding_max_len),
+            "{key}"
+        );
+        let ours = Tensor::from_vec(
+            PositionalEncoding::table(d, max_len),
+            (1, max_len, d),
+            &Device::Cpu,
+        )?;
+        let diff = echomimic_pipeline::ops::max_abs_diff(&ours, &stored)?;
+        assert!(diff <= 1e-6, "{key}: recomputed pe differs by {diff:e}");
+        worst = worst.max(diff);
+        checked += 1;
+    }
+    eprintln!("{checked} stored pe buffers: max |recomputed - stored| = {worst:.3e}");
+    assert!(
+        checked > 0,
+        "no pos_encoder.pe buffer in {}",
+        p.motion_module_path.display()
+    );
+    Ok(())
+}
