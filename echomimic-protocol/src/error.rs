@@ -45,7 +45,12 @@ impl fmt::Display for RawExcerpt {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{:?}", self.text)?;
         if self.is_truncated() {
-            write!(f, " (first {} of {} bytes)", self.text.len(), self.total_len)?;
+            write!(
+                f,
+                " (first {} of {} bytes)",
+                self.text.len(),
+                self.total_len
+            )?;
         }
         Ok(())
     }
@@ -207,22 +212,57 @@ impl fmt::Display for TaskProblem {
 }
 
 /// A task payload that was rejected, with the reason and the start of the payload.
+///
+/// Boxed inside, so `Result<Task, InvalidTask>` stays small.
 #[derive(Debug)]
-pub struct InvalidTask {
-    /// Why it was rejected.
-    pub problem: TaskProblem,
-    /// The start of the payload as received.
-    pub raw: RawExcerpt,
-    /// `task_id` when the payload had a usable one (so a `failed` event can still be addressed).
-    pub task_id: Option<String>,
-    /// `session_id` when the payload had a usable one.
-    pub session_id: Option<String>,
+pub struct InvalidTask(Box<InvalidTaskInner>);
+
+#[derive(Debug)]
+struct InvalidTaskInner {
+    problem: TaskProblem,
+    raw: RawExcerpt,
+    task_id: Option<String>,
+    session_id: Option<String>,
 }
 
 impl InvalidTask {
+    pub(crate) fn new(
+        problem: TaskProblem,
+        raw: &[u8],
+        task_id: Option<String>,
+        session_id: Option<String>,
+    ) -> Self {
+        InvalidTask(Box::new(InvalidTaskInner {
+            problem,
+            raw: RawExcerpt::new(raw),
+            task_id,
+            session_id,
+        }))
+    }
+
+    /// Why it was rejected.
+    pub fn problem(&self) -> &TaskProblem {
+        &self.0.problem
+    }
+
+    /// The start of the payload as received.
+    pub fn raw(&self) -> &RawExcerpt {
+        &self.0.raw
+    }
+
+    /// `task_id` when the payload had a valid one (so a `failed` event can still be addressed).
+    pub fn task_id(&self) -> Option<&str> {
+        self.0.task_id.as_deref()
+    }
+
+    /// `session_id` when the payload had a valid one.
+    pub fn session_id(&self) -> Option<&str> {
+        self.0.session_id.as_deref()
+    }
+
     /// The field at fault, when the problem concerns one field.
     pub fn field(&self) -> Option<&'static str> {
-        match &self.problem {
+        match &self.0.problem {
             TaskProblem::Missing { field }
             | TaskProblem::WrongType { field, .. }
             | TaskProblem::Empty { field }
@@ -240,13 +280,13 @@ impl InvalidTask {
 
 impl fmt::Display for InvalidTask {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "invalid task: {}", self.problem)
+        write!(f, "invalid task: {}", self.0.problem)
     }
 }
 
 impl std::error::Error for InvalidTask {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match &self.problem {
+        match &self.0.problem {
             TaskProblem::NotJson(e) => Some(e),
             _ => None,
         }
@@ -258,7 +298,7 @@ impl std::error::Error for InvalidTask {
 #[non_exhaustive]
 pub enum ProtocolError {
     /// A task failed validation.
-    InvalidTask(Box<InvalidTask>),
+    InvalidTask(InvalidTask),
     /// A message (event, dead letter, queue item) did not decode.
     Decode {
         /// What was being decoded, e.g. "progress event".
@@ -315,7 +355,7 @@ impl fmt::Display for ProtocolError {
 impl std::error::Error for ProtocolError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            ProtocolError::InvalidTask(e) => Some(e.as_ref()),
+            ProtocolError::InvalidTask(e) => Some(e),
             ProtocolError::Decode { source, .. } => Some(source),
             #[cfg(feature = "redis")]
             ProtocolError::Redis(e) => Some(e),
@@ -327,7 +367,7 @@ impl std::error::Error for ProtocolError {
 
 impl From<InvalidTask> for ProtocolError {
     fn from(e: InvalidTask) -> Self {
-        ProtocolError::InvalidTask(Box::new(e))
+        ProtocolError::InvalidTask(e)
     }
 }
 

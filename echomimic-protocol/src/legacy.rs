@@ -76,7 +76,13 @@ pub struct LegacyEvent {
 
 fn tolerant_percentage<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u8>, D::Error> {
     let v: Option<f64> = Option::deserialize(d)?;
-    Ok(v.map(|p| if p.is_nan() { 0 } else { p.clamp(0.0, 100.0) as u8 }))
+    Ok(v.map(|p| {
+        if p.is_nan() {
+            0
+        } else {
+            p.clamp(0.0, 100.0) as u8
+        }
+    }))
 }
 
 impl LegacyEvent {

@@ -162,7 +162,7 @@ impl DeadLetter {
         }
         let task_id = match item.task() {
             Ok(task) => Some(task.task_id),
-            Err(e) => e.task_id,
+            Err(e) => e.task_id().map(str::to_owned),
         };
         DeadLetter {
             payload,
@@ -203,7 +203,8 @@ impl DeadLetter {
 mod tests {
     use super::*;
 
-    const TASK: &str = r#"{"task_id":"t-1","session_id":"s-1","ref_image_id":"img","audio_id":"aud"}"#;
+    const TASK: &str =
+        r#"{"task_id":"t-1","session_id":"s-1","ref_image_id":"img","audio_id":"aud"}"#;
 
     #[test]
     fn plain_item_then_two_requeues() {
@@ -264,7 +265,12 @@ mod tests {
     #[test]
     fn dead_letter_payload_is_capped() {
         let big = format!("\"{}\"", "x".repeat(DEAD_LETTER_PAYLOAD_MAX * 2));
-        let dl = DeadLetter::new(&QueueItem::parse(big.as_bytes()), ErrorCode::InvalidTask, "big", 0);
+        let dl = DeadLetter::new(
+            &QueueItem::parse(big.as_bytes()),
+            ErrorCode::InvalidTask,
+            "big",
+            0,
+        );
         assert!(dl.payload_truncated);
         assert_eq!(dl.payload.len(), DEAD_LETTER_PAYLOAD_MAX);
     }

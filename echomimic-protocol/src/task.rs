@@ -32,7 +32,7 @@ use std::ops::RangeInclusive;
 use serde::Serialize;
 use serde_json::{Map, Number, Value};
 
-use crate::error::{InvalidTask, JsonKind, RawExcerpt, TaskProblem};
+use crate::error::{InvalidTask, JsonKind, TaskProblem};
 
 /// Longest accepted id, in bytes.
 pub const MAX_ID_LEN: usize = 128;
@@ -96,15 +96,9 @@ impl Task {
 
     /// Parses and validates a raw queue payload (see the [module docs](self) for the rules).
     pub fn from_json(raw: &[u8]) -> Result<Task, InvalidTask> {
-        let fail = |problem| InvalidTask {
-            problem,
-            raw: RawExcerpt::new(raw),
-            task_id: None,
-            session_id: None,
-        };
+        let fail = |problem| InvalidTask::new(problem, raw, None, None);
         let text = std::str::from_utf8(raw).map_err(|_| fail(TaskProblem::NotUtf8))?;
-        let value: Value =
-            serde_json::from_str(text).map_err(|e| fail(TaskProblem::NotJson(e)))?;
+        let value: Value = serde_json::from_str(text).map_err(|e| fail(TaskProblem::NotJson(e)))?;
         Task::from_value_with_raw(&value, raw)
     }
 
@@ -118,21 +112,23 @@ impl Task {
         let obj = match value {
             Value::Object(obj) => obj,
             other => {
-                return Err(InvalidTask {
-                    problem: TaskProblem::NotAnObject {
+                return Err(InvalidTask::new(
+                    TaskProblem::NotAnObject {
                         found: JsonKind::of(other),
                     },
-                    raw: RawExcerpt::new(raw),
-                    task_id: None,
-                    session_id: None,
-                })
+                    raw,
+                    None,
+                    None,
+                ))
             }
         };
-        parse_object(obj).map_err(|problem| InvalidTask {
-            problem,
-            raw: RawExcerpt::new(raw),
-            task_id: usable_id(obj, "task_id"),
-            session_id: usable_id(obj, "session_id"),
+        parse_object(obj).map_err(|problem| {
+            InvalidTask::new(
+                problem,
+                raw,
+                usable_id(obj, "task_id"),
+                usable_id(obj, "session_id"),
+            )
         })
     }
 
@@ -183,7 +179,7 @@ impl std::str::FromStr for Task {
 impl<'de> serde::Deserialize<'de> for Task {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let value = Value::deserialize(deserializer)?;
-        Task::from_value(&value).map_err(|e| serde::de::Error::custom(e.problem))
+        Task::from_value(&value).map_err(|e| serde::de::Error::custom(e.problem()))
     }
 }
 
@@ -394,22 +390,33 @@ mod tests {
         let mut t = Task::new("t", "s", "i", "a");
         assert!(t.validate().is_ok());
         t.steps = Some(0);
-        assert!(matches!(t.validate(), Err(TaskProblem::OutOfRange { field: "steps", .. })));
+        assert!(matches!(
+            t.validate(),
+            Err(TaskProblem::OutOfRange { field: "steps", .. })
+        ));
         t.steps = Some(100);
         t.cfg = Some(f64::NAN);
-        assert!(matches!(t.validate(), Err(TaskProblem::OutOfRange { field: "cfg", .. })));
+        assert!(matches!(
+            t.validate(),
+            Err(TaskProblem::OutOfRange { field: "cfg", .. })
+        ));
         t.cfg = Some(20.0);
         t.frames_num = Some(7201);
         assert!(matches!(
             t.validate(),
-            Err(TaskProblem::OutOfRange { field: "frames_num", .. })
+            Err(TaskProblem::OutOfRange {
+                field: "frames_num",
+                ..
+            })
         ));
         t.frames_num = Some(7200);
         assert!(t.validate().is_ok());
         t.ref_image_id = "http://evil".into();
         assert!(matches!(
             t.validate(),
-            Err(TaskProblem::LooksLikeUrlOrPath { field: "ref_image_id" })
+            Err(TaskProblem::LooksLikeUrlOrPath {
+                field: "ref_image_id"
+            })
         ));
     }
 }
