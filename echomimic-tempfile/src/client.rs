@@ -123,9 +123,10 @@ pub struct TempfileClient {
 fn check_file_id(id: &str) -> Result<(), TempfileError> {
     let ok = !id.is_empty()
         && id.len() <= 128
-        && id.bytes().enumerate().all(|(i, b)| {
-            b.is_ascii_alphanumeric() || (i > 0 && matches!(b, b'.' | b'_' | b'-'))
-        });
+        && id
+            .bytes()
+            .enumerate()
+            .all(|(i, b)| b.is_ascii_alphanumeric() || (i > 0 && matches!(b, b'.' | b'_' | b'-')));
     if ok {
         Ok(())
     } else {
@@ -221,20 +222,30 @@ impl TempfileClient {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .ok_or_else(|| {
-                TempfileError::io("upload", path, io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))
+                TempfileError::io(
+                    "upload",
+                    path,
+                    io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"),
+                )
             })?;
         self.upload_file_as(path, &name)
     }
 
     /// Uploads a local file as multipart field `file` named `file_name` (sent ASCII-safe in
     /// `filename`, plus `filename*` when it is not ASCII).
-    pub fn upload_file_as(&self, path: &Path, file_name: &str) -> Result<UploadedFile, TempfileError> {
+    pub fn upload_file_as(
+        &self,
+        path: &Path,
+        file_name: &str,
+    ) -> Result<UploadedFile, TempfileError> {
         let size = fs::metadata(path)
             .map_err(|e| TempfileError::io("stat", path, e))?
             .len();
         let url = format!("{}/api/tempfile/upload", self.base);
         let boundary = format!("----echomimic{:032x}", rand::rng().random::<u128>());
-        let content_type = extension_of(file_name).map_or("application/octet-stream", |e| content_type_for_extension(&e));
+        let content_type = extension_of(file_name).map_or("application/octet-stream", |e| {
+            content_type_for_extension(&e)
+        });
         let preamble = format!(
             "--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; {}\r\nContent-Type: {content_type}\r\n\r\n",
             filename_params(file_name)
@@ -249,7 +260,10 @@ impl TempfileClient {
             let resp = self
                 .agent
                 .post(&url)
-                .header("Content-Type", format!("multipart/form-data; boundary={boundary}"))
+                .header(
+                    "Content-Type",
+                    format!("multipart/form-data; boundary={boundary}"),
+                )
                 .header("Content-Length", total.to_string())
                 .header("Expect", "100-continue")
                 .send(SendBody::from_owned_reader(body))
@@ -258,12 +272,13 @@ impl TempfileClient {
             if !status.is_success() {
                 return Err(status_error("POST", &url, status, &text));
             }
-            let decoded: UploadReply = serde_json::from_str(&text).map_err(|source| TempfileError::Decode {
-                method: "POST",
-                url: url.clone(),
-                source,
-                body: snippet(&text),
-            })?;
+            let decoded: UploadReply =
+                serde_json::from_str(&text).map_err(|source| TempfileError::Decode {
+                    method: "POST",
+                    url: url.clone(),
+                    source,
+                    body: snippet(&text),
+                })?;
             match decoded {
                 UploadReply {
                     success: true,
@@ -273,7 +288,8 @@ impl TempfileClient {
                 UploadReply { message, .. } => Err(TempfileError::Refused {
                     method: "POST",
                     url: url.clone(),
-                    message: message.unwrap_or_else(|| "upload refused without a message".to_owned()),
+                    message: message
+                        .unwrap_or_else(|| "upload refused without a message".to_owned()),
                 }),
             }
         })
@@ -281,7 +297,12 @@ impl TempfileClient {
 
     /// Downloads a file to `dest`, refusing more than `max_bytes`. The bytes go to a hidden
     /// `.{name}.part` sibling first and are renamed onto `dest` only when complete.
-    pub fn download_to(&self, file_id: &str, dest: &Path, max_bytes: u64) -> Result<Download, TempfileError> {
+    pub fn download_to(
+        &self,
+        file_id: &str,
+        dest: &Path,
+        max_bytes: u64,
+    ) -> Result<Download, TempfileError> {
         let url = self.download_url(file_id)?;
         let part = part_path(dest)?;
         let mut out = OpenOptions::new()
@@ -290,10 +311,13 @@ impl TempfileClient {
             .truncate(true)
             .open(&part)
             .map_err(|e| TempfileError::io("create", &part, e))?;
-        let result = self.with_retries("download", || self.download_attempt(file_id, &url, &part, &mut out, max_bytes));
+        let result = self.with_retries("download", || {
+            self.download_attempt(file_id, &url, &part, &mut out, max_bytes)
+        });
         match result {
             Ok(download) => {
-                out.sync_all().map_err(|e| TempfileError::io("sync", &part, e))?;
+                out.sync_all()
+                    .map_err(|e| TempfileError::io("sync", &part, e))?;
                 drop(out);
                 fs::rename(&part, dest).map_err(|e| TempfileError::io("rename", dest, e))?;
                 Ok(download)
@@ -314,7 +338,10 @@ impl TempfileClient {
         out: &mut File,
         max_bytes: u64,
     ) -> Result<Download, TempfileError> {
-        let have = out.metadata().map_err(|e| TempfileError::io("stat", part, e))?.len();
+        let have = out
+            .metadata()
+            .map_err(|e| TempfileError::io("stat", part, e))?
+            .len();
         let mut req = self.agent.get(url);
         if have > 0 {
             req = req.header("Range", format!("bytes={have}-"));
@@ -374,7 +401,8 @@ impl TempfileClient {
             if written > max_bytes {
                 return Err(too_large());
             }
-            out.write_all(&buf[..n]).map_err(|e| TempfileError::io("write", part, e))?;
+            out.write_all(&buf[..n])
+                .map_err(|e| TempfileError::io("write", part, e))?;
         }
         Ok(Download {
             bytes: written,
@@ -387,7 +415,11 @@ impl TempfileClient {
         check_file_id(file_id)?;
         let url = format!("{}/api/tempfile/delete/{file_id}", self.base);
         self.with_retries("delete", || {
-            let resp = self.agent.delete(&url).call().map_err(|e| transport("DELETE", &url, e))?;
+            let resp = self
+                .agent
+                .delete(&url)
+                .call()
+                .map_err(|e| transport("DELETE", &url, e))?;
             let (status, text) = read_small_body("DELETE", &url, resp)?;
             if status == StatusCode::NOT_FOUND {
                 return Err(TempfileError::NotFound {
@@ -451,7 +483,11 @@ fn snippet(text: &str) -> String {
     text[..end].to_owned()
 }
 
-fn read_small_body(method: &'static str, url: &str, mut resp: Response<Body>) -> Result<(StatusCode, String), TempfileError> {
+fn read_small_body(
+    method: &'static str,
+    url: &str,
+    mut resp: Response<Body>,
+) -> Result<(StatusCode, String), TempfileError> {
     let status = resp.status();
     let text = resp
         .body_mut()
@@ -475,18 +511,25 @@ fn status_error(method: &'static str, url: &str, status: StatusCode, text: &str)
     }
 }
 
-fn refused_unless_success(method: &'static str, url: &str, text: &str) -> Result<ServerReply, TempfileError> {
-    let reply: ServerReply = serde_json::from_str(text).map_err(|source| TempfileError::Decode {
-        method,
-        url: url.to_owned(),
-        source,
-        body: snippet(text),
-    })?;
+fn refused_unless_success(
+    method: &'static str,
+    url: &str,
+    text: &str,
+) -> Result<ServerReply, TempfileError> {
+    let reply: ServerReply =
+        serde_json::from_str(text).map_err(|source| TempfileError::Decode {
+            method,
+            url: url.to_owned(),
+            source,
+            body: snippet(text),
+        })?;
     if reply.success == Some(false) {
         return Err(TempfileError::Refused {
             method,
             url: url.to_owned(),
-            message: reply.message.unwrap_or_else(|| "refused without a message".to_owned()),
+            message: reply
+                .message
+                .unwrap_or_else(|| "refused without a message".to_owned()),
         });
     }
     Ok(reply)
@@ -500,14 +543,20 @@ fn content_range_start(resp: &Response<Body>) -> Option<u64> {
 
 fn reset(out: &mut File, part: &Path) -> Result<(), TempfileError> {
     use std::io::Seek;
-    out.set_len(0).map_err(|e| TempfileError::io("truncate", part, e))?;
-    out.seek(io::SeekFrom::Start(0)).map_err(|e| TempfileError::io("seek", part, e))?;
+    out.set_len(0)
+        .map_err(|e| TempfileError::io("truncate", part, e))?;
+    out.seek(io::SeekFrom::Start(0))
+        .map_err(|e| TempfileError::io("seek", part, e))?;
     Ok(())
 }
 
 fn part_path(dest: &Path) -> Result<PathBuf, TempfileError> {
     let name = dest.file_name().ok_or_else(|| {
-        TempfileError::io("download to", dest, io::Error::new(io::ErrorKind::InvalidInput, "destination has no file name"))
+        TempfileError::io(
+            "download to",
+            dest,
+            io::Error::new(io::ErrorKind::InvalidInput, "destination has no file name"),
+        )
     })?;
     Ok(dest.with_file_name(format!(".{}.part", name.to_string_lossy())))
 }
@@ -553,29 +602,53 @@ mod tests {
             let expected = (100u64 << (retry - 1).min(20)).min(1000);
             for _ in 0..20 {
                 let b = p.backoff(retry).as_millis() as u64;
-                assert!(b >= expected / 2 && b <= expected, "retry {retry}: {b} vs {expected}");
+                assert!(
+                    b >= expected / 2 && b <= expected,
+                    "retry {retry}: {b} vs {expected}"
+                );
             }
         }
     }
 
     #[test]
     fn base_urls() {
-        assert_eq!(TempfileClient::new("http://localhost:3000/").unwrap().base_url(), "http://localhost:3000");
-        assert!(matches!(TempfileClient::new("localhost:3000"), Err(TempfileError::InvalidBaseUrl { .. })));
-        assert!(matches!(TempfileClient::new("ftp://x"), Err(TempfileError::InvalidBaseUrl { .. })));
-        assert!(matches!(TempfileClient::new("http://"), Err(TempfileError::InvalidBaseUrl { .. })));
-        assert!(matches!(TempfileClient::new("http://x/?a"), Err(TempfileError::InvalidBaseUrl { .. })));
+        assert_eq!(
+            TempfileClient::new("http://localhost:3000/")
+                .unwrap()
+                .base_url(),
+            "http://localhost:3000"
+        );
+        assert!(matches!(
+            TempfileClient::new("localhost:3000"),
+            Err(TempfileError::InvalidBaseUrl { .. })
+        ));
+        assert!(matches!(
+            TempfileClient::new("ftp://x"),
+            Err(TempfileError::InvalidBaseUrl { .. })
+        ));
+        assert!(matches!(
+            TempfileClient::new("http://"),
+            Err(TempfileError::InvalidBaseUrl { .. })
+        ));
+        assert!(matches!(
+            TempfileClient::new("http://x/?a"),
+            Err(TempfileError::InvalidBaseUrl { .. })
+        ));
     }
 
     #[test]
     fn file_ids_are_checked_before_use() {
         let c = TempfileClient::new("http://localhost:3000").unwrap();
         assert_eq!(
-            c.download_url("550e8400-e29b-41d4-a716-446655440000").unwrap(),
+            c.download_url("550e8400-e29b-41d4-a716-446655440000")
+                .unwrap(),
             "http://localhost:3000/api/tempfile/download/550e8400-e29b-41d4-a716-446655440000"
         );
         for bad in ["", "..", "../x", "a/b", "a?b", "http://x", "a b"] {
-            assert!(matches!(c.download_url(bad), Err(TempfileError::InvalidFileId(_))), "{bad}");
+            assert!(
+                matches!(c.download_url(bad), Err(TempfileError::InvalidFileId(_))),
+                "{bad}"
+            );
         }
     }
 
@@ -583,7 +656,13 @@ mod tests {
     fn filename_parameters() {
         assert_eq!(filename_params("face.jpg"), "filename=\"face.jpg\"");
         assert_eq!(filename_params("my face.jpg"), "filename=\"my face.jpg\"");
-        assert_eq!(filename_params("头像.png"), "filename=\"__.png\"; filename*=UTF-8''%E5%A4%B4%E5%83%8F.png");
-        assert_eq!(filename_params("a\"b.png"), "filename=\"a_b.png\"; filename*=UTF-8''a%22b.png");
+        assert_eq!(
+            filename_params("头像.png"),
+            "filename=\"__.png\"; filename*=UTF-8''%E5%A4%B4%E5%83%8F.png"
+        );
+        assert_eq!(
+            filename_params("a\"b.png"),
+            "filename=\"a_b.png\"; filename*=UTF-8''a%22b.png"
+        );
     }
 }

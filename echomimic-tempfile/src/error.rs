@@ -155,14 +155,20 @@ mod tests {
         assert!(status(408).is_retryable());
         assert!(!status(400).is_retryable());
         assert!(!status(413).is_retryable());
-        assert!(!TempfileError::NotFound { file_id: "x".into() }.is_retryable());
+        assert!(!TempfileError::NotFound {
+            file_id: "x".into()
+        }
+        .is_retryable());
         let transport = |e| TempfileError::Transport {
             method: "GET",
             url: "http://x".into(),
             source: Box::new(e),
         };
         assert!(transport(ureq::Error::ConnectionFailed).is_retryable());
-        assert!(transport(ureq::Error::Io(io::Error::from(io::ErrorKind::ConnectionReset))).is_retryable());
+        assert!(transport(ureq::Error::Io(io::Error::from(
+            io::ErrorKind::ConnectionReset
+        )))
+        .is_retryable());
         assert!(!transport(ureq::Error::BadUri("x".into())).is_retryable());
     }
 }

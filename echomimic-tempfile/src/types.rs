@@ -90,27 +90,132 @@ struct Format {
 use Signature as S;
 
 const FORMATS: &[Format] = &[
-    Format { ext: "png", file_type: FileType::Image, content_type: "image/png", signatures: &[S::Png] },
-    Format { ext: "jpg", file_type: FileType::Image, content_type: "image/jpeg", signatures: &[S::Jpeg] },
-    Format { ext: "jpeg", file_type: FileType::Image, content_type: "image/jpeg", signatures: &[S::Jpeg] },
-    Format { ext: "gif", file_type: FileType::Image, content_type: "image/gif", signatures: &[S::Gif] },
-    Format { ext: "webp", file_type: FileType::Image, content_type: "image/webp", signatures: &[S::Webp] },
-    Format { ext: "mp3", file_type: FileType::Audio, content_type: "audio/mpeg", signatures: &[S::Id3, S::MpegAudio] },
-    Format { ext: "wav", file_type: FileType::Audio, content_type: "audio/wav", signatures: &[S::Wav] },
-    Format { ext: "ogg", file_type: FileType::Audio, content_type: "audio/ogg", signatures: &[S::Ogg] },
-    Format { ext: "aac", file_type: FileType::Audio, content_type: "audio/aac", signatures: &[S::Adts, S::Adif, S::Id3] },
-    Format { ext: "m4a", file_type: FileType::Audio, content_type: "audio/mp4", signatures: &[S::IsoBmff] },
-    Format { ext: "flac", file_type: FileType::Audio, content_type: "audio/flac", signatures: &[S::Flac, S::Id3] },
-    Format { ext: "mp4", file_type: FileType::Video, content_type: "video/mp4", signatures: &[S::IsoBmff] },
-    Format { ext: "avi", file_type: FileType::Video, content_type: "video/x-msvideo", signatures: &[S::Avi] },
-    Format { ext: "mov", file_type: FileType::Video, content_type: "video/quicktime", signatures: &[S::IsoBmff] },
-    Format { ext: "wmv", file_type: FileType::Video, content_type: "video/x-ms-wmv", signatures: &[S::Asf] },
-    Format { ext: "flv", file_type: FileType::Video, content_type: "video/x-flv", signatures: &[S::Flv] },
-    Format { ext: "mpeg", file_type: FileType::Video, content_type: "video/mpeg", signatures: &[S::MpegPs, S::MpegTs] },
-    Format { ext: "mpg", file_type: FileType::Video, content_type: "video/mpeg", signatures: &[S::MpegPs, S::MpegTs] },
-    Format { ext: "m4v", file_type: FileType::Video, content_type: "video/x-m4v", signatures: &[S::IsoBmff] },
-    Format { ext: "webm", file_type: FileType::Video, content_type: "video/webm", signatures: &[S::Ebml] },
-    Format { ext: "mkv", file_type: FileType::Video, content_type: "video/x-matroska", signatures: &[S::Ebml] },
+    Format {
+        ext: "png",
+        file_type: FileType::Image,
+        content_type: "image/png",
+        signatures: &[S::Png],
+    },
+    Format {
+        ext: "jpg",
+        file_type: FileType::Image,
+        content_type: "image/jpeg",
+        signatures: &[S::Jpeg],
+    },
+    Format {
+        ext: "jpeg",
+        file_type: FileType::Image,
+        content_type: "image/jpeg",
+        signatures: &[S::Jpeg],
+    },
+    Format {
+        ext: "gif",
+        file_type: FileType::Image,
+        content_type: "image/gif",
+        signatures: &[S::Gif],
+    },
+    Format {
+        ext: "webp",
+        file_type: FileType::Image,
+        content_type: "image/webp",
+        signatures: &[S::Webp],
+    },
+    Format {
+        ext: "mp3",
+        file_type: FileType::Audio,
+        content_type: "audio/mpeg",
+        signatures: &[S::Id3, S::MpegAudio],
+    },
+    Format {
+        ext: "wav",
+        file_type: FileType::Audio,
+        content_type: "audio/wav",
+        signatures: &[S::Wav],
+    },
+    Format {
+        ext: "ogg",
+        file_type: FileType::Audio,
+        content_type: "audio/ogg",
+        signatures: &[S::Ogg],
+    },
+    Format {
+        ext: "aac",
+        file_type: FileType::Audio,
+        content_type: "audio/aac",
+        signatures: &[S::Adts, S::Adif, S::Id3],
+    },
+    Format {
+        ext: "m4a",
+        file_type: FileType::Audio,
+        content_type: "audio/mp4",
+        signatures: &[S::IsoBmff],
+    },
+    Format {
+        ext: "flac",
+        file_type: FileType::Audio,
+        content_type: "audio/flac",
+        signatures: &[S::Flac, S::Id3],
+    },
+    Format {
+        ext: "mp4",
+        file_type: FileType::Video,
+        content_type: "video/mp4",
+        signatures: &[S::IsoBmff],
+    },
+    Format {
+        ext: "avi",
+        file_type: FileType::Video,
+        content_type: "video/x-msvideo",
+        signatures: &[S::Avi],
+    },
+    Format {
+        ext: "mov",
+        file_type: FileType::Video,
+        content_type: "video/quicktime",
+        signatures: &[S::IsoBmff],
+    },
+    Format {
+        ext: "wmv",
+        file_type: FileType::Video,
+        content_type: "video/x-ms-wmv",
+        signatures: &[S::Asf],
+    },
+    Format {
+        ext: "flv",
+        file_type: FileType::Video,
+        content_type: "video/x-flv",
+        signatures: &[S::Flv],
+    },
+    Format {
+        ext: "mpeg",
+        file_type: FileType::Video,
+        content_type: "video/mpeg",
+        signatures: &[S::MpegPs, S::MpegTs],
+    },
+    Format {
+        ext: "mpg",
+        file_type: FileType::Video,
+        content_type: "video/mpeg",
+        signatures: &[S::MpegPs, S::MpegTs],
+    },
+    Format {
+        ext: "m4v",
+        file_type: FileType::Video,
+        content_type: "video/x-m4v",
+        signatures: &[S::IsoBmff],
+    },
+    Format {
+        ext: "webm",
+        file_type: FileType::Video,
+        content_type: "video/webm",
+        signatures: &[S::Ebml],
+    },
+    Format {
+        ext: "mkv",
+        file_type: FileType::Video,
+        content_type: "video/x-matroska",
+        signatures: &[S::Ebml],
+    },
 ];
 
 /// How many leading bytes [`content_matches_extension`] looks at (at most).
@@ -144,8 +249,13 @@ pub fn extension_of(name: &str) -> Option<String> {
 /// True when `head` (the first bytes of a file, up to [`SNIFF_BYTES`]) looks like a file of
 /// extension `ext`. False for extensions that are not accepted.
 pub fn content_matches_extension(ext: &str, head: &[u8]) -> bool {
-    let Some(format) = format(ext) else { return false };
-    format.signatures.iter().any(|s| signature_matches(*s, head))
+    let Some(format) = format(ext) else {
+        return false;
+    };
+    format
+        .signatures
+        .iter()
+        .any(|s| signature_matches(*s, head))
 }
 
 fn signature_matches(sig: Signature, h: &[u8]) -> bool {
@@ -160,17 +270,32 @@ fn signature_matches(sig: Signature, h: &[u8]) -> bool {
         S::Id3 => at(0, b"ID3"),
         // 11 sync bits, MPEG version not "reserved" (01), layer not "reserved" (00).
         S::MpegAudio => {
-            h.len() >= 2 && h[0] == 0xff && h[1] & 0xe0 == 0xe0 && (h[1] >> 3) & 0b11 != 0b01 && (h[1] >> 1) & 0b11 != 0
+            h.len() >= 2
+                && h[0] == 0xff
+                && h[1] & 0xe0 == 0xe0
+                && (h[1] >> 3) & 0b11 != 0b01
+                && (h[1] >> 1) & 0b11 != 0
         }
         // 12 sync bits, layer 00.
         S::Adts => h.len() >= 2 && h[0] == 0xff && h[1] & 0xf6 == 0xf0,
         S::Adif => at(0, b"ADIF"),
         S::Ogg => at(0, b"OggS"),
         S::Flac => at(0, b"fLaC"),
-        S::IsoBmff => [&b"ftyp"[..], b"moov", b"mdat", b"wide", b"free", b"skip", b"pnot"]
-            .iter()
-            .any(|t| at(4, t)),
-        S::Asf => at(0, b"\x30\x26\xb2\x75\x8e\x66\xcf\x11\xa6\xd9\x00\xaa\x00\x62\xce\x6c"),
+        S::IsoBmff => [
+            &b"ftyp"[..],
+            b"moov",
+            b"mdat",
+            b"wide",
+            b"free",
+            b"skip",
+            b"pnot",
+        ]
+        .iter()
+        .any(|t| at(4, t)),
+        S::Asf => at(
+            0,
+            b"\x30\x26\xb2\x75\x8e\x66\xcf\x11\xa6\xd9\x00\xaa\x00\x62\xce\x6c",
+        ),
         S::Flv => at(0, b"FLV\x01"),
         S::MpegPs => at(0, b"\x00\x00\x01\xba") || at(0, b"\x00\x00\x01\xb3"),
         S::MpegTs => h.len() > 188 && h[0] == 0x47 && h[188] == 0x47,
@@ -208,9 +333,15 @@ mod tests {
         let png = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR";
         assert!(content_matches_extension("png", png));
         assert!(!content_matches_extension("jpg", png));
-        assert!(content_matches_extension("jpeg", b"\xff\xd8\xff\xe0\0\x10JFIF"));
+        assert!(content_matches_extension(
+            "jpeg",
+            b"\xff\xd8\xff\xe0\0\x10JFIF"
+        ));
         assert!(content_matches_extension("wav", b"RIFF\x24\0\0\0WAVEfmt "));
-        assert!(!content_matches_extension("webp", b"RIFF\x24\0\0\0WAVEfmt "));
+        assert!(!content_matches_extension(
+            "webp",
+            b"RIFF\x24\0\0\0WAVEfmt "
+        ));
         assert!(content_matches_extension("webp", b"RIFF\x24\0\0\0WEBPVP8 "));
         assert!(content_matches_extension("mp3", b"ID3\x04\0\0"));
         assert!(content_matches_extension("mp3", b"\xff\xfb\x90\x64"));

@@ -107,9 +107,8 @@ fn read_line_limited(
 
 fn is_token(s: &str) -> bool {
     !s.is_empty()
-        && s.bytes().all(|b| {
-            b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
-        })
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 /// Reads one request head.
@@ -130,16 +129,29 @@ pub(crate) fn read_head(reader: &mut impl BufRead) -> Result<Head, HeadError> {
             Ok(true) if line.is_empty() => {}
             Ok(true) => break,
             Ok(false) => {
-                return Err(if first { HeadError::Closed } else { HeadError::Bad("truncated request") })
+                return Err(if first {
+                    HeadError::Closed
+                } else {
+                    HeadError::Bad("truncated request")
+                })
             }
-            Err(e) if first && matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::ConnectionReset) => {
+            Err(e)
+                if first
+                    && matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock
+                            | io::ErrorKind::TimedOut
+                            | io::ErrorKind::ConnectionReset
+                    ) =>
+            {
                 return Err(HeadError::Closed)
             }
             Err(e) => return Err(map_io(e)),
         }
         first = false;
     }
-    let request_line = std::str::from_utf8(&line).map_err(|_| HeadError::Bad("request line is not ASCII"))?;
+    let request_line =
+        std::str::from_utf8(&line).map_err(|_| HeadError::Bad("request line is not ASCII"))?;
     let mut parts = request_line.split(' ');
     let (Some(method), Some(target), Some(version), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
@@ -194,7 +206,9 @@ pub(crate) fn read_head(reader: &mut impl BufRead) -> Result<Head, HeadError> {
         framing: Framing::None,
         expects_continue: false,
     };
-    let te = head.header("transfer-encoding").map(str::to_ascii_lowercase);
+    let te = head
+        .header("transfer-encoding")
+        .map(str::to_ascii_lowercase);
     let lengths: Vec<&str> = head
         .headers
         .iter()
@@ -203,7 +217,9 @@ pub(crate) fn read_head(reader: &mut impl BufRead) -> Result<Head, HeadError> {
         .map(str::trim)
         .collect();
     head.framing = match (te, lengths.as_slice()) {
-        (Some(_), [_, ..]) => return Err(HeadError::Bad("both Transfer-Encoding and Content-Length")),
+        (Some(_), [_, ..]) => {
+            return Err(HeadError::Bad("both Transfer-Encoding and Content-Length"))
+        }
         (Some(te), []) if te.trim() == "chunked" => Framing::Chunked,
         (Some(_), []) => return Err(HeadError::Bad("unsupported Transfer-Encoding")),
         (None, []) => Framing::None,
@@ -214,8 +230,14 @@ pub(crate) fn read_head(reader: &mut impl BufRead) -> Result<Head, HeadError> {
             if first.is_empty() || !first.bytes().all(|b| b.is_ascii_digit()) {
                 return Err(HeadError::Bad("malformed Content-Length"));
             }
-            let n = first.parse::<u64>().map_err(|_| HeadError::Bad("Content-Length too large"))?;
-            if n == 0 { Framing::None } else { Framing::Length(n) }
+            let n = first
+                .parse::<u64>()
+                .map_err(|_| HeadError::Bad("Content-Length too large"))?;
+            if n == 0 {
+                Framing::None
+            } else {
+                Framing::Length(n)
+            }
         }
     };
     head.expects_continue = head.http11
@@ -241,7 +263,11 @@ pub(crate) struct Body<'a> {
 }
 
 impl<'a> Body<'a> {
-    pub(crate) fn new(head: &Head, reader: &'a mut BufReader<TcpStream>, writer: &'a TcpStream) -> Self {
+    pub(crate) fn new(
+        head: &Head,
+        reader: &'a mut BufReader<TcpStream>,
+        writer: &'a TcpStream,
+    ) -> Self {
         let (remaining, done) = match head.framing {
             Framing::None => (0, true),
             Framing::Length(n) => (n, false),
@@ -338,7 +364,9 @@ impl Read for Body<'_> {
                 return Ok(0);
             }
         }
-        let want = buf.len().min(usize::try_from(self.remaining).unwrap_or(usize::MAX));
+        let want = buf
+            .len()
+            .min(usize::try_from(self.remaining).unwrap_or(usize::MAX));
         let n = self.reader.read(&mut buf[..want])?;
         if n == 0 {
             return Err(io::ErrorKind::UnexpectedEof.into());
@@ -360,7 +388,11 @@ impl Read for Body<'_> {
 pub(crate) enum Payload {
     Bytes(Vec<u8>),
     /// `len` bytes of `file` from `offset`.
-    File { file: File, offset: u64, len: u64 },
+    File {
+        file: File,
+        offset: u64,
+        len: u64,
+    },
 }
 
 /// A response.
@@ -400,12 +432,24 @@ impl Response {
     }
 
     /// Writes the response; the body is left out for HEAD requests.
-    pub(crate) fn write_to(self, out: &mut impl Write, head_only: bool, keep_alive: bool) -> io::Result<()> {
+    pub(crate) fn write_to(
+        self,
+        out: &mut impl Write,
+        head_only: bool,
+        keep_alive: bool,
+    ) -> io::Result<()> {
         let mut text = format!("HTTP/1.1 {} {}\r\n", self.status, reason(self.status));
-        text.push_str(&format!("Date: {}\r\n", httpdate::fmt_http_date(SystemTime::now())));
+        text.push_str(&format!(
+            "Date: {}\r\n",
+            httpdate::fmt_http_date(SystemTime::now())
+        ));
         text.push_str("Server: echomimic-tempfile\r\n");
         text.push_str(&format!("Content-Length: {}\r\n", self.len()));
-        text.push_str(if keep_alive { "Connection: keep-alive\r\n" } else { "Connection: close\r\n" });
+        text.push_str(if keep_alive {
+            "Connection: keep-alive\r\n"
+        } else {
+            "Connection: close\r\n"
+        });
         for (name, value) in &self.headers {
             // Values are built by this server; strip CR/LF anyway so no header can be injected.
             let value: String = value.chars().filter(|c| *c != '\r' && *c != '\n').collect();
@@ -416,11 +460,18 @@ impl Response {
         if !head_only {
             match self.payload {
                 Payload::Bytes(b) => out.write_all(&b)?,
-                Payload::File { mut file, offset, len } => {
+                Payload::File {
+                    mut file,
+                    offset,
+                    len,
+                } => {
                     file.seek(SeekFrom::Start(offset))?;
                     let copied = io::copy(&mut file.take(len), out)?;
                     if copied != len {
-                        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "file shrank while being sent"));
+                        return Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "file shrank while being sent",
+                        ));
                     }
                 }
             }
@@ -462,15 +513,23 @@ pub(crate) enum RangeRequest {
 
 /// Resolves a `Range` header value for a representation of `len` bytes (RFC 9110 §14).
 pub(crate) fn parse_range(value: Option<&str>, len: u64) -> RangeRequest {
-    let Some(value) = value else { return RangeRequest::Full };
-    let Some(spec) = value.trim().strip_prefix("bytes=") else { return RangeRequest::Full };
+    let Some(value) = value else {
+        return RangeRequest::Full;
+    };
+    let Some(spec) = value.trim().strip_prefix("bytes=") else {
+        return RangeRequest::Full;
+    };
     if spec.contains(',') {
         return RangeRequest::Full;
     }
-    let Some((first, last)) = spec.trim().split_once('-') else { return RangeRequest::Full };
+    let Some((first, last)) = spec.trim().split_once('-') else {
+        return RangeRequest::Full;
+    };
     let num = |s: &str| -> Option<u64> {
         let s = s.trim();
-        (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())).then(|| s.parse().ok()).flatten()
+        (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| s.parse().ok())
+            .flatten()
     };
     match (first.trim().is_empty(), num(first), num(last)) {
         // bytes=-N: the last N bytes.
@@ -478,7 +537,10 @@ pub(crate) fn parse_range(value: Option<&str>, len: u64) -> RangeRequest {
             if n == 0 || len == 0 {
                 RangeRequest::Unsatisfiable
             } else {
-                RangeRequest::Partial { start: len.saturating_sub(n), end: len - 1 }
+                RangeRequest::Partial {
+                    start: len.saturating_sub(n),
+                    end: len - 1,
+                }
             }
         }
         (false, Some(start), last_num) => {
@@ -506,11 +568,26 @@ mod tests {
     fn ranges() {
         use RangeRequest::*;
         assert_eq!(parse_range(None, 10), Full);
-        assert_eq!(parse_range(Some("bytes=0-4"), 10), Partial { start: 0, end: 4 });
-        assert_eq!(parse_range(Some("bytes=5-"), 10), Partial { start: 5, end: 9 });
-        assert_eq!(parse_range(Some("bytes=-3"), 10), Partial { start: 7, end: 9 });
-        assert_eq!(parse_range(Some("bytes=-30"), 10), Partial { start: 0, end: 9 });
-        assert_eq!(parse_range(Some("bytes=5-100"), 10), Partial { start: 5, end: 9 });
+        assert_eq!(
+            parse_range(Some("bytes=0-4"), 10),
+            Partial { start: 0, end: 4 }
+        );
+        assert_eq!(
+            parse_range(Some("bytes=5-"), 10),
+            Partial { start: 5, end: 9 }
+        );
+        assert_eq!(
+            parse_range(Some("bytes=-3"), 10),
+            Partial { start: 7, end: 9 }
+        );
+        assert_eq!(
+            parse_range(Some("bytes=-30"), 10),
+            Partial { start: 0, end: 9 }
+        );
+        assert_eq!(
+            parse_range(Some("bytes=5-100"), 10),
+            Partial { start: 5, end: 9 }
+        );
         assert_eq!(parse_range(Some("bytes=10-"), 10), Unsatisfiable);
         assert_eq!(parse_range(Some("bytes=-0"), 10), Unsatisfiable);
         assert_eq!(parse_range(Some("bytes=0-1,4-5"), 10), Full);
@@ -534,21 +611,49 @@ mod tests {
         assert!(h.wants_keep_alive());
         let h = head("GET / HTTP/1.0\r\n\r\n").unwrap();
         assert!(!h.wants_keep_alive());
-        let h = head("GET / HTTP/1.1\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n").unwrap();
+        let h = head("GET / HTTP/1.1\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n")
+            .unwrap();
         assert!(!h.wants_keep_alive());
         assert_eq!(h.framing, Framing::Chunked);
         assert!(matches!(head(""), Err(HeadError::Closed)));
-        assert!(matches!(head("GET / HTTP/2\r\n\r\n"), Err(HeadError::Bad(_))));
+        assert!(matches!(
+            head("GET / HTTP/2\r\n\r\n"),
+            Err(HeadError::Bad(_))
+        ));
         assert!(matches!(head("GET /\r\n\r\n"), Err(HeadError::Bad(_))));
-        assert!(matches!(head("GET / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"), Err(HeadError::Bad(_))));
-        assert!(matches!(head("GET / HTTP/1.1\r\nContent-Length: -1\r\n\r\n"), Err(HeadError::Bad(_))));
-        assert!(matches!(head("GET / HTTP/1.1\r\nContent-Length: 99999999999999999999999\r\n\r\n"), Err(HeadError::Bad(_))));
-        assert!(matches!(head("GET / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n"), Err(HeadError::Bad(_))));
-        assert!(matches!(head("GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n"), Err(HeadError::Bad(_))));
-        assert!(matches!(head("GET / HTTP/1.1\r\n folded\r\n\r\n"), Err(HeadError::Bad(_))));
-        let huge = format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(MAX_HEAD_BYTES));
+        assert!(matches!(
+            head("GET / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"),
+            Err(HeadError::Bad(_))
+        ));
+        assert!(matches!(
+            head("GET / HTTP/1.1\r\nContent-Length: -1\r\n\r\n"),
+            Err(HeadError::Bad(_))
+        ));
+        assert!(matches!(
+            head("GET / HTTP/1.1\r\nContent-Length: 99999999999999999999999\r\n\r\n"),
+            Err(HeadError::Bad(_))
+        ));
+        assert!(matches!(
+            head("GET / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n"),
+            Err(HeadError::Bad(_))
+        ));
+        assert!(matches!(
+            head("GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n"),
+            Err(HeadError::Bad(_))
+        ));
+        assert!(matches!(
+            head("GET / HTTP/1.1\r\n folded\r\n\r\n"),
+            Err(HeadError::Bad(_))
+        ));
+        let huge = format!(
+            "GET / HTTP/1.1\r\nX: {}\r\n\r\n",
+            "a".repeat(MAX_HEAD_BYTES)
+        );
         assert!(matches!(head(&huge), Err(HeadError::TooLarge)));
         let many: String = (0..=MAX_HEADERS).map(|i| format!("X{i}: 1\r\n")).collect();
-        assert!(matches!(head(&format!("GET / HTTP/1.1\r\n{many}\r\n")), Err(HeadError::TooLarge)));
+        assert!(matches!(
+            head(&format!("GET / HTTP/1.1\r\n{many}\r\n")),
+            Err(HeadError::TooLarge)
+        ));
     }
 }

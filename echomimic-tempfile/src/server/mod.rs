@@ -42,8 +42,8 @@ use crate::types::{
 };
 use http::{parse_range, Body, Framing, Head, HeadError, Payload, RangeRequest, Response};
 use multipart::{boundary_from_content_type, Multipart, MultipartError};
-pub use store::{Clock, ManualClock};
 use store::Store;
+pub use store::{Clock, ManualClock};
 
 /// Default largest upload: 200 MiB.
 pub const DEFAULT_MAX_UPLOAD_BYTES: u64 = 200 * 1024 * 1024;
@@ -146,7 +146,9 @@ pub struct Server {
 
 impl std::fmt::Debug for Shared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Shared").field("config", &self.config).finish_non_exhaustive()
+        f.debug_struct("Shared")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
     }
 }
 
@@ -160,10 +162,12 @@ impl Server {
             addr: config.listen.clone(),
             source,
         })?;
-        let addr = listener.local_addr().map_err(|source| TempfileError::Bind {
-            addr: config.listen.clone(),
-            source,
-        })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|source| TempfileError::Bind {
+                addr: config.listen.clone(),
+                source,
+            })?;
         let (tx, rx) = crossbeam_channel::bounded::<TcpStream>(config.backlog);
         let shared = Arc::new(Shared {
             store,
@@ -201,7 +205,10 @@ impl Server {
         }
         {
             let shared = Arc::clone(&shared);
-            threads.push(spawn("tempfile-sweeper".into(), Box::new(move || sweep_loop(&shared)))?);
+            threads.push(spawn(
+                "tempfile-sweeper".into(),
+                Box::new(move || sweep_loop(&shared)),
+            )?);
         }
         tracing::info!(%addr, dir = %shared.config.dir.display(), max_upload_bytes = shared.config.max_upload_bytes,
             expiry_s = shared.config.expiry.as_secs_f64(), "temp-file server listening");
@@ -246,7 +253,13 @@ impl Server {
             });
         }
         let _ = TcpStream::connect_timeout(&wake, Duration::from_secs(1));
-        for (_, conn) in self.shared.conns.lock().unwrap_or_else(|p| p.into_inner()).drain() {
+        for (_, conn) in self
+            .shared
+            .conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+        {
             let _ = conn.shutdown(Shutdown::Both);
         }
         self.shared.sweeper.1.notify_all();
@@ -310,14 +323,22 @@ fn sweep_loop(shared: &Shared) {
 fn serve_connection(shared: &Shared, stream: TcpStream) {
     let id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
     if let Ok(clone) = stream.try_clone() {
-        shared.conns.lock().unwrap_or_else(|p| p.into_inner()).insert(id, clone);
+        shared
+            .conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, clone);
     }
     if !shared.shutdown.load(Ordering::SeqCst) {
         if let Err(e) = connection_loop(shared, &stream) {
             tracing::debug!(error = %e, "connection ended with an error");
         }
     }
-    shared.conns.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+    shared
+        .conns
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&id);
 }
 
 fn connection_loop(shared: &Shared, stream: &TcpStream) -> io::Result<()> {
@@ -327,7 +348,11 @@ fn connection_loop(shared: &Shared, stream: &TcpStream) -> io::Result<()> {
     let mut reader = BufReader::with_capacity(16 * 1024, stream.try_clone()?);
     let mut first = true;
     loop {
-        stream.set_read_timeout(Some(if first { cfg.io_timeout } else { cfg.keep_alive_timeout }))?;
+        stream.set_read_timeout(Some(if first {
+            cfg.io_timeout
+        } else {
+            cfg.keep_alive_timeout
+        }))?;
         first = false;
         let head = match http::read_head(&mut reader) {
             Ok(h) => h,
@@ -337,7 +362,13 @@ fn connection_loop(shared: &Shared, stream: &TcpStream) -> io::Result<()> {
                 return finish(stream, &mut reader, Response::error(400, msg), false, false)
             }
             Err(HeadError::TooLarge) => {
-                return finish(stream, &mut reader, Response::error(431, "request head too large"), false, false)
+                return finish(
+                    stream,
+                    &mut reader,
+                    Response::error(431, "request head too large"),
+                    false,
+                    false,
+                )
             }
         };
         stream.set_read_timeout(Some(cfg.io_timeout))?;
@@ -356,7 +387,8 @@ fn connection_loop(shared: &Shared, stream: &TcpStream) -> io::Result<()> {
             body_done = drain(&mut body, DRAIN_LIMIT);
         }
         let unread_body = !body_done && !body.is_waiting_for_continue();
-        let keep_alive = body_done && head.wants_keep_alive() && !shared.shutdown.load(Ordering::SeqCst);
+        let keep_alive =
+            body_done && head.wants_keep_alive() && !shared.shutdown.load(Ordering::SeqCst);
         tracing::debug!(method = %head.method, path = %head.path, status, ms = started.elapsed().as_millis() as u64, "request");
         let head_only = head.method == "HEAD";
         if !keep_alive {
@@ -417,10 +449,18 @@ fn route(shared: &Shared, head: &Head, body: &mut Body<'_>) -> Response {
         Response::error(405, format!("method {method} not allowed")).with_header("Allow", methods)
     };
     if path == "/api/tempfile/upload" {
-        return if method == "POST" { upload(shared, head, body) } else { allow("POST") };
+        return if method == "POST" {
+            upload(shared, head, body)
+        } else {
+            allow("POST")
+        };
     }
     if path == "/api/tempfile/batch-delete" {
-        return if method == "POST" { batch_delete(shared, body) } else { allow("POST") };
+        return if method == "POST" {
+            batch_delete(shared, body)
+        } else {
+            allow("POST")
+        };
     }
     if path == "/health" {
         return if method == "GET" || method == "HEAD" {
@@ -430,10 +470,18 @@ fn route(shared: &Shared, head: &Head, body: &mut Body<'_>) -> Response {
         };
     }
     if let Some(id) = path.strip_prefix("/api/tempfile/download/") {
-        return if method == "GET" || method == "HEAD" { download(shared, head, id) } else { allow("GET, HEAD") };
+        return if method == "GET" || method == "HEAD" {
+            download(shared, head, id)
+        } else {
+            allow("GET, HEAD")
+        };
     }
     if let Some(id) = path.strip_prefix("/api/tempfile/delete/") {
-        return if method == "DELETE" { delete(shared, id) } else { allow("DELETE") };
+        return if method == "DELETE" {
+            delete(shared, id)
+        } else {
+            allow("DELETE")
+        };
     }
     Response::error(404, "no such endpoint")
 }
@@ -449,14 +497,21 @@ fn not_found() -> Response {
 }
 
 fn download(shared: &Shared, head: &Head, id: &str) -> Response {
-    let Some(uuid) = parse_id(id) else { return not_found() };
-    let Some((meta, file)) = shared.store.open_file(uuid) else { return not_found() };
+    let Some(uuid) = parse_id(id) else {
+        return not_found();
+    };
+    let Some((meta, file)) = shared.store.open_file(uuid) else {
+        return not_found();
+    };
     let len = meta.size;
     let base = |status: u16, payload: Payload| Response {
         status,
         headers: vec![
             ("Content-Type", meta.content_type.clone()),
-            ("Content-Disposition", content_disposition(&meta.original_name)),
+            (
+                "Content-Disposition",
+                content_disposition(&meta.original_name),
+            ),
             ("Accept-Ranges", "bytes".to_owned()),
             ("Cache-Control", "private, max-age=0".to_owned()),
             ("X-Content-Type-Options", "nosniff".to_owned()),
@@ -464,7 +519,14 @@ fn download(shared: &Shared, head: &Head, id: &str) -> Response {
         payload,
     };
     match parse_range(head.header("range"), len) {
-        RangeRequest::Full => base(200, Payload::File { file, offset: 0, len }),
+        RangeRequest::Full => base(
+            200,
+            Payload::File {
+                file,
+                offset: 0,
+                len,
+            },
+        ),
         RangeRequest::Partial { start, end } => base(
             206,
             Payload::File {
@@ -523,7 +585,9 @@ fn batch_delete(shared: &Shared, body: &mut Body<'_>) -> Response {
     }
     let mut raw = Vec::new();
     match body.take(MAX_JSON_BODY + 1).read_to_end(&mut raw) {
-        Ok(_) if raw.len() as u64 > MAX_JSON_BODY => return Response::error(413, "request body too large"),
+        Ok(_) if raw.len() as u64 > MAX_JSON_BODY => {
+            return Response::error(413, "request body too large")
+        }
         Ok(_) => {}
         Err(e) => return Response::error(400, format!("could not read body: {e}")),
     }
@@ -549,7 +613,7 @@ fn batch_delete(shared: &Shared, body: &mut Body<'_>) -> Response {
 
 /// Makes a client-supplied file name safe to store as metadata and to echo in headers: only
 /// the last path component (after `/` or `\`), no control characters, no leading dots or
-/// surrounding spaces, at most [`MAX_NAME_BYTES`] bytes (keeping the extension).
+/// surrounding spaces, at most 200 bytes (keeping the extension).
 pub fn sanitize_file_name(raw: &str) -> Option<String> {
     let last = raw.rsplit(['/', '\\']).next().unwrap_or("");
     let cleaned: String = last.chars().filter(|c| !c.is_control()).collect();
@@ -590,9 +654,14 @@ fn upload(shared: &Shared, head: &Head, body: &mut Body<'_>) -> Response {
     }
 }
 
-fn upload_inner(shared: &Shared, head: &Head, body: &mut Body<'_>) -> Result<Response, UploadFailure> {
+fn upload_inner(
+    shared: &Shared,
+    head: &Head,
+    body: &mut Body<'_>,
+) -> Result<Response, UploadFailure> {
     let max = shared.config.max_upload_bytes;
-    let too_large = || UploadFailure::Client(413, format!("file larger than the limit of {max} bytes"));
+    let too_large =
+        || UploadFailure::Client(413, format!("file larger than the limit of {max} bytes"));
     let client = |m: &str| UploadFailure::Client(400, m.to_owned());
     let boundary = head
         .header("content-type")
@@ -605,8 +674,12 @@ fn upload_inner(shared: &Shared, head: &Head, body: &mut Body<'_>) -> Result<Res
     }
     let mut mp = Multipart::new(&mut *body, &boundary);
     let mp_err = |e: MultipartError| match e {
-        MultipartError::Malformed(m) => UploadFailure::Client(400, format!("malformed multipart body: {m}")),
-        MultipartError::Io(e) => UploadFailure::Client(400, format!("could not read the upload: {e}")),
+        MultipartError::Malformed(m) => {
+            UploadFailure::Client(400, format!("malformed multipart body: {m}"))
+        }
+        MultipartError::Io(e) => {
+            UploadFailure::Client(400, format!("could not read the upload: {e}"))
+        }
     };
     let info = loop {
         match mp.next_part().map_err(mp_err)? {
@@ -622,7 +695,13 @@ fn upload_inner(shared: &Shared, head: &Head, body: &mut Body<'_>) -> Result<Res
     let ext = extension_of(&name).ok_or_else(|| client("the file name has no extension"))?;
     let file_type = file_type_for_extension(&ext).ok_or_else(|| {
         let allowed: Vec<&str> = crate::types::allowed_extensions().collect();
-        UploadFailure::Client(400, format!("file type .{ext} is not allowed (allowed: {})", allowed.join(", ")))
+        UploadFailure::Client(
+            400,
+            format!(
+                "file type .{ext} is not allowed (allowed: {})",
+                allowed.join(", ")
+            ),
+        )
     })?;
 
     let mut pending = shared
@@ -661,7 +740,14 @@ fn upload_inner(shared: &Shared, head: &Head, body: &mut Body<'_>) -> Result<Res
     }
     let meta = shared
         .store
-        .commit(pending, name, ext.clone(), file_type, content_type_for_extension(&ext), size)
+        .commit(
+            pending,
+            name,
+            ext.clone(),
+            file_type,
+            content_type_for_extension(&ext),
+            size,
+        )
         .map_err(|e| UploadFailure::Server(format!("cannot store the upload: {e}")))?;
     tracing::info!(file_id = %meta.file_id, name = %meta.original_name, size, "uploaded");
     Ok(Response::json(
@@ -683,14 +769,29 @@ mod tests {
 
     #[test]
     fn names_are_sanitised() {
-        assert_eq!(sanitize_file_name("../../etc/passwd.png").as_deref(), Some("passwd.png"));
-        assert_eq!(sanitize_file_name("/abs/path/a.png").as_deref(), Some("a.png"));
-        assert_eq!(sanitize_file_name("C:\\Users\\me\\face.jpg").as_deref(), Some("face.jpg"));
+        assert_eq!(
+            sanitize_file_name("../../etc/passwd.png").as_deref(),
+            Some("passwd.png")
+        );
+        assert_eq!(
+            sanitize_file_name("/abs/path/a.png").as_deref(),
+            Some("a.png")
+        );
+        assert_eq!(
+            sanitize_file_name("C:\\Users\\me\\face.jpg").as_deref(),
+            Some("face.jpg")
+        );
         assert_eq!(sanitize_file_name("a\0b.png").as_deref(), Some("ab.png"));
-        assert_eq!(sanitize_file_name("line\r\nbreak.png").as_deref(), Some("linebreak.png"));
+        assert_eq!(
+            sanitize_file_name("line\r\nbreak.png").as_deref(),
+            Some("linebreak.png")
+        );
         assert_eq!(sanitize_file_name("..").as_deref(), None);
         assert_eq!(sanitize_file_name("dir/").as_deref(), None);
-        assert_eq!(sanitize_file_name("  .hidden.png ").as_deref(), Some("hidden.png"));
+        assert_eq!(
+            sanitize_file_name("  .hidden.png ").as_deref(),
+            Some("hidden.png")
+        );
         assert_eq!(sanitize_file_name("头像.png").as_deref(), Some("头像.png"));
         let long = format!("{}.wav", "é".repeat(300));
         let s = sanitize_file_name(&long).unwrap();
@@ -699,7 +800,10 @@ mod tests {
 
     #[test]
     fn content_disposition_forms() {
-        assert_eq!(content_disposition("a b.png"), "attachment; filename=\"a b.png\"");
+        assert_eq!(
+            content_disposition("a b.png"),
+            "attachment; filename=\"a b.png\""
+        );
         assert_eq!(
             content_disposition("头像.png"),
             "attachment; filename=\"__.png\"; filename*=UTF-8''%E5%A4%B4%E5%83%8F.png"

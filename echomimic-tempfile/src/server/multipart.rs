@@ -26,9 +26,9 @@ pub(crate) fn boundary_from_content_type(value: &str) -> Option<String> {
         .map(|(_, v)| v)?;
     let ok = !boundary.is_empty()
         && boundary.len() <= 70
-        && boundary.bytes().all(|b| {
-            b.is_ascii_alphanumeric() || b"'()+_,-./:=? ".contains(&b)
-        })
+        && boundary
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"'()+_,-./:=? ".contains(&b))
         && !boundary.ends_with(' ');
     ok.then_some(boundary)
 }
@@ -135,7 +135,9 @@ fn parse_part_head(block: &[u8]) -> PartInfo {
     let text = String::from_utf8_lossy(block);
     let mut info = PartInfo::default();
     for line in text.split("\r\n") {
-        let Some((name, value)) = line.split_once(':') else { continue };
+        let Some((name, value)) = line.split_once(':') else {
+            continue;
+        };
         if !name.trim().eq_ignore_ascii_case("content-disposition") {
             continue;
         }
@@ -147,7 +149,9 @@ fn parse_part_head(block: &[u8]) -> PartInfo {
         let params = parse_params(rest);
         let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
         info.name = get("name");
-        info.filename = get("filename*").and_then(|v| decode_ext_value(&v)).or_else(|| get("filename"));
+        info.filename = get("filename*")
+            .and_then(|v| decode_ext_value(&v))
+            .or_else(|| get("filename"));
     }
     info
 }
@@ -392,7 +396,9 @@ mod tests {
         let mut out = b"preamble to ignore\r\n".to_vec();
         for (name, filename, data) in parts {
             out.extend_from_slice(format!("--{boundary}\r\n").as_bytes());
-            let fname = filename.map(|f| format!("; filename=\"{f}\"")).unwrap_or_default();
+            let fname = filename
+                .map(|f| format!("; filename=\"{f}\""))
+                .unwrap_or_default();
             out.extend_from_slice(format!("Content-Disposition: form-data; name=\"{name}\"{fname}\r\nContent-Type: application/octet-stream\r\n\r\n").as_bytes());
             out.extend_from_slice(data);
             out.extend_from_slice(b"\r\n");
@@ -431,7 +437,14 @@ mod tests {
             b"\r\n-",
         ]
         .concat();
-        let raw = body(boundary, &[("note", None, b"hello"), ("file", Some("a.png"), &tricky), ("empty", None, b"")]);
+        let raw = body(
+            boundary,
+            &[
+                ("note", None, b"hello"),
+                ("file", Some("a.png"), &tricky),
+                ("empty", None, b""),
+            ],
+        );
         for step in [1, 2, 3, 5, 13, 64, 1 << 20] {
             let mut mp = Multipart::new(Trickle { data: &raw, step }, boundary);
             let parts = read_all(&mut mp);
@@ -446,7 +459,10 @@ mod tests {
 
     #[test]
     fn skipping_an_unread_part() {
-        let raw = body("b", &[("a", None, b"skip me"), ("file", Some("x.wav"), b"data")]);
+        let raw = body(
+            "b",
+            &[("a", None, b"skip me"), ("file", Some("x.wav"), b"data")],
+        );
         let mut mp = Multipart::new(raw.as_slice(), "b");
         assert_eq!(mp.next_part().unwrap().unwrap().name.as_deref(), Some("a"));
         let info = mp.next_part().unwrap().unwrap();
@@ -462,7 +478,10 @@ mod tests {
     fn malformed_bodies() {
         let mut mp = Multipart::new(b"no boundary here".as_slice(), "b");
         assert!(matches!(mp.next_part(), Err(MultipartError::Malformed(_))));
-        let mut mp = Multipart::new(b"--b\r\nContent-Disposition: form-data; name=\"f\"\r\n\r\nunterminated".as_slice(), "b");
+        let mut mp = Multipart::new(
+            b"--b\r\nContent-Disposition: form-data; name=\"f\"\r\n\r\nunterminated".as_slice(),
+            "b",
+        );
         mp.next_part().unwrap();
         let mut buf = [0u8; 100];
         let mut res = Ok(1);
@@ -474,23 +493,42 @@ mod tests {
 
     #[test]
     fn content_type_boundary() {
-        assert_eq!(boundary_from_content_type("multipart/form-data; boundary=abc").as_deref(), Some("abc"));
-        assert_eq!(boundary_from_content_type("Multipart/Form-Data; charset=utf-8; boundary=\"a b:c\"").as_deref(), Some("a b:c"));
+        assert_eq!(
+            boundary_from_content_type("multipart/form-data; boundary=abc").as_deref(),
+            Some("abc")
+        );
+        assert_eq!(
+            boundary_from_content_type("Multipart/Form-Data; charset=utf-8; boundary=\"a b:c\"")
+                .as_deref(),
+            Some("a b:c")
+        );
         assert_eq!(boundary_from_content_type("application/json"), None);
         assert_eq!(boundary_from_content_type("multipart/form-data"), None);
-        assert_eq!(boundary_from_content_type(&format!("multipart/form-data; boundary={}", "a".repeat(71))), None);
+        assert_eq!(
+            boundary_from_content_type(&format!(
+                "multipart/form-data; boundary={}",
+                "a".repeat(71)
+            )),
+            None
+        );
     }
 
     #[test]
     fn filenames() {
-        let info = parse_part_head(b"Content-Disposition: form-data; name=\"file\"; filename=\"a\\\"b.png\"");
+        let info = parse_part_head(
+            b"Content-Disposition: form-data; name=\"file\"; filename=\"a\\\"b.png\"",
+        );
         assert_eq!(info.filename.as_deref(), Some("a\"b.png"));
-        let info = parse_part_head(b"Content-Disposition: form-data; name=file; filename=\"C:\\dir\\x.png\"");
+        let info = parse_part_head(
+            b"Content-Disposition: form-data; name=file; filename=\"C:\\dir\\x.png\"",
+        );
         assert_eq!(info.name.as_deref(), Some("file"));
         assert_eq!(info.filename.as_deref(), Some("C:\\dir\\x.png"));
         let info = parse_part_head(b"content-disposition: form-data; name=\"file\"; filename=\"fallback.png\"; filename*=UTF-8''%E5%A4%B4%E5%83%8F.png");
         assert_eq!(info.filename.as_deref(), Some("头像.png"));
-        let info = parse_part_head("Content-Disposition: form-data; name=\"file\"; filename=\"头像.png\"".as_bytes());
+        let info = parse_part_head(
+            "Content-Disposition: form-data; name=\"file\"; filename=\"头像.png\"".as_bytes(),
+        );
         assert_eq!(info.filename.as_deref(), Some("头像.png"));
         assert_eq!(decode_ext_value("iso-8859-1''a.png"), None);
         assert_eq!(decode_ext_value("UTF-8''%zz"), None);

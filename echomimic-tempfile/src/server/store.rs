@@ -177,7 +177,10 @@ impl Store {
     pub(crate) fn begin_upload(&self) -> io::Result<PendingUpload> {
         let id = Uuid::new_v4();
         let path = self.tmp.join(format!("{id}.part"));
-        let file = OpenOptions::new().write(true).create_new(true).open(&path)?;
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)?;
         Ok(PendingUpload {
             id,
             path,
