@@ -1,6 +1,7 @@
 //! Client helpers against a real Redis (default `redis://127.0.0.1:6379/11`, override with
 //! `ECHOMIMIC_TEST_REDIS_URL`). Each test uses its own queue, channel and task ids, and deletes
-//! its keys. When no Redis answers, each test prints why and returns.
+//! its keys. When no Redis answers, each test prints why and returns, unless
+//! `ECHOMIMIC_REQUIRE_REDIS` is set (CI sets it), in which case it fails.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -30,6 +31,10 @@ fn redis() -> Option<(redis::Client, redis::Connection)> {
     match client.get_connection_with_timeout(Duration::from_secs(2)) {
         Ok(con) => Some((client, con)),
         Err(e) => {
+            assert!(
+                std::env::var_os("ECHOMIMIC_REQUIRE_REDIS").is_none(),
+                "ECHOMIMIC_REQUIRE_REDIS is set but no Redis answers at {url}: {e}"
+            );
             eprintln!("SKIPPED: no Redis answers at {url}: {e}");
             None
         }

@@ -361,7 +361,8 @@ mod tests {
     }
 
     /// The whole flow against a real Redis (db 11) and an in-process temp-file server, with a
-    /// stand-in worker thread that follows the protocol. Skipped when no Redis answers.
+    /// stand-in worker thread that follows the protocol. Skipped when no Redis answers (fails
+    /// instead when `ECHOMIMIC_REQUIRE_REDIS` is set).
     #[test]
     fn full_run_against_a_stand_in_worker() {
         use echomimic_protocol::{QueueItem, Stage};
@@ -371,6 +372,10 @@ mod tests {
             .unwrap_or_else(|_| "redis://127.0.0.1:6379/11".into());
         let redis = redis::Client::open(url.as_str()).unwrap();
         let Ok(mut con) = redis.get_connection_with_timeout(Duration::from_secs(2)) else {
+            assert!(
+                std::env::var_os("ECHOMIMIC_REQUIRE_REDIS").is_none(),
+                "ECHOMIMIC_REQUIRE_REDIS is set but no Redis answers at {url}"
+            );
             eprintln!("SKIPPED: no Redis answers at {url}");
             return;
         };
