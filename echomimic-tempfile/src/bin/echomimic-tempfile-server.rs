@@ -1,1 +1,82 @@
-fn main() {}
+//! `echomimic-tempfile-server`: serves the temp-file API from a local folder.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use echomimic_tempfile::server::DEFAULT_MAX_UPLOAD_BYTES;
+use echomimic_tempfile::{Server, ServerConfig};
+
+/// Temp-file API server for the EchoMimic worker (upload, download, delete; files expire).
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, env = "TEMPFILE_LISTEN", default_value = "127.0.0.1:3000")]
+    listen: String,
+    /// Storage folder (created if missing; files survive restarts).
+    #[arg(long, env = "TEMPFILE_DIR", default_value = "tempfile-data")]
+    dir: PathBuf,
+    /// Largest accepted upload in bytes (default 200 MiB).
+    #[arg(long, env = "TEMPFILE_MAX_BYTES", default_value_t = DEFAULT_MAX_UPLOAD_BYTES)]
+    max_bytes: u64,
+    /// Hours a file lives after its upload (fractions allowed).
+    #[arg(long, env = "TEMP_FILE_EXPIRY", default_value_t = 24.0, value_parser = positive_hours)]
+    expiry_hours: f64,
+    /// Seconds between sweeps of expired files.
+    #[arg(long, env = "TEMPFILE_SWEEP_SECS", default_value_t = 60)]
+    sweep_secs: u64,
+    /// Worker threads (connections served at once).
+    #[arg(long, env = "TEMPFILE_THREADS", default_value_t = 8)]
+    threads: usize,
+}
+
+fn positive_hours(s: &str) -> Result<f64, String> {
+    let h: f64 = s.parse().map_err(|e| format!("{e}"))?;
+    if h.is_finite() && h > 0.0 && h <= 24.0 * 365.0 {
+        Ok(h)
+    } else {
+        Err("must be a positive number of hours, at most one year".into())
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let mut config = ServerConfig::new(&args.dir);
+    config.listen = args.listen;
+    config.max_upload_bytes = args.max_bytes;
+    config.expiry = Duration::from_secs_f64(args.expiry_hours * 3600.0);
+    config.sweep_interval = Duration::from_secs(args.sweep_secs);
+    config.threads = args.threads;
+
+    let mut signals = match signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ]) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot install signal handlers");
+            return ExitCode::FAILURE;
+        }
+    };
+    let server = match Server::start(config) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Some(sig) = signals.forever().next() {
+        tracing::info!(signal = sig, "shutting down");
+    }
+    server.shutdown();
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,200 @@
+//! Blocking client helpers over the `redis` crate (feature `redis`).
+//!
+//! ```no_run
+//! # fn main() -> Result<(), echomimic_protocol::ProtocolError> {
+//! use std::time::Duration;
+//! use echomimic_protocol::{client, keys, Task};
+//!
+//! let redis = redis::Client::open(client::connection_info("localhost", 6379, 0, None)?)?;
+//! let mut con = redis.get_connection()?;
+//! let task = Task::new("t-1", "s-1", "550e8400-e29b-41d4-a716-446655440000", "661f9511-f3ac-52e5-b827-557766551111");
+//! client::submit_task(&mut con, &keys::task_queue(0), &task)?;
+//! let opts = client::FollowOptions { timeout: Duration::from_secs(600), ..Default::default() };
+//! let last = client::follow_task(&redis, &task.task_id, &opts, |e| println!("{} {:?}", e.status, e.progress))?;
+//! # Ok(()) }
+//! ```
+
+use std::time::{Duration, Instant};
+
+use redis::{Commands, ConnectionLike};
+
+use crate::error::{InvalidTask, ProtocolError};
+use crate::keys::{self, WorkerState};
+use crate::progress::ProgressEvent;
+use crate::task::Task;
+
+/// Connection settings from the guide's variables (`REDIS_HOST`, `REDIS_PORT`, `REDIS_DB`,
+/// `REDIS_PASSWORD`). An empty password means none.
+pub fn connection_info(
+    host: &str,
+    port: u16,
+    db: i64,
+    password: Option<&str>,
+) -> Result<redis::ConnectionInfo, ProtocolError> {
+    use redis::IntoConnectionInfo;
+    let mut settings = redis::RedisConnectionInfo::default().set_db(db);
+    if let Some(pw) = password.filter(|p| !p.is_empty()) {
+        settings = settings.set_password(pw);
+    }
+    Ok((host, port)
+        .into_connection_info()?
+        .set_redis_settings(settings))
+}
+
+/// Validates `task`, clears its per-task keys ([`keys::latest_event`], [`keys::task_result`]) so
+/// an old run with the same id cannot be mistaken for this one, and `RPUSH`es it onto `queue`,
+/// all in one `MULTI`. Returns the queue length after the push.
+pub fn submit_task(
+    con: &mut impl ConnectionLike,
+    queue: &str,
+    task: &Task,
+) -> Result<u64, ProtocolError> {
+    let json = task.to_json();
+    if let Err(problem) = task.validate() {
+        return Err(InvalidTask::new(problem, json.as_bytes(), None, None).into());
+    }
+    let (len,): (u64,) = redis::pipe()
+        .atomic()
+        .del(keys::latest_event(&task.task_id))
+        .ignore()
+        .del(keys::task_result(&task.task_id))
+        .ignore()
+        .rpush(queue, json)
+        .query(con)?;
+    Ok(len)
+}
+
+/// Reads `gpu_status:{gpu_id}`; `None` when the key is missing (no live worker).
+pub fn read_worker_state(
+    con: &mut impl ConnectionLike,
+    gpu_id: u32,
+) -> Result<Option<WorkerState>, ProtocolError> {
+    let value: Option<String> = con.get(keys::gpu_status(gpu_id))?;
+    Ok(value.as_deref().map(WorkerState::parse))
+}
+
+/// Reads the persisted terminal event of a task ([`keys::task_result`]), in either schema.
+pub fn read_result(
+    con: &mut impl ConnectionLike,
+    task_id: &str,
+) -> Result<Option<ProgressEvent>, ProtocolError> {
+    read_event_key(con, &keys::task_result(task_id))
+}
+
+/// Reads the last event published for a task ([`keys::latest_event`]), in either schema.
+pub fn read_latest_event(
+    con: &mut impl ConnectionLike,
+    task_id: &str,
+) -> Result<Option<ProgressEvent>, ProtocolError> {
+    read_event_key(con, &keys::latest_event(task_id))
+}
+
+fn read_event_key(
+    con: &mut impl ConnectionLike,
+    key: &str,
+) -> Result<Option<ProgressEvent>, ProtocolError> {
+    let raw: Option<Vec<u8>> = con.get(key)?;
+    raw.map(|raw| ProgressEvent::parse_any(&raw)).transpose()
+}
+
+/// Options of [`follow_task`].
+#[derive(Debug, Clone)]
+pub struct FollowOptions {
+    /// The progress channel (`PROGRESS_CHANNEL`).
+    pub channel: String,
+    /// Give up after this long without a terminal event.
+    pub timeout: Duration,
+    /// While no message arrives, re-read [`keys::task_result`] this often (covers a client that
+    /// listens on the wrong channel, or a publish that happened while the connection was down).
+    pub recheck_interval: Duration,
+}
+
+impl Default for FollowOptions {
+    /// Channel `task_progress`, timeout 30 minutes, re-check every 5 seconds.
+    fn default() -> Self {
+        FollowOptions {
+            channel: keys::DEFAULT_PROGRESS_CHANNEL.to_owned(),
+            timeout: Duration::from_secs(30 * 60),
+            recheck_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Follows one task until its terminal event and returns that event.
+///
+/// Subscribes to the channel first, then reads the persisted keys, so nothing published in
+/// between is missed: a stored result is returned at once, a stored latest event is reported.
+/// Then every message on the channel for `task_id` (either schema) is passed to `on_event`;
+/// other tasks' messages and undecodable messages are skipped, and an event identical to the one
+/// just reported is not reported twice. Returns [`ProtocolError::FollowTimeout`] (with the last
+/// event seen) when `opts.timeout` passes first. Uses two connections from `client`.
+pub fn follow_task(
+    client: &redis::Client,
+    task_id: &str,
+    opts: &FollowOptions,
+    mut on_event: impl FnMut(&ProgressEvent),
+) -> Result<ProgressEvent, ProtocolError> {
+    let started = Instant::now();
+    let deadline = started + opts.timeout;
+    let mut kv = client.get_connection()?;
+    let mut sub_con = client.get_connection()?;
+    let mut pubsub = sub_con.as_pubsub();
+    pubsub.subscribe(&opts.channel)?;
+
+    let mut last: Option<ProgressEvent> = None;
+    let mut report = |event: ProgressEvent, last: &mut Option<ProgressEvent>| {
+        if last.as_ref() != Some(&event) {
+            on_event(&event);
+        }
+        *last = Some(event);
+    };
+
+    if let Some(result) = read_result(&mut kv, task_id)? {
+        report(result.clone(), &mut last);
+        return Ok(result);
+    }
+    if let Some(latest) = read_latest_event(&mut kv, task_id)? {
+        let terminal = latest.is_terminal();
+        report(latest.clone(), &mut last);
+        if terminal {
+            return Ok(latest);
+        }
+    }
+
+    loop {
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(ProtocolError::FollowTimeout {
+                task_id: task_id.to_owned(),
+                waited: now - started,
+                last: last.map(Box::new),
+            });
+        }
+        let wait = (deadline - now)
+            .min(opts.recheck_interval)
+            .max(Duration::from_millis(1));
+        pubsub.set_read_timeout(Some(wait))?;
+        match pubsub.get_message() {
+            Ok(msg) => {
+                let Ok(event) = ProgressEvent::parse_any(msg.get_payload_bytes()) else {
+                    continue;
+                };
+                if event.task_id != task_id {
+                    continue;
+                }
+                let terminal = event.is_terminal();
+                report(event.clone(), &mut last);
+                if terminal {
+                    return Ok(event);
+                }
+            }
+            Err(e) if e.is_timeout() => {
+                if let Some(result) = read_result(&mut kv, task_id)? {
+                    report(result.clone(), &mut last);
+                    return Ok(result);
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}

@@ -1,0 +1,277 @@
+//! What travels on the task queue and the dead-letter list.
+//!
+//! A queue item is either a task exactly as a client pushed it, or a task the worker pushed back
+//! after an interrupted attempt, wrapped in an envelope that counts attempts (see
+//! [`crate::keys`] for the whole claim/requeue/dead-letter design):
+//!
+//! ```json
+//! {"attempts": 1, "last_error": "worker restarted while the task was running",
+//!  "task": {"task_id": "t-1", "session_id": "s-1", "ref_image_id": "…", "audio_id": "…"}}
+//! ```
+//!
+//! An object is taken as an envelope when it has an object `task`, an integer `attempts`, and no
+//! `task_id` of its own.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::error::{InvalidTask, ProtocolError, RawExcerpt};
+use crate::progress::ErrorCode;
+use crate::task::Task;
+
+/// Largest payload a dead letter keeps, in bytes (longer ones are cut and flagged).
+pub const DEAD_LETTER_PAYLOAD_MAX: usize = 64 * 1024;
+
+/// One item popped from a task queue.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueueItem {
+    raw: Vec<u8>,
+    attempts: u32,
+    last_error: Option<String>,
+    /// The task JSON: the whole item for a plain task, the `task` member of an envelope,
+    /// `None` when the item is not JSON at all.
+    task: Option<Value>,
+    envelope: bool,
+}
+
+impl QueueItem {
+    /// Classifies a raw item. Never fails: validation happens in [`QueueItem::task`].
+    pub fn parse(raw: &[u8]) -> Self {
+        let value: Option<Value> = serde_json::from_slice(raw).ok();
+        if let Some(Value::Object(obj)) = &value {
+            let attempts = obj.get("attempts").and_then(Value::as_u64);
+            let inner = obj.get("task").filter(|t| t.is_object());
+            if let (Some(attempts), Some(inner), false) =
+                (attempts, inner, obj.contains_key("task_id"))
+            {
+                return QueueItem {
+                    raw: raw.to_vec(),
+                    attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
+                    last_error: obj
+                        .get("last_error")
+                        .and_then(Value::as_str)
+                        .map(str::to_owned),
+                    task: Some(inner.clone()),
+                    envelope: true,
+                };
+            }
+        }
+        QueueItem {
+            raw: raw.to_vec(),
+            attempts: 0,
+            last_error: None,
+            task: value,
+            envelope: false,
+        }
+    }
+
+    /// The item exactly as it was popped (use it for `LREM` on the processing list).
+    pub fn raw(&self) -> &[u8] {
+        &self.raw
+    }
+
+    /// How many attempts were started on this task before this one (0 for a fresh task).
+    pub fn attempts(&self) -> u32 {
+        self.attempts
+    }
+
+    /// Why the previous attempt ended, for a requeued task.
+    pub fn last_error(&self) -> Option<&str> {
+        self.last_error.as_deref()
+    }
+
+    /// True when the worker requeued this item.
+    pub fn is_requeued(&self) -> bool {
+        self.envelope
+    }
+
+    /// Validates the task (see [`Task::from_json`]).
+    pub fn task(&self) -> Result<Task, InvalidTask> {
+        match (&self.task, self.envelope) {
+            (Some(value), true) => Task::from_value(value),
+            _ => Task::from_json(&self.raw),
+        }
+    }
+
+    /// The envelope to push back for another attempt: `attempts` + 1 and `last_error` set.
+    /// `None` when the item is not JSON (it can only be dead-lettered).
+    pub fn requeued(&self, last_error: &str) -> Option<String> {
+        let task = self.task.as_ref()?;
+        Some(
+            json!({
+                "attempts": self.attempts.saturating_add(1),
+                "last_error": last_error,
+                "task": task,
+            })
+            .to_string(),
+        )
+    }
+
+    /// The task as the client sent it (unwrapped from an envelope), as text.
+    pub fn original_payload(&self) -> String {
+        match (&self.task, self.envelope) {
+            (Some(value), true) => value.to_string(),
+            _ => String::from_utf8_lossy(&self.raw).into_owned(),
+        }
+    }
+}
+
+/// A task given up on, as stored in [`DEAD_LETTER_LIST`](crate::keys::DEAD_LETTER_LIST).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    /// The task as the client sent it (unwrapped), lossy UTF-8, cut at [`DEAD_LETTER_PAYLOAD_MAX`] bytes.
+    pub payload: String,
+    /// True when `payload` was cut.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub payload_truncated: bool,
+    /// Human-readable reason.
+    pub reason: String,
+    /// Machine-readable reason.
+    pub code: ErrorCode,
+    /// Attempts started on the task, this one included.
+    pub attempts: u32,
+    /// When it was given up, Unix time in seconds.
+    pub failed_at: u64,
+    /// The task id, when the payload had a usable one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_id: Option<String>,
+    /// The worker's GPU id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_id: Option<u32>,
+    /// The queue the task came from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue: Option<String>,
+}
+
+impl DeadLetter {
+    /// A dead letter for `item`, counting the attempt that just ended.
+    pub fn new(
+        item: &QueueItem,
+        code: ErrorCode,
+        reason: impl Into<String>,
+        failed_at: u64,
+    ) -> Self {
+        let mut payload = item.original_payload();
+        let payload_truncated = payload.len() > DEAD_LETTER_PAYLOAD_MAX;
+        if payload_truncated {
+            let mut end = DEAD_LETTER_PAYLOAD_MAX;
+            while !payload.is_char_boundary(end) {
+                end -= 1;
+            }
+            payload.truncate(end);
+        }
+        let task_id = match item.task() {
+            Ok(task) => Some(task.task_id),
+            Err(e) => e.task_id().map(str::to_owned),
+        };
+        DeadLetter {
+            payload,
+            payload_truncated,
+            reason: reason.into(),
+            code,
+            attempts: item.attempts().saturating_add(1),
+            failed_at,
+            task_id,
+            gpu_id: None,
+            queue: None,
+        }
+    }
+
+    /// Sets `gpu_id` and `queue`.
+    pub fn with_origin(mut self, gpu_id: u32, queue: impl Into<String>) -> Self {
+        self.gpu_id = Some(gpu_id);
+        self.queue = Some(queue.into());
+        self
+    }
+
+    /// The record as compact JSON.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// Decodes a record read from the dead-letter list.
+    pub fn from_json(raw: &[u8]) -> Result<Self, ProtocolError> {
+        serde_json::from_slice(raw).map_err(|source| ProtocolError::Decode {
+            what: "dead letter",
+            source,
+            raw: RawExcerpt::new(raw),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TASK: &str =
+        r#"{"task_id":"t-1","session_id":"s-1","ref_image_id":"img","audio_id":"aud"}"#;
+
+    #[test]
+    fn plain_item_then_two_requeues() {
+        let item = QueueItem::parse(TASK.as_bytes());
+        assert_eq!(item.attempts(), 0);
+        assert!(!item.is_requeued());
+        assert_eq!(item.task().unwrap().task_id, "t-1");
+
+        let again = QueueItem::parse(item.requeued("worker restarted").unwrap().as_bytes());
+        assert!(again.is_requeued());
+        assert_eq!(again.attempts(), 1);
+        assert_eq!(again.last_error(), Some("worker restarted"));
+        assert_eq!(again.task().unwrap(), item.task().unwrap());
+        assert_eq!(
+            serde_json::from_str::<Value>(&again.original_payload()).unwrap(),
+            serde_json::from_str::<Value>(TASK).unwrap()
+        );
+
+        let third = QueueItem::parse(again.requeued("again").unwrap().as_bytes());
+        assert_eq!(third.attempts(), 2);
+    }
+
+    #[test]
+    fn task_with_extra_task_field_is_not_an_envelope() {
+        let raw = r#"{"task_id":"t","session_id":"s","ref_image_id":"i","audio_id":"a","attempts":3,"task":{}}"#;
+        let item = QueueItem::parse(raw.as_bytes());
+        assert!(!item.is_requeued());
+        assert_eq!(item.attempts(), 0);
+        assert!(item.task().is_ok());
+    }
+
+    #[test]
+    fn garbage_cannot_be_requeued_but_can_be_dead_lettered() {
+        let item = QueueItem::parse(b"not json");
+        assert!(item.requeued("x").is_none());
+        assert!(item.task().is_err());
+        let dl = DeadLetter::new(&item, ErrorCode::InvalidTask, "not json", 1_700_000_000)
+            .with_origin(0, "task_queue_gpu_0");
+        assert_eq!(dl.payload, "not json");
+        assert_eq!(dl.attempts, 1);
+        assert_eq!(dl.task_id, None);
+        let back = DeadLetter::from_json(dl.to_json().as_bytes()).unwrap();
+        assert_eq!(back, dl);
+    }
+
+    #[test]
+    fn dead_letter_keeps_task_id_of_an_invalid_task() {
+        let raw = r#"{"task_id":"t-9","session_id":"s","ref_image_id":"http://x","audio_id":"a"}"#;
+        let dl = DeadLetter::new(
+            &QueueItem::parse(raw.as_bytes()),
+            ErrorCode::InvalidTask,
+            "url",
+            0,
+        );
+        assert_eq!(dl.task_id.as_deref(), Some("t-9"));
+    }
+
+    #[test]
+    fn dead_letter_payload_is_capped() {
+        let big = format!("\"{}\"", "x".repeat(DEAD_LETTER_PAYLOAD_MAX * 2));
+        let dl = DeadLetter::new(
+            &QueueItem::parse(big.as_bytes()),
+            ErrorCode::InvalidTask,
+            "big",
+            0,
+        );
+        assert!(dl.payload_truncated);
+        assert_eq!(dl.payload.len(), DEAD_LETTER_PAYLOAD_MAX);
+    }
+}

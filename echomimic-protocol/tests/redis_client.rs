@@ -1,0 +1,366 @@
+//! Client helpers against a real Redis (default `redis://127.0.0.1:6379/11`, override with
+//! `ECHOMIMIC_TEST_REDIS_URL`). Each test uses its own queue, channel and task ids, and deletes
+//! its keys. When no Redis answers, each test prints why and returns, unless
+//! `ECHOMIMIC_REQUIRE_REDIS` is set (CI sets it), in which case it fails.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use echomimic_protocol::client::{self, FollowOptions};
+use echomimic_protocol::{
+    keys, ErrorCode, LegacyEvent, ProgressEvent, ProtocolError, Stage, Status, Task, WorkerState,
+};
+use redis::Commands;
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+fn redis_url() -> String {
+    std::env::var("ECHOMIMIC_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/11".into())
+}
+
+/// A client and a fresh connection, or `None` (with a message) when no Redis answers.
+fn redis() -> Option<(redis::Client, redis::Connection)> {
+    let url = redis_url();
+    let client = match redis::Client::open(url.as_str()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("SKIPPED: bad redis url {url}: {e}");
+            return None;
+        }
+    };
+    match client.get_connection_with_timeout(Duration::from_secs(2)) {
+        Ok(con) => Some((client, con)),
+        Err(e) => {
+            assert!(
+                std::env::var_os("ECHOMIMIC_REQUIRE_REDIS").is_none(),
+                "ECHOMIMIC_REQUIRE_REDIS is set but no Redis answers at {url}: {e}"
+            );
+            eprintln!("SKIPPED: no Redis answers at {url}: {e}");
+            None
+        }
+    }
+}
+
+/// A name unique to this test run and call.
+fn unique(what: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!(
+        "emtest-{what}-{}-{nanos}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Deletes the given keys when dropped (also on panic).
+struct Cleanup(redis::Client, Vec<String>);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if let Ok(mut con) = self.0.get_connection() {
+            for k in &self.1 {
+                let _: Result<(), _> = con.del(k);
+            }
+        }
+    }
+}
+
+fn task(id: &str) -> Task {
+    Task::new(
+        id,
+        "sess-1",
+        "550e8400-e29b-41d4-a716-446655440000",
+        "661f9511-f3ac-52e5-b827-557766551111",
+    )
+}
+
+/// Publishes `messages` on `channel` once `follow_task` has subscribed.
+fn publish_when_subscribed(
+    client: &redis::Client,
+    channel: &str,
+    messages: Vec<String>,
+) -> std::thread::JoinHandle<()> {
+    let client = client.clone();
+    let channel = channel.to_owned();
+    std::thread::spawn(move || {
+        let mut con = client.get_connection().expect("publisher connection");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let counts: Vec<(String, u64)> = redis::cmd("PUBSUB")
+                .arg("NUMSUB")
+                .arg(&channel)
+                .query(&mut con)
+                .expect("PUBSUB NUMSUB");
+            if counts.first().is_some_and(|(_, n)| *n > 0) || Instant::now() > deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        for m in messages {
+            let _: u64 = con.publish(&channel, m).expect("publish");
+        }
+    })
+}
+
+#[test]
+fn submit_task_pushes_in_order_and_clears_stale_keys() -> TestResult {
+    let Some((client, mut con)) = redis() else {
+        return Ok(());
+    };
+    let queue = unique("queue");
+    let t1 = task(&unique("task"));
+    let t2 = task(&unique("task"));
+    let _cleanup = Cleanup(
+        client.clone(),
+        vec![
+            queue.clone(),
+            keys::task_result(&t1.task_id),
+            keys::latest_event(&t1.task_id),
+        ],
+    );
+    // A stale result from an earlier run with the same id.
+    let _: () = con.set(
+        keys::task_result(&t1.task_id),
+        ProgressEvent::completed(&t1.task_id, "old", "v", "x").to_json(),
+    )?;
+    let _: () = con.set(keys::latest_event(&t1.task_id), "{}")?;
+
+    assert_eq!(client::submit_task(&mut con, &queue, &t1)?, 1);
+    assert_eq!(client::submit_task(&mut con, &queue, &t2)?, 2);
+
+    let items: Vec<String> = con.lrange(&queue, 0, -1)?;
+    assert_eq!(items.len(), 2);
+    assert_eq!(Task::from_json(items[0].as_bytes())?, t1);
+    assert_eq!(Task::from_json(items[1].as_bytes())?, t2);
+    assert!(client::read_result(&mut con, &t1.task_id)?.is_none());
+    assert!(client::read_latest_event(&mut con, &t1.task_id)?.is_none());
+    Ok(())
+}
+
+#[test]
+fn submit_task_rejects_an_invalid_task_and_pushes_nothing() -> TestResult {
+    let Some((client, mut con)) = redis() else {
+        return Ok(());
+    };
+    let queue = unique("queue");
+    let _cleanup = Cleanup(client, vec![queue.clone()]);
+    let mut bad = task(&unique("task"));
+    bad.audio_id = "http://example.invalid/a.wav".into();
+    let err = client::submit_task(&mut con, &queue, &bad).unwrap_err();
+    assert!(
+        matches!(err, ProtocolError::InvalidTask(ref e) if e.field() == Some("audio_id")),
+        "{err}"
+    );
+    let len: u64 = con.llen(&queue)?;
+    assert_eq!(len, 0);
+    Ok(())
+}
+
+#[test]
+fn follow_task_reports_own_events_until_terminal() -> TestResult {
+    let Some((client, _con)) = redis() else {
+        return Ok(());
+    };
+    let channel = unique("chan");
+    let id = unique("task");
+    let other = unique("task");
+    let messages = vec![
+        ProgressEvent::stage(&other, "s", Stage::Inference, 10.0, "not ours").to_json(),
+        ProgressEvent::stage(&id, "s", Stage::Processing, 0.0, "claimed").to_json(),
+        "this is not json".to_owned(),
+        ProgressEvent::stage(&id, "s", Stage::Inference, 50.0, "step 3/6").to_json(),
+        ProgressEvent::completed(&other, "s", "v-other", "not ours").to_json(),
+        ProgressEvent::completed(&id, "s", "v-1", "done").to_json(),
+        ProgressEvent::stage(&id, "s", Stage::Inference, 60.0, "after terminal").to_json(),
+    ];
+    let publisher = publish_when_subscribed(&client, &channel, messages);
+    let opts = FollowOptions {
+        channel,
+        timeout: Duration::from_secs(20),
+        ..Default::default()
+    };
+    let mut seen = Vec::new();
+    let last = client::follow_task(&client, &id, &opts, |e| {
+        seen.push((e.status, e.message.clone()))
+    })?;
+    publisher.join().map_err(|_| "publisher panicked")?;
+    assert_eq!(last.status, Status::Completed);
+    assert_eq!(last.video_file_id.as_deref(), Some("v-1"));
+    assert_eq!(
+        seen,
+        vec![
+            (Status::Processing, Some("claimed".into())),
+            (Status::Inference, Some("step 3/6".into())),
+            (Status::Completed, Some("done".into())),
+        ]
+    );
+    Ok(())
+}
+
+#[test]
+fn follow_task_understands_the_legacy_schema() -> TestResult {
+    let Some((client, _con)) = redis() else {
+        return Ok(());
+    };
+    let channel = unique("chan");
+    let id = unique("task");
+    let events = [
+        ProgressEvent::stage(&id, "s", Stage::Processing, 0.0, "claimed"),
+        ProgressEvent::stage(&id, "s", Stage::Inference, 40.0, "running"),
+        ProgressEvent::failed(&id, "s", ErrorCode::NoFace, "no face found"),
+    ];
+    let messages = events
+        .iter()
+        .map(|e| LegacyEvent::from_event(e).to_json())
+        .collect();
+    let publisher = publish_when_subscribed(&client, &channel, messages);
+    let opts = FollowOptions {
+        channel,
+        timeout: Duration::from_secs(20),
+        ..Default::default()
+    };
+    let mut progress = Vec::new();
+    let last = client::follow_task(&client, &id, &opts, |e| progress.push(e.progress))?;
+    publisher.join().map_err(|_| "publisher panicked")?;
+    assert_eq!(last.status, Status::Failed);
+    assert_eq!(last.code, Some(ErrorCode::NoFace));
+    assert_eq!(last.error.as_deref(), Some("no face found"));
+    assert_eq!(progress, vec![None, Some(40.0), None]);
+    Ok(())
+}
+
+#[test]
+fn late_follower_gets_the_persisted_result_at_once() -> TestResult {
+    let Some((client, mut con)) = redis() else {
+        return Ok(());
+    };
+    let id = unique("task");
+    let _cleanup = Cleanup(
+        client.clone(),
+        vec![keys::task_result(&id), keys::latest_event(&id)],
+    );
+    let done = ProgressEvent::completed(&id, "s", "v-9", "done");
+    let _: () = con.set(keys::latest_event(&id), done.to_json())?;
+    let _: () = con.set(keys::task_result(&id), done.to_json())?;
+    let opts = FollowOptions {
+        channel: unique("chan"),
+        timeout: Duration::from_secs(5),
+        ..Default::default()
+    };
+    let started = Instant::now();
+    let mut calls = 0;
+    let last = client::follow_task(&client, &id, &opts, |_| calls += 1)?;
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(last, done);
+    assert_eq!(calls, 1);
+    assert_eq!(client::read_result(&mut con, &id)?, Some(done));
+    Ok(())
+}
+
+#[test]
+fn follower_on_the_wrong_channel_still_finishes_by_rechecking() -> TestResult {
+    let Some((client, _con)) = redis() else {
+        return Ok(());
+    };
+    let id = unique("task");
+    let _cleanup = Cleanup(client.clone(), vec![keys::task_result(&id)]);
+    let writer = {
+        let client = client.clone();
+        let id = id.clone();
+        std::thread::spawn(move || -> redis::RedisResult<()> {
+            std::thread::sleep(Duration::from_millis(300));
+            let mut con = client.get_connection()?;
+            con.set(
+                keys::task_result(&id),
+                LegacyEvent::from_event(&ProgressEvent::completed(&id, "s", "v", "ok")).to_json(),
+            )
+        })
+    };
+    let opts = FollowOptions {
+        channel: unique("chan"),
+        timeout: Duration::from_secs(10),
+        recheck_interval: Duration::from_millis(200),
+    };
+    let last = client::follow_task(&client, &id, &opts, |_| {})?;
+    writer.join().map_err(|_| "writer panicked")??;
+    assert_eq!(last.status, Status::Completed);
+    assert_eq!(last.video_file_id.as_deref(), Some("v"));
+    Ok(())
+}
+
+#[test]
+fn follow_task_times_out_with_the_last_event() -> TestResult {
+    let Some((client, mut con)) = redis() else {
+        return Ok(());
+    };
+    let id = unique("task");
+    let _cleanup = Cleanup(client.clone(), vec![keys::latest_event(&id)]);
+    let latest = ProgressEvent::stage(&id, "s", Stage::Inference, 33.0, "stuck");
+    let _: () = con.set(keys::latest_event(&id), latest.to_json())?;
+    let opts = FollowOptions {
+        channel: unique("chan"),
+        timeout: Duration::from_millis(400),
+        recheck_interval: Duration::from_millis(100),
+    };
+    let started = Instant::now();
+    let err = client::follow_task(&client, &id, &opts, |_| {}).unwrap_err();
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(400) && waited < Duration::from_secs(3),
+        "{waited:?}"
+    );
+    match err {
+        ProtocolError::FollowTimeout { task_id, last, .. } => {
+            assert_eq!(task_id, id);
+            assert_eq!(last.as_deref(), Some(&latest));
+        }
+        other => panic!("expected a timeout, got {other}"),
+    }
+    Ok(())
+}
+
+#[test]
+fn worker_state_is_read_from_gpu_status() -> TestResult {
+    let Some((client, mut con)) = redis() else {
+        return Ok(());
+    };
+    // High GPU ids that no real worker uses, in the test database.
+    let gpu = 900_000 + (std::process::id() % 50_000);
+    let _cleanup = Cleanup(client, vec![keys::gpu_status(gpu)]);
+    assert_eq!(client::read_worker_state(&mut con, gpu)?, None);
+    let _: () = con.set(keys::gpu_status(gpu), "busy")?;
+    assert_eq!(
+        client::read_worker_state(&mut con, gpu)?,
+        Some(WorkerState::Busy)
+    );
+    let _: () = con.set(keys::gpu_status(gpu), "idle")?;
+    assert_eq!(
+        client::read_worker_state(&mut con, gpu)?,
+        Some(WorkerState::Idle)
+    );
+    let _: () = con.set(keys::gpu_status(gpu), "rebooting")?;
+    assert_eq!(
+        client::read_worker_state(&mut con, gpu)?,
+        Some(WorkerState::Unknown)
+    );
+    Ok(())
+}
+
+#[test]
+fn connection_info_selects_db_and_ignores_empty_password() -> TestResult {
+    let info = client::connection_info("127.0.0.1", 6379, 11, Some(""))?;
+    assert_eq!(info.redis_settings().db(), 11);
+    assert_eq!(info.redis_settings().password(), None);
+    let info = client::connection_info("127.0.0.1", 6379, 0, Some("s3cret"))?;
+    assert_eq!(info.redis_settings().password(), Some("s3cret"));
+    if redis().is_some() {
+        let client = redis::Client::open(client::connection_info("127.0.0.1", 6379, 11, None)?)?;
+        let mut con = client.get_connection()?;
+        let pong: String = redis::cmd("PING").query(&mut con)?;
+        assert_eq!(pong, "PONG");
+    }
+    Ok(())
+}
