@@ -5,4 +5,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/ensure-deps.sh
+export ECHOMIMIC_REQUIRE_REDIS=1
 exec cargo nextest run --workspace --locked --profile ci "$@"
