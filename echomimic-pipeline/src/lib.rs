@@ -7,6 +7,8 @@
 
 pub mod config;
 pub mod error;
+pub mod face;
+pub mod models;
 pub mod ops;
 pub mod weights;
 
