@@ -43,8 +43,7 @@ const PNET_SCALE_NMS: f64 = 0.5;
 const PNET_CROSS_SCALE_NMS: f64 = 0.7;
 const RNET_NMS: f64 = 0.7;
 const ONET_NMS_MIN: f32 = 0.7;
-/// P-Net inputs larger than this many pixels run in horizontal strips, which keeps the
-/// activations of very large photos bounded; the result is the same as one pass.
+/// Default for [`Mtcnn::with_pnet_strip_pixels`].
 const PNET_MAX_STRIP_PIXELS: usize = 1 << 20;
 
 /// Detector hyper-parameters (the arguments of facenet's `MTCNN(...)`).
@@ -553,12 +552,14 @@ pub struct Mtcnn {
     onet: ONet,
     cfg: MtcnnConfig,
     device: Device,
+    pnet_strip_pixels: usize,
 }
 
 impl Mtcnn {
     /// Builds the three networks from `vb` (prefixes `pnet`, `rnet`, `onet`; `f32`).
     pub fn new(vb: VarBuilder<'_>, cfg: &MtcnnConfig) -> Result<Self> {
-        if !(cfg.min_face_size > 0.0) || !(cfg.factor > 0.0 && cfg.factor < 1.0) {
+        let valid = cfg.min_face_size > 0.0 && cfg.factor > 0.0 && cfg.factor < 1.0;
+        if !valid {
             candle_core::bail!(
                 "invalid MTCNN config: min_face_size {} must be > 0 and factor {} in (0, 1)",
                 cfg.min_face_size,
@@ -571,7 +572,16 @@ impl Mtcnn {
             onet: ONet::new(vb.pp("onet"))?,
             cfg: cfg.clone(),
             device: vb.device().clone(),
+            pnet_strip_pixels: PNET_MAX_STRIP_PIXELS,
         })
+    }
+
+    /// P-Net inputs with more than `pixels` pixels run in horizontal strips of about
+    /// that size (default 2^20), bounding the activation memory on large photos. The
+    /// detections do not depend on it.
+    pub fn with_pnet_strip_pixels(mut self, pixels: usize) -> Self {
+        self.pnet_strip_pixels = pixels.max(1);
+        self
     }
 
     /// The P-Net.
@@ -624,12 +634,15 @@ impl Mtcnn {
         h: usize,
         w: usize,
     ) -> Result<(Vec<f32>, Vec<f32>, usize, usize)> {
+        if h < 12 || w < 12 {
+            candle_core::bail!("P-Net input {h}x{w} is smaller than its 12x12 window");
+        }
         let pooled = |n: usize| (n - 2).div_ceil(2);
         let (oh, ow) = (pooled(h) - 4, pooled(w) - 4);
-        let rows_per_strip = if h * w <= PNET_MAX_STRIP_PIXELS {
+        let rows_per_strip = if h * w <= self.pnet_strip_pixels {
             oh
         } else {
-            ((PNET_MAX_STRIP_PIXELS / w).saturating_sub(10) / 2).clamp(1, oh)
+            ((self.pnet_strip_pixels / w).saturating_sub(10) / 2).clamp(1, oh)
         };
         let mut reg = vec![0f32; 4 * oh * ow];
         let mut prob = vec![0f32; 2 * oh * ow];
@@ -828,7 +841,7 @@ impl Mtcnn {
                 let reg_v = reg.to_vec2::<f32>()?;
                 let pts_v = points.to_vec2::<f32>()?;
                 let prob_v = prob.to_vec2::<f32>()?;
-                if let Some(t) = trace.as_deref_mut() {
+                if let Some(t) = trace {
                     t.onet_input = Some(to_cpu(&xs)?);
                     t.onet_prob = Some(prob);
                     t.onet_reg = Some(reg);

@@ -21,9 +21,11 @@ pub fn golden_dir() -> PathBuf {
 
 /// Loads `tensors/<name>.safetensors` of the golden set.
 pub fn golden(name: &str) -> anyhow::Result<HashMap<String, Tensor>> {
-    let path = golden_dir().join("tensors").join(format!("{name}.safetensors"));
-    Ok(candle_core::safetensors::load(&path, &Device::Cpu)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?)
+    let path = golden_dir()
+        .join("tensors")
+        .join(format!("{name}.safetensors"));
+    candle_core::safetensors::load(&path, &Device::Cpu)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
 /// Fetches one tensor from a loaded golden file, with a clear error.
@@ -44,7 +46,10 @@ pub fn assert_close(what: &str, got: &Tensor, want: &Tensor, atol: f64) -> anyho
     let w = want.to_dtype(DType::F64)?;
     let diff = (g - w)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
     eprintln!("{what}: max |ours - golden| = {diff:.3e} (atol {atol:.1e})");
-    anyhow::ensure!(diff <= atol, "{what}: max abs diff {diff:.3e} > atol {atol:.1e}");
+    anyhow::ensure!(
+        diff <= atol,
+        "{what}: max abs diff {diff:.3e} > atol {atol:.1e}"
+    );
     Ok(diff)
 }
 
