@@ -126,7 +126,7 @@ fn main() -> anyhow::Result<()> {
     let naive = time(resize_iters, || {
         Ok(naive_bilinear(&patch, side, side, 3, 512, 512))
     })?;
-    let a = face::resize_bilinear_opencv(&patch, side, side, 3, 512, 512);
+    let a = face::resize_bilinear_opencv(&patch, side, side, 3, 512, 512)?;
     let b = naive_bilinear(&patch, side, side, 3, 512, 512);
     let max_diff = a
         .iter()

@@ -43,7 +43,7 @@ use candle_core::{DType, Device, Tensor};
 use image::{DynamicImage, GrayImage, ImageDecoder, ImageFormat, ImageReader, RgbImage};
 
 use crate::error::{PipelineError, Result};
-use crate::models::mtcnn::{Detection, ImageHwc, Mtcnn, MtcnnConfig, MtcnnTrace};
+use crate::models::mtcnn::{self, Detection, ImageHwc, Mtcnn, MtcnnConfig, MtcnnTrace};
 use crate::weights::Checkpoint;
 
 /// The real facenet-pytorch MTCNN weights (MIT), embedded so the detector needs no
@@ -240,7 +240,8 @@ fn linear_taps(
 ///   first `16 k (+ 8)` outputs of a row (`((S0 >> 4) * b0 >> 16) + ((S1 >> 4) * b1 >> 16)`,
 ///   then `(v + 2) >> 2`) and as its scalar tail for the rest (`(S0 b0 + S1 b1 + 2^21) >> 22`).
 ///
-/// Returns `dst_h * dst_w * channels` bytes; empty input or output gives an empty vector.
+/// Returns `dst_h * dst_w * channels` bytes. Fails when a size is zero or `src` does not
+/// hold `src_h * src_w * channels` bytes.
 pub fn resize_bilinear_opencv(
     src: &[u8],
     src_w: usize,
@@ -248,14 +249,21 @@ pub fn resize_bilinear_opencv(
     channels: usize,
     dst_w: usize,
     dst_h: usize,
-) -> Vec<u8> {
+) -> Result<Vec<u8>> {
     let cn = channels;
     if src_w == 0 || src_h == 0 || dst_w == 0 || dst_h == 0 || cn == 0 {
-        return Vec::new();
+        return Err(PipelineError::InvalidInput(format!(
+            "cannot resize {src_w}x{src_h}x{cn} to {dst_w}x{dst_h}: empty size"
+        )));
     }
-    debug_assert_eq!(src.len(), src_w * src_h * cn);
+    if Some(src.len()) != src_w.checked_mul(src_h).and_then(|n| n.checked_mul(cn)) {
+        return Err(PipelineError::InvalidInput(format!(
+            "resize source holds {} bytes, not {src_w}x{src_h}x{cn}",
+            src.len()
+        )));
+    }
     if (src_w, src_h) == (dst_w, dst_h) {
-        return src.to_vec();
+        return Ok(src.to_vec());
     }
     let inv_scale_x = dst_w as f64 / src_w as f64;
     let inv_scale_y = dst_h as f64 / src_h as f64;
@@ -286,7 +294,7 @@ pub fn resize_bilinear_opencv(
                 }
             }
         }
-        return out;
+        return Ok(out);
     }
 
     let (xofs, alpha, xmax) = linear_taps(src_w, dst_w, scale_x, true);
@@ -354,7 +362,7 @@ pub fn resize_bilinear_opencv(
             };
         }
     }
-    out
+    Ok(out)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -607,7 +615,8 @@ pub struct FaceCrop {
     pub mask_region: Option<PixelRect>,
     /// The crop rectangle before squaring (`crop_rect`).
     pub crop_rect: PixelRect,
-    /// The square actually cropped, in photo coordinates (paste generated frames here).
+    /// The square actually cropped, in coordinates of the decoded (EXIF-oriented) photo:
+    /// where generated frames are pasted back.
     pub square_rect: PixelRect,
     /// The crop resized to `(W, H)`, RGB (the pipeline's reference image).
     pub face_rgb: RgbImage,
@@ -684,7 +693,7 @@ impl FaceDetector {
     /// The detector from loaded weights and explicit hyper-parameters. Loading is strict:
     /// missing and unexpected tensors are errors, as `load_state_dict` would report.
     pub fn from_checkpoint(ck: &Checkpoint, cfg: &MtcnnConfig, device: &Device) -> Result<Self> {
-        let mtcnn = Mtcnn::new(ck.var_builder(DType::F32, device), cfg)?;
+        let net = Mtcnn::new(ck.var_builder(mtcnn::DTYPE, device), cfg)?;
         ck.check_complete()?;
         let unused = ck.unused_keys();
         if !unused.is_empty() {
@@ -698,7 +707,7 @@ impl FaceDetector {
                 ),
             });
         }
-        Ok(Self { mtcnn })
+        Ok(Self { mtcnn: net })
     }
 
     /// The underlying cascade.
@@ -811,8 +820,8 @@ pub fn crop_from_detections(
         }));
     }
     let (w, h) = (width as usize, height as usize);
-    let face = resize_bilinear_opencv(&face, sw, sh, 3, w, h);
-    let mask = resize_bilinear_opencv(&mask, sw, sh, 1, w, h);
+    let face = resize_bilinear_opencv(&face, sw, sh, 3, w, h)?;
+    let mask = resize_bilinear_opencv(&mask, sw, sh, 1, w, h)?;
     let face_rgb = RgbImage::from_raw(width, height, face)
         .ok_or_else(|| image_err("internal: resized face has the wrong size"))?;
     let mask = GrayImage::from_raw(width, height, mask)
@@ -935,26 +944,33 @@ mod tests {
     }
 
     #[test]
-    fn opencv_bilinear_upscales_with_clamped_borders() {
+    fn opencv_bilinear_upscales_with_clamped_borders() -> Result<()> {
         // 2x1 -> 4x1: weights (2048,0), (1536,512), (512,1536), border
-        let out = resize_bilinear_opencv(&[0, 100], 2, 1, 1, 4, 1);
+        let out = resize_bilinear_opencv(&[0, 100], 2, 1, 1, 4, 1)?;
         assert_eq!(out, [0, 25, 75, 100]);
         // 1x2 -> 1x4 vertically: rows clamped, same weights
-        let out = resize_bilinear_opencv(&[0, 100], 1, 2, 1, 1, 4);
+        let out = resize_bilinear_opencv(&[0, 100], 1, 2, 1, 1, 4)?;
         assert_eq!(out, [0, 25, 75, 100]);
         // same size is a copy
-        assert_eq!(resize_bilinear_opencv(&[1, 2, 3], 1, 1, 3, 1, 1), [1, 2, 3]);
+        assert_eq!(
+            resize_bilinear_opencv(&[1, 2, 3], 1, 1, 3, 1, 1)?,
+            [1, 2, 3]
+        );
+        assert!(resize_bilinear_opencv(&[1, 2], 1, 1, 3, 1, 1).is_err());
+        assert!(resize_bilinear_opencv(&[], 0, 1, 3, 1, 1).is_err());
+        Ok(())
     }
 
     #[test]
-    fn opencv_bilinear_exact_2x_downscale_is_a_rounded_mean() {
+    fn opencv_bilinear_exact_2x_downscale_is_a_rounded_mean() -> Result<()> {
         // 4x2 -> 2x1: means of 2x2 blocks, (s + 2) >> 2
         let src = [0, 1, 10, 10, 1, 1, 10, 11];
-        assert_eq!(resize_bilinear_opencv(&src, 4, 2, 1, 2, 1), [1, 10]);
+        assert_eq!(resize_bilinear_opencv(&src, 4, 2, 1, 2, 1)?, [1, 10]);
+        Ok(())
     }
 
     #[test]
-    fn opencv_bilinear_rounds_like_simd_then_scalar_tail() {
+    fn opencv_bilinear_rounds_like_simd_then_scalar_tail() -> Result<()> {
         // 24 columns (horizontal identity), rows [1; 24] and [6; 24], 2 -> 5 rows.
         // Output row 1 samples fy = 0.1 between source rows 0 and 1: weights
         // b = (round(0.9 * 2048), round(0.1 * 2048)) = (1843, 205).
@@ -965,7 +981,7 @@ mod tests {
         // loop requires x < 24 - 8, the last 8 go through the scalar formula.
         let w = 24;
         let src: Vec<u8> = [vec![1u8; w], vec![6u8; w]].concat();
-        let out = resize_bilinear_opencv(&src, w, 2, 1, w, 5);
+        let out = resize_bilinear_opencv(&src, w, 2, 1, w, 5)?;
         let row1 = &out[w..2 * w];
         assert_eq!(&row1[..16], &[1u8; 16]);
         assert_eq!(&row1[16..], &[2u8; 8]);
@@ -973,5 +989,6 @@ mod tests {
         assert_eq!(&out[..w], &[1u8; 24]);
         // Row 2 samples half-way (b = 1024, 1024): 3.5 rounds up in both formulas.
         assert_eq!(&out[2 * w..3 * w], &[4u8; 24]);
+        Ok(())
     }
 }

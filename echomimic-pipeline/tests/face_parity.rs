@@ -262,3 +262,32 @@ fn worker_preset_differs_only_in_the_crop_bottom() -> anyhow::Result<()> {
     assert_eq!(reference.crop_rect.x1, worker.crop_rect.x1);
     Ok(())
 }
+
+#[test]
+fn non_square_outputs_have_the_requested_layout() -> anyhow::Result<()> {
+    // W != H (the hidden set), with 3 * W = 360 = 22 * 16 + 8 so the OpenCV scalar tail
+    // of the vertical pass is exercised.
+    let s = setup()?;
+    let det = FaceDetector::new(&Device::Cpu)?;
+    let crop = det.crop_face(&s.photo, 120, 88, &FaceCropOptions::default())?;
+    assert_eq!(crop.face_rgb.dimensions(), (120, 88));
+    assert_eq!(crop.mask.dimensions(), (120, 88));
+    let m = crop.mask_tensor(DType::F16, &Device::Cpu)?;
+    assert_eq!(m.dims(), &[1, 1, 1, 88, 120]);
+    assert_eq!(m.dtype(), DType::F16);
+    let r = crop.reference_image_tensor(DType::F32, &Device::Cpu)?;
+    assert_eq!(r.dims(), &[1, 3, 88, 120]);
+    // The square crop (same as for the golden size) is stretched to 120x88: the
+    // centre pixel of the output maps to the centre of the square.
+    let sq = crop.square_rect;
+    let (cx, cy) = ((sq.x0 + sq.x1) / 2, (sq.y0 + sq.y1) / 2);
+    let want = s.photo.get_pixel(cx as u32, cy as u32).0;
+    let got = crop.face_rgb.get_pixel(60, 44).0;
+    for c in 0..3 {
+        assert!(want[c].abs_diff(got[c]) <= 24, "{want:?} vs {got:?}");
+    }
+    // the mask is 255 in the middle of the face and 0 in the crop's top corners
+    assert_eq!(crop.mask.get_pixel(60, 44).0, [255]);
+    assert_eq!(crop.mask.get_pixel(0, 0).0, [0]);
+    Ok(())
+}
