@@ -99,7 +99,7 @@ pub fn decode_image(bytes: &[u8], limits: &ImageLimits) -> Result<RgbImage> {
     if bytes.is_empty() {
         return Err(image_err("the image file is empty"));
     }
-    let reader = ImageReader::new(Cursor::new(bytes))
+    let mut reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| image_err(format!("cannot read the image: {e}")))?;
     let format = reader.format().ok_or_else(|| {
@@ -117,7 +117,6 @@ pub fn decode_image(bytes: &[u8], limits: &ImageLimits) -> Result<RgbImage> {
             "unsupported image format {format:?} (expected PNG, JPEG, WebP, BMP or GIF)"
         )));
     }
-    let mut reader = reader;
     let mut decoder_limits = image::Limits::default();
     let budget = limits.max_pixels.saturating_mul(8).saturating_add(64 << 20);
     decoder_limits.max_alloc = Some(budget.max(512 << 20));
@@ -153,13 +152,9 @@ fn to_rgb8_like_opencv(img: DynamicImage) -> RgbImage {
         | DynamicImage::ImageRgb16(_)
         | DynamicImage::ImageRgba16(_) => {
             let rgb16 = img.to_rgb16();
-            let (w, h) = rgb16.dimensions();
-            let data = rgb16
-                .into_raw()
-                .into_iter()
-                .map(|v| (v >> 8) as u8)
-                .collect();
-            RgbImage::from_raw(w, h, data).unwrap_or_else(|| RgbImage::new(w, h))
+            RgbImage::from_fn(rgb16.width(), rgb16.height(), |x, y| {
+                image::Rgb(rgb16.get_pixel(x, y).0.map(|v| (v >> 8) as u8))
+            })
         }
         other => other.to_rgb8(),
     }
@@ -271,7 +266,8 @@ pub fn resize_bilinear_opencv(
     let scale_y = 1.0 / inv_scale_y;
     let src_stride = src_w * cn;
 
-    // INTER_LINEAR on an exact 2x downscale is served by INTER_AREA's fast path.
+    // INTER_LINEAR on an exact 2x downscale is served by INTER_AREA's fast path (its
+    // vector kernel covers 1, 3 and 4 channels, the only layouts used here).
     let is_int = |s: f64| (s - s.round_ties_even()).abs() < f64::EPSILON;
     if is_int(scale_x)
         && is_int(scale_y)
