@@ -8,6 +8,7 @@
 pub mod config;
 pub mod context;
 pub mod error;
+pub mod face;
 pub mod models;
 pub mod ops;
 pub mod rng;

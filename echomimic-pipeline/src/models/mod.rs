@@ -5,6 +5,7 @@ pub mod attention;
 pub mod embeddings;
 pub mod face_locator;
 pub mod motion_module;
+pub mod mtcnn;
 pub mod resnet;
 pub mod transformer_2d;
 pub mod unet_2d_blocks;
