@@ -5,8 +5,10 @@
 //! worker protocol: it takes plain Rust requests and reports progress through
 //! callbacks.
 
+pub mod audio;
 pub mod config;
 pub mod error;
+pub mod models;
 pub mod ops;
 pub mod weights;
 
