@@ -98,7 +98,14 @@ pub fn decode_file(path: impl AsRef<Path>, limits: &AudioLimits) -> Result<Decod
             }
         }
     }
-    Ok(decode_symphonia(Box::new(file), ext, limits)?)
+    let priming = if is_mp4(&head[..n]) {
+        let skip = mp4_priming(&mut std::io::BufReader::new(&mut file));
+        file.rewind().map_err(|e| PipelineError::io(path, e))?;
+        skip
+    } else {
+        None
+    };
+    Ok(decode_symphonia(Box::new(file), ext, limits).map(|audio| trim_priming(audio, priming))?)
 }
 
 /// Decodes an in-memory audio file at its native rate.
@@ -129,7 +136,13 @@ pub fn decode_bytes(
             }
         }
     }
+    let priming = if is_mp4(bytes) {
+        mp4_priming(&mut Cursor::new(bytes))
+    } else {
+        None
+    };
     decode_symphonia(Box::new(Cursor::new(bytes.to_vec())), ext_hint, limits)
+        .map(|audio| trim_priming(audio, priming))
 }
 
 fn read_head(file: &mut File, head: &mut [u8]) -> std::io::Result<usize> {
@@ -146,6 +159,125 @@ fn read_head(file: &mut File, head: &mut [u8]) -> std::io::Result<usize> {
 
 fn is_riff_wave(head: &[u8]) -> bool {
     head.len() >= 12 && &head[..4] == b"RIFF" && &head[8..12] == b"WAVE"
+}
+
+fn is_mp4(head: &[u8]) -> bool {
+    head.len() >= 8 && &head[4..8] == b"ftyp"
+}
+
+/// Encoder priming of an MP4 audio track: the `media_time` of the first
+/// non-empty edit of the first sound track's edit list, with the track's
+/// media timescale. ffmpeg skips these samples (AAC encoders put 1024–2112
+/// priming samples first); symphonia 0.5 parses the edit list but ignores
+/// it, so the decoded audio would otherwise start late.
+///
+/// Best effort: any parse problem gives `None` (no trimming).
+fn mp4_priming<R: Read + Seek>(reader: &mut R) -> Option<Mp4Priming> {
+    let end = reader.seek(std::io::SeekFrom::End(0)).ok()?;
+    let moov = mp4_find(reader, 0, end, b"moov")?;
+    let mut pos = moov.0;
+    while let Some((trak, trak_end)) = mp4_find(reader, pos, moov.1, b"trak") {
+        pos = trak_end;
+        let Some(mdia) = mp4_find(reader, trak, trak_end, b"mdia") else {
+            continue;
+        };
+        let Some(hdlr) = mp4_find(reader, mdia.0, mdia.1, b"hdlr") else {
+            continue;
+        };
+        // hdlr: version/flags (4), pre_defined (4), handler_type (4).
+        let handler = mp4_read(reader, hdlr.0 + 8, 4)?;
+        if handler != b"soun" {
+            continue;
+        }
+        let mdhd = mp4_find(reader, mdia.0, mdia.1, b"mdhd")?;
+        let version = mp4_read(reader, mdhd.0, 1)?[0];
+        let timescale_at = if version == 1 {
+            mdhd.0 + 4 + 16
+        } else {
+            mdhd.0 + 4 + 8
+        };
+        let timescale = u32::from_be_bytes(mp4_read(reader, timescale_at, 4)?.try_into().ok()?);
+        let edts = mp4_find(reader, trak, trak_end, b"edts")?;
+        let elst = mp4_find(reader, edts.0, edts.1, b"elst")?;
+        let header = mp4_read(reader, elst.0, 8)?;
+        let version = header[0];
+        let entries = u32::from_be_bytes(header[4..8].try_into().ok()?);
+        let entry_len = if version == 1 { 20 } else { 12 };
+        for i in 0..u64::from(entries.min(64)) {
+            let e = mp4_read(reader, elst.0 + 8 + i * entry_len, entry_len as usize)?;
+            let media_time = if version == 1 {
+                i64::from_be_bytes(e[8..16].try_into().ok()?)
+            } else {
+                i64::from(i32::from_be_bytes(e[4..8].try_into().ok()?))
+            };
+            // media_time −1 marks an empty edit (a delay); skip it.
+            if media_time >= 0 {
+                return (timescale > 0).then_some(Mp4Priming {
+                    media_time: media_time as u64,
+                    timescale,
+                });
+            }
+        }
+        return None;
+    }
+    None
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Mp4Priming {
+    media_time: u64,
+    timescale: u32,
+}
+
+/// Finds the first box of type `kind` among the boxes in `[start, end)` and
+/// returns its payload range.
+fn mp4_find<R: Read + Seek>(
+    reader: &mut R,
+    start: u64,
+    end: u64,
+    kind: &[u8; 4],
+) -> Option<(u64, u64)> {
+    let mut pos = start;
+    while pos + 8 <= end {
+        let head = mp4_read(reader, pos, 8)?;
+        let size32 = u32::from_be_bytes(head[..4].try_into().ok()?);
+        let (size, header) = match size32 {
+            0 => (end - pos, 8),
+            1 => (
+                u64::from_be_bytes(mp4_read(reader, pos + 8, 8)?.try_into().ok()?),
+                16,
+            ),
+            n => (u64::from(n), 8),
+        };
+        if size < header || pos.checked_add(size)? > end {
+            return None;
+        }
+        if &head[4..8] == kind {
+            return Some((pos + header, pos + size));
+        }
+        pos += size;
+    }
+    None
+}
+
+fn mp4_read<R: Read + Seek>(reader: &mut R, at: u64, len: usize) -> Option<Vec<u8>> {
+    reader.seek(std::io::SeekFrom::Start(at)).ok()?;
+    let mut buf = vec![0u8; len];
+    reader.read_exact(&mut buf).ok()?;
+    Some(buf)
+}
+
+/// Drops the MP4 priming samples from the start, as ffmpeg does.
+fn trim_priming(mut audio: DecodedAudio, priming: Option<Mp4Priming>) -> DecodedAudio {
+    if let Some(p) = priming {
+        let frames = (u128::from(p.media_time) * u128::from(audio.sample_rate)
+            / u128::from(p.timescale)) as usize;
+        let drop = frames
+            .saturating_mul(audio.channels)
+            .min(audio.samples.len());
+        audio.samples.drain(..drop);
+    }
+    audio
 }
 
 /// When both WAV readers fail, report the more telling of the two errors.

@@ -1,7 +1,8 @@
 //! Resampling to 16 kHz the way the reference's `ffmpeg -ar 16000` does.
 //!
 //! The reference loads audio with the ffmpeg CLI, whose default resampler is
-//! libswresample: a polyphase windowed-sinc filter with `filter_size` 32,
+//! libswresample: a polyphase windowed-sinc filter with `filter_size` 32
+//! (`⌈32 / cutoff_ratio⌉` taps at the input rate, rounded up to even),
 //! `cutoff` 0.97, a Kaiser window with β = 9, one filter phase per distinct
 //! output position when the rate ratio needs at most 1024 of them ("exact
 //! rational"), otherwise 1024 phases with linear interpolation between them,
@@ -12,13 +13,24 @@
 //! [`SincInterpolator`] that holds this filter bank, so the output samples sit
 //! at exactly `j · in_rate / 16000` input samples, like ffmpeg's.
 //!
-//! Measured agreement with `ffmpeg -ar 16000` (ffmpeg 5.1, s16 input, after
-//! int16 quantisation of both; see `tests/audio_decode.rs`): for speech at
-//! 22.05/44.1/48 kHz the RMS difference is 0.3–0.6 LSB (≥ 73 dB below the
-//! signal) and the maximum 2–5 LSB; for white noise, the worst case because it
-//! is loud right at the 8 kHz band edge, ≤ 3.5 LSB RMS (≥ 59 dB) and ≤ 13 LSB
-//! maximum. The remaining difference is ffmpeg's own 16-bit fixed-point
-//! filtering for s16 input. Output lengths are `round(n · 16000 / in_rate)`;
+//! Measured agreement with `ffmpeg -ar 16000` (ffmpeg 5.1.9, both outputs
+//! quantised to int16; `tests/audio_decode.rs`, `resampler_tracks_ffmpeg`),
+//! in int16 steps (LSB), for s16 WAV input:
+//!
+//! | input rate | speech (+ faint pink floor) | pink noise | white noise |
+//! |---|---|---|---|
+//! | 8 kHz (up) | 0.26 rms, 2 max, 80.6 dB | 0.37 rms, 2 max, 73.8 dB | 0.37 rms, 2 max, 83.6 dB |
+//! | 22.05 kHz | 0.31 rms, 2 max, 79.2 dB | 0.29 rms, 1 max, 76.2 dB | 0.52 rms, 2 max, 79.0 dB |
+//! | 32 kHz | 0.27 rms, 1 max, 80.2 dB | 0.25 rms, 1 max, 77.2 dB | 0.53 rms, 2 max, 77.4 dB |
+//! | 44.1 kHz | 0.38 rms, 2 max, 77.5 dB | 0.35 rms, 1 max, 74.2 dB | 0.63 rms, 2 max, 74.5 dB |
+//! | 48 kHz | 0.49 rms, 3 max, 75.1 dB | 0.55 rms, 2 max, 70.1 dB | 0.64 rms, 2 max, 74.0 dB |
+//!
+//! (dB = signal power over difference power.) For float sources (MP3, Vorbis,
+//! AAC, f32 WAV at 16–48 kHz) the difference is ≤ 1 LSB everywhere and
+//! ≤ 0.03 LSB rms (`common_formats_decode_like_ffmpeg`); the ~0.3 LSB rms
+//! left for s16 sources is ffmpeg's 16-bit fixed-point filtering on that path.
+//!
+//! Output lengths are `round(n · 16000 / in_rate)`;
 //! ffmpeg's flush sometimes emits one sample more (when the fractional part
 //! is above ≈ 0.3), which moves the mel frame count only when that sample
 //! crosses a multiple of 160.
@@ -64,13 +76,19 @@ pub fn resample_to_16k(mono: &[f32], sample_rate: u32) -> Result<Vec<f32>, Audio
     SwrLikeResampler::new(sample_rate as usize, WHISPER_SAMPLE_RATE as usize).process(mono)
 }
 
-/// Rounds every sample to the int16 grid and back (`round(x · 32768) / 32768`,
-/// ties to even, clipped to [−32768, 32767]), as ffmpeg's float → s16
-/// conversion followed by whisper's `/ 32768` does.
+/// Rounds every sample to the int16 grid and back (`⌊x · 32768 + ½⌋ / 32768`,
+/// clipped to [−32768, 32767]), as ffmpeg's conversion to s16 followed by
+/// whisper's `/ 32768` does.
+///
+/// Ties round up: that is ffmpeg's fixed-point rounding on its 16-bit paths
+/// (measured: a 16 kHz stereo s16 file down-mixed by `-ac 1` equals
+/// `(L + R + 1) >> 1` on every sample, which this reproduces exactly). Its
+/// float path rounds ties to even instead, but exact ties are vanishingly rare
+/// for float data.
 pub fn quantize_s16(samples: &mut [f32]) {
     for s in samples {
-        let q = (f64::from(*s) * 32768.0)
-            .round_ties_even()
+        let q = (f64::from(*s) * 32768.0 + 0.5)
+            .floor()
             .clamp(-32768.0, 32767.0);
         *s = (q / 32768.0) as f32;
     }
@@ -116,7 +134,13 @@ impl FilterDesign {
     fn new(in_rate: usize, out_rate: usize) -> Self {
         let step = in_rate as f64 / out_rate as f64;
         let factor = (SWR_CUTOFF / step).min(1.0);
-        let taps = ((SWR_FILTER_SIZE / factor).ceil() as usize).max(1);
+        // `ceil(filter_size / factor)` taps, rounded up to even: ffmpeg 5.1
+        // measurably behaves so (at 44.1 kHz, 92 rather than 91 taps takes the
+        // white-noise difference from 3.5 to 0.6 LSB rms; even counts such as
+        // 46 at 22.05 kHz are already exact).
+        let taps = ((SWR_FILTER_SIZE / factor).ceil() as usize)
+            .max(2)
+            .next_multiple_of(2);
         Self {
             step,
             factor,
@@ -333,9 +357,26 @@ mod tests {
         assert_eq!(resampled_len(44_101, 44_100), 16_000);
         assert_eq!(resampled_len(12_345, 32_000), 6_173);
         assert_eq!(resampled_len(24_000, 16_000), 24_000);
-        let mut v = vec![0.5 / 32768.0, 1.5 / 32768.0, 2.0, -2.0, -1.0];
+        let mut v = vec![
+            0.5 / 32768.0,
+            1.5 / 32768.0,
+            -1.5 / 32768.0,
+            0.4 / 32768.0,
+            2.0,
+            -2.0,
+        ];
         quantize_s16(&mut v);
-        assert_eq!(v, vec![0.0, 2.0 / 32768.0, 32767.0 / 32768.0, -1.0, -1.0]);
+        assert_eq!(
+            v,
+            vec![
+                1.0 / 32768.0,
+                2.0 / 32768.0,
+                -1.0 / 32768.0,
+                0.0,
+                32767.0 / 32768.0,
+                -1.0
+            ]
+        );
         // Tiny inputs do not break the padding logic.
         for n in 1..5 {
             let y = resample_to_16k(&vec![0.25; n], 44_100).unwrap();
@@ -346,7 +387,7 @@ mod tests {
     #[test]
     fn kaiser_bank_has_unit_dc_gain() {
         let design = FilterDesign::new(44_100, 16_000);
-        assert_eq!(design.taps, 91);
+        assert_eq!(design.taps, 92);
         let bank = SwrKaiserBank::new(&design, 160);
         for taps in &bank.phases {
             let s: f64 = taps.iter().sum();
