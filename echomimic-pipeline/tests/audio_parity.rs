@@ -72,7 +72,10 @@ fn golden_fps() -> anyhow::Result<f64> {
 }
 
 fn waveform() -> anyhow::Result<Vec<f32>> {
-    Ok(audio::load_waveform_16k(speech_path()?, &AudioLimits::default())?)
+    Ok(audio::load_waveform_16k(
+        speech_path()?,
+        &AudioLimits::default(),
+    )?)
 }
 
 #[test]
