@@ -165,9 +165,9 @@ mod tests {
         for (f, rows) in idx.iter().enumerate() {
             for (t, &r) in rows.iter().enumerate() {
                 for layer in 0..l {
-                    for c in 0..d {
-                        assert_eq!(got[f][t * l + layer][c], (100 * r + 10 * layer + c) as f32);
-                    }
+                    let want: Vec<f32> =
+                        (0..d).map(|c| (100 * r + 10 * layer + c) as f32).collect();
+                    assert_eq!(got[f][t * l + layer], want);
                 }
             }
         }

@@ -65,7 +65,7 @@ impl ModelDimensions {
                 self.n_mels, self.n_audio_state, self.n_audio_head
             ));
         }
-        if self.n_audio_state % self.n_audio_head != 0 {
+        if !self.n_audio_state.is_multiple_of(self.n_audio_head) {
             return Err(format!(
                 "n_audio_state {} is not a multiple of n_audio_head {}",
                 self.n_audio_state, self.n_audio_head
