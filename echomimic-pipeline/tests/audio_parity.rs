@@ -4,9 +4,11 @@
 //! `load_audio` (ffmpeg → s16le 16 kHz mono / 32768), `log_mel_spectrogram`,
 //! the vendored encoder with `include_embeddings=True`, `audio2feat` and
 //! `feature2chunks(feature_array, fps)`; see `testdata/golden/public/README.md`.
-//! Everything here goes through the real loading code: the speech file named
-//! in the prompt yaml's `test_cases`, the whisper checkpoint named by its
-//! `audio_model_path`, and the fps of `manifest.json`.
+//! The waveform check decodes the speech file named in the prompt yaml's
+//! `test_cases`; the mel and feature checks start from the golden waveform
+//! (so they test the spectrogram and the encoder alone) and load the whisper
+//! checkpoint named by the yaml's `audio_model_path` through the real loader;
+//! the windows use the fps of `manifest.json`.
 
 // tests/common/mod.rs (shared, not ours) trips this lint on main.
 #[allow(clippy::needless_question_mark)]
@@ -73,31 +75,62 @@ fn golden_fps() -> anyhow::Result<f64> {
         .with_context(|| format!("{}: no numeric config.fps", path.display()))
 }
 
-fn waveform() -> anyhow::Result<Vec<f32>> {
-    Ok(audio::load_waveform_16k(
-        speech_path()?,
-        &AudioLimits::default(),
-    )?)
+/// Our 16 kHz waveform of the set's speech file, through the real decoder.
+fn decoded_waveform() -> anyhow::Result<(Vec<f32>, audio::DecodedAudio)> {
+    let path = speech_path()?;
+    let limits = AudioLimits::default();
+    let decoded = audio::decode_file(&path, &limits)?;
+    Ok((audio::to_whisper_waveform(&decoded, &limits)?, decoded))
 }
 
+/// The golden waveform: the input of the mel and feature checks, so that they
+/// test the spectrogram and the encoder, not the resampler.
+fn golden_waveform() -> anyhow::Result<Vec<f32>> {
+    Ok(get(&golden("audio")?, "waveform")?.to_vec1::<f32>()?)
+}
+
+/// Bit-exact for a 16 kHz mono 16-bit file (the public set's); for another
+/// rate or layout the resampler is checked against ffmpeg's within 4 int16
+/// steps (measured ≤ 3, see `tests/audio_decode.rs`).
 #[test]
-fn waveform_matches_golden_exactly() -> anyhow::Result<()> {
-    let g = golden("audio")?;
-    let want = get(&g, "waveform")?.to_vec1::<f32>()?;
-    let got = waveform()?;
-    anyhow::ensure!(
-        got.len() == want.len(),
-        "waveform length {} != golden {}",
-        got.len(),
-        want.len()
-    );
-    let mismatches = got
-        .iter()
-        .zip(&want)
-        .filter(|(a, b)| a.to_bits() != b.to_bits())
-        .count();
-    eprintln!("audio.waveform: {} samples, {mismatches} differ", got.len());
-    anyhow::ensure!(mismatches == 0, "{mismatches} waveform samples differ");
+fn waveform_matches_golden() -> anyhow::Result<()> {
+    let want = golden_waveform()?;
+    let (got, decoded) = decoded_waveform()?;
+    let native_16k_mono =
+        decoded.sample_rate == audio::WHISPER_SAMPLE_RATE && decoded.channels == 1;
+    if native_16k_mono {
+        anyhow::ensure!(
+            got.len() == want.len(),
+            "waveform length {} != golden {}",
+            got.len(),
+            want.len()
+        );
+        let mismatches = got
+            .iter()
+            .zip(&want)
+            .filter(|(a, b)| a.to_bits() != b.to_bits())
+            .count();
+        eprintln!("audio.waveform: {} samples, {mismatches} differ", got.len());
+        anyhow::ensure!(mismatches == 0, "{mismatches} waveform samples differ");
+    } else {
+        anyhow::ensure!(
+            got.len().abs_diff(want.len()) <= 1,
+            "waveform length {} vs golden {}",
+            got.len(),
+            want.len()
+        );
+        let n = got.len().min(want.len());
+        let max_lsb = got[..n]
+            .iter()
+            .zip(&want[..n])
+            .map(|(a, b)| ((a - b) * 32768.0).abs())
+            .fold(0f32, f32::max);
+        eprintln!(
+            "audio.waveform: {} Hz / {} ch source resampled, max |ours - golden| = {max_lsb} int16 steps",
+            decoded.sample_rate, decoded.channels
+        );
+        anyhow::ensure!(max_lsb <= 4.0, "waveform differs by {max_lsb} int16 steps");
+    }
     Ok(())
 }
 
@@ -119,7 +152,7 @@ fn mel_filters_match_librosa_slaney() -> anyhow::Result<()> {
 fn log_mel_matches_golden() -> anyhow::Result<()> {
     let g = golden("audio")?;
     let want = get(&g, "mel")?;
-    let mel = MelSpectrogram::new(want.dim(0)?).compute(&waveform()?)?;
+    let mel = MelSpectrogram::new(want.dim(0)?).compute(&golden_waveform()?)?;
     assert_close("audio.mel", &mel.to_tensor()?, want, MEL_ATOL)?;
     Ok(())
 }
@@ -129,7 +162,7 @@ fn features_and_windows_match_golden() -> anyhow::Result<()> {
     let g = golden("audio")?;
     let fps = golden_fps()?;
     let extractor = AudioFeatureExtractor::load(whisper_path()?, DType::F32, &Device::Cpu)?;
-    let features = extractor.features(&waveform()?)?;
+    let features = extractor.features(&golden_waveform()?)?;
     assert_close(
         "audio.feature_array",
         &features,
@@ -170,7 +203,7 @@ fn f16_encoder_stays_close() -> anyhow::Result<()> {
     let g = golden("audio")?;
     let want = get(&g, "feature_array")?;
     let extractor = AudioFeatureExtractor::load(whisper_path()?, DType::F16, &Device::Cpu)?;
-    let features = extractor.features(&waveform()?)?;
+    let features = extractor.features(&golden_waveform()?)?;
     anyhow::ensure!(features.dtype() == DType::F16);
     let max_ref = want.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
     assert_close(
