@@ -190,6 +190,21 @@ fn common_formats_decode_like_ffmpeg() -> anyhow::Result<()> {
             16_000,
             1,
         ),
+        // H.264 video first, AAC audio second (a phone recording).
+        (
+            "v44.mp4",
+            &[
+                "-c:v",
+                "libx264",
+                "-c:a",
+                "aac",
+                "-ar",
+                "44100",
+                "-shortest",
+            ],
+            44_100,
+            1,
+        ),
     ];
     // Decoders differ from ffmpeg's by float rounding only (measured ≤ 1.1e-6).
     const NATIVE_ATOL: f32 = 1e-5;

@@ -85,6 +85,9 @@ pub fn decode_file(path: impl AsRef<Path>, limits: &AudioLimits) -> Result<Decod
     let mut file = File::open(path).map_err(|e| PipelineError::io(path, e))?;
     let mut head = [0u8; 12];
     let n = read_head(&mut file, &mut head).map_err(|e| PipelineError::io(path, e))?;
+    if n == 0 {
+        return Err(AudioError::Empty.into());
+    }
     file.rewind().map_err(|e| PipelineError::io(path, e))?;
     let ext = path.extension().and_then(|e| e.to_str());
     if is_riff_wave(&head[..n]) {
@@ -105,7 +108,8 @@ pub fn decode_file(path: impl AsRef<Path>, limits: &AudioLimits) -> Result<Decod
     } else {
         None
     };
-    Ok(decode_symphonia(Box::new(file), ext, limits).map(|audio| trim_priming(audio, priming))?)
+    Ok(decode_symphonia(Box::new(file), ext, limits)
+        .and_then(|audio| trim_priming(audio, priming))?)
 }
 
 /// Decodes an in-memory audio file at its native rate.
@@ -142,7 +146,7 @@ pub fn decode_bytes(
         None
     };
     decode_symphonia(Box::new(Cursor::new(bytes.to_vec())), ext_hint, limits)
-        .map(|audio| trim_priming(audio, priming))
+        .and_then(|audio| trim_priming(audio, priming))
 }
 
 fn read_head(file: &mut File, head: &mut [u8]) -> std::io::Result<usize> {
@@ -268,16 +272,23 @@ fn mp4_read<R: Read + Seek>(reader: &mut R, at: u64, len: usize) -> Option<Vec<u
 }
 
 /// Drops the MP4 priming samples from the start, as ffmpeg does.
-fn trim_priming(mut audio: DecodedAudio, priming: Option<Mp4Priming>) -> DecodedAudio {
+fn trim_priming(
+    mut audio: DecodedAudio,
+    priming: Option<Mp4Priming>,
+) -> Result<DecodedAudio, AudioError> {
     if let Some(p) = priming {
-        let frames = (u128::from(p.media_time) * u128::from(audio.sample_rate)
-            / u128::from(p.timescale)) as usize;
-        let drop = frames
+        let frames =
+            u128::from(p.media_time) * u128::from(audio.sample_rate) / u128::from(p.timescale);
+        let drop = usize::try_from(frames)
+            .unwrap_or(usize::MAX)
             .saturating_mul(audio.channels)
             .min(audio.samples.len());
         audio.samples.drain(..drop);
+        if audio.samples.is_empty() {
+            return Err(AudioError::Empty);
+        }
     }
-    audio
+    Ok(audio)
 }
 
 /// When both WAV readers fail, report the more telling of the two errors.
