@@ -85,15 +85,32 @@ pub fn chunk_feature_indices(n_features: usize, fps: f64) -> Result<Vec<[usize; 
 }
 
 /// Per-video-frame audio tokens: `features` `[N, L+1, D]` (any dtype and
-/// device) to `[frames, 10·(L+1), D]`, token `(L+1)·t + layer`.
+/// device) to `[frames, 10·(L+1), D]`, token `(L+1)·t + layer`, with
+/// `frames` = [`audio_frame_count`].
+///
+/// This materialises every window (≈ 1.2 GB in f32 for 10 min at 25 fps with
+/// Whisper tiny); use [`whisper_chunks_up_to`] when only the first frames are
+/// rendered.
 pub fn whisper_chunks(features: &Tensor, fps: f64) -> Result<Tensor> {
+    whisper_chunks_up_to(features, fps, usize::MAX)
+}
+
+/// The first `min(frames, max_frames)` windows of [`whisper_chunks`] (the
+/// reference's `whisper_chunks[:video_length]`), without building the rest.
+pub fn whisper_chunks_up_to(features: &Tensor, fps: f64, max_frames: usize) -> Result<Tensor> {
     let (n, layers, dim) = features.dims3()?;
     let rows: Vec<u32> = chunk_feature_indices(n, fps)?
         .iter()
+        .take(max_frames)
         .flatten()
         .map(|&r| r as u32)
         .collect();
     let frames = rows.len() / ROWS_PER_FRAME;
+    if frames == 0 {
+        return Err(PipelineError::InvalidInput(
+            "max_frames is 0: no audio window requested".to_owned(),
+        ));
+    }
     let index = Tensor::from_vec(rows, frames * ROWS_PER_FRAME, features.device())?;
     let picked = features.contiguous()?.index_select(&index, 0)?;
     Ok(picked
@@ -159,6 +176,14 @@ mod tests {
         let feats = Tensor::from_vec(vals, (n, l, d), &Device::Cpu)?;
         let chunks = whisper_chunks(&feats, 25.0)?;
         let count = audio_frame_count(n, 25.0)?;
+        let first = whisper_chunks_up_to(&feats, 25.0, 5)?;
+        assert_eq!(first.dims(), &[5, ROWS_PER_FRAME * l, d]);
+        assert_eq!(
+            first.to_vec3::<f32>()?,
+            chunks.narrow(0, 0, 5)?.to_vec3::<f32>()?
+        );
+        assert_eq!(whisper_chunks_up_to(&feats, 25.0, 10_000)?.dim(0)?, count);
+        assert!(whisper_chunks_up_to(&feats, 25.0, 0).is_err());
         assert_eq!(chunks.dims(), &[count, ROWS_PER_FRAME * l, d]);
         let idx = chunk_feature_indices(n, 25.0)?;
         let got = chunks.to_vec3::<f32>()?;

@@ -20,7 +20,8 @@ mod mel;
 mod resample;
 
 pub use chunks::{
-    audio_frame_count, chunk_feature_indices, whisper_chunks, FEATURE_RATE, MAX_FPS, ROWS_PER_FRAME,
+    audio_frame_count, chunk_feature_indices, whisper_chunks, whisper_chunks_up_to, FEATURE_RATE,
+    MAX_FPS, ROWS_PER_FRAME,
 };
 pub use decode::{
     decode_bytes, decode_file, DecodedAudio, MAX_CHANNELS, MAX_SAMPLE_RATE, MIN_SAMPLE_RATE,
