@@ -5,6 +5,7 @@
 //! worker protocol: it takes plain Rust requests and reports progress through
 //! callbacks.
 
+pub mod audio;
 pub mod config;
 pub mod context;
 pub mod error;

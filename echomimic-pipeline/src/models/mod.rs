@@ -13,3 +13,4 @@ pub mod unet_2d_condition;
 pub mod unet_3d;
 pub mod unet_3d_blocks;
 pub mod vae;
+pub mod whisper;
