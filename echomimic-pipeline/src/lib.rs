@@ -8,6 +8,7 @@
 pub mod config;
 pub mod error;
 pub mod ops;
+pub mod video;
 pub mod weights;
 
 pub use error::{AudioError, PipelineError, Result};
