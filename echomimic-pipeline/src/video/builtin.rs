@@ -306,7 +306,8 @@ impl BuiltinSink {
                 .clamp(100_000.0, 50_000_000.0) as u32;
         let keyint = (settings.keyframe_interval_s * spec.fps).round().max(1.0) as u32;
         let config = EncoderConfig::new()
-            .usage_type(UsageType::CameraVideoNonRealTime)
+            // OpenH264 accepts only the real-time usage types
+            .usage_type(UsageType::CameraVideoRealTime)
             .rate_control_mode(RateControlMode::Bitrate)
             .bitrate(BitRate::from_bps(bitrate))
             .max_frame_rate(FrameRate::from_hz(spec.fps as f32))

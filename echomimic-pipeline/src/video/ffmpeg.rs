@@ -287,6 +287,11 @@ impl FfmpegSink {
             "iec61966-2-1",
             "-color_range",
             "tv",
+            // mono or stereo with a standard layout: the aac encoder rejects
+            // odd layouts (a WAVE_FORMAT_EXTENSIBLE "1 channels (FL)" file,
+            // 5.1 downmixes are also safer for browsers)
+            "-af",
+            "aformat=channel_layouts=mono|stereo",
             "-c:a",
             "aac",
             "-b:a",
