@@ -143,7 +143,7 @@ fn both_backends_trim_the_extra_frames_and_keep_all_speech() -> anyhow::Result<(
         assert_eq!(report.frames_repeated, 0, "{backend}");
         assert_eq!(report.frames_received, needed + 2);
         check_file(&report, &spec, audio_s)?;
-        println!("{backend}: {report:?}");
+        eprintln!("{backend}: {report:?}");
     }
     // only the two finished files: no temp files left behind
     assert_eq!(
@@ -215,7 +215,7 @@ fn audio_survives_the_round_trip() -> anyhow::Result<()> {
         encode(&out, &spec, 40)?;
         let got = decode_audio(&out, 16_000)?;
         let (corr, lag) = best_correlation(&want, &got, 400);
-        println!("{backend}: correlation {corr:.4} at lag {lag} samples (16 kHz)");
+        eprintln!("{backend}: correlation {corr:.4} at lag {lag} samples (16 kHz)");
         ensure!(
             corr > 0.9,
             "{backend}: decoded audio correlates only {corr:.3} with the input"

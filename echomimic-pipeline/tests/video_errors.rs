@@ -44,7 +44,7 @@ fn corrupt_audio_fails_and_writes_nothing() -> anyhow::Result<()> {
         let spec = spec_with_file(file, backend);
         let err = VideoWriter::create(dir.path().join("out.mp4"), &spec)
             .expect_err("corrupt audio must fail");
-        println!("{backend} {}: {err}", file.display());
+        eprintln!("{backend} {}: {err}", file.display());
         assert!(
             matches!(err, PipelineError::Audio(AudioError::Corrupt(_))),
             "{backend} {}: {err}",
@@ -183,7 +183,7 @@ fn an_ffmpeg_failure_carries_its_stderr_and_leaves_nothing() -> anyhow::Result<(
         w.finish()
     })();
     let err = result.expect_err("the encode fails");
-    println!("{err}");
+    eprintln!("{err}");
     assert!(matches!(err, PipelineError::Media(_)), "{err}");
     assert!(err.to_string().contains("No space left on device"), "{err}");
     assert!(folder_entries(dir.path())?.is_empty());
@@ -206,7 +206,7 @@ fn a_video_that_lost_its_audio_is_refused() -> anyhow::Result<()> {
     spec.ffmpeg.binary = Some(fake);
     let err =
         encode(&dir.path().join("out.mp4"), &spec, 40).expect_err("silent video must be refused");
-    println!("{err}");
+    eprintln!("{err}");
     assert!(
         err.to_string()
             .contains("refusing to deliver a silent video"),

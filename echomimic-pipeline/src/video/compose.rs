@@ -383,7 +383,7 @@ mod tests {
     fn paste_back_clips_rectangles_past_the_photo() -> Result<()> {
         let photo = RgbImage::from_pixel(32, 32, Rgb([0, 0, 0]));
         let p = PasteBack::new(photo, [16, 16, 48, 48])?;
-        let img = p.compose(&vec![255u8; 8 * 8 * 3], 8, 8)?;
+        let img = p.compose(&[255u8; 8 * 8 * 3], 8, 8)?;
         assert_eq!(img.get_pixel(31, 31).0, [255, 255, 255]);
         assert!(PasteBack::new(RgbImage::new(32, 32), [40, 0, 50, 10]).is_err());
         assert!(PasteBack::new(RgbImage::new(32, 32), [10, 10, 10, 20]).is_err());

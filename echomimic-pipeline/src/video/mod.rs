@@ -99,7 +99,7 @@ impl Pcm {
                 "pcm audio sample rate must be positive".into(),
             ));
         }
-        if samples.len() % usize::from(channels) != 0 {
+        if !samples.len().is_multiple_of(usize::from(channels)) {
             return Err(PipelineError::InvalidInput(format!(
                 "pcm audio has {} samples, not a multiple of its {channels} channels",
                 samples.len()

@@ -159,7 +159,7 @@ pub fn probe_mp4(path: &Path) -> Result<Mp4Info> {
         .filter(|f| f.len() >= 4)
         .map(|f| fourcc(&f[..4]))
         .unwrap_or_default();
-    let (duration_s, tracks) = parse_moov(&moov).map_err(|e| bad(e))?;
+    let (duration_s, tracks) = parse_moov(&moov).map_err(bad)?;
     Ok(Mp4Info {
         top_level,
         moov_before_mdat,
