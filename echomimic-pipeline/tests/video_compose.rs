@@ -64,7 +64,9 @@ fn feathered_paste_back_has_no_hard_seam() -> Result<()> {
         max_step_col(&soft, xmid, y0 - 4..y0 + 20),
         max_step_col(&soft, xmid, y1 - 20..y1 + 4),
     ];
-    eprintln!("max neighbour step across the border: hard {hard_steps:?}, feathered {soft_steps:?}");
+    eprintln!(
+        "max neighbour step across the border: hard {hard_steps:?}, feathered {soft_steps:?}"
+    );
     for (h, s) in hard_steps.iter().zip(soft_steps) {
         assert!(*h >= 120, "the hard paste should show the seam, step {h}");
         // 6 % of 160 px = 9.6 px ramp: a smoothstep's steepest slope is 1.5x

@@ -34,6 +34,16 @@ fn check_file(report: &VideoReport, spec: &VideoSpec, audio_s: f64) -> anyhow::R
         report.height
     );
     ensure!(w % 2 == 0 && h % 2 == 0, "odd output {w}x{h}");
+    // the same colour signalling from both encoders: BT.601 matrix (the
+    // conversion used), sRGB primaries and transfer, limited range
+    for (key, want) in [
+        ("color_space", "smpte170m"),
+        ("color_primaries", "bt709"),
+        ("color_transfer", "iec61966-2-1"),
+        ("color_range", "tv"),
+    ] {
+        ensure!(v[key] == want, "{key} = {}, expected {want}", v[key]);
+    }
     let frames = num(v, "nb_read_frames")? as u64;
     ensure!(
         frames == report.frames_written,

@@ -12,9 +12,12 @@
 //! | how | raw RGB24 piped into an `ffmpeg` child process | OpenH264 (bundled C++ source) + pure-Rust Opus + `muxide` MP4 |
 //! | video | H.264 **High**, libx264 CRF 18 `medium` | H.264 **Constrained Baseline** (no B-frames, CAVLC) |
 //! | audio | **AAC-LC** 128 kbit/s at the input rate | **Opus** 48 kHz, 64 kbit/s per channel |
-//! | plays in | every browser and device | Chromium/Chrome/Edge and Firefox; Safari only recent versions (Opus in MP4 arrived in Safari 17, not verified here) |
+//! | plays in | every browser and device | Chromium (tested here), Chrome, Edge, Firefox; Safari plays Opus in MP4 only in recent versions (not verified here) |
 //! | licence | GPL ffmpeg used as a separate program: our code is unaffected | BSD-2 OpenH264 compiled from source: Cisco's H.264 patent licence covers only Cisco's own binaries, so whoever ships this build carries the patent question |
-//! | quality | better at the same size (x264's rate-distortion, B-frames, CABAC) | about 2-3x the bits for the same look; the writer sizes the bit rate from the frame area |
+//! | quality | better at the same size (x264's rate-distortion, B-frames, CABAC) | about 3x the bits for the same look; the bit rate is sized from the frame area |
+//! | measured | 512² 24 fps moving crop of a photo, 4 s: 218 KiB, RGB PSNR 37.7 dB | same clip at 0.2 bit/pixel: 631 KiB, 37.2 dB (0.1: 337 KiB, 35.5 dB) |
+//! | length | audio track = input audio (AAC priming hidden by an edit list) | audio track up to 26 ms longer (Opus pre-skip and last-packet padding; muxide writes no edit list) |
+//! | needs | `ffmpeg` with libx264 and aac at run time | nothing; OpenH264 prints one rate-control warning on stderr per video |
 //!
 //! [`EncoderBackend::Auto`] uses ffmpeg when [`probe_ffmpeg`] succeeds and
 //! otherwise the built-in path (cargo feature `builtin-encoder`, on by default),
@@ -915,6 +918,12 @@ mod tests {
         assert_eq!("crop".parse::<GeometryMode>()?, GeometryMode::Crop);
         assert_eq!(GeometryMode::default(), GeometryMode::PasteBack);
         Ok(())
+    }
+
+    #[test]
+    fn the_writer_can_move_between_threads() {
+        fn assert_send<T: Send>() {}
+        assert_send::<VideoWriter>();
     }
 
     #[test]
