@@ -15,6 +15,7 @@ pub mod ops;
 pub mod rng;
 pub mod schedulers;
 pub mod unet_loading;
+pub mod video;
 pub mod weights;
 
 pub use error::{AudioError, PipelineError, Result};
