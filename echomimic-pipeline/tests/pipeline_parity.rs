@@ -497,6 +497,29 @@ fn progress_is_ordered_monotonic_and_totals_add_up() -> anyhow::Result<()> {
         frames,
         (1..=r.frames).map(|d| (d, r.frames)).collect::<Vec<_>>()
     );
+    // The plan comes once, after the audio stage, and announces the totals.
+    let plans: Vec<(usize, Progress)> = out
+        .progress
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| matches!(p, Progress::Plan { .. }))
+        .map(|(i, p)| (i, *p))
+        .collect();
+    assert_eq!(plans.len(), 1);
+    assert_eq!(
+        plans[0].1,
+        Progress::Plan {
+            frames: r.frames,
+            audio_frames: r.audio_frames,
+            unet_calls: r.unet_calls
+        }
+    );
+    let reference_start = out
+        .progress
+        .iter()
+        .position(|p| *p == Progress::Stage(Stage::Reference))
+        .unwrap();
+    assert!(plans[0].0 < reference_start);
     // Stage events come before the counts of their stage.
     let denoise_start = out
         .progress

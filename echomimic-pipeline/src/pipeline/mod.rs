@@ -96,6 +96,7 @@ use candle_core::{DType, Device, Module, Tensor};
 
 use crate::audio::{self, AudioFeatureExtractor};
 use crate::config::{PromptConfig, WeightDtype};
+use crate::context::uniform_windows;
 use crate::error::{PipelineError, Result};
 use crate::face::{self, FaceCrop, FaceDetector};
 use crate::models::attention::{Bank, BankRounding};
@@ -339,7 +340,8 @@ impl EchoMimicPipeline {
     /// soon as it is decoded.
     ///
     /// `progress` receives a [`Progress::Stage`] event when each stage starts,
-    /// one [`Progress::UnetCall`] after every denoising-UNet call and one
+    /// one [`Progress::Plan`] once the frame count is known, one
+    /// [`Progress::UnetCall`] after every denoising-UNet call and one
     /// [`Progress::Frame`] after every frame. `cancel` is checked between
     /// stages, before every UNet call and before every frame decode; once it
     /// is set the call returns [`PipelineError::Cancelled`].
@@ -402,6 +404,14 @@ impl EchoMimicPipeline {
         };
         let frames = tokens.frames();
         self.check_window(request.context_frames.min(frames))?;
+        let windows = uniform_windows(frames, request.context_frames, request.context_overlap)
+            .map_err(PipelineError::InvalidInput)?
+            .len();
+        progress(Progress::Plan {
+            frames,
+            audio_frames: tokens.audio_frames,
+            unet_calls: windows * request.steps,
+        });
         dump.emit("video_length", || {
             Ok(Tensor::new(frames as i64, &Device::Cpu)?)
         })?;
@@ -485,7 +495,8 @@ impl EchoMimicPipeline {
             )?;
             latents = out.latents;
         }
-        let (windows, unet_calls) = (denoiser.windows_per_step(), denoiser.unet_calls());
+        let unet_calls = denoiser.unet_calls();
+        debug_assert_eq!(windows, denoiser.windows_per_step());
         drop(denoiser);
         drop(cond);
         timings.denoising = t.elapsed();

@@ -40,6 +40,16 @@ impl fmt::Display for Stage {
 pub enum Progress {
     /// A stage began.
     Stage(Stage),
+    /// The size of the run is known (after the audio stage, before the
+    /// reference stage).
+    Plan {
+        /// Frames to generate: `min(L, audio_frames)`.
+        frames: usize,
+        /// Frames the whole audio drives.
+        audio_frames: usize,
+        /// Denoising-UNet calls to make (`steps × windows`).
+        unet_calls: usize,
+    },
     /// A denoising-UNet call finished.
     UnetCall {
         /// Step index, `0..steps`.
@@ -65,10 +75,10 @@ pub enum Progress {
 }
 
 impl Progress {
-    /// `(done, total)` of the counting events, `None` for [`Progress::Stage`].
+    /// `(done, total)` of the counting events, `None` for the others.
     pub fn counts(&self) -> Option<(usize, usize)> {
         match *self {
-            Self::Stage(_) => None,
+            Self::Stage(_) | Self::Plan { .. } => None,
             Self::UnetCall { done, total, .. } | Self::Frame { done, total } => Some((done, total)),
         }
     }
