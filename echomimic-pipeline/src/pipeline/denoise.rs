@@ -235,7 +235,7 @@ impl<'a> Denoiser<'a> {
         let noise_pred = if guidance {
             let uncond = mean.narrow(0, 0, 1)?;
             let cond = mean.narrow(0, 1, 1)?;
-            (&uncond + ((cond - &uncond)? * self.cond.cfg)?)?
+            (&uncond + super::scale(&(cond - &uncond)?, self.cond.cfg)?)?
         } else {
             mean
         };

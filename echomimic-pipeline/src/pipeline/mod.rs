@@ -761,7 +761,7 @@ pub fn frame_to_rgb8(frame: &Tensor) -> Result<Vec<u8>> {
 
 /// `xs × s` with one rounding per element: half-precision tensors are
 /// scaled in f32 (PyTorch's "opmath") instead of with an f16-rounded factor.
-fn scale(xs: &Tensor, s: f64) -> Result<Tensor> {
+pub(super) fn scale(xs: &Tensor, s: f64) -> Result<Tensor> {
     Ok(match xs.dtype() {
         DType::F16 | DType::BF16 => xs
             .to_dtype(DType::F32)?

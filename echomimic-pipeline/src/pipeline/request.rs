@@ -227,7 +227,11 @@ impl GenerateRequest {
     pub(crate) fn validate(&self, down_factor: usize) -> Result<()> {
         let invalid = |m: String| Err(PipelineError::InvalidInput(m));
         let f = down_factor as u32;
-        if self.width == 0 || self.height == 0 || self.width % f != 0 || self.height % f != 0 {
+        if self.width == 0
+            || self.height == 0
+            || !self.width.is_multiple_of(f)
+            || !self.height.is_multiple_of(f)
+        {
             return invalid(format!(
                 "width and height must be positive multiples of {f}, got {}x{}",
                 self.width, self.height
