@@ -387,6 +387,10 @@ impl EchoMimicPipeline {
         progress(Progress::Stage(Stage::Face));
         let t = Instant::now();
         let crop = self.face_crop(request)?;
+        let face_geometry = FaceGeometry {
+            image_size: crop.image_size,
+            square_rect: crop.square_rect,
+        };
         timings.face = t.elapsed();
         check_cancel(cancel)?;
 
@@ -448,7 +452,7 @@ impl EchoMimicPipeline {
             dump.emit_named(|| format!("ref_bank.{path}"), || Ok(features.clone()))?;
         }
         let cond = self.conditioning(&bank, &face, &tokens.tokens, request.cfg)?;
-        drop((bank, tokens.tokens));
+        drop((bank, tokens.tokens, crop));
         timings.reference = t.elapsed();
         check_cancel(cancel)?;
 
@@ -528,10 +532,7 @@ impl EchoMimicPipeline {
             guidance: request.guidance(),
             windows,
             unet_calls,
-            face: FaceGeometry {
-                image_size: crop.image_size,
-                square_rect: crop.square_rect,
-            },
+            face: face_geometry,
             timings,
         })
     }
