@@ -6,6 +6,7 @@
 //! callbacks.
 
 pub mod config;
+pub mod device;
 pub mod error;
 pub mod ops;
 pub mod rng;
