@@ -43,6 +43,7 @@ set -euo pipefail
 
 log() { printf '[build-cuda] %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
+mib() { awk -v b="$1" 'BEGIN { printf "%.1f", b / 1048576 }'; }
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -219,13 +220,21 @@ while IFS=$'\t' read -r kind pkg name path; do
   # A libtest benchmark harness wants `--bench` (cargo bench passes it).
   if [ "$kind" = bench ]; then echo "--bench" >"$dest.args"; fi
   raw=$(stat -c %s "$path") stripped=$(stat -c %s "$dest")
-  printf '%-8s %-60s %6.1f MiB -> %6.1f MiB stripped\n' "$kind" "${dest#"$stage"/}" \
-    "$(echo "$raw / 1048576" | bc -l)" "$(echo "$stripped / 1048576" | bc -l)" >&2
+  printf '%-8s %-60s %6s MiB -> %6s MiB stripped\n' "$kind" "${dest#"$stage"/}" \
+    "$(mib "$raw")" "$(mib "$stripped")" >&2
   if [ "$stripped" -ge "$MAX_BYTES" ]; then
     log "error: ${dest#"$stage"/} is over 64 MiB stripped"; fail=1
   fi
 done <"$artifacts"
 [ -n "$(ls -A "$stage")" ] || die "cargo produced no executable"
+# Package name -> folder in the repository, so that gpu-check.sh runs each test
+# from its package root as `cargo test` does.
+cargo metadata --locked --format-version 1 --no-deps | python3 -c '
+import json, os, sys
+m = json.load(sys.stdin)
+for p in m["packages"]:
+    print(p["name"], os.path.relpath(os.path.dirname(p["manifest_path"]), m["workspace_root"]), sep="\t")
+' >"$stage/packages.tsv"
 
 for f in "$stage"/bin/* "$stage"/examples/*; do
   [ -f "$f" ] || continue
@@ -247,13 +256,13 @@ mv "$out/gpu-bin.tar.xz.tmp" "$out/gpu-bin.tar.xz"
 } >"$out/MANIFEST.txt"
 rm -f "$artifacts.list"
 bundle=$(stat -c %s "$out/gpu-bin.tar.xz")
-log "bundle: $(echo "$bundle / 1048576" | bc -l | xargs printf '%.1f') MiB (packed in $(($(date +%s) - pack_start)) s)"
+log "bundle: $(mib "$bundle") MiB (packed in $(($(date +%s) - pack_start)) s)"
 
 # What the device tool would carry: tracked + untracked-not-ignored files, plus this bundle.
 tree_bytes=$(cd "$ROOT" && { git ls-files -z; git ls-files -z -o --exclude-standard; } |
   xargs -0 -r stat -c %s 2>/dev/null | awk '{s+=$1} END {print s+0}')
 total=$((tree_bytes + bundle))
-log "working tree $(echo "$tree_bytes / 1048576" | bc -l | xargs printf '%.1f') MiB + bundle = $(echo "$total / 1048576" | bc -l | xargs printf '%.1f') MiB (device limit 64 MiB)"
+log "working tree $(mib "$tree_bytes") MiB + bundle = $(mib "$total") MiB (device limit 64 MiB)"
 if [ "$total" -ge "$MAX_BYTES" ]; then
   log "error: the working tree and the bundle together are over 64 MiB"; fail=1
 fi
