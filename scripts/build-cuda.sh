@@ -11,8 +11,9 @@
 #   --bin NAME       build this binary instead of the worker (repeatable; the
 #                    package is looked up with `cargo metadata`)
 #   --example NAME   build this example too (repeatable; `cuda_probe` is always built)
-#   --tests          also build the test binaries of echomimic-pipeline
-#                    (`cargo test --no-run`) and every bin/bench target of
+#   --tests          also build the test binaries of echomimic-pipeline (what
+#                    `cargo test --no-run` builds, here `cargo build --tests` in
+#                    the same invocation) and every bin/bench target of
 #                    echomimic-benches, for scripts/gpu-check.sh
 #   --out DIR        where the bundle goes (default: <repo>/.gpu-bin)
 #   --setup-only     install the toolchain and print the environment, build nothing
@@ -25,7 +26,9 @@
 #     only `lib*.so.13`) and a link-time `libcuda.so` stub (SONAME libcuda.so.1)
 #     generated from the driver symbols of the locked cudarc (no wheel carries
 #     the driver library);
-#  3. runs `cargo build --release --locked ... --features echomimic-pipeline/cuda`
+#  3. runs ONE `cargo build --release --locked -p echomimic-worker
+#     -p echomimic-pipeline -p echomimic-benches --features echomimic-pipeline/cuda
+#     <targets>` (always the same packages: see the note at the cargo call)
 #     with nvcc on PATH, CUDA_COMPUTE_CAP=90 (H100/H200, sm_90a),
 #     CUDARC_CUDA_VERSION=13000 and a target dir of its own
 #     ($CUDA_TARGET_DIR, default /work/target-cuda if /work exists, else
@@ -183,17 +186,42 @@ if len(owners) != 1:
 print(owners[0])' "$1" "$2"
 }
 
-start=$(date +%s)
+# ONE cargo invocation over a FIXED package selection. Cargo unifies the
+# features of host dependencies (build scripts, proc-macros) over the selected
+# packages; another selection changes e.g. serde's and thiserror's features,
+# hence the hash of candle-kernels' build script, and that re-runs nvcc on every
+# kernel (about 10 minutes, seen here). Only the target filter varies per run.
+packages=(echomimic-worker echomimic-pipeline echomimic-benches)
+TEST_PACKAGES=(echomimic-pipeline)   # the golden parity tests; the worker's need Redis
+add_package() { local p; for p in "${packages[@]}"; do [ "$p" = "$1" ] && return; done; packages+=("$1"); }
+targets=()
 for b in "${bins[@]}"; do
-  cargo_json build -p "$(package_of bin "$b")" --features echomimic-pipeline/cuda --bin "$b"
+  owner="$(package_of bin "$b")" || die "no workspace package has a binary named $b"
+  add_package "$owner"; targets+=(--bin "$b")
 done
 for e in "${examples[@]}"; do
-  cargo_json build -p "$(package_of example "$e")" --features echomimic-pipeline/cuda --example "$e"
+  owner="$(package_of example "$e")" || die "no workspace package has an example named $e"
+  add_package "$owner"; targets+=(--example "$e")
 done
 if [ "$want_tests" = 1 ]; then
-  cargo_json test --no-run -p echomimic-pipeline --features echomimic-pipeline/cuda
-  cargo_json build -p echomimic-benches --features echomimic-pipeline/cuda --bins --benches
+  targets+=(--tests)
+  # Every bin and [[bench]] target of the benches crate, by name (`--benches`
+  # would also build each library as a second, bench-mode test harness).
+  while read -r kind name; do
+    targets+=("--$kind" "$name")
+  done < <(cargo metadata --locked --format-version 1 --no-deps | python3 -c '
+import json, sys
+for p in json.load(sys.stdin)["packages"]:
+    if p["name"] == "echomimic-benches":
+        for t in p["targets"]:
+            for k in ("bin", "bench"):
+                if k in t["kind"]:
+                    print(k, t["name"])')
 fi
+pkg_args=()
+for p in "${packages[@]}"; do pkg_args+=(-p "$p"); done
+start=$(date +%s)
+cargo_json build "${pkg_args[@]}" --features echomimic-pipeline/cuda "${targets[@]}"
 log "cargo finished in $(($(date +%s) - start)) s"
 
 # --- 5. strip, check, pack ---------------------------------------------------------
@@ -204,14 +232,15 @@ fail=0
 declare -A seen=()
 while IFS=$'\t' read -r kind pkg name path; do
   case "$kind" in
-    bin) dest="$stage/bin/$name" ;;
+    bin) if [ "$pkg" = echomimic-benches ]; then dest="$stage/benches/$pkg/$name"; else dest="$stage/bin/$name"; fi ;;
     example) dest="$stage/examples/$name" ;;
-    test) dest="$stage/tests/$pkg/$name" ;;
+    test)
+      # Only the parity tests travel (see TEST_PACKAGES).
+      case " ${TEST_PACKAGES[*]} " in *" $pkg "*) ;; *) continue ;; esac
+      dest="$stage/tests/$pkg/$name" ;;
     bench) dest="$stage/benches/$pkg/$name" ;;
     *) die "unexpected artifact kind $kind" ;;
   esac
-  # The benches crate's lib harness is a test, not a benchmark: keep benches/ for bins and [[bench]]s.
-  if [ "$kind" = test ] && [ "$pkg" = echomimic-benches ]; then continue; fi
   if [ -n "${seen[$dest]:-}" ]; then continue; fi
   seen[$dest]=1
   mkdir -p "$(dirname "$dest")"
