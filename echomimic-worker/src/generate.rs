@@ -18,6 +18,10 @@
 //!   2.5, acc 6 / 1.0. The rest: 512 x 512, `-L 1200`, seed 420, 24 fps,
 //!   windows of 12 frames overlapping by 3. A negative `--seed` draws one
 //!   (printed).
+//! * Device: `--device auto` (default) runs on CUDA device 0 when the build
+//!   has the `cuda` feature and the GPU opens, else on the CPU; the dtype
+//!   defaults to f32 on the CPU and to the yaml's `weight_dtype` (f16) on
+//!   CUDA.
 //! * The video holds the `W x H` face crop (as the reference script writes
 //!   it) and the speech. When `-L` cuts the video short of the audio, a
 //!   note goes to stderr and the audio is cut to the video's length (the
@@ -39,6 +43,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use candle_core::{DType, Device, Tensor};
 use echomimic_pipeline::audio::{self, AudioLimits, DecodedAudio};
+use echomimic_pipeline::device::{self, DeviceChoice};
 use echomimic_pipeline::pipeline::{
     EchoMimicPipeline, GenerateReport, GenerateRequest, ModelSource, Progress, ReferenceInput,
     SpeechInput, Stage, TensorDump, Variant, DEFAULT_CONTEXT_FRAMES, DEFAULT_CONTEXT_OVERLAP,
@@ -102,9 +107,10 @@ pub struct GenerateArgs {
     /// `normal` or `acc` [default: acc when its files are in --weights, else normal].
     #[arg(long, value_parser = parse_variant)]
     pub variant: Option<Variant>,
-    /// `cpu`, `cuda` or `cuda:N`.
-    #[arg(long, default_value = "cpu", value_parser = parse_device)]
-    pub device: DeviceArg,
+    /// `cpu`, `cuda`, `cuda:N`, or `auto` (CUDA device 0 when this build and
+    /// machine can use it, else the CPU).
+    #[arg(long, default_value = "auto", value_parser = parse_device)]
+    pub device: DeviceChoice,
     /// `f32`, `f16` or `bf16` [default: f32 on the CPU, the yaml's weight_dtype (f16) on CUDA].
     #[arg(long, value_parser = parse_dtype)]
     pub dtype: Option<DType>,
@@ -121,47 +127,12 @@ pub struct GenerateArgs {
     pub encoder: EncoderBackend,
 }
 
-/// A compute device named on the command line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeviceArg {
-    /// The CPU.
-    Cpu,
-    /// CUDA device `ordinal`.
-    Cuda(usize),
-}
-
-impl DeviceArg {
-    fn open(self) -> anyhow::Result<Device> {
-        match self {
-            Self::Cpu => Ok(Device::Cpu),
-            Self::Cuda(i) => Device::new_cuda(i).with_context(|| {
-                format!(
-                    "cannot open CUDA device {i} (is the binary built with the `cuda` feature?)"
-                )
-            }),
-        }
-    }
-}
-
-fn parse_device(s: &str) -> Result<DeviceArg, String> {
-    match s.trim().to_ascii_lowercase().as_str() {
-        "cpu" => Ok(DeviceArg::Cpu),
-        "cuda" | "gpu" => Ok(DeviceArg::Cuda(0)),
-        other => other
-            .strip_prefix("cuda:")
-            .and_then(|n| n.parse().ok())
-            .map(DeviceArg::Cuda)
-            .ok_or_else(|| format!("unknown device `{s}` (expected cpu, cuda or cuda:N)")),
-    }
+fn parse_device(s: &str) -> Result<DeviceChoice, String> {
+    s.parse().map_err(|e: PipelineError| e.to_string())
 }
 
 fn parse_dtype(s: &str) -> Result<DType, String> {
-    match s.trim().to_ascii_lowercase().as_str() {
-        "f32" | "fp32" | "float32" => Ok(DType::F32),
-        "f16" | "fp16" | "float16" | "half" => Ok(DType::F16),
-        "bf16" | "bfloat16" => Ok(DType::BF16),
-        _ => Err(format!("unknown dtype `{s}` (expected f32, f16 or bf16)")),
-    }
+    device::parse_dtype(s).map_err(|e| e.to_string())
 }
 
 fn parse_variant(s: &str) -> Result<Variant, String> {
@@ -196,7 +167,7 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<GenerateOutcome> {
     if let Some(dump) = &args.dump_tensors {
         check_output_folder(dump)?;
     }
-    let device = args.device.open()?;
+    let (device, device_note) = device::select_device(args.device)?;
     let source = match (&args.config, &args.weights) {
         (Some(config), _) => ModelSource::PromptYaml(config.clone()),
         (None, Some(dir)) => ModelSource::WeightsDir {
@@ -224,11 +195,10 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<GenerateOutcome> {
         );
     }
     eprintln!(
-        "loaded the {} weights in {:.1} s ({:?}, {:?})",
+        "loaded the {} weights in {:.1} s ({device_note}, {:?})",
         pipeline.variant(),
         load_time.as_secs_f64(),
         pipeline.dtype(),
-        device
     );
 
     // 2. audio, decoded once: the 16 kHz waveform for the model, the
@@ -580,9 +550,10 @@ mod tests {
 
     #[test]
     fn value_parsers() {
-        assert_eq!(parse_device("cpu"), Ok(DeviceArg::Cpu));
-        assert_eq!(parse_device("CUDA"), Ok(DeviceArg::Cuda(0)));
-        assert_eq!(parse_device("cuda:3"), Ok(DeviceArg::Cuda(3)));
+        assert_eq!(parse_device("cpu"), Ok(DeviceChoice::Cpu));
+        assert_eq!(parse_device("CUDA"), Ok(DeviceChoice::Cuda(0)));
+        assert_eq!(parse_device("cuda:3"), Ok(DeviceChoice::Cuda(3)));
+        assert_eq!(parse_device("auto"), Ok(DeviceChoice::Auto));
         assert!(parse_device("tpu").is_err());
         assert!(parse_device("cuda:x").is_err());
         assert_eq!(parse_dtype("fp16"), Ok(DType::F16));

@@ -104,6 +104,9 @@ fn golden_command(out_dir: &Path, extra: &[String]) -> anyhow::Result<Vec<String
         v("context_frames")?,
         "--context-overlap".into(),
         v("context_overlap")?,
+        // the golden run is f32 on the CPU, whatever this build supports
+        "--device".into(),
+        "cpu".into(),
     ];
     cmd.extend(extra.iter().cloned());
     Ok(cmd)
@@ -332,7 +335,7 @@ fn flags_parse_as_documented() -> anyhow::Result<()> {
         a.variant,
         Some(echomimic_pipeline::pipeline::Variant::Accelerated)
     );
-    assert_eq!(a.device, generate::DeviceArg::Cuda(1));
+    assert_eq!(a.device, echomimic_pipeline::device::DeviceChoice::Cuda(1));
     assert_eq!(a.dtype, Some(DType::F16));
     assert_eq!(
         (a.steps, a.cfg),
