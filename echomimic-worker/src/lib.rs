@@ -1,1 +1,3 @@
 //! The EchoMimic worker service.
+
+pub mod generate;
