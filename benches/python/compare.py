@@ -16,7 +16,8 @@ def main():
         f"{py['frames']} frames, median of {py['iters']}; load average {py['load_average']:.1f} / "
         f"{rs['load_average']:.1f}"
     )
-    print(f"{'part':<11} {'ours s':>9} {'diffusers s':>12} {'ratio':>7} {'GFLOP':>9} {'ours GFLOP/s':>13} {'max|Δ|':>9}")
+    print("seconds are medians (min in brackets: on a shared machine the least disturbed run)")
+    print(f"{'part':<11} {'ours s':>16} {'diffusers s':>16} {'ratio':>5} {'(min)':>6} {'GFLOP':>7} {'ours GFLOP/s':>12} {'max|Δ|':>9}")
     pairs = [(k, k) for k in ("unet", "unet_acc", "ref", "vae_encode", "vae_decode")]
     pairs += [("echo_cfg", "unet"), ("echo_acc", "unet_acc")]
     for ours, base in pairs:
@@ -24,14 +25,16 @@ def main():
             continue
         r, p = R[ours], P[base]
         ratio = r["seconds"] / p["seconds"]
+        rmin, pmin = min(r["times"]), min(p["times"])
         flops = r.get("flops") or p.get("flops")
-        line = f"{ours:<11} {r['seconds']:>9.3f} {p['seconds']:>12.3f} {ratio:>7.2f}"
-        line += f" {flops / 1e9:>9.1f} {flops / r['seconds'] / 1e9:>13.1f}" if flops else f" {'':>9} {'':>13}"
+        line = f"{ours:<11} {r['seconds']:>7.3f} ({rmin:>6.3f}) {p['seconds']:>7.3f} ({pmin:>6.3f}) {ratio:>5.2f} ({rmin / pmin:>4.2f})"
+        line += f" {flops / 1e9:>7.1f} {flops / r['seconds'] / 1e9:>12.1f}" if flops else f" {'':>7} {'':>12}"
         diff = r.get("max_abs_diff")
         line += f" {diff:>9.2e}" if diff is not None else ""
         if ours.startswith("echo"):
             per_flop = (r["seconds"] / r["flops"]) / (p["seconds"] / p["flops"])
-            line += f"   vs plain diffusers {base}: x{r['flops'] / p['flops']:.2f} FLOPs, ratio per FLOP {per_flop:.2f}"
+            per_flop_min = (rmin / r["flops"]) / (pmin / p["flops"])
+            line += f"   vs plain diffusers {base}: x{r['flops'] / p['flops']:.2f} FLOPs, ratio per FLOP {per_flop:.2f} ({per_flop_min:.2f})"
         print(line)
     for k in ("unet", "unet_acc", "ref"):
         if k in R and k in P and R[k].get("flops_as_diffusers", R[k].get("flops")):

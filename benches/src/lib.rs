@@ -131,3 +131,96 @@ pub fn load_average() -> Option<f64> {
         .parse()
         .ok()
 }
+
+/// Random weights for a network in its real shapes, made on the target
+/// device: `Init::Const` hints (norm scales and shifts) keep their value,
+/// every other tensor is `N(0, 1/fan_in)` (fan-in = all dims but the first;
+/// 0.02 for vectors), drawn in f32 and cast to the requested dtype (CUDA
+/// draws no f16 directly). The scale keeps activations of a deep random UNet
+/// finite in f16.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RandomWeights;
+
+impl candle_nn::var_builder::SimpleBackend for RandomWeights {
+    fn get(
+        &self,
+        s: candle_core::Shape,
+        _name: &str,
+        h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<candle_core::Tensor> {
+        let dims = s.dims();
+        let t = match h {
+            candle_nn::Init::Const(c) => candle_core::Tensor::full(c as f32, s, dev)?,
+            _ => {
+                let fan_in: usize = dims.iter().skip(1).product();
+                let std = if dims.len() >= 2 {
+                    1.0 / (fan_in.max(1) as f32).sqrt()
+                } else {
+                    0.02
+                };
+                candle_core::Tensor::randn(0f32, std, s, dev)?
+            }
+        };
+        t.to_dtype(dtype)
+    }
+
+    fn get_unchecked(
+        &self,
+        name: &str,
+        _dtype: DType,
+        _dev: &Device,
+    ) -> candle_core::Result<candle_core::Tensor> {
+        candle_core::bail!("RandomWeights cannot make `{name}` without a shape")
+    }
+
+    fn contains_tensor(&self, _name: &str) -> bool {
+        true
+    }
+}
+
+/// A [`candle_nn::VarBuilder`] of [`RandomWeights`].
+pub fn random_weights(dtype: DType, device: &Device) -> candle_nn::VarBuilder<'static> {
+    candle_nn::VarBuilder::from_backend(Box::new(RandomWeights), dtype, device.clone())
+}
+
+/// Resets the peak resident set size of this process (`VmHWM`) to the current
+/// one, so the next [`proc_status_bytes`]`("VmHWM")` is the peak of what runs
+/// in between. Returns false where unsupported.
+pub fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+/// Polls `nvidia-smi` in a background thread and keeps the largest "memory
+/// used" it saw (the whole GPU: note the baseline before the call).
+#[derive(Debug)]
+pub struct GpuMemorySampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: std::thread::JoinHandle<Option<u64>>,
+}
+
+impl GpuMemorySampler {
+    /// Starts sampling GPU `ordinal` every `period`.
+    pub fn start(ordinal: usize, period: Duration) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let mut peak = None;
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Some(used) = nvidia_smi_used_bytes(ordinal) {
+                    peak = Some(peak.map_or(used, |p: u64| p.max(used)));
+                }
+                std::thread::sleep(period);
+            }
+            peak
+        });
+        Self { stop, handle }
+    }
+
+    /// Stops sampling; the peak in bytes, `None` if `nvidia-smi` never answered.
+    pub fn stop(self) -> Option<u64> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.handle.join().ok().flatten()
+    }
+}
