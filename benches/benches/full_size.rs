@@ -41,7 +41,6 @@ use echomimic_pipeline::models::attention::BankRounding;
 use echomimic_pipeline::models::unet_2d_condition::UNet2DConditionModel;
 use echomimic_pipeline::models::unet_3d::UNet3DConditionModel;
 use echomimic_pipeline::models::vae::AutoencoderKL;
-use echomimic_pipeline::ops::DEFAULT_MAX_SCORE_ELEMS;
 use serde_json::{json, Value};
 
 /// Frames per context window and overlap (uniform context scheduler).
@@ -296,6 +295,12 @@ fn main() -> anyhow::Result<()> {
         flops_per_s("acc", ACC_STEPS),
         flops_per_s("cfg", NORMAL_STEPS),
     );
+    if f != CONTEXT_FRAMES {
+        eprintln!(
+            "note: calls of {f} frames, not the {CONTEXT_FRAMES}-frame window: the per-video-second \
+             figures below are not meaningful"
+        );
+    }
     eprintln!(
         "per video-second ({} s clip, {frames_total} frames, {windows} windows): \
          acc {acc_s:.2} s ({:.1} calls), normal {normal_s:.2} s ({:.1} calls)",
@@ -304,17 +309,20 @@ fn main() -> anyhow::Result<()> {
         calls_per_s(NORMAL_STEPS)
     );
     // 5. What an unchunked attention would hold at once (f32 scores) in the
-    //    largest reference attention of a CFG call vs the chunk bound.
+    //    largest reference attention of a 12-frame CFG call vs the chunk bound.
     let heads = cfg.heads(0);
     let l = h * w;
-    let all_rows_bank = 2 * f * heads * l * 2 * l * 4;
-    let cond_only_bank = f * heads * l * 2 * l * 4 + f * heads * l * l * 4;
+    let window = CONTEXT_FRAMES;
+    let all_rows_bank = 2 * window * heads * l * 2 * l * 4;
+    let cond_only_bank = window * heads * l * 2 * l * 4 + window * heads * l * l * 4;
+    let bound = echomimic_pipeline::ops::max_score_elems(&dev) * 4;
     eprintln!(
-        "unchunked scores at {h}x{w}: {:.1} GB (24 rows x 2L keys), {:.1} GB (bank on the cond half only); \
-         chunk bound {:.2} GB",
+        "unchunked scores of a {window}-frame CFG call at {h}x{w}: {:.1} GB (all {} rows over 2L keys, \
+         as the official code computes), {:.1} GB (bank on the cond half only); our bound {:.3} GB",
         all_rows_bank as f64 / 1e9,
+        2 * window,
         cond_only_bank as f64 / 1e9,
-        (DEFAULT_MAX_SCORE_ELEMS * 4) as f64 / 1e9
+        bound as f64 / 1e9
     );
     for (k, v) in &results {
         if let Some(p) = v["memory"]["peak_bytes"].as_u64() {
@@ -333,6 +341,7 @@ fn main() -> anyhow::Result<()> {
         "load_average": echomimic_benches::load_average(),
         "results": results,
         "per_video_second": {
+            "valid": f == CONTEXT_FRAMES,
             "clip_seconds": a.video_seconds, "fps": a.fps, "windows": windows,
             "acc": { "steps": ACC_STEPS, "calls": calls_per_s(ACC_STEPS), "seconds": acc_s,
                      "flops": acc_f, "tflops_per_s": acc_f / acc_s / 1e12 },
@@ -340,8 +349,9 @@ fn main() -> anyhow::Result<()> {
                         "flops": normal_f, "tflops_per_s": normal_f / normal_s / 1e12 },
         },
         "unchunked_attention_bytes": {
+            "window_frames": window,
             "all_rows_with_bank": all_rows_bank, "cond_rows_with_bank": cond_only_bank,
-            "chunk_bound": DEFAULT_MAX_SCORE_ELEMS * 4,
+            "chunk_bound": bound,
         },
     });
     println!("{}", serde_json::to_string_pretty(&out)?);
