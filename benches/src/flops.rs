@@ -259,3 +259,49 @@ pub fn vae_decode(cfg: &AutoencoderKLConfig, height: usize, width: usize) -> f64
     }
     f + conv(boc[0], cfg.out_channels, 3, hw)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn call(rows: usize, bank_rows: usize, frames: usize) -> UNetCall {
+        UNetCall {
+            rows,
+            frames,
+            height: 64,
+            width: 64,
+            context: Some((50, 384)),
+            bank_rows,
+            motion: Some(UnetAdditionalKwargs::default()),
+            conv_out: true,
+            temb_rows: 1,
+        }
+    }
+
+    /// Issue 8 puts the physical floor at ≈0.31 s (acc) and ≈2.7 s (normal)
+    /// per video-second at 989 TFLOP/s: 16.2 acc calls (27 windows × 6 steps
+    /// / 10 s), 81 CFG calls and 24 VAE frames per second of video.
+    #[test]
+    #[allow(clippy::print_stdout)]
+    fn full_size_counts_match_the_issue_floor() {
+        let cfg = UNet2DConditionConfig::default();
+        let acc = unet(&cfg, &call(12, 12, 12));
+        let cfg_call = unet(&cfg, &call(24, 12, 12));
+        let vae = vae_decode(&AutoencoderKLConfig::default(), 64, 64);
+        let acc_s = (16.2 * acc + 24.0 * vae) / 989e12;
+        let normal_s = (81.0 * cfg_call + 24.0 * vae) / 989e12;
+        println!(
+            "acc call {:.3} TFLOP, CFG call {:.3} TFLOP, VAE frame {:.3} TFLOP; \
+             floor acc {acc_s:.3} s, normal {normal_s:.3} s per video-second",
+            acc / 1e12,
+            cfg_call / 1e12,
+            vae / 1e12
+        );
+        assert!((acc_s - 0.31).abs() < 0.03, "{acc_s}");
+        // The issue's 2.7 s also counts the bank attention the official code
+        // computes for the unconditional half and then throws away; ours
+        // skips it, so our floor is lower (but above one acc call per CFG row).
+        assert!(normal_s < 2.7 && normal_s > (81.0 * acc + 24.0 * vae) / 989e12);
+        assert!(cfg_call < 2.0 * acc);
+    }
+}
