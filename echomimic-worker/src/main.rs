@@ -1,1 +1,2 @@
+//! `echomimic-worker`: the EchoMimic worker service.
 fn main() {}

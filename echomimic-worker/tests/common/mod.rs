@@ -1,0 +1,516 @@
+//! Shared helpers of the worker's integration tests: a real Redis (default
+//! `redis://127.0.0.1:6379/12`, override with `ECHOMIMIC_WORKER_TEST_REDIS_URL`), a real temp-file
+//! server on a loopback port, unique queue/channel/gpu-id names per test, an event recorder,
+//! and ffprobe checks. When no Redis answers, tests print why and return, unless
+//! `ECHOMIMIC_REQUIRE_REDIS` is set (CI), in which case they fail.
+#![allow(dead_code, unreachable_pub, clippy::print_stdout, clippy::print_stderr)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use echomimic_protocol::{keys, DeadLetter, ProgressEvent, Status, Task};
+use echomimic_tempfile::{Server, ServerConfig, TempfileClient};
+use echomimic_worker::{ServeArgs, WorkerConfig};
+use redis::Commands;
+
+pub type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+pub fn redis_url() -> String {
+    std::env::var("ECHOMIMIC_WORKER_TEST_REDIS_URL")
+        .unwrap_or_else(|_| "redis://127.0.0.1:6379/12".into())
+}
+
+/// A client, or `None` (with a message) when no Redis answers.
+pub fn redis() -> Option<redis::Client> {
+    let url = redis_url();
+    let client = redis::Client::open(url.as_str()).expect("redis url");
+    match client.get_connection_with_timeout(Duration::from_secs(2)) {
+        Ok(_) => Some(client),
+        Err(e) => {
+            assert!(
+                std::env::var_os("ECHOMIMIC_REQUIRE_REDIS").is_none(),
+                "ECHOMIMIC_REQUIRE_REDIS is set but no Redis answers at {url}: {e}"
+            );
+            eprintln!("SKIPPED: no Redis answers at {url}: {e}");
+            None
+        }
+    }
+}
+
+/// A name unique to this process and call.
+pub fn unique(what: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!(
+        "wt-{what}-{}-{nanos}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A gpu id unlikely to collide with another test or a real worker.
+pub fn unique_gpu() -> u32 {
+    1_000_000 + rand::random::<u32>() % 3_000_000_000
+}
+
+pub fn golden() -> PathBuf {
+    match std::env::var_os("ECHOMIMIC_GOLDEN_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/golden/public"),
+    }
+}
+
+pub fn photo() -> PathBuf {
+    golden().join("inputs/astronaut.png")
+}
+
+pub fn speech() -> PathBuf {
+    golden().join("inputs/speech.wav")
+}
+
+/// One test's world: Redis names, a temp-file server with the inputs uploaded.
+pub struct World {
+    pub client: redis::Client,
+    pub gpu_id: u32,
+    pub queue: String,
+    pub channel: String,
+    pub server: Option<Server>,
+    pub base_url: String,
+    pub http: TempfileClient,
+    pub image_id: String,
+    pub audio_id: String,
+    pub dir: tempfile::TempDir,
+    pub extra_keys: Mutex<Vec<String>>,
+}
+
+impl World {
+    pub fn new() -> Option<World> {
+        let client = redis()?;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut cfg = ServerConfig::new(dir.path().join("files"));
+        cfg.listen = "127.0.0.1:0".into();
+        let server = Server::start(cfg).expect("temp-file server");
+        let base_url = server.base_url();
+        let http = TempfileClient::new(&base_url).expect("client");
+        let image_id = http.upload_file(&photo()).expect("upload photo").file_id;
+        let audio_id = http.upload_file(&speech()).expect("upload speech").file_id;
+        let gpu_id = unique_gpu();
+        Some(World {
+            client,
+            gpu_id,
+            queue: unique("queue"),
+            channel: unique("chan"),
+            server: Some(server),
+            base_url,
+            http,
+            image_id,
+            audio_id,
+            dir,
+            extra_keys: Mutex::new(Vec::new()),
+        })
+    }
+
+    pub fn con(&self) -> redis::Connection {
+        self.client.get_connection().expect("redis connection")
+    }
+
+    /// The worker flags of this world plus `extra`.
+    pub fn args(&self, extra: &[&str]) -> Vec<String> {
+        let mut v: Vec<String> = vec![
+            "serve".into(),
+            "--redis-url".into(),
+            redis_url(),
+            "--base-url".into(),
+            self.base_url.clone(),
+            "--gpu-id".into(),
+            self.gpu_id.to_string(),
+            "--queue".into(),
+            self.queue.clone(),
+            "--channel".into(),
+            self.channel.clone(),
+            "--weights".into(),
+            golden().join("pretrained_weights").display().to_string(),
+            "--temp-dir".into(),
+            self.dir.path().join("work").display().to_string(),
+            "--device".into(),
+            "cpu".into(),
+            "--http-attempts".into(),
+            "3".into(),
+            "--http-max-backoff-secs".into(),
+            "0.2".into(),
+        ];
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    }
+
+    /// A worker config of this world plus `extra` flags.
+    pub fn config(&self, extra: &[&str]) -> WorkerConfig {
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            serve: ServeArgs,
+        }
+        let args = self.args(extra);
+        Cli::parse_from(std::iter::once("x".to_owned()).chain(args.into_iter().skip(1)))
+        .serve
+        .into_config()
+        .expect("config")
+    }
+
+    pub fn task(&self, id: &str) -> Task {
+        Task::new(id, format!("sess-{id}"), &self.image_id, &self.audio_id)
+    }
+
+    /// `RPUSH`es a raw payload.
+    pub fn push_raw(&self, payload: &[u8]) {
+        let _: u64 = self.con().rpush(&self.queue, payload).expect("rpush");
+    }
+
+    /// Submits a task like a client (clears its keys, `RPUSH`).
+    pub fn submit(&self, task: &Task) {
+        self.track_task(&task.task_id);
+        echomimic_protocol::client::submit_task(&mut self.con(), &self.queue, task)
+            .expect("submit");
+    }
+
+    pub fn track_task(&self, task_id: &str) {
+        let mut k = self.extra_keys.lock().unwrap();
+        k.push(keys::latest_event(task_id));
+        k.push(keys::task_result(task_id));
+    }
+
+    pub fn queue_items(&self) -> Vec<Vec<u8>> {
+        self.con().lrange(&self.queue, 0, -1).expect("lrange")
+    }
+
+    pub fn processing_items(&self) -> Vec<Vec<u8>> {
+        self.con()
+            .lrange(keys::processing_list(self.gpu_id), 0, -1)
+            .expect("lrange")
+    }
+
+    pub fn status(&self) -> Option<String> {
+        self.con()
+            .get(keys::gpu_status(self.gpu_id))
+            .expect("get status")
+    }
+
+    pub fn lease(&self) -> Option<String> {
+        self.con()
+            .get(keys::worker_lease(self.gpu_id))
+            .expect("get lease")
+    }
+
+    /// Dead letters that came from this world's queue.
+    pub fn dead_letters(&self) -> Vec<DeadLetter> {
+        let all: Vec<Vec<u8>> = self
+            .con()
+            .lrange(keys::DEAD_LETTER_LIST, 0, -1)
+            .expect("lrange");
+        all.iter()
+            .filter_map(|raw| DeadLetter::from_json(raw).ok())
+            .filter(|d| d.queue.as_deref() == Some(self.queue.as_str()))
+            .collect()
+    }
+
+    pub fn result(&self, task_id: &str) -> Option<ProgressEvent> {
+        echomimic_protocol::client::read_result(&mut self.con(), task_id).expect("read result")
+    }
+
+    /// Records every event on this world's channel.
+    pub fn recorder(&self) -> Recorder {
+        Recorder::start(&self.client, &self.channel)
+    }
+
+    /// Downloads a video and checks it with ffprobe.
+    pub fn fetch_video(&self, file_id: &str) -> Probe {
+        let path = self.dir.path().join(format!("{file_id}.mp4"));
+        self.http
+            .download_to(file_id, &path, 1 << 30)
+            .expect("download video");
+        probe(&path)
+    }
+
+    /// Stops the temp-file server (for outage tests).
+    pub fn stop_server(&mut self) {
+        if let Some(s) = self.server.take() {
+            s.shutdown();
+        }
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        let Ok(mut con) = self.client.get_connection() else {
+            return;
+        };
+        let mut keys = vec![
+            self.queue.clone(),
+            keys::processing_list(self.gpu_id),
+            keys::gpu_status(self.gpu_id),
+            keys::worker_lease(self.gpu_id),
+        ];
+        keys.extend(self.extra_keys.lock().map(|k| k.clone()).unwrap_or_default());
+        for k in keys {
+            let _: Result<(), _> = con.del(k);
+        }
+        let all: Vec<Vec<u8>> = con
+            .lrange(keys::DEAD_LETTER_LIST, 0, -1)
+            .unwrap_or_default();
+        for raw in all {
+            if DeadLetter::from_json(&raw)
+                .is_ok_and(|d| d.queue.as_deref() == Some(self.queue.as_str()))
+            {
+                let _: Result<(), _> = con.lrem(keys::DEAD_LETTER_LIST, 1, raw);
+            }
+        }
+    }
+}
+
+/// An event with the time it arrived.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub at: Instant,
+    pub event: ProgressEvent,
+    pub raw: Vec<u8>,
+}
+
+/// Subscribes to a channel (before anything is submitted) and keeps every event.
+pub struct Recorder {
+    events: Arc<Mutex<Vec<Seen>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Recorder {
+    pub fn start(client: &redis::Client, channel: &str) -> Recorder {
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread = {
+            let (events, stop, client, channel) =
+                (events.clone(), stop.clone(), client.clone(), channel.to_owned());
+            std::thread::spawn(move || {
+                let mut ready = Some(ready_tx);
+                // Reconnects when Redis goes away (the Redis restart test).
+                while !stop.load(Ordering::SeqCst) {
+                    let Ok(mut con) = client.get_connection() else {
+                        std::thread::sleep(Duration::from_millis(100));
+                        continue;
+                    };
+                    let mut ps = con.as_pubsub();
+                    if ps.subscribe(&channel).is_err() {
+                        continue;
+                    }
+                    let _ = ps.set_read_timeout(Some(Duration::from_millis(100)));
+                    if let Some(tx) = ready.take() {
+                        let _ = tx.send(());
+                    }
+                    while !stop.load(Ordering::SeqCst) {
+                        match ps.get_message() {
+                            Ok(msg) => {
+                                let raw = msg.get_payload_bytes().to_vec();
+                                if let Ok(event) = ProgressEvent::parse_any(&raw) {
+                                    events.lock().unwrap().push(Seen {
+                                        at: Instant::now(),
+                                        event,
+                                        raw,
+                                    });
+                                }
+                            }
+                            Err(e) if e.is_timeout() => {}
+                            Err(_) => break,
+                        }
+                    }
+                }
+            })
+        };
+        ready_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("subscribed");
+        Recorder {
+            events,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn all(&self) -> Vec<Seen> {
+        self.events.lock().unwrap().clone()
+    }
+
+    pub fn of(&self, task_id: &str) -> Vec<ProgressEvent> {
+        self.all()
+            .into_iter()
+            .filter(|s| s.event.task_id == task_id)
+            .map(|s| s.event)
+            .collect()
+    }
+
+    pub fn terminal_count(&self, task_id: &str) -> usize {
+        self.of(task_id).iter().filter(|e| e.is_terminal()).count()
+    }
+
+    /// Waits for the first terminal event of `task_id`.
+    pub fn wait_terminal(&self, task_id: &str, timeout: Duration) -> ProgressEvent {
+        let end = Instant::now() + timeout;
+        loop {
+            if let Some(e) = self.of(task_id).into_iter().find(|e| e.is_terminal()) {
+                return e;
+            }
+            assert!(
+                Instant::now() < end,
+                "no terminal event for {task_id} within {timeout:?}; saw {:#?}",
+                self.of(task_id)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits for an event of `task_id` with `status`.
+    pub fn wait_status(&self, task_id: &str, status: Status, timeout: Duration) {
+        let end = Instant::now() + timeout;
+        while !self.of(task_id).iter().any(|e| e.status == status) {
+            assert!(
+                Instant::now() < end,
+                "no {status} event for {task_id} within {timeout:?}; saw {:#?}",
+                self.of(task_id)
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits until `n` terminal events (any task) have arrived.
+    pub fn wait_terminals(&self, n: usize, timeout: Duration) -> Vec<ProgressEvent> {
+        let end = Instant::now() + timeout;
+        loop {
+            let t: Vec<_> = self
+                .all()
+                .into_iter()
+                .filter(|s| s.event.is_terminal())
+                .map(|s| s.event)
+                .collect();
+            if t.len() >= n {
+                return t;
+            }
+            assert!(
+                Instant::now() < end,
+                "only {} of {n} terminal events within {timeout:?}",
+                t.len()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// What ffprobe says about a file.
+#[derive(Debug)]
+pub struct Probe {
+    pub video_codec: String,
+    pub pix_fmt: String,
+    pub width: u32,
+    pub height: u32,
+    pub audio_codec: Option<String>,
+    pub duration: f64,
+    pub frames: Option<u64>,
+}
+
+pub fn probe(path: &Path) -> Probe {
+    let out = Command::new("ffprobe")
+        .args([
+            "-v",
+            "error",
+            "-count_frames",
+            "-show_entries",
+            "stream=codec_type,codec_name,pix_fmt,width,height,nb_read_frames:format=duration",
+            "-of",
+            "json",
+        ])
+        .arg(path)
+        .output()
+        .expect("ffprobe runs");
+    assert!(out.status.success(), "ffprobe failed: {}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ffprobe json");
+    let streams = v["streams"].as_array().cloned().unwrap_or_default();
+    let video = streams
+        .iter()
+        .find(|s| s["codec_type"] == "video")
+        .expect("a video stream");
+    let audio = streams.iter().find(|s| s["codec_type"] == "audio");
+    Probe {
+        video_codec: video["codec_name"].as_str().unwrap_or("").into(),
+        pix_fmt: video["pix_fmt"].as_str().unwrap_or("").into(),
+        width: video["width"].as_u64().unwrap_or(0) as u32,
+        height: video["height"].as_u64().unwrap_or(0) as u32,
+        audio_codec: audio.and_then(|a| a["codec_name"].as_str().map(str::to_owned)),
+        duration: v["format"]["duration"]
+            .as_str()
+            .and_then(|d| d.parse().ok())
+            .unwrap_or(0.0),
+        frames: video["nb_read_frames"]
+            .as_str()
+            .and_then(|d| d.parse().ok()),
+    }
+}
+
+/// Resident memory of a process in KiB, from `/proc/<pid>/status`.
+pub fn rss_kib(pid: u32) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Checks the order rules of one successful task's events.
+pub fn assert_happy_sequence(events: &[ProgressEvent]) {
+    let rank = |s: Status| match s {
+        Status::Processing => 0,
+        Status::Downloading => 1,
+        Status::FaceDetecting => 2,
+        Status::Inference => 3,
+        Status::MergingAudio => 4,
+        Status::Uploading => 5,
+        Status::Completed => 6,
+        other => panic!("unexpected status {other}"),
+    };
+    assert_eq!(events.first().map(|e| e.status), Some(Status::Processing));
+    assert_eq!(events.last().map(|e| e.status), Some(Status::Completed));
+    let mut prev_rank = 0;
+    let mut prev_p = 0.0f32;
+    for e in events {
+        let r = rank(e.status);
+        assert!(r >= prev_rank, "status went back: {events:#?}");
+        let p = e.progress.expect("progress on every event");
+        assert!(p >= prev_p, "progress went back ({prev_p} -> {p}): {events:#?}");
+        prev_rank = r;
+        prev_p = p;
+    }
+    for s in [
+        Status::Downloading,
+        Status::FaceDetecting,
+        Status::Inference,
+        Status::MergingAudio,
+        Status::Uploading,
+    ] {
+        assert!(events.iter().any(|e| e.status == s), "no {s}: {events:#?}");
+    }
+    assert_eq!(events.iter().filter(|e| e.is_terminal()).count(), 1);
+}
