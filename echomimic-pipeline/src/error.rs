@@ -32,6 +32,15 @@ pub enum AudioError {
         /// Configured maximum.
         max_seconds: f64,
     },
+    /// Too short to give a single 50 Hz Whisper feature row (and so a single
+    /// video frame).
+    #[error("audio is {seconds:.3} s long, at least {min_seconds:.3} s is needed")]
+    TooShort {
+        /// Duration of the input (at 16 kHz).
+        seconds: f64,
+        /// The minimum.
+        min_seconds: f64,
+    },
 }
 
 /// Errors of the pipeline crate.

@@ -5,14 +5,17 @@
 //! worker protocol: it takes plain Rust requests and reports progress through
 //! callbacks.
 
+pub mod audio;
 pub mod config;
 pub mod context;
 pub mod error;
+pub mod face;
 pub mod models;
 pub mod ops;
 pub mod rng;
 pub mod schedulers;
 pub mod unet_loading;
+pub mod video;
 pub mod weights;
 
 pub use error::{AudioError, PipelineError, Result};

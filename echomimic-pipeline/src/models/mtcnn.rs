@@ -1,0 +1,980 @@
+//! MTCNN face detector (P-Net, R-Net, O-Net) and its three-stage cascade.
+//!
+//! EchoMimic v1 finds the face of the reference photo with facenet-pytorch 2.5.0
+//! (`models/mtcnn.py` classes `PNet`, `RNet`, `ONet`, `MTCNN.detect`, and
+//! `models/utils/detect_face.py::detect_face`, release commit
+//! `1d75625` of timesler/facenet-pytorch), created as
+//! `MTCNN(image_size=320, margin=0, min_face_size=20, thresholds=[0.6, 0.7, 0.7], factor=0.709)`.
+//! This module reproduces that detector number for number: the scale pyramid, the
+//! `F.interpolate(mode="area")` resampling (PyTorch `adaptive_avg_pool2d`, same
+//! summation order), `generateBoundingBox`, torchvision NMS per scale and across
+//! scales, the box regression and squaring (`rerec`), the `pad` truncation, the
+//! R-Net/O-Net crops, the final `'Min'` NMS with `+1` areas, and the area sort of
+//! `MTCNN.detect`. All box arithmetic is done in `f32` in the same operation order as
+//! the PyTorch code; the pyramid scales are `f64` as in Python.
+//!
+//! Weights: the facenet-pytorch `pnet.pt` / `rnet.pt` / `onet.pt` state dicts converted to
+//! one safetensors file with the key prefixes `pnet.`, `rnet.`, `onet.`
+//! (`echomimic-pipeline/assets/mtcnn/mtcnn.safetensors`; see [`crate::face`] for loading).
+//! Field names equal the checkpoint key segments (`conv1`, `prelu1`, `dense4`, ...).
+//!
+//! Layout: the networks take `(batch, 3, height, width)` `f32` images normalised as
+//! `(x - 127.5) * 0.0078125`; the cascade takes an 8-bit row-major `(height, width, 3)`
+//! image and feeds its channels **in the order given**. EchoMimic passes OpenCV's BGR
+//! array, so for parity the caller hands BGR bytes (see [`crate::face`]).
+//!
+//! Deviations, all on inputs where the Python code raises instead of answering:
+//! * an image too small for a single pyramid level (shorter side below `min_face_size`,
+//!   20 px) yields no detection (Python: `torch.cat` of an empty list);
+//! * a candidate whose clamped crop is empty is dropped (Python: the crop list and the
+//!   box list go out of step and indexing fails).
+
+use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_nn::{conv2d, linear, prelu, Conv2d, Linear, PReLU, VarBuilder};
+
+/// P-Net output cell size and stride in input pixels (hard-coded in `generateBoundingBox`).
+const PNET_CELL: f32 = 12.0;
+const PNET_STRIDE: f32 = 2.0;
+/// Side of the R-Net and O-Net input crops.
+const RNET_SIZE: usize = 24;
+const ONET_SIZE: usize = 48;
+/// NMS thresholds hard-coded in `detect_face`.
+const PNET_SCALE_NMS: f64 = 0.5;
+const PNET_CROSS_SCALE_NMS: f64 = 0.7;
+const RNET_NMS: f64 = 0.7;
+const ONET_NMS_MIN: f32 = 0.7;
+/// Default for [`Mtcnn::with_pnet_strip_pixels`].
+const PNET_MAX_STRIP_PIXELS: usize = 1 << 20;
+
+/// Detector hyper-parameters (the arguments of facenet's `MTCNN(...)`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MtcnnConfig {
+    /// Smallest face side to look for, in pixels (`min_face_size`, EchoMimic: 20).
+    pub min_face_size: f64,
+    /// Score thresholds of P-Net, R-Net and O-Net (EchoMimic: 0.6, 0.7, 0.7).
+    pub thresholds: [f32; 3],
+    /// Scale step of the image pyramid (EchoMimic: 0.709).
+    pub factor: f64,
+}
+
+impl Default for MtcnnConfig {
+    fn default() -> Self {
+        Self {
+            min_face_size: 20.0,
+            thresholds: [0.6, 0.7, 0.7],
+            factor: 0.709,
+        }
+    }
+}
+
+/// `nn.MaxPool2d(k, s, ceil_mode=True)` without padding: the last window may hang
+/// over the bottom/right edge and then only covers the pixels that exist.
+fn max_pool2d_ceil(xs: &Tensor, k: usize, s: usize) -> Result<Tensor> {
+    let (b, c, h, w) = xs.dims4()?;
+    let out = |n: usize| {
+        let mut o = (n.saturating_sub(k)).div_ceil(s) + 1;
+        // PyTorch drops a last window that would start outside the input.
+        if (o - 1) * s >= n {
+            o -= 1;
+        }
+        o
+    };
+    let (oh, ow) = (out(h), out(w));
+    let (need_h, need_w) = ((oh - 1) * s + k, (ow - 1) * s + k);
+    let mut xs = xs.clone();
+    if need_w > w {
+        let fill = Tensor::full(f32::NEG_INFINITY, (b, c, h, need_w - w), xs.device())?;
+        xs = Tensor::cat(&[&xs, &fill], 3)?;
+    }
+    if need_h > h {
+        let fill = Tensor::full(
+            f32::NEG_INFINITY,
+            (b, c, need_h - h, need_w.max(w)),
+            xs.device(),
+        )?;
+        xs = Tensor::cat(&[&xs, &fill], 2)?;
+    }
+    xs.max_pool2d_with_stride(k, s)
+}
+
+/// facenet `PNet`: fully convolutional 12x12 face / no-face classifier with box regression.
+#[derive(Debug, Clone)]
+pub struct PNet {
+    conv1: Conv2d,
+    prelu1: PReLU,
+    conv2: Conv2d,
+    prelu2: PReLU,
+    conv3: Conv2d,
+    prelu3: PReLU,
+    conv4_1: Conv2d,
+    conv4_2: Conv2d,
+}
+
+impl PNet {
+    /// Loads `conv1..conv4_2` and `prelu1..3` from `vb` (prefix `pnet`).
+    pub fn new(vb: VarBuilder<'_>) -> Result<Self> {
+        let c = Default::default();
+        Ok(Self {
+            conv1: conv2d(3, 10, 3, c, vb.pp("conv1"))?,
+            prelu1: prelu(Some(10), vb.pp("prelu1"))?,
+            conv2: conv2d(10, 16, 3, c, vb.pp("conv2"))?,
+            prelu2: prelu(Some(16), vb.pp("prelu2"))?,
+            conv3: conv2d(16, 32, 3, c, vb.pp("conv3"))?,
+            prelu3: prelu(Some(32), vb.pp("prelu3"))?,
+            conv4_1: conv2d(32, 2, 1, c, vb.pp("conv4_1"))?,
+            conv4_2: conv2d(32, 4, 1, c, vb.pp("conv4_2"))?,
+        })
+    }
+
+    /// `(b, 3, h, w)` -> (box regression `(b, 4, h', w')`, softmax probabilities
+    /// `(b, 2, h', w')`), with `h' = ceil((h - 2) / 2) - 4`.
+    pub fn forward(&self, xs: &Tensor) -> Result<(Tensor, Tensor)> {
+        // 1. conv1 -> prelu1 -> pool1 (2, 2, ceil)
+        let xs = self.prelu1.forward(&self.conv1.forward(xs)?)?;
+        let xs = max_pool2d_ceil(&xs, 2, 2)?;
+        // 2. conv2 -> prelu2 -> conv3 -> prelu3
+        let xs = self.prelu2.forward(&self.conv2.forward(&xs)?)?;
+        let xs = self.prelu3.forward(&self.conv3.forward(&xs)?)?;
+        // 3. heads: softmax over the two classes, and the box regression
+        let a = candle_nn::ops::softmax(&self.conv4_1.forward(&xs)?, 1)?;
+        let b = self.conv4_2.forward(&xs)?;
+        Ok((b, a))
+    }
+}
+
+/// facenet `RNet`: refines 24x24 candidate crops.
+#[derive(Debug, Clone)]
+pub struct RNet {
+    conv1: Conv2d,
+    prelu1: PReLU,
+    conv2: Conv2d,
+    prelu2: PReLU,
+    conv3: Conv2d,
+    prelu3: PReLU,
+    dense4: Linear,
+    prelu4: PReLU,
+    dense5_1: Linear,
+    dense5_2: Linear,
+}
+
+impl RNet {
+    /// Loads the R-Net tensors from `vb` (prefix `rnet`).
+    pub fn new(vb: VarBuilder<'_>) -> Result<Self> {
+        let c = Default::default();
+        Ok(Self {
+            conv1: conv2d(3, 28, 3, c, vb.pp("conv1"))?,
+            prelu1: prelu(Some(28), vb.pp("prelu1"))?,
+            conv2: conv2d(28, 48, 3, c, vb.pp("conv2"))?,
+            prelu2: prelu(Some(48), vb.pp("prelu2"))?,
+            conv3: conv2d(48, 64, 2, c, vb.pp("conv3"))?,
+            prelu3: prelu(Some(64), vb.pp("prelu3"))?,
+            dense4: linear(576, 128, vb.pp("dense4"))?,
+            prelu4: prelu(Some(128), vb.pp("prelu4"))?,
+            dense5_1: linear(128, 2, vb.pp("dense5_1"))?,
+            dense5_2: linear(128, 4, vb.pp("dense5_2"))?,
+        })
+    }
+
+    /// `(n, 3, 24, 24)` -> (box regression `(n, 4)`, probabilities `(n, 2)`).
+    pub fn forward(&self, xs: &Tensor) -> Result<(Tensor, Tensor)> {
+        // 1. three conv + PReLU stages with two ceil-mode 3x3/2 max pools
+        let xs = self.prelu1.forward(&self.conv1.forward(xs)?)?;
+        let xs = max_pool2d_ceil(&xs, 3, 2)?;
+        let xs = self.prelu2.forward(&self.conv2.forward(&xs)?)?;
+        let xs = max_pool2d_ceil(&xs, 3, 2)?;
+        let xs = self.prelu3.forward(&self.conv3.forward(&xs)?)?;
+        // 2. flatten in (w, h, c) order: x.permute(0, 3, 2, 1).contiguous().view(n, -1)
+        let xs = xs.permute((0, 3, 2, 1))?.contiguous()?.flatten_from(1)?;
+        // 3. dense4 -> prelu4 -> heads
+        let xs = self.prelu4.forward(&self.dense4.forward(&xs)?)?;
+        let a = candle_nn::ops::softmax(&self.dense5_1.forward(&xs)?, 1)?;
+        let b = self.dense5_2.forward(&xs)?;
+        Ok((b, a))
+    }
+}
+
+/// facenet `ONet`: final 48x48 classifier with box regression and five landmarks.
+#[derive(Debug, Clone)]
+pub struct ONet {
+    conv1: Conv2d,
+    prelu1: PReLU,
+    conv2: Conv2d,
+    prelu2: PReLU,
+    conv3: Conv2d,
+    prelu3: PReLU,
+    conv4: Conv2d,
+    prelu4: PReLU,
+    dense5: Linear,
+    prelu5: PReLU,
+    dense6_1: Linear,
+    dense6_2: Linear,
+    dense6_3: Linear,
+}
+
+impl ONet {
+    /// Loads the O-Net tensors from `vb` (prefix `onet`).
+    pub fn new(vb: VarBuilder<'_>) -> Result<Self> {
+        let c = Default::default();
+        Ok(Self {
+            conv1: conv2d(3, 32, 3, c, vb.pp("conv1"))?,
+            prelu1: prelu(Some(32), vb.pp("prelu1"))?,
+            conv2: conv2d(32, 64, 3, c, vb.pp("conv2"))?,
+            prelu2: prelu(Some(64), vb.pp("prelu2"))?,
+            conv3: conv2d(64, 64, 3, c, vb.pp("conv3"))?,
+            prelu3: prelu(Some(64), vb.pp("prelu3"))?,
+            conv4: conv2d(64, 128, 2, c, vb.pp("conv4"))?,
+            prelu4: prelu(Some(128), vb.pp("prelu4"))?,
+            dense5: linear(1152, 256, vb.pp("dense5"))?,
+            prelu5: prelu(Some(256), vb.pp("prelu5"))?,
+            dense6_1: linear(256, 2, vb.pp("dense6_1"))?,
+            dense6_2: linear(256, 4, vb.pp("dense6_2"))?,
+            dense6_3: linear(256, 10, vb.pp("dense6_3"))?,
+        })
+    }
+
+    /// `(n, 3, 48, 48)` -> (box regression `(n, 4)`, landmarks `(n, 10)` as
+    /// `[x0..x4, y0..y4]` relative to the box, probabilities `(n, 2)`).
+    pub fn forward(&self, xs: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        // 1. four conv + PReLU stages with ceil-mode max pools (3/2, 3/2, 2/2)
+        let xs = self.prelu1.forward(&self.conv1.forward(xs)?)?;
+        let xs = max_pool2d_ceil(&xs, 3, 2)?;
+        let xs = self.prelu2.forward(&self.conv2.forward(&xs)?)?;
+        let xs = max_pool2d_ceil(&xs, 3, 2)?;
+        let xs = self.prelu3.forward(&self.conv3.forward(&xs)?)?;
+        let xs = max_pool2d_ceil(&xs, 2, 2)?;
+        let xs = self.prelu4.forward(&self.conv4.forward(&xs)?)?;
+        // 2. flatten in (w, h, c) order
+        let xs = xs.permute((0, 3, 2, 1))?.contiguous()?.flatten_from(1)?;
+        // 3. dense5 -> prelu5 -> heads
+        let xs = self.prelu5.forward(&self.dense5.forward(&xs)?)?;
+        let a = candle_nn::ops::softmax(&self.dense6_1.forward(&xs)?, 1)?;
+        let b = self.dense6_2.forward(&xs)?;
+        let c = self.dense6_3.forward(&xs)?;
+        Ok((b, c, a))
+    }
+}
+
+/// A borrowed 8-bit, 3-channel, row-major `(height, width, channel)` image.
+///
+/// The cascade uses the channels in the order they are stored.
+#[derive(Debug, Clone, Copy)]
+pub struct ImageHwc<'a> {
+    data: &'a [u8],
+    height: usize,
+    width: usize,
+}
+
+impl<'a> ImageHwc<'a> {
+    /// Wraps `data` (`height * width * 3` bytes).
+    pub fn new(data: &'a [u8], height: usize, width: usize) -> Result<Self> {
+        let want = height
+            .checked_mul(width)
+            .and_then(|n| n.checked_mul(3))
+            .ok_or_else(|| candle_core::Error::Msg("image size overflows".into()))?;
+        if data.len() != want {
+            candle_core::bail!(
+                "image buffer holds {} bytes, a {height}x{width}x3 image needs {want}",
+                data.len()
+            );
+        }
+        Ok(Self {
+            data,
+            height,
+            width,
+        })
+    }
+
+    /// Rows.
+    pub fn height(&self) -> usize {
+        self.height
+    }
+
+    /// Columns.
+    pub fn width(&self) -> usize {
+        self.width
+    }
+
+    /// The raw bytes.
+    pub fn data(&self) -> &'a [u8] {
+        self.data
+    }
+}
+
+/// One detected face, as returned by facenet's `MTCNN.detect(img, landmarks=True)`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Detection {
+    /// `[x1, y1, x2, y2]` in input pixels (may extend past the image border).
+    pub bbox: [f32; 4],
+    /// O-Net face probability.
+    pub prob: f32,
+    /// Five landmarks `(x, y)`: eyes, nose, mouth corners (facenet order).
+    pub landmarks: [[f32; 2]; 5],
+}
+
+impl Detection {
+    /// `(x2 - x1) * (y2 - y1)` in `f32`, the key facenet and EchoMimic sort by.
+    pub fn area(&self) -> f32 {
+        (self.bbox[2] - self.bbox[0]) * (self.bbox[3] - self.bbox[1])
+    }
+}
+
+/// Intermediate values of one [`Mtcnn::detect_traced`] call, for parity checks and
+/// diagnostics. Tensors live on the CPU.
+#[derive(Debug, Clone, Default)]
+pub struct MtcnnTrace {
+    /// Pyramid scales (`f64`, as Python computes them).
+    pub scales: Vec<f64>,
+    /// P-Net input `(height, width)` per scale.
+    pub pnet_input_hw: Vec<(usize, usize)>,
+    /// P-Net input at the last (smallest) scale, `(1, 3, h, w)`, normalised.
+    pub pnet_last_input: Option<Tensor>,
+    /// P-Net softmax output at the last scale, `(1, 2, h', w')`.
+    pub pnet_last_prob: Option<Tensor>,
+    /// P-Net box regression at the last scale, `(1, 4, h', w')`.
+    pub pnet_last_reg: Option<Tensor>,
+    /// Number of P-Net candidates left after the cross-scale NMS.
+    pub pnet_candidates: usize,
+    /// R-Net input batch `(n, 3, 24, 24)`.
+    pub rnet_input: Option<Tensor>,
+    /// R-Net probabilities `(n, 2)`.
+    pub rnet_prob: Option<Tensor>,
+    /// R-Net box regression `(n, 4)`.
+    pub rnet_reg: Option<Tensor>,
+    /// O-Net input batch `(n, 3, 48, 48)`.
+    pub onet_input: Option<Tensor>,
+    /// O-Net probabilities `(n, 2)`.
+    pub onet_prob: Option<Tensor>,
+    /// O-Net box regression `(n, 4)`.
+    pub onet_reg: Option<Tensor>,
+    /// O-Net landmarks `(n, 10)`.
+    pub onet_landmarks: Option<Tensor>,
+}
+
+/// The facenet-pytorch pyramid: `m = 12 / min_face_size`, scales `m * factor^k` while
+/// `min(h, w) * m * factor^k >= 12`, all in `f64` with Python's operation order.
+pub fn pyramid_scales(height: usize, width: usize, min_face_size: f64, factor: f64) -> Vec<f64> {
+    let m = 12.0 / min_face_size;
+    let mut minl = height.min(width) as f64 * m;
+    let mut scale = m;
+    let mut scales = Vec::new();
+    // A factor >= 1 would never terminate in Python either; stop after the first level.
+    while minl >= 12.0 {
+        scales.push(scale);
+        if !(factor > 0.0 && factor < 1.0) {
+            break;
+        }
+        scale *= factor;
+        minl *= factor;
+    }
+    scales
+}
+
+/// First input index of output cell `a` of `b` cells over `c` inputs: `floor(a * c / b)`.
+fn start_index(a: usize, b: usize, c: usize) -> usize {
+    (a / b) * c + ((a % b) * c) / b
+}
+
+/// One past the last input index of output cell `a`: `ceil((a + 1) * c / b)`.
+fn end_index(a: usize, b: usize, c: usize) -> usize {
+    1 + ((a + 1) * c - 1) / b
+}
+
+/// facenet `imresample` = `F.interpolate(mode="area")` = PyTorch's CPU
+/// `adaptive_avg_pool2d` on the `f32` image, applied to the region `rows x cols`.
+///
+/// Returns `(3, out_h, out_w)` planar values (not normalised). Each output is the
+/// `f32` sum of its window taken row by row, then divided by the window height and
+/// then by its width, exactly as PyTorch does, so results are bit-identical.
+pub fn imresample_area(
+    image: &ImageHwc<'_>,
+    rows: std::ops::Range<usize>,
+    cols: std::ops::Range<usize>,
+    out_h: usize,
+    out_w: usize,
+) -> Vec<f32> {
+    let (in_h, in_w) = (rows.len(), cols.len());
+    let stride = image.width * 3;
+    let mut out = vec![0f32; 3 * out_h * out_w];
+    if in_h == 0 || in_w == 0 || out_h == 0 || out_w == 0 {
+        return out;
+    }
+    let plane = out_h * out_w;
+    let col_windows: Vec<(usize, usize)> = (0..out_w)
+        .map(|ow| (start_index(ow, out_w, in_w), end_index(ow, out_w, in_w)))
+        .collect();
+    for oh in 0..out_h {
+        let ih0 = start_index(oh, out_h, in_h);
+        let ih1 = end_index(oh, out_h, in_h);
+        let kh = (ih1 - ih0) as f32;
+        for (ow, &(iw0, iw1)) in col_windows.iter().enumerate() {
+            let kw = (iw1 - iw0) as f32;
+            let mut sum = [0f32; 3];
+            for ih in ih0..ih1 {
+                let row = (rows.start + ih) * stride;
+                let px = &image.data[row + (cols.start + iw0) * 3..row + (cols.start + iw1) * 3];
+                for p in px.chunks_exact(3) {
+                    sum[0] += f32::from(p[0]);
+                    sum[1] += f32::from(p[1]);
+                    sum[2] += f32::from(p[2]);
+                }
+            }
+            for (c, s) in sum.iter().enumerate() {
+                out[c * plane + oh * out_w + ow] = s / kh / kw;
+            }
+        }
+    }
+    out
+}
+
+/// `(x - 127.5) * 0.0078125`, the MTCNN input normalisation, in place.
+fn normalise(xs: &mut [f32]) {
+    for x in xs {
+        *x = (*x - 127.5) * 0.0078125;
+    }
+}
+
+/// A candidate box with its score and (for the P-Net stage) its regression.
+#[derive(Debug, Clone, Copy)]
+struct Candidate {
+    bbox: [f32; 4],
+    score: f32,
+    reg: [f32; 4],
+}
+
+/// Indices that sort `keys` descending, ties in index order (torch `sort(stable=True,
+/// descending=True)`).
+fn argsort_desc_stable(keys: &[f32]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..keys.len()).collect();
+    order.sort_by(|&a, &b| keys[b].total_cmp(&keys[a]));
+    order
+}
+
+/// torchvision `nms` (CPU kernel): greedy by descending score, suppress a box when
+/// `inter / (area_i + area_j - inter) > threshold`, areas without `+1`, `f32` maths,
+/// comparison in `f64`. Returns kept indices in score order.
+fn nms_torchvision(boxes: &[[f32; 4]], scores: &[f32], threshold: f64) -> Vec<usize> {
+    let order = argsort_desc_stable(scores);
+    let areas: Vec<f32> = boxes
+        .iter()
+        .map(|b| (b[2] - b[0]) * (b[3] - b[1]))
+        .collect();
+    let mut suppressed = vec![false; boxes.len()];
+    let mut keep = Vec::new();
+    for (pos, &i) in order.iter().enumerate() {
+        if suppressed[i] {
+            continue;
+        }
+        keep.push(i);
+        let bi = boxes[i];
+        for &j in &order[pos + 1..] {
+            if suppressed[j] {
+                continue;
+            }
+            let bj = boxes[j];
+            let w = (bi[2].min(bj[2]) - bi[0].max(bj[0])).max(0.0);
+            let h = (bi[3].min(bj[3]) - bi[1].max(bj[1])).max(0.0);
+            let inter = w * h;
+            let ovr = inter / (areas[i] + areas[j] - inter);
+            if f64::from(ovr) > threshold {
+                suppressed[j] = true;
+            }
+        }
+    }
+    keep
+}
+
+/// facenet `nms_numpy(..., 'Min')`: areas with `+1`, overlap = intersection over the
+/// smaller area, keep while `overlap <= threshold` (`f32`, as numpy compares a
+/// float32 array with a Python float). Candidates are visited from the highest score
+/// down, ties resolved like numpy's (stable for small inputs) ascending argsort.
+fn nms_min(boxes: &[[f32; 4]], scores: &[f32], threshold: f32) -> Vec<usize> {
+    let area: Vec<f32> = boxes
+        .iter()
+        .map(|b| (b[2] - b[0] + 1.0) * (b[3] - b[1] + 1.0))
+        .collect();
+    let mut rest: Vec<usize> = (0..boxes.len()).collect();
+    rest.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]));
+    let mut pick = Vec::new();
+    while let Some(i) = rest.pop() {
+        pick.push(i);
+        let bi = boxes[i];
+        rest.retain(|&j| {
+            let bj = boxes[j];
+            let w = (bi[2].min(bj[2]) - bi[0].max(bj[0]) + 1.0).max(0.0);
+            let h = (bi[3].min(bj[3]) - bi[1].max(bj[1]) + 1.0).max(0.0);
+            let inter = w * h;
+            inter / area[i].min(area[j]) <= threshold
+        });
+    }
+    pick
+}
+
+/// facenet `rerec`: grow the shorter side so the box becomes a square around the same
+/// centre (`f32`, Python's operation order).
+fn rerec(b: [f32; 4]) -> [f32; 4] {
+    let h = b[3] - b[1];
+    let w = b[2] - b[0];
+    let l = w.max(h);
+    let x1 = b[0] + w * 0.5 - l * 0.5;
+    let y1 = b[1] + h * 0.5 - l * 0.5;
+    [x1, y1, x1 + l, y1 + l]
+}
+
+/// facenet `bbreg`: apply an R-Net / O-Net regression with `+1` box sizes.
+fn bbreg(b: [f32; 4], reg: [f32; 4]) -> [f32; 4] {
+    let w = b[2] - b[0] + 1.0;
+    let h = b[3] - b[1] + 1.0;
+    [
+        b[0] + reg[0] * w,
+        b[1] + reg[1] * h,
+        b[2] + reg[2] * w,
+        b[3] + reg[3] * h,
+    ]
+}
+
+/// facenet `pad`: the 1-based inclusive crop `(y, ey, x, ex)` of a box, truncated
+/// toward zero and clamped to the image on the near (>= 1) and far (<= size) sides only.
+fn pad(b: &[f32; 4], width: usize, height: usize) -> (i64, i64, i64, i64) {
+    // `.trunc().int()`: float -> int32 truncating toward zero.
+    let to_i = |v: f32| v.trunc() as i32 as i64;
+    let x = to_i(b[0]).max(1);
+    let y = to_i(b[1]).max(1);
+    let ex = to_i(b[2]).min(width as i64);
+    let ey = to_i(b[3]).min(height as i64);
+    (y, ey, x, ex)
+}
+
+/// The face detector: the three networks plus the cascade of facenet's `detect_face`.
+#[derive(Debug, Clone)]
+pub struct Mtcnn {
+    pnet: PNet,
+    rnet: RNet,
+    onet: ONet,
+    cfg: MtcnnConfig,
+    device: Device,
+    pnet_strip_pixels: usize,
+}
+
+impl Mtcnn {
+    /// Builds the three networks from `vb` (prefixes `pnet`, `rnet`, `onet`; `f32`).
+    pub fn new(vb: VarBuilder<'_>, cfg: &MtcnnConfig) -> Result<Self> {
+        let valid = cfg.min_face_size > 0.0 && cfg.factor > 0.0 && cfg.factor < 1.0;
+        if !valid {
+            candle_core::bail!(
+                "invalid MTCNN config: min_face_size {} must be > 0 and factor {} in (0, 1)",
+                cfg.min_face_size,
+                cfg.factor
+            );
+        }
+        Ok(Self {
+            pnet: PNet::new(vb.pp("pnet"))?,
+            rnet: RNet::new(vb.pp("rnet"))?,
+            onet: ONet::new(vb.pp("onet"))?,
+            cfg: cfg.clone(),
+            device: vb.device().clone(),
+            pnet_strip_pixels: PNET_MAX_STRIP_PIXELS,
+        })
+    }
+
+    /// P-Net inputs with more than `pixels` pixels run in horizontal strips of about
+    /// that size (default 2^20), bounding the activation memory on large photos. The
+    /// detections do not depend on it.
+    pub fn with_pnet_strip_pixels(mut self, pixels: usize) -> Self {
+        self.pnet_strip_pixels = pixels.max(1);
+        self
+    }
+
+    /// The P-Net.
+    pub fn pnet(&self) -> &PNet {
+        &self.pnet
+    }
+
+    /// The R-Net.
+    pub fn rnet(&self) -> &RNet {
+        &self.rnet
+    }
+
+    /// The O-Net.
+    pub fn onet(&self) -> &ONet {
+        &self.onet
+    }
+
+    /// The hyper-parameters.
+    pub fn config(&self) -> &MtcnnConfig {
+        &self.cfg
+    }
+
+    /// The device the networks run on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// All faces in `image`, largest area first (facenet `MTCNN.detect` with
+    /// `select_largest=True`).
+    pub fn detect(&self, image: &ImageHwc<'_>) -> Result<Vec<Detection>> {
+        self.detect_impl(image, None)
+    }
+
+    /// Like [`Mtcnn::detect`], also recording the intermediate values into `trace`.
+    pub fn detect_traced(
+        &self,
+        image: &ImageHwc<'_>,
+        trace: &mut MtcnnTrace,
+    ) -> Result<Vec<Detection>> {
+        self.detect_impl(image, Some(trace))
+    }
+
+    /// P-Net over a whole normalised `(3, h, w)` plane set; very large inputs run in
+    /// horizontal strips (output rows `[r0, r1)` need input rows `[2 r0, 2 r1 + 10)`,
+    /// even offsets keep the ceil-mode pooling identical). Returns `(reg, prob, h', w')`
+    /// as CPU vectors in `(c, h', w')` layout.
+    fn pnet_planes(
+        &self,
+        data: &[f32],
+        h: usize,
+        w: usize,
+    ) -> Result<(Vec<f32>, Vec<f32>, usize, usize)> {
+        if h < 12 || w < 12 {
+            candle_core::bail!("P-Net input {h}x{w} is smaller than its 12x12 window");
+        }
+        let pooled = |n: usize| (n - 2).div_ceil(2);
+        let (oh, ow) = (pooled(h) - 4, pooled(w) - 4);
+        let rows_per_strip = if h * w <= self.pnet_strip_pixels {
+            oh
+        } else {
+            ((self.pnet_strip_pixels / w).saturating_sub(10) / 2).clamp(1, oh)
+        };
+        let mut reg = vec![0f32; 4 * oh * ow];
+        let mut prob = vec![0f32; 2 * oh * ow];
+        let mut r0 = 0;
+        while r0 < oh {
+            let r1 = (r0 + rows_per_strip).min(oh);
+            let (i0, i1) = (2 * r0, (2 * r1 + 10).min(h));
+            let xs = if i0 == 0 && i1 == h {
+                Tensor::from_slice(data, (1, 3, h, w), &self.device)?
+            } else {
+                let mut strip = Vec::with_capacity(3 * (i1 - i0) * w);
+                for c in 0..3 {
+                    strip.extend_from_slice(&data[c * h * w + i0 * w..c * h * w + i1 * w]);
+                }
+                Tensor::from_vec(strip, (1, 3, i1 - i0, w), &self.device)?
+            };
+            let (r, p) = self.pnet.forward(&xs)?;
+            let (_, _, sh, sw) = r.dims4()?;
+            if sh != r1 - r0 || sw != ow {
+                candle_core::bail!("P-Net strip gave {sh}x{sw}, expected {}x{ow}", r1 - r0);
+            }
+            let r = r.flatten_all()?.to_vec1::<f32>()?;
+            let p = p.flatten_all()?.to_vec1::<f32>()?;
+            let n = (r1 - r0) * ow;
+            for c in 0..4 {
+                reg[c * oh * ow + r0 * ow..][..n].copy_from_slice(&r[c * n..(c + 1) * n]);
+            }
+            for c in 0..2 {
+                prob[c * oh * ow + r0 * ow..][..n].copy_from_slice(&p[c * n..(c + 1) * n]);
+            }
+            r0 = r1;
+        }
+        Ok((reg, prob, oh, ow))
+    }
+
+    /// Crops every candidate (facenet `pad` + `imresample`) to `size x size`, normalised.
+    /// Returns the batch and the indices of the candidates that had a non-empty crop.
+    fn crop_batch(
+        &self,
+        image: &ImageHwc<'_>,
+        boxes: &[[f32; 4]],
+        size: usize,
+    ) -> Result<(Option<Tensor>, Vec<usize>)> {
+        let mut data = Vec::with_capacity(boxes.len() * 3 * size * size);
+        let mut kept = Vec::with_capacity(boxes.len());
+        for (k, b) in boxes.iter().enumerate() {
+            let (y, ey, x, ex) = pad(b, image.width, image.height);
+            if ey > y - 1 && ex > x - 1 {
+                let rows = (y - 1) as usize..ey as usize;
+                let cols = (x - 1) as usize..ex as usize;
+                data.extend(imresample_area(image, rows, cols, size, size));
+                kept.push(k);
+            }
+        }
+        if kept.is_empty() {
+            return Ok((None, kept));
+        }
+        normalise(&mut data);
+        let xs = Tensor::from_vec(data, (kept.len(), 3, size, size), &self.device)?;
+        Ok((Some(xs), kept))
+    }
+
+    fn detect_impl(
+        &self,
+        image: &ImageHwc<'_>,
+        mut trace: Option<&mut MtcnnTrace>,
+    ) -> Result<Vec<Detection>> {
+        let (h, w) = (image.height, image.width);
+        let [thr_p, thr_r, thr_o] = self.cfg.thresholds;
+        let to_cpu = |t: &Tensor| t.to_device(&Device::Cpu);
+
+        // 1. scale pyramid
+        let scales = pyramid_scales(h, w, self.cfg.min_face_size, self.cfg.factor);
+        if let Some(t) = trace.as_deref_mut() {
+            t.scales = scales.clone();
+        }
+
+        // 2. P-Net on every scale: candidates above thresholds[0], NMS 0.5 per scale
+        let mut stage1: Vec<Candidate> = Vec::new();
+        for (si, &scale) in scales.iter().enumerate() {
+            let hs = (h as f64 * scale + 1.0) as usize;
+            let ws = (w as f64 * scale + 1.0) as usize;
+            let mut data = imresample_area(image, 0..h, 0..w, hs, ws);
+            normalise(&mut data);
+            let (reg, prob, oh, ow) = self.pnet_planes(&data, hs, ws)?;
+            if let Some(t) = trace.as_deref_mut() {
+                t.pnet_input_hw.push((hs, ws));
+                if si + 1 == scales.len() {
+                    t.pnet_last_input = Some(Tensor::from_vec(data, (1, 3, hs, ws), &Device::Cpu)?);
+                    t.pnet_last_prob =
+                        Some(Tensor::from_slice(&prob, (1, 2, oh, ow), &Device::Cpu)?);
+                    t.pnet_last_reg = Some(Tensor::from_slice(&reg, (1, 4, oh, ow), &Device::Cpu)?);
+                }
+            }
+            // generateBoundingBox: row-major scan of the face-probability map
+            let scale_f = scale as f32;
+            let plane = oh * ow;
+            let mut cands = Vec::new();
+            for y in 0..oh {
+                for x in 0..ow {
+                    let i = y * ow + x;
+                    let score = prob[plane + i];
+                    if score >= thr_p {
+                        let (bx, by) = (x as f32, y as f32);
+                        let q1 = |v: f32| ((PNET_STRIDE * v + 1.0) / scale_f).floor();
+                        let q2 = |v: f32| ((PNET_STRIDE * v + PNET_CELL) / scale_f).floor();
+                        cands.push(Candidate {
+                            bbox: [q1(bx), q1(by), q2(bx), q2(by)],
+                            score,
+                            reg: [
+                                reg[i],
+                                reg[plane + i],
+                                reg[2 * plane + i],
+                                reg[3 * plane + i],
+                            ],
+                        });
+                    }
+                }
+            }
+            let boxes: Vec<[f32; 4]> = cands.iter().map(|c| c.bbox).collect();
+            let scores: Vec<f32> = cands.iter().map(|c| c.score).collect();
+            stage1.extend(
+                nms_torchvision(&boxes, &scores, PNET_SCALE_NMS)
+                    .into_iter()
+                    .map(|i| cands[i]),
+            );
+        }
+
+        // 3. NMS 0.7 across scales, P-Net regression (box size without +1), squaring
+        let boxes: Vec<[f32; 4]> = stage1.iter().map(|c| c.bbox).collect();
+        let scores: Vec<f32> = stage1.iter().map(|c| c.score).collect();
+        let pick = nms_torchvision(&boxes, &scores, PNET_CROSS_SCALE_NMS);
+        let mut boxes: Vec<[f32; 4]> = pick
+            .iter()
+            .map(|&i| {
+                let Candidate {
+                    bbox: b, reg: r, ..
+                } = stage1[i];
+                let regw = b[2] - b[0];
+                let regh = b[3] - b[1];
+                rerec([
+                    b[0] + r[0] * regw,
+                    b[1] + r[1] * regh,
+                    b[2] + r[2] * regw,
+                    b[3] + r[3] * regh,
+                ])
+            })
+            .collect();
+        if let Some(t) = trace.as_deref_mut() {
+            t.pnet_candidates = boxes.len();
+        }
+
+        // 4. R-Net on 24x24 crops: threshold, NMS 0.7, regression, squaring
+        if !boxes.is_empty() {
+            let (xs, kept) = self.crop_batch(image, &boxes, RNET_SIZE)?;
+            boxes = kept.iter().map(|&k| boxes[k]).collect();
+            if let Some(xs) = xs {
+                let (reg, prob) = self.rnet.forward(&xs)?;
+                let (reg, prob) = (to_cpu(&reg)?, to_cpu(&prob)?);
+                let reg_v = reg.to_vec2::<f32>()?;
+                let prob_v = prob.to_vec2::<f32>()?;
+                if let Some(t) = trace.as_deref_mut() {
+                    t.rnet_input = Some(to_cpu(&xs)?);
+                    t.rnet_prob = Some(prob);
+                    t.rnet_reg = Some(reg);
+                }
+                let mut cands = Vec::new();
+                for (k, b) in boxes.iter().enumerate() {
+                    let score = prob_v[k][1];
+                    if score > thr_r {
+                        let r = &reg_v[k];
+                        cands.push(Candidate {
+                            bbox: *b,
+                            score,
+                            reg: [r[0], r[1], r[2], r[3]],
+                        });
+                    }
+                }
+                let bx: Vec<[f32; 4]> = cands.iter().map(|c| c.bbox).collect();
+                let sc: Vec<f32> = cands.iter().map(|c| c.score).collect();
+                boxes = nms_torchvision(&bx, &sc, RNET_NMS)
+                    .into_iter()
+                    .map(|i| rerec(bbreg(cands[i].bbox, cands[i].reg)))
+                    .collect();
+            }
+        }
+
+        // 5. O-Net on 48x48 crops: threshold, landmarks, regression, 'Min' NMS 0.7
+        let mut dets: Vec<Detection> = Vec::new();
+        if !boxes.is_empty() {
+            let (xs, kept) = self.crop_batch(image, &boxes, ONET_SIZE)?;
+            boxes = kept.iter().map(|&k| boxes[k]).collect();
+            if let Some(xs) = xs {
+                let (reg, points, prob) = self.onet.forward(&xs)?;
+                let (reg, points, prob) = (to_cpu(&reg)?, to_cpu(&points)?, to_cpu(&prob)?);
+                let reg_v = reg.to_vec2::<f32>()?;
+                let pts_v = points.to_vec2::<f32>()?;
+                let prob_v = prob.to_vec2::<f32>()?;
+                if let Some(t) = trace {
+                    t.onet_input = Some(to_cpu(&xs)?);
+                    t.onet_prob = Some(prob);
+                    t.onet_reg = Some(reg);
+                    t.onet_landmarks = Some(points);
+                }
+                let mut cands = Vec::new();
+                for (k, b) in boxes.iter().enumerate() {
+                    let score = prob_v[k][1];
+                    if score > thr_o {
+                        // landmarks relative to the box before regression, +1 sizes
+                        let w_i = b[2] - b[0] + 1.0;
+                        let h_i = b[3] - b[1] + 1.0;
+                        let p = &pts_v[k];
+                        let mut landmarks = [[0f32; 2]; 5];
+                        for (j, l) in landmarks.iter_mut().enumerate() {
+                            *l = [w_i * p[j] + b[0] - 1.0, h_i * p[j + 5] + b[1] - 1.0];
+                        }
+                        let r = &reg_v[k];
+                        cands.push(Detection {
+                            bbox: bbreg(*b, [r[0], r[1], r[2], r[3]]),
+                            prob: score,
+                            landmarks,
+                        });
+                    }
+                }
+                let bx: Vec<[f32; 4]> = cands.iter().map(|c| c.bbox).collect();
+                let sc: Vec<f32> = cands.iter().map(|c| c.prob).collect();
+                dets = nms_min(&bx, &sc, ONET_NMS_MIN)
+                    .into_iter()
+                    .map(|i| cands[i])
+                    .collect();
+            }
+        }
+
+        // 6. MTCNN.detect: largest area first, np.argsort(area)[::-1]
+        let areas: Vec<f32> = dets.iter().map(Detection::area).collect();
+        let mut order: Vec<usize> = (0..dets.len()).collect();
+        order.sort_by(|&a, &b| areas[a].total_cmp(&areas[b]));
+        Ok(order.into_iter().rev().map(|i| dets[i]).collect())
+    }
+}
+
+/// `f32` is the only dtype the detector runs in (the released weights are `f32`).
+pub const DTYPE: DType = DType::F32;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pyramid_matches_python_for_512() {
+        let s = pyramid_scales(512, 512, 20.0, 0.709);
+        assert_eq!(s.len(), 10);
+        assert_eq!(s[0], 0.6);
+        assert_eq!(s[1], 0.6 * 0.709);
+        // Python: int(512 * scale + 1)
+        let hw: Vec<usize> = s.iter().map(|&x| (512.0 * x + 1.0) as usize).collect();
+        assert_eq!(hw, [308, 218, 155, 110, 78, 56, 40, 28, 20, 14]);
+        assert!(pyramid_scales(19, 400, 20.0, 0.709).is_empty());
+    }
+
+    #[test]
+    fn adaptive_pool_indices_match_pytorch() {
+        // 5 -> 3: windows [0,2), [1,4), [3,5)
+        let w: Vec<_> = (0..3)
+            .map(|i| (start_index(i, 3, 5), end_index(i, 3, 5)))
+            .collect();
+        assert_eq!(w, [(0, 2), (1, 4), (3, 5)]);
+        // upsampling 2 -> 3: [0,1), [0,2), [1,2)
+        let w: Vec<_> = (0..3)
+            .map(|i| (start_index(i, 3, 2), end_index(i, 3, 2)))
+            .collect();
+        assert_eq!(w, [(0, 1), (0, 2), (1, 2)]);
+    }
+
+    #[test]
+    fn imresample_area_averages_windows() -> Result<()> {
+        // 2x3 image, channel c of pixel (y, x) = 10 * (3y + x) + c
+        let data: Vec<u8> = (0..6)
+            .flat_map(|i| (0..3).map(move |c| (10 * i + c) as u8))
+            .collect();
+        let img = ImageHwc::new(&data, 2, 3)?;
+        let out = imresample_area(&img, 0..2, 0..3, 1, 2);
+        // window cols [0,2) and [1,3), both rows
+        assert_eq!(out[0], (0.0 + 10.0 + 30.0 + 40.0) / 2.0 / 2.0);
+        assert_eq!(out[1], (10.0 + 20.0 + 40.0 + 50.0) / 2.0 / 2.0);
+        assert_eq!(out[2], (1.0 + 11.0 + 31.0 + 41.0) / 2.0 / 2.0);
+        // sub-region: row 1, cols 1..3 -> 1x1
+        let out = imresample_area(&img, 1..2, 1..3, 1, 1);
+        assert_eq!(out[0], (40.0 + 50.0) / 1.0 / 2.0);
+        Ok(())
+    }
+
+    #[test]
+    fn torchvision_nms_keeps_score_order_and_uses_no_plus_one() {
+        let boxes = [[0., 0., 10., 10.], [1., 0., 11., 10.], [20., 20., 30., 30.]];
+        // IoU(0,1) = 90 / 110 = 0.818
+        assert_eq!(nms_torchvision(&boxes, &[0.9, 0.95, 0.5], 0.7), [1, 2]);
+        assert_eq!(nms_torchvision(&boxes, &[0.9, 0.95, 0.5], 0.85), [1, 0, 2]);
+        // equal scores: stable, lower index first
+        assert_eq!(nms_torchvision(&boxes, &[0.5, 0.5, 0.5], 0.85), [0, 1, 2]);
+    }
+
+    #[test]
+    fn min_nms_uses_plus_one_areas_and_smaller_area() {
+        // small box inside a big one: overlap / min area = 1 -> suppressed
+        let boxes = [[0., 0., 99., 99.], [10., 10., 19., 19.]];
+        assert_eq!(nms_min(&boxes, &[0.9, 0.99], 0.7), [1]);
+        // touching boxes: inter = 1 column with +1 convention
+        let boxes = [[0., 0., 9., 9.], [9., 0., 18., 9.]];
+        assert_eq!(nms_min(&boxes, &[0.9, 0.8], 0.7), [0, 1]);
+    }
+
+    #[test]
+    fn rerec_bbreg_pad_follow_facenet() {
+        assert_eq!(rerec([0., 0., 10., 4.]), [0., -3., 10., 7.]);
+        assert_eq!(
+            bbreg([0., 0., 9., 9.], [0.1, 0., -0.1, 0.5]),
+            [1., 0., 8., 14.]
+        );
+        // truncation toward zero, then near-side clamp to 1 and far-side clamp to the size
+        assert_eq!(pad(&[-0.7, 2.9, 120.5, 99.9], 100, 80), (2, 80, 1, 100));
+    }
+
+    #[test]
+    fn ceil_mode_pool_covers_the_ragged_edge() -> Result<()> {
+        let xs = Tensor::arange(0f32, 25., &Device::Cpu)?.reshape((1, 1, 5, 5))?;
+        let ys = max_pool2d_ceil(&(xs.neg()?), 2, 2)?;
+        assert_eq!(ys.dims4()?, (1, 1, 3, 3));
+        // the last window holds only the corner pixel (-24)
+        let v = ys.flatten_all()?.to_vec1::<f32>()?;
+        assert_eq!(v[8], -24.0);
+        assert_eq!(v[0], 0.0);
+        Ok(())
+    }
+}
