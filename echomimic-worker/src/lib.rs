@@ -30,6 +30,7 @@ mod finisher;
 mod heartbeat;
 mod inference;
 mod job;
+pub mod pipeline_engine;
 pub mod progress;
 mod redis_link;
 mod reporter;
