@@ -41,8 +41,9 @@ impl Variant {
     }
 
     /// The variant a set of weights implies: a prompt yaml naming `denoising_unet_acc.pth`
-    /// is accelerated; a weights folder is normal when `denoising_unet.pth` is there and
-    /// accelerated when only `denoising_unet_acc.pth` is.
+    /// is accelerated; a weights folder is accelerated when `denoising_unet_acc.pth` and
+    /// `motion_module_acc.pth` are both there (the EchoMe worker's choice, about 10× less
+    /// compute), else normal.
     pub fn detect(source: &ModelSource) -> Variant {
         match source {
             ModelSource::Prompt(path) => {
@@ -58,8 +59,8 @@ impl Variant {
                 }
             }
             ModelSource::WeightsDir(dir) => {
-                if !dir.join("denoising_unet.pth").exists()
-                    && dir.join("denoising_unet_acc.pth").exists()
+                if dir.join("denoising_unet_acc.pth").is_file()
+                    && dir.join("motion_module_acc.pth").is_file()
                 {
                     Variant::Acc
                 } else {
@@ -121,7 +122,7 @@ pub struct ModelArgs {
     pub context_overlap: usize,
     /// Normal (CFG, 25 steps) or accelerated (6 steps, cfg 1.0) weights. Default: the
     /// accelerated ones when the prompt yaml names `denoising_unet_acc.pth` or the weights
-    /// folder has only those, else normal.
+    /// folder has `denoising_unet_acc.pth` and `motion_module_acc.pth`, else normal.
     #[arg(long, value_enum)]
     pub variant: Option<Variant>,
     /// Compute device: `cpu`, `cuda`, `cuda:N` or `auto` (CUDA when available). For `serve`,
@@ -681,20 +682,13 @@ mod tests {
     #[test]
     fn variant_detection() {
         let dir = tempfile::tempdir().unwrap();
-        assert_eq!(
-            Variant::detect(&ModelSource::WeightsDir(dir.path().into())),
-            Variant::Normal
-        );
-        std::fs::write(dir.path().join("denoising_unet_acc.pth"), b"x").unwrap();
-        assert_eq!(
-            Variant::detect(&ModelSource::WeightsDir(dir.path().into())),
-            Variant::Acc
-        );
+        let detect = || Variant::detect(&ModelSource::WeightsDir(dir.path().into()));
+        assert_eq!(detect(), Variant::Normal);
         std::fs::write(dir.path().join("denoising_unet.pth"), b"x").unwrap();
-        assert_eq!(
-            Variant::detect(&ModelSource::WeightsDir(dir.path().into())),
-            Variant::Normal
-        );
+        std::fs::write(dir.path().join("denoising_unet_acc.pth"), b"x").unwrap();
+        assert_eq!(detect(), Variant::Normal);
+        std::fs::write(dir.path().join("motion_module_acc.pth"), b"x").unwrap();
+        assert_eq!(detect(), Variant::Acc);
         let yaml = dir.path().join("p.yaml");
         std::fs::write(&yaml, "denoising_unet_path: ./w/denoising_unet_acc.pth\n").unwrap();
         assert_eq!(Variant::detect(&ModelSource::Prompt(yaml)), Variant::Acc);

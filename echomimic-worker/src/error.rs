@@ -230,6 +230,19 @@ impl WorkerError {
         }
     }
 
+    /// The process exit status for this error: 2 invalid configuration, 3 the gpu id is
+    /// served by another worker, 4 the lease was lost while running, 130 interrupted,
+    /// 1 anything else.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            WorkerError::Config(_) => 2,
+            WorkerError::LeaseHeld { .. } => 3,
+            WorkerError::LeaseLost { .. } => 4,
+            WorkerError::Cancelled => 130,
+            _ => 1,
+        }
+    }
+
     /// The text published in a `failed` event's `error`.
     pub fn public_message(&self) -> String {
         self.to_string()

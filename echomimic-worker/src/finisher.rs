@@ -78,7 +78,6 @@ impl Finisher {
             crop: _,
             mux_audio: _,
             audio_secs,
-            frames,
             notes,
             dir,
             mut timings,
@@ -121,7 +120,10 @@ impl Finisher {
         events.stage(
             Stage::MergingAudio,
             MERGE_START,
-            format!("encoding {} frames and muxing the audio", summary.frames),
+            format!(
+                "{} frames generated; finishing the video and muxing the audio",
+                summary.frames
+            ),
         );
         let t = Instant::now();
         let report = match writer.finish() {
@@ -149,7 +151,7 @@ impl Finisher {
             }
         };
         timings.upload = t.elapsed();
-        let message = completed_message(&report, audio_secs, frames, &notes);
+        let message = completed_message(&report, audio_secs, &notes);
         log_timings(&timings, &report, claim.claimed_at.elapsed().as_secs_f64());
         self.reporter.outcome(self.policy.completed(
             &claim,
@@ -161,10 +163,15 @@ impl Finisher {
     }
 }
 
-fn completed_message(report: &VideoReport, audio_secs: f64, frames: u32, notes: &[String]) -> String {
+fn completed_message(report: &VideoReport, audio_secs: f64, notes: &[String]) -> String {
     let mut m = format!(
-        "video ready: {}x{}, {:.2} s, {} frames generated, audio {:.2} s",
-        report.width, report.height, report.duration_s, frames, audio_secs
+        "video ready: {}x{}, {} frames at {} fps ({:.2} s), audio {:.2} s",
+        report.width,
+        report.height,
+        report.frames_written,
+        report.fps,
+        report.duration_s,
+        audio_secs
     );
     for n in notes {
         m.push_str("; ");

@@ -35,7 +35,6 @@ pub(crate) struct FinishJob {
     pub(crate) crop: [u32; 4],
     pub(crate) mux_audio: PathBuf,
     pub(crate) audio_secs: f64,
-    pub(crate) frames: u32,
     pub(crate) notes: Vec<String>,
     pub(crate) dir: tempfile::TempDir,
     pub(crate) timings: Timings,
@@ -105,7 +104,6 @@ impl<E: Engine> Inference<E> {
             crop,
             mux_audio,
             audio_secs,
-            frames,
             notes,
             dir,
             timings,
@@ -135,6 +133,7 @@ impl<E: Engine> Inference<E> {
                         last_decode_bucket = Some(bucket);
                         inference_message(&p, None)
                     }
+                    EngineProgress::Phase(_) => inference_message(&p, None),
                 };
                 events.progress(Stage::Inference, inference_progress(&p), message);
             };

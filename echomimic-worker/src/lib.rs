@@ -27,6 +27,7 @@ pub mod engine;
 pub mod error;
 mod fetcher;
 mod finisher;
+pub mod generate;
 mod heartbeat;
 mod inference;
 mod job;

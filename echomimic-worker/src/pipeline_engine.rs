@@ -1,5 +1,10 @@
 //! The real engine: EchoMimic v1 from `echomimic-pipeline`.
 //!
+//! [`PipelineEngine`] loads every network once ([`EchoMimicPipeline::load`]) on the chosen
+//! device, warms up with a one-frame, one-step generation, and then serves one
+//! [`GenerateRequest`] per task from a prepared face crop and waveform, reporting every UNet
+//! call and every decoded frame.
+//!
 //! [`PipelinePreparer`] runs on the fetcher thread, always on the CPU: decode the photo (EXIF
 //! orientation applied), detect the face with MTCNN and build the mask and the square crop,
 //! decode the speech and bring it to Whisper's 16 kHz mono waveform, checking it is neither
@@ -11,13 +16,26 @@
 //! leaves such faces without a mask).
 
 use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
 
+use candle_core::{DType, Device};
 use echomimic_pipeline::audio::{self, AudioLimits};
-use echomimic_pipeline::face::{self, FaceCrop, FaceCropOptions, FaceDetector, FaceQuirks, ImageLimits};
+use echomimic_pipeline::face::{
+    self, FaceCrop, FaceCropOptions, FaceDetector, FaceQuirks, ImageLimits,
+};
+use echomimic_pipeline::models::mtcnn::Detection;
+use echomimic_pipeline::pipeline::{
+    self as pl, EchoMimicPipeline, GenerateRequest, Progress, ReferenceInput, SpeechInput, Stage,
+};
 use echomimic_pipeline::PipelineError;
 
-use crate::engine::{plan_frames, write_wav_cut, GenParams, Inputs, Prepared, Preparer};
+use crate::config::{ModelArgs, ModelSource, Variant};
+use crate::engine::{
+    plan_frames, write_wav_cut, Engine, GenParams, Inputs, Prepared, Preparer, RunContext,
+    RunSummary,
+};
 use crate::error::{InputKind, WorkerError};
+use crate::progress::EngineProgress;
 
 /// The face quirks of the service (see the [module docs](self)).
 pub const SERVICE_FACE_QUIRKS: FaceQuirks = FaceQuirks {
@@ -119,6 +137,252 @@ impl Preparer for PipelinePreparer {
                 waveform_16k,
                 max_frames: plan.keep_secs.map(|_| plan.frames),
             },
+        })
+    }
+}
+
+
+/// Parses `--device`: `cpu`, `cuda` (= `cuda:{default_ordinal}`), `cuda:N`, or `auto` (CUDA
+/// `default_ordinal` when this build has CUDA and the device opens, else the CPU).
+pub fn select_device(spec: &str, default_ordinal: usize) -> Result<Device, WorkerError> {
+    let spec = spec.trim().to_ascii_lowercase();
+    let cuda = |ordinal: usize| {
+        Device::new_cuda(ordinal).map_err(|e| {
+            WorkerError::Config(format!(
+                "--device {spec}: cannot open CUDA device {ordinal}: {e} (CUDA builds need the \
+                 `cuda` feature; use --device cpu to run on the CPU)"
+            ))
+        })
+    };
+    match spec.as_str() {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" | "gpu" => cuda(default_ordinal),
+        "auto" => Ok(match Device::new_cuda(default_ordinal) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::info!(reason = %e, "no usable CUDA device: running on the CPU");
+                Device::Cpu
+            }
+        }),
+        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => cuda(n),
+            _ => Err(WorkerError::Config(format!(
+                "--device {other}: expected cpu, cuda, cuda:N or auto"
+            ))),
+        },
+    }
+}
+
+/// Parses `--dtype` (`f32`/`fp32`, `f16`/`fp16`/`half`, `bf16`).
+pub fn parse_dtype(s: &str) -> Result<DType, WorkerError> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "f32" | "fp32" | "float32" => Ok(DType::F32),
+        "f16" | "fp16" | "half" | "float16" => Ok(DType::F16),
+        "bf16" | "bfloat16" => Ok(DType::BF16),
+        other => Err(WorkerError::Config(format!(
+            "--dtype {other}: expected f32, f16 or bf16"
+        ))),
+    }
+}
+
+impl From<Variant> for pl::Variant {
+    fn from(v: Variant) -> pl::Variant {
+        match v {
+            Variant::Normal => pl::Variant::Normal,
+            Variant::Acc => pl::Variant::Accelerated,
+        }
+    }
+}
+
+/// Loads the pipeline described by the model options.
+pub fn load_pipeline(model: &ModelArgs, gpu_id: u32) -> Result<EchoMimicPipeline, WorkerError> {
+    let device = select_device(&model.device, gpu_id as usize)?;
+    let dtype = model.dtype.as_deref().map(parse_dtype).transpose()?;
+    let source = match model.source() {
+        ModelSource::Prompt(path) => pl::ModelSource::PromptYaml(path),
+        ModelSource::WeightsDir(dir) => pl::ModelSource::WeightsDir {
+            dir,
+            variant: Some(model.variant().into()),
+        },
+    };
+    EchoMimicPipeline::load(&source, &device, dtype).map_err(WorkerError::ModelLoad)
+}
+
+/// The EchoMimic model behind the worker's [`Engine`] trait.
+pub struct PipelineEngine {
+    pipeline: EchoMimicPipeline,
+    preparer: PipelinePreparer,
+    width: u32,
+    height: u32,
+    context_frames: usize,
+    context_overlap: usize,
+}
+
+impl std::fmt::Debug for PipelineEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.describe())
+    }
+}
+
+impl PipelineEngine {
+    /// Loads the model (see [`load_pipeline`]) and the CPU face detector of the preparer.
+    pub fn load(model: &ModelArgs, gpu_id: u32) -> Result<Self, WorkerError> {
+        let pipeline = load_pipeline(model, gpu_id)?;
+        let preparer = PipelinePreparer::new(model.width, model.height)?;
+        Ok(PipelineEngine {
+            pipeline,
+            preparer,
+            width: model.width,
+            height: model.height,
+            context_frames: model.context_frames,
+            context_overlap: model.context_overlap,
+        })
+    }
+
+    fn request(&self, data: PipelineData, params: &GenParams) -> GenerateRequest {
+        let mut req = self.pipeline.request(
+            ReferenceInput::Crop(Box::new(data.face)),
+            SpeechInput::Waveform16k(data.waveform_16k),
+        );
+        req.width = self.width;
+        req.height = self.height;
+        req.steps = params.steps as usize;
+        req.cfg = params.cfg;
+        req.seed = i64::try_from(params.seed).unwrap_or(i64::MAX);
+        req.fps = params.fps;
+        req.context_frames = self.context_frames;
+        req.context_overlap = self.context_overlap;
+        // No silent truncation: the audio length is bounded by --max-audio-secs instead.
+        req.max_frames = data.max_frames.map_or(usize::MAX, |n| n as usize);
+        req.audio_limits.max_seconds = params.max_audio_secs;
+        req
+    }
+}
+
+/// A synthetic face crop for the warm-up: a grey photo with a face box in the middle.
+fn warm_up_crop(width: u32, height: u32) -> Result<FaceCrop, WorkerError> {
+    let side = 256u32;
+    let mut photo = image::RgbImage::from_pixel(side, side, image::Rgb([128, 128, 128]));
+    for (x, y, p) in photo.enumerate_pixels_mut() {
+        p.0 = [(x % 256) as u8, (y % 256) as u8, 100];
+    }
+    let det = Detection {
+        bbox: [96.0, 80.0, 160.0, 176.0],
+        prob: 0.99,
+        landmarks: [[0.0; 2]; 5],
+    };
+    face::crop_from_detections(&photo, &[det], width, height, &FaceCropOptions::default())
+        .map_err(WorkerError::ModelLoad)
+}
+
+impl Engine for PipelineEngine {
+    type Data = PipelineData;
+    type Preparer = PipelinePreparer;
+
+    fn preparer(&self) -> PipelinePreparer {
+        self.preparer.clone()
+    }
+
+    fn frame_size(&self) -> (u32, u32) {
+        (self.width, self.height)
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "EchoMimic v1 {:?}, {}x{}, context {}/{}, {:?} on {:?}",
+            self.pipeline.variant(),
+            self.width,
+            self.height,
+            self.context_frames,
+            self.context_overlap,
+            self.pipeline.dtype(),
+            self.pipeline.device()
+        )
+    }
+
+    /// One frame, one step, at the served size: every network runs once.
+    fn warm_up(&mut self) -> Result<(), WorkerError> {
+        let face = warm_up_crop(self.width, self.height)?;
+        let waveform_16k: Vec<f32> = (0..8000)
+            .map(|i| 0.3 * (i as f32 * 2.0 * std::f32::consts::PI * 220.0 / 16000.0).sin())
+            .collect();
+        let data = PipelineData {
+            face,
+            waveform_16k,
+            max_frames: Some(1),
+        };
+        let params = GenParams {
+            steps: 1,
+            cfg: self.pipeline.variant().default_cfg(),
+            seed: 0,
+            fps: 24.0,
+            frames_num: Some(1),
+            max_audio_secs: 10.0,
+        };
+        let mut req = self.request(data, &params);
+        req.context_frames = 1;
+        req.context_overlap = 0;
+        let cancel = AtomicBool::new(false);
+        self.pipeline
+            .generate(&req, &mut |_| {}, &cancel, &mut |_: usize, _: &[u8]| Ok(()))
+            .map(|_| ())
+            .map_err(WorkerError::ModelLoad)
+    }
+
+    fn run(
+        &mut self,
+        data: PipelineData,
+        params: &GenParams,
+        ctx: &mut RunContext<'_>,
+    ) -> Result<RunSummary, WorkerError> {
+        let req = self.request(data, params);
+        let RunContext {
+            cancel,
+            progress,
+            frame,
+        } = ctx;
+        let mut on_progress = |p: Progress| match p {
+            Progress::UnetCall {
+                step,
+                steps,
+                window,
+                windows,
+                done,
+                total,
+            } => progress(EngineProgress::Unet {
+                done: done as u64,
+                total: total as u64,
+                step: step as u32 + 1,
+                steps: steps as u32,
+                window: window as u32 + 1,
+                windows: windows as u32,
+            }),
+            Progress::Frame { done, total } => progress(EngineProgress::Decoded {
+                done: done as u64,
+                total: total as u64,
+            }),
+            Progress::Stage(Stage::AudioFeatures) => {
+                progress(EngineProgress::Phase("computing the audio features"))
+            }
+            Progress::Stage(Stage::Reference) => progress(EngineProgress::Phase(
+                "encoding the reference image and running the reference UNet",
+            )),
+            _ => {}
+        };
+        let mut sink = |_: usize, rgb: &[u8]| {
+            frame(rgb.to_vec())
+                .map_err(|_| PipelineError::Media("the video encoder stopped taking frames".into()))
+        };
+        let report = self
+            .pipeline
+            .generate(&req, &mut on_progress, cancel, &mut sink)
+            .map_err(|e| match e {
+                PipelineError::Cancelled => WorkerError::Cancelled,
+                e => WorkerError::Inference(e),
+            })?;
+        Ok(RunSummary {
+            frames: report.frames as u64,
+            unet_calls: report.unet_calls as u64,
         })
     }
 }

@@ -35,6 +35,8 @@ pub const UPLOAD_START: f32 = 97.0;
 /// What the engine reports while it runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EngineProgress {
+    /// A phase without a count started (e.g. `"computing the audio features"`).
+    Phase(&'static str),
     /// A UNet call finished: `done` of `total` calls, in denoising step `step` (1-based) of
     /// `steps`, context window `window` (1-based) of `windows`.
     Unet {
@@ -128,6 +130,7 @@ pub fn inference_progress(p: &EngineProgress) -> f32 {
         EngineProgress::Decoded { done, total } => {
             DECODE_START + (MERGE_START - DECODE_START) * frac(done, total)
         }
+        EngineProgress::Phase(_) => INFERENCE_START,
     }
 }
 
@@ -158,6 +161,7 @@ pub fn inference_message(p: &EngineProgress, eta: Option<Duration>) -> String {
             "denoising step {step}/{steps}, window {window}/{windows} (UNet call {done}/{total})"
         ),
         EngineProgress::Decoded { done, total } => format!("decoding frame {done}/{total}"),
+        EngineProgress::Phase(what) => what.to_owned(),
     };
     if let Some(eta) = eta {
         m.push_str(&format!(", about {} left", human(eta)));

@@ -60,11 +60,10 @@ pub fn unique_gpu() -> u32 {
     1_000_000 + rand::random::<u32>() % 3_000_000_000
 }
 
+/// The committed tiny model and inputs (always the public set: these are service tests,
+/// not parity tests, so `ECHOMIMIC_GOLDEN_DIR` does not apply).
 pub fn golden() -> PathBuf {
-    match std::env::var_os("ECHOMIMIC_GOLDEN_DIR") {
-        Some(d) => PathBuf::from(d),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/golden/public"),
-    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/golden/public")
 }
 
 pub fn photo() -> PathBuf {
@@ -77,6 +76,7 @@ pub fn speech() -> PathBuf {
 
 /// One test's world: Redis names, a temp-file server with the inputs uploaded.
 pub struct World {
+    pub redis_url: String,
     pub client: redis::Client,
     pub gpu_id: u32,
     pub queue: String,
@@ -92,7 +92,13 @@ pub struct World {
 
 impl World {
     pub fn new() -> Option<World> {
-        let client = redis()?;
+        redis()?;
+        Some(World::with_redis(&redis_url()))
+    }
+
+    /// A world on the Redis at `url` (which must answer).
+    pub fn with_redis(url: &str) -> World {
+        let client = redis::Client::open(url).expect("redis url");
         let dir = tempfile::tempdir().expect("tempdir");
         let mut cfg = ServerConfig::new(dir.path().join("files"));
         cfg.listen = "127.0.0.1:0".into();
@@ -102,7 +108,8 @@ impl World {
         let image_id = http.upload_file(&photo()).expect("upload photo").file_id;
         let audio_id = http.upload_file(&speech()).expect("upload speech").file_id;
         let gpu_id = unique_gpu();
-        Some(World {
+        World {
+            redis_url: url.to_owned(),
             client,
             gpu_id,
             queue: unique("queue"),
@@ -114,7 +121,7 @@ impl World {
             audio_id,
             dir,
             extra_keys: Mutex::new(Vec::new()),
-        })
+        }
     }
 
     pub fn con(&self) -> redis::Connection {
@@ -126,7 +133,7 @@ impl World {
         let mut v: Vec<String> = vec![
             "serve".into(),
             "--redis-url".into(),
-            redis_url(),
+            self.redis_url.clone(),
             "--base-url".into(),
             self.base_url.clone(),
             "--gpu-id".into(),
@@ -513,4 +520,215 @@ pub fn assert_happy_sequence(events: &[ProgressEvent]) {
         assert!(events.iter().any(|e| e.status == s), "no {s}: {events:#?}");
     }
     assert_eq!(events.iter().filter(|e| e.is_terminal()).count(), 1);
+}
+
+/// Model flags of the tiny random-weight model in the official layout, at a small size.
+pub fn tiny_model_args(size: u32) -> Vec<String> {
+    vec![
+        "--config".into(),
+        golden()
+            .join("configs/prompts/animation_tiny.yaml")
+            .display()
+            .to_string(),
+        "-W".into(),
+        size.to_string(),
+        "-H".into(),
+        size.to_string(),
+    ]
+}
+
+/// The worker binary running as a child process, its log in a file.
+pub struct WorkerProc {
+    pub child: std::process::Child,
+    pub log: PathBuf,
+    pub gpu_id: u32,
+}
+
+impl WorkerProc {
+    /// Starts `echomimic-worker` with `args` (the first being the subcommand).
+    pub fn spawn(args: &[String], log: PathBuf, gpu_id: u32) -> WorkerProc {
+        let file = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_echomimic-worker"))
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("worker starts");
+        WorkerProc { child, log, gpu_id }
+    }
+
+    /// Starts a worker of `world` with the tiny model and `extra` flags.
+    pub fn start(world: &World, extra: &[&str]) -> WorkerProc {
+        Self::start_on(world, world.gpu_id, extra)
+    }
+
+    /// Like [`WorkerProc::start`] with another gpu id (several workers on one queue).
+    pub fn start_on(world: &World, gpu_id: u32, extra: &[&str]) -> WorkerProc {
+        let mut args = world.args(&[]);
+        if let Some(i) = args.iter().position(|a| a == "--gpu-id") {
+            args[i + 1] = gpu_id.to_string();
+        }
+        args.extend(tiny_model_args(64));
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let log = world.dir.path().join(format!("worker-{gpu_id}-{}.log", unique("log")));
+        WorkerProc::spawn(&args, log, gpu_id)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the worker reports `idle` (model loaded, serving).
+    pub fn wait_ready(&mut self, world: &World, timeout: Duration) {
+        let end = Instant::now() + timeout;
+        let key = keys::gpu_status(self.gpu_id);
+        loop {
+            let status: Option<String> = world.con().get(&key).expect("get status");
+            if status.as_deref() == Some("idle") || status.as_deref() == Some("busy") {
+                return;
+            }
+            if let Ok(Some(code)) = self.child.try_wait() {
+                panic!("worker exited early ({code}); log:\n{}", self.log_text());
+            }
+            assert!(
+                Instant::now() < end,
+                "worker not ready within {timeout:?}; log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.pid().to_string()])
+            .status()
+            .expect("kill runs")
+            .success();
+        assert!(ok, "kill -{sig} failed");
+    }
+
+    /// Waits for the process to exit; panics after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let end = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < end,
+                "worker still running after {timeout:?}; log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for WorkerProc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A private `redis-server` on a free port with an append-only file in its own folder, which
+/// a test may stop and start again (never the shared server).
+pub struct PrivateRedis {
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    child: Option<std::process::Child>,
+}
+
+impl PrivateRedis {
+    /// `None` when `redis-server` is not installed.
+    pub fn start() -> Option<PrivateRedis> {
+        if Command::new("redis-server").arg("--version").output().is_err() {
+            assert!(
+                std::env::var_os("ECHOMIMIC_REQUIRE_REDIS").is_none(),
+                "ECHOMIMIC_REQUIRE_REDIS is set but redis-server is not installed"
+            );
+            eprintln!("SKIPPED: redis-server is not installed");
+            return None;
+        }
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            l.local_addr().expect("addr").port()
+        };
+        let mut r = PrivateRedis {
+            port,
+            dir: tempfile::tempdir().expect("tempdir"),
+            child: None,
+        };
+        r.launch();
+        Some(r)
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    fn launch(&mut self) {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--dir",
+            ])
+            .arg(self.dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server starts");
+        self.child = Some(child);
+        let client = redis::Client::open(self.url()).expect("url");
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(mut con) = client.get_connection_with_timeout(Duration::from_millis(200)) {
+                if redis::cmd("PING").query::<String>(&mut con).is_ok() {
+                    return;
+                }
+            }
+            assert!(Instant::now() < end, "private redis did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops the server (its data stays in the append-only file).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port and folder.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.launch();
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }
