@@ -153,7 +153,7 @@ impl ModelArgs {
     pub fn validate(&self) -> Result<(), WorkerError> {
         let bad = |m: String| Err(WorkerError::Config(m));
         for (name, v) in [("width", self.width), ("height", self.height)] {
-            if v == 0 || v % 8 != 0 || v > 4096 {
+            if v == 0 || !v.is_multiple_of(8) || v > 4096 {
                 return bad(format!("--{name} {v}: must be a multiple of 8 in 8..=4096"));
             }
         }
@@ -286,9 +286,8 @@ impl RedisArgs {
     /// A client for these settings (no connection is made yet).
     pub fn client(&self) -> Result<redis::Client, WorkerError> {
         let client = match &self.redis_url {
-            Some(url) => redis::Client::open(url.as_str()).map_err(|e| {
-                WorkerError::Config(format!("REDIS_URL {}: {e}", redact_url(url)))
-            })?,
+            Some(url) => redis::Client::open(url.as_str())
+                .map_err(|e| WorkerError::Config(format!("REDIS_URL {}: {e}", redact_url(url))))?,
             None => {
                 let info = echomimic_protocol::client::connection_info(
                     &self.redis_host,
@@ -345,7 +344,12 @@ pub struct ServeArgs {
     #[arg(long, env = "ECHOMIMIC_CFG")]
     pub cfg: Option<f64>,
     /// Default seed for tasks without `seed` (the reference scripts use 420); negative = random.
-    #[arg(long, env = "ECHOMIMIC_SEED", default_value_t = 420, allow_hyphen_values = true)]
+    #[arg(
+        long,
+        env = "ECHOMIMIC_SEED",
+        default_value_t = 420,
+        allow_hyphen_values = true
+    )]
     pub seed: i64,
     /// Attempts per task in total. An attempt ends early when the worker crashes or the model
     /// fails; such a task is requeued (with the count kept in the queue item) until this many
@@ -569,7 +573,10 @@ impl ServeArgs {
                 initial_backoff: Duration::from_millis(500).min(max_backoff),
                 max_backoff,
             },
-            http_connect_timeout: fsecs("http-connect-timeout-secs", self.http_connect_timeout_secs)?,
+            http_connect_timeout: fsecs(
+                "http-connect-timeout-secs",
+                self.http_connect_timeout_secs,
+            )?,
             prefetch: self.prefetch,
             claim_timeout: Duration::from_secs(1),
         })
@@ -605,7 +612,11 @@ mod tests {
     }
 
     fn weights_dir() -> String {
-        concat!(env!("CARGO_MANIFEST_DIR"), "/../testdata/golden/public/pretrained_weights").into()
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../testdata/golden/public/pretrained_weights"
+        )
+        .into()
     }
 
     #[test]
@@ -676,7 +687,10 @@ mod tests {
         }
         let cli = Cli::parse_from(["x", "--weights", "/nonexistent/weights"]);
         let err = cli.serve.into_config().unwrap_err().to_string();
-        assert!(err.contains("huggingface-cli download BadToBest/EchoMimic"), "{err}");
+        assert!(
+            err.contains("huggingface-cli download BadToBest/EchoMimic"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -309,9 +309,9 @@ mod tests {
             Failure::new(ErrorCode::InferenceFailed, Retry::Attempts)
         );
         assert_eq!(
-            f(WorkerError::Inference(PipelineError::Candle(
-                candle_msg("CUDA_ERROR_OUT_OF_MEMORY: out of memory")
-            ))),
+            f(WorkerError::Inference(PipelineError::Candle(candle_msg(
+                "CUDA_ERROR_OUT_OF_MEMORY: out of memory"
+            )))),
             Failure::new(ErrorCode::Oom, Retry::Attempts)
         );
         assert_eq!(

@@ -79,7 +79,10 @@ impl<P: Preparer> Fetcher<P> {
             if !self.wait_for_room(limit) {
                 break;
             }
-            let raw = match self.link.run(|con| self.keys.claim(con, self.claim_timeout)) {
+            let raw = match self
+                .link
+                .run(|con| self.keys.claim(con, self.claim_timeout))
+            {
                 Ok(Some(raw)) => raw,
                 Ok(None) => continue,
                 Err(e) if is_connection_error(&e) => {
@@ -290,7 +293,10 @@ mod tests {
     #[test]
     fn extensions_from_content_types() {
         assert_eq!(extension_for(Some("image/png")), "png");
-        assert_eq!(extension_for(Some("audio/wav")), extension_for(Some("audio/wav; x=1")));
+        assert_eq!(
+            extension_for(Some("audio/wav")),
+            extension_for(Some("audio/wav; x=1"))
+        );
         assert_eq!(extension_for(Some("application/x-unknown")), "bin");
         assert_eq!(extension_for(None), "bin");
     }

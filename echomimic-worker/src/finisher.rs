@@ -93,7 +93,8 @@ impl Finisher {
         }) = done_rx.recv()
         else {
             let err = WorkerError::Internal("the inference thread stopped mid-task".into());
-            self.reporter.outcome(self.policy.after_error(&claim, ids, &err));
+            self.reporter
+                .outcome(self.policy.after_error(&claim, ids, &err));
             return;
         };
         timings.inference = inference;
@@ -114,7 +115,8 @@ impl Finisher {
         };
         let Some(writer) = writer else {
             let err = WorkerError::Internal("video writer missing".into());
-            self.reporter.outcome(self.policy.after_error(&claim, ids, &err));
+            self.reporter
+                .outcome(self.policy.after_error(&claim, ids, &err));
             return;
         };
         events.stage(
@@ -153,12 +155,10 @@ impl Finisher {
         timings.upload = t.elapsed();
         let message = completed_message(&report, audio_secs, &notes);
         log_timings(&timings, &report, claim.claimed_at.elapsed().as_secs_f64());
-        self.reporter.outcome(self.policy.completed(
-            &claim,
-            &task,
-            &uploaded.file_id,
-            message,
-        ));
+        self.reporter.outcome(
+            self.policy
+                .completed(&claim, &task, &uploaded.file_id, message),
+        );
         drop(dir);
     }
 }

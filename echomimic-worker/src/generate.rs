@@ -128,7 +128,10 @@ pub fn run(args: &GenerateArgs, cancel: Arc<AtomicBool>) -> Result<GenerateSumma
     args.model.validate()?;
     for (what, p) in [("--image", &args.image), ("--audio", &args.audio)] {
         if !p.is_file() {
-            return Err(WorkerError::Config(format!("{what} {}: no such file", p.display())));
+            return Err(WorkerError::Config(format!(
+                "{what} {}: no such file",
+                p.display()
+            )));
         }
     }
     if args.length == 0 {
@@ -139,7 +142,8 @@ pub fn run(args: &GenerateArgs, cancel: Arc<AtomicBool>) -> Result<GenerateSumma
     tracing::info!(secs = t.elapsed().as_secs_f64(), variant = ?pipeline.variant(), "model loaded");
 
     // Inputs: decode and crop up front, so the video writer knows the geometry.
-    let photo = face::load_image(&args.image, &ImageLimits::default()).map_err(WorkerError::Inference)?;
+    let photo =
+        face::load_image(&args.image, &ImageLimits::default()).map_err(WorkerError::Inference)?;
     let options = FaceCropOptions {
         quirks: args.face_quirks.into(),
         ..FaceCropOptions::default()
@@ -189,18 +193,19 @@ pub fn run(args: &GenerateArgs, cancel: Arc<AtomicBool>) -> Result<GenerateSumma
     req.context_overlap = args.model.context_overlap;
     req.audio_limits = limits;
     if let Some(path) = &args.init_noise {
-        let tensors = candle_core::safetensors::load(path, pipeline.device()).map_err(|e| {
-            WorkerError::Config(format!("--init-noise {}: {e}", path.display()))
-        })?;
+        let tensors = candle_core::safetensors::load(path, pipeline.device())
+            .map_err(|e| WorkerError::Config(format!("--init-noise {}: {e}", path.display())))?;
         let noise = tensors.get("latents_randn").ok_or_else(|| {
             WorkerError::Config(format!(
                 "--init-noise {}: no tensor named `latents_randn`",
                 path.display()
             ))
         })?;
-        req.init_noise = Some(noise.to_dtype(pipeline.dtype()).map_err(|e| {
-            WorkerError::Inference(PipelineError::Candle(e))
-        })?);
+        req.init_noise = Some(
+            noise
+                .to_dtype(pipeline.dtype())
+                .map_err(|e| WorkerError::Inference(PipelineError::Candle(e)))?,
+        );
     }
 
     let backend = match args.encoder {
@@ -217,13 +222,20 @@ pub fn run(args: &GenerateArgs, cancel: Arc<AtomicBool>) -> Result<GenerateSumma
                 .map_err(media)?,
         ),
     };
-    let spec = VideoSpec::new(args.model.width, args.model.height, AudioInput::file(&mux_audio))
-        .with_fps(args.model.fps)
-        .with_backend(backend)
-        .with_geometry(geometry);
+    let spec = VideoSpec::new(
+        args.model.width,
+        args.model.height,
+        AudioInput::file(&mux_audio),
+    )
+    .with_fps(args.model.fps)
+    .with_backend(backend)
+    .with_geometry(geometry);
     let mut writer = VideoWriter::create(&args.output, &spec).map_err(media)?;
 
-    let dump = args.dump_tensors.as_ref().map(|_| RefCell::new(TensorDump::new()));
+    let dump = args
+        .dump_tensors
+        .as_ref()
+        .map(|_| RefCell::new(TensorDump::new()));
     let (w, h) = (args.model.width, args.model.height);
     let mut bar = Bar::new();
     let mut progress = |p: Progress| bar.update(p);

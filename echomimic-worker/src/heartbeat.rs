@@ -64,8 +64,12 @@ pub(crate) fn run(
     // Clean exit: delete the status key and the lease (bounded wait if Redis is away).
     let deadline = Instant::now() + Duration::from_secs(3);
     match link.run_retrying(|| Instant::now() > deadline, |con| keys.release(con)) {
-        Ok(true) => tracing::info!(lease = %keys.lease, status = %keys.status, "status key deleted and lease released"),
+        Ok(true) => {
+            tracing::info!(lease = %keys.lease, status = %keys.status, "status key deleted and lease released")
+        }
         Ok(false) => tracing::warn!(lease = %keys.lease, "the lease was no longer ours at exit"),
-        Err(e) => tracing::warn!(error = %e.into_error(), "could not release the lease (it expires on its own)"),
+        Err(e) => {
+            tracing::warn!(error = %e.into_error(), "could not release the lease (it expires on its own)")
+        }
     }
 }

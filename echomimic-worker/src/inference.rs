@@ -19,7 +19,9 @@ use crate::engine::{Engine, GenParams, Prepared, RunContext, RunSummary, SinkClo
 use crate::error::WorkerError;
 use crate::fetcher::Job;
 use crate::job::{Claim, Policy, TaskEvents, Timings};
-use crate::progress::{inference_message, inference_progress, EngineProgress, Eta, INFERENCE_START};
+use crate::progress::{
+    inference_message, inference_progress, EngineProgress, Eta, INFERENCE_START,
+};
 use crate::reporter::ReporterHandle;
 use crate::service::Shared;
 

@@ -197,7 +197,11 @@ impl Policy {
     }
 
     /// The outcome for a claimed item that is not a valid task.
-    pub(crate) fn invalid(&self, claim: &Claim, err: echomimic_protocol::InvalidTask) -> OutcomeRecord {
+    pub(crate) fn invalid(
+        &self,
+        claim: &Claim,
+        err: echomimic_protocol::InvalidTask,
+    ) -> OutcomeRecord {
         let ids = err
             .task_id()
             .map(|t| (t.to_owned(), err.session_id().unwrap_or("").to_owned()));
@@ -294,7 +298,8 @@ mod tests {
         }
     }
 
-    const TASK: &str = r#"{"task_id":"t-1","session_id":"s-1","ref_image_id":"img","audio_id":"aud"}"#;
+    const TASK: &str =
+        r#"{"task_id":"t-1","session_id":"s-1","ref_image_id":"img","audio_id":"aud"}"#;
 
     #[test]
     fn retries_then_fails_with_the_errors_code() {
@@ -312,7 +317,10 @@ mod tests {
         assert_eq!(e.code, Some(ErrorCode::InferenceFailed));
         assert!(e.error.unwrap().contains("attempt 2 of 2"));
         let dl = r.dead_letter.unwrap();
-        assert_eq!((dl.attempts, dl.gpu_id, dl.code), (2, Some(7), ErrorCode::InferenceFailed));
+        assert_eq!(
+            (dl.attempts, dl.gpu_id, dl.code),
+            (2, Some(7), ErrorCode::InferenceFailed)
+        );
         // The dead letter holds the task as the client sent it, not the envelope.
         assert_eq!(
             serde_json::from_str::<serde_json::Value>(&dl.payload).unwrap(),
@@ -353,7 +361,8 @@ mod tests {
 
     #[test]
     fn invalid_task_with_an_id_gets_a_failed_event() {
-        let raw = br#"{"task_id":"t-2","session_id":"s-2","ref_image_id":"i","audio_id":"a","steps":0}"#;
+        let raw =
+            br#"{"task_id":"t-2","session_id":"s-2","ref_image_id":"i","audio_id":"a","steps":0}"#;
         let c = Claim::new(raw.to_vec());
         let err = c.item.task().unwrap_err();
         let r = policy(2).invalid(&c, err);
@@ -379,6 +388,9 @@ mod tests {
         t.seed = Some(42);
         t.frames_num = Some(48);
         let p = resolve_params(&t, &d, 60.0);
-        assert_eq!((p.steps, p.cfg, p.seed, p.frames_num), (30, 3.0, 42, Some(48)));
+        assert_eq!(
+            (p.steps, p.cfg, p.seed, p.frames_num),
+            (30, 3.0, 42, Some(48))
+        );
     }
 }

@@ -2,6 +2,7 @@
 //! generation (`generate`). Everything but argument parsing, logging, signals and exit codes
 //! lives in the library.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -34,7 +35,10 @@ enum Command {
 fn argv() -> Vec<String> {
     let mut args: Vec<String> = std::env::args().collect();
     let explicit = args.get(1).is_some_and(|a| {
-        matches!(a.as_str(), "serve" | "generate" | "help" | "-h" | "--help" | "-V" | "--version")
+        matches!(
+            a.as_str(),
+            "serve" | "generate" | "help" | "-h" | "--help" | "-V" | "--version"
+        )
     });
     if !explicit {
         args.insert(1, "serve".into());
@@ -87,6 +91,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let result = match Cli::parse_from(argv()).command {
         Command::Serve(args) => serve(*args),

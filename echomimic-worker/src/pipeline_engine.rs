@@ -109,8 +109,7 @@ impl Preparer for PipelinePreparer {
             max_seconds: params.max_audio_secs,
             ..AudioLimits::default()
         };
-        let decoded =
-            audio::decode_file(inputs.audio, &limits).map_err(input(InputKind::Audio))?;
+        let decoded = audio::decode_file(inputs.audio, &limits).map_err(input(InputKind::Audio))?;
         let waveform_16k = audio::to_whisper_waveform(&decoded, &limits)
             .map_err(|e| input(InputKind::Audio)(e.into()))?;
         let secs = decoded.duration_seconds();
@@ -140,7 +139,6 @@ impl Preparer for PipelinePreparer {
         })
     }
 }
-
 
 /// Parses `--device`: `cpu`, `cuda` (= `cuda:{default_ordinal}`), `cuda:N`, or `auto` (CUDA
 /// `default_ordinal` when this build has CUDA and the device opens, else the CPU).
@@ -436,7 +434,11 @@ mod tests {
         eprintln!("prepare took {:?}", t.elapsed());
         assert_eq!(prepared.data.face.face_rgb.dimensions(), (128, 128));
         let [x0, y0, x1, y1] = prepared.crop;
-        assert!(x1 > x0 && y1 > y0 && x1 - x0 == y1 - y0, "{:?}", prepared.crop);
+        assert!(
+            x1 > x0 && y1 > y0 && x1 - x0 == y1 - y0,
+            "{:?}",
+            prepared.crop
+        );
         assert_eq!(prepared.frames, 36);
         assert_eq!(prepared.mux_audio, audio);
         assert_eq!(prepared.data.waveform_16k.len(), 24_000);

@@ -196,7 +196,10 @@ mod tests {
         assert_eq!(inference_progress(&unet(0)), INFERENCE_START);
         assert_eq!(inference_progress(&unet(100)), DECODE_START);
         assert_eq!(inference_progress(&unet(200)), DECODE_START);
-        let dec = EngineProgress::Decoded { done: 10, total: 10 };
+        let dec = EngineProgress::Decoded {
+            done: 10,
+            total: 10,
+        };
         assert_eq!(inference_progress(&dec), MERGE_START);
         let mut prev = 0.0;
         for d in 0..=100 {

@@ -143,7 +143,7 @@ impl RedisLink {
     pub(crate) fn pause_after(&mut self, e: &RedisError) -> Duration {
         let pause = self.backoff.next_pause();
         let n = self.backoff.failures();
-        if n == 1 || n % 10 == 0 {
+        if n == 1 || n.is_multiple_of(10) {
             tracing::warn!(
                 link = self.name,
                 error = %e,

@@ -166,7 +166,9 @@ pub(crate) fn run(mut link: RedisLink, keys: Keys, rx: Receiver<Report>, shared:
                     let lost: Vec<_> = queue
                         .iter()
                         .filter_map(|r| match r {
-                            Report::Outcome(o) => Some(format!("{} ({})", o.claim_id, o.what.as_str())),
+                            Report::Outcome(o) => {
+                                Some(format!("{} ({})", o.claim_id, o.what.as_str()))
+                            }
                             Report::Event { .. } => None,
                         })
                         .collect();

@@ -139,6 +139,8 @@ struct Counters {
 /// State shared by the worker's threads.
 pub(crate) struct Shared {
     shutdown: ShutdownHandle,
+    /// `worker_lease:{gpu}`, for error messages.
+    lease_key: String,
     /// The engine's cancel flag.
     pub(crate) cancel: AtomicBool,
     ready: AtomicBool,
@@ -196,7 +198,7 @@ impl Shared {
         if recorded == Recorded::LeaseLost {
             tracing::error!(claim = %record.claim_id, "outcome not recorded: another worker holds the lease");
             self.fatal(WorkerError::LeaseLost {
-                key: String::new(),
+                key: self.lease_key.clone(),
                 owner: None,
             });
             self.settle();
@@ -359,6 +361,7 @@ impl Worker {
         let (wake_tx, wake_rx) = crossbeam_channel::bounded(1);
         let shared = Arc::new(Shared {
             shutdown: shutdown.clone(),
+            lease_key: keys.lease.clone(),
             cancel: AtomicBool::new(false),
             ready: AtomicBool::new(false),
             inflight: AtomicUsize::new(0),
@@ -460,9 +463,10 @@ impl Worker {
             encoder,
             frame_size,
         };
-        worker
-            .workers
-            .push(("finisher", spawn("finisher", move || finisher.run(finish_rx))?));
+        worker.workers.push((
+            "finisher",
+            spawn("finisher", move || finisher.run(finish_rx))?,
+        ));
         let preparer = engine.preparer();
         let inference = Inference {
             engine,

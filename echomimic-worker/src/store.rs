@@ -179,10 +179,8 @@ impl Keys {
         if set.is_some() {
             return Ok(Ok(()));
         }
-        let (owner, ttl): (Option<String>, i64) = redis::pipe()
-            .get(&self.lease)
-            .ttl(&self.lease)
-            .query(con)?;
+        let (owner, ttl): (Option<String>, i64) =
+            redis::pipe().get(&self.lease).ttl(&self.lease).query(con)?;
         Ok(Err((owner.unwrap_or_default(), ttl)))
     }
 
@@ -290,7 +288,10 @@ impl Keys {
             .map(|e| self.schema.encode(e))
             .unwrap_or_default();
         let (latest, result) = match &outcome.event {
-            Some(e) => (keys::latest_event(&e.task_id), keys::task_result(&e.task_id)),
+            Some(e) => (
+                keys::latest_event(&e.task_id),
+                keys::task_result(&e.task_id),
+            ),
             None => (marker.clone(), marker.clone()),
         };
         let legacy = match (&outcome.event, self.schema) {

@@ -4,6 +4,8 @@
 //! restart, memory under a flood of garbage). Each test takes a few seconds to ~30 s; they are
 //! the slow part of the worker's suite.
 
+#![allow(clippy::print_stdout)] // tests report their measurements
+
 mod common;
 
 use std::process::Command;
@@ -73,27 +75,48 @@ fn help_documents_every_setting() {
         "--http-attempts",
         "--prefetch",
     ] {
-        assert!(help.contains(needle), "`serve --help` does not mention {needle}");
+        assert!(
+            help.contains(needle),
+            "`serve --help` does not mention {needle}"
+        );
     }
     let out = Command::new(env!("CARGO_BIN_EXE_echomimic-worker"))
         .args(["generate", "--help"])
         .output()
         .expect("runs");
     let help = String::from_utf8_lossy(&out.stdout);
-    for needle in ["--image", "--audio", "--output", "--length", "--init-noise", "--dump-tensors"] {
-        assert!(help.contains(needle), "`generate --help` does not mention {needle}");
+    for needle in [
+        "--image",
+        "--audio",
+        "--output",
+        "--length",
+        "--init-noise",
+        "--dump-tensors",
+    ] {
+        assert!(
+            help.contains(needle),
+            "`generate --help` does not mention {needle}"
+        );
     }
 }
 
 #[test]
 fn a_bad_setting_exits_with_status_2_and_names_it() {
     let out = Command::new(env!("CARGO_BIN_EXE_echomimic-worker"))
-        .args(["--weights", "/nonexistent/pretrained_weights", "--redis-password", "hunter2"])
+        .args([
+            "--weights",
+            "/nonexistent/pretrained_weights",
+            "--redis-password",
+            "hunter2",
+        ])
         .output()
         .expect("runs");
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("huggingface-cli download BadToBest/EchoMimic"), "{err}");
+    assert!(
+        err.contains("huggingface-cli download BadToBest/EchoMimic"),
+        "{err}"
+    );
     assert!(!err.contains("hunter2"), "the password leaked: {err}");
 }
 
@@ -109,14 +132,23 @@ fn binary_serves_the_tiny_model_end_to_end() -> TestResult {
     task.steps = Some(2);
     world.submit(&task);
     let done = rec.wait_terminal(&task.task_id, Duration::from_secs(180));
-    assert_eq!(done.status, Status::Completed, "{done:?}\n{}", worker.log_text());
+    assert_eq!(
+        done.status,
+        Status::Completed,
+        "{done:?}\n{}",
+        worker.log_text()
+    );
     assert_happy_sequence(&rec.of(&task.task_id));
     let video = world.fetch_video(done.video_file_id.as_deref().unwrap());
     assert_eq!(video.video_codec, "h264");
     assert_eq!(video.pix_fmt, "yuv420p");
     assert_eq!(video.audio_codec.as_deref(), Some("aac"));
     let (pw, ph) = image::image_dimensions(photo())?;
-    assert_eq!((video.width, video.height), (pw & !1, ph & !1), "paste-back is the default");
+    assert_eq!(
+        (video.width, video.height),
+        (pw & !1, ph & !1),
+        "paste-back is the default"
+    );
     assert!((video.duration - 1.5).abs() < 0.1, "{video:?}");
     assert_eq!(video.frames, Some(36));
     worker.signal("TERM");
@@ -145,12 +177,20 @@ fn kill_9_mid_inference_then_restart_completes_exactly_once() -> TestResult {
         .iter()
         .any(|e| e.message.as_deref().unwrap_or("").contains("UNet call"))
     {
-        assert!(Instant::now() < end, "no UNet progress; log:\n{}", worker.log_text());
+        assert!(
+            Instant::now() < end,
+            "no UNet progress; log:\n{}",
+            worker.log_text()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     worker.signal("KILL");
     worker.wait_exit(Duration::from_secs(10));
-    assert_eq!(world.processing_items().len(), 1, "the claimed task stays in the processing list");
+    assert_eq!(
+        world.processing_items().len(),
+        1,
+        "the claimed task stays in the processing list"
+    );
     assert_eq!(rec.terminal_count(&task.task_id), 0);
 
     // The dead worker's lease and status expire on their own; then a new worker recovers.
@@ -161,9 +201,19 @@ fn kill_9_mid_inference_then_restart_completes_exactly_once() -> TestResult {
     }
     let mut again = WorkerProc::start(&world, &ttl);
     let done = rec.wait_terminal(&task.task_id, Duration::from_secs(180));
-    assert_eq!(done.status, Status::Completed, "{done:?}\n{}", again.log_text());
+    assert_eq!(
+        done.status,
+        Status::Completed,
+        "{done:?}\n{}",
+        again.log_text()
+    );
     std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(rec.terminal_count(&task.task_id), 1, "{:#?}", rec.of(&task.task_id));
+    assert_eq!(
+        rec.terminal_count(&task.task_id),
+        1,
+        "{:#?}",
+        rec.of(&task.task_id)
+    );
     let attempts: Vec<String> = rec
         .of(&task.task_id)
         .iter()
@@ -172,7 +222,10 @@ fn kill_9_mid_inference_then_restart_completes_exactly_once() -> TestResult {
         .collect();
     assert_eq!(
         attempts,
-        vec!["task claimed (attempt 1 of 2)", "task claimed (attempt 2 of 2)"]
+        vec![
+            "task claimed (attempt 1 of 2)",
+            "task claimed (attempt 2 of 2)"
+        ]
     );
     assert!(world.processing_items().is_empty());
     assert!(world.dead_letters().is_empty());
@@ -197,7 +250,12 @@ fn sigterm_while_busy_requeues_without_failed_and_exits_cleanly() -> TestResult 
     let status = worker.wait_exit(Duration::from_secs(30));
     assert!(status.success(), "{status}\n{}", worker.log_text());
     println!("stopped {:.2} s after SIGTERM", t.elapsed().as_secs_f64());
-    assert_eq!(rec.terminal_count(&task.task_id), 0, "{:#?}", rec.of(&task.task_id));
+    assert_eq!(
+        rec.terminal_count(&task.task_id),
+        0,
+        "{:#?}",
+        rec.of(&task.task_id)
+    );
     let items = world.queue_items();
     assert_eq!(items.len(), 1);
     let item = QueueItem::parse(&items[0]);
@@ -232,7 +290,8 @@ fn a_second_process_with_the_same_gpu_id_refuses_to_start() -> TestResult {
     let task = quick_task(&world, &unique("still-serving"));
     world.submit(&task);
     assert_eq!(
-        rec.wait_terminal(&task.task_id, Duration::from_secs(120)).status,
+        rec.wait_terminal(&task.task_id, Duration::from_secs(120))
+            .status,
         Status::Completed
     );
     Ok(())
@@ -250,7 +309,8 @@ fn a_thousand_malformed_messages_leave_the_worker_alive_and_its_memory_flat() ->
     let warm = quick_task(&world, &unique("warm"));
     world.submit(&warm);
     assert_eq!(
-        rec.wait_terminal(&warm.task_id, Duration::from_secs(120)).status,
+        rec.wait_terminal(&warm.task_id, Duration::from_secs(120))
+            .status,
         Status::Completed
     );
     let rss_before = rss_kib(worker.pid());
@@ -279,16 +339,28 @@ fn a_thousand_malformed_messages_leave_the_worker_alive_and_its_memory_flat() ->
         if left == 0 && world.processing_items().is_empty() && world.dead_letters().len() == 1000 {
             break;
         }
-        assert!(Instant::now() < end, "flood not drained; log:\n{}", worker.log_text());
+        assert!(
+            Instant::now() < end,
+            "flood not drained; log:\n{}",
+            worker.log_text()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
-    println!("1000 malformed messages handled in {:.2} s", t.elapsed().as_secs_f64());
+    println!(
+        "1000 malformed messages handled in {:.2} s",
+        t.elapsed().as_secs_f64()
+    );
     let failed = rec
         .all()
         .iter()
-        .filter(|s| s.event.status == Status::Failed && s.event.code == Some(ErrorCode::InvalidTask))
+        .filter(|s| {
+            s.event.status == Status::Failed && s.event.code == Some(ErrorCode::InvalidTask)
+        })
         .count();
-    assert_eq!(failed, with_id, "one failed event per malformed task that had an id");
+    assert_eq!(
+        failed, with_id,
+        "one failed event per malformed task that had an id"
+    );
     let rss_after = rss_kib(worker.pid());
     println!("worker RSS: {rss_before} KiB before, {rss_after} KiB after the flood");
     assert!(
@@ -299,7 +371,8 @@ fn a_thousand_malformed_messages_leave_the_worker_alive_and_its_memory_flat() ->
     let task = quick_task(&world, &unique("after-flood"));
     world.submit(&task);
     assert_eq!(
-        rec.wait_terminal(&task.task_id, Duration::from_secs(120)).status,
+        rec.wait_terminal(&task.task_id, Duration::from_secs(120))
+            .status,
         Status::Completed
     );
     assert!(worker.child.try_wait()?.is_none());
@@ -331,7 +404,11 @@ fn a_redis_restart_mid_task_does_not_lose_the_task() -> TestResult {
                 break r;
             }
         }
-        assert!(Instant::now() < end, "no result; log:\n{}", worker.log_text());
+        assert!(
+            Instant::now() < end,
+            "no result; log:\n{}",
+            worker.log_text()
+        );
         std::thread::sleep(Duration::from_millis(200));
     };
     assert_eq!(done.status, Status::Completed, "{done:?}");
@@ -349,7 +426,11 @@ fn a_redis_restart_mid_task_does_not_lose_the_task() -> TestResult {
             assert_eq!(r.status, Status::Completed);
             break;
         }
-        assert!(Instant::now() < end, "no result after restart; log:\n{}", worker.log_text());
+        assert!(
+            Instant::now() < end,
+            "no result after restart; log:\n{}",
+            worker.log_text()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     worker.signal("TERM");

@@ -16,8 +16,10 @@ use redis::Commands;
 const W: u32 = 64;
 
 fn start(world: &World, extra: &[&str], engine: FakeEngine) -> Worker {
-    Worker::start(world.config(extra), ShutdownHandle::new(), move || Ok(engine))
-        .expect("worker starts")
+    Worker::start(world.config(extra), ShutdownHandle::new(), move || {
+        Ok(engine)
+    })
+    .expect("worker starts")
 }
 
 fn fake() -> FakeEngine {
@@ -66,9 +68,11 @@ fn happy_path_event_sequence_and_playable_video() -> TestResult {
         .filter(|e| e.status == Status::Inference)
         .collect();
     assert!(inference.len() >= 3, "{inference:#?}");
-    assert!(inference
-        .iter()
-        .any(|e| e.message.as_deref().unwrap_or("").contains("denoising step")));
+    assert!(inference.iter().any(|e| e
+        .message
+        .as_deref()
+        .unwrap_or("")
+        .contains("denoising step")));
 
     // The persisted keys match what was published.
     let stored = world.result(&task.task_id).expect("task_result");
@@ -152,9 +156,21 @@ fn every_bad_input_fails_once_with_its_code_and_the_worker_keeps_serving() -> Te
     let rec = world.recorder();
     let worker = start(&world, &["--geometry", "crop"], fake());
 
-    let blank = upload(&world, "blank.png", &png(&image::RgbImage::from_pixel(256, 256, image::Rgb([200, 200, 200]))));
+    let blank = upload(
+        &world,
+        "blank.png",
+        &png(&image::RgbImage::from_pixel(
+            256,
+            256,
+            image::Rgb([200, 200, 200]),
+        )),
+    );
     let silent = upload(&world, "silent.wav", &wav(&vec![0i16; 16000]));
-    let corrupt = upload(&world, "corrupt.mp3", b"ID3\x04\x00\x00\x00\x00\x00\x00garbage that is not an mp3 stream at all");
+    let corrupt = upload(
+        &world,
+        "corrupt.mp3",
+        b"ID3\x04\x00\x00\x00\x00\x00\x00garbage that is not an mp3 stream at all",
+    );
 
     let id = |what: &str| unique(what);
     let mut cases: Vec<(String, Vec<u8>, ErrorCode)> = Vec::new();
@@ -164,7 +180,11 @@ fn every_bad_input_fails_once_with_its_code_and_the_worker_keeps_serving() -> Te
     let missing = id("missing");
     cases.push((
         missing.clone(),
-        format!(r#"{{"task_id":"{missing}","session_id":"s","audio_id":"{}"}}"#, world.audio_id).into_bytes(),
+        format!(
+            r#"{{"task_id":"{missing}","session_id":"s","audio_id":"{}"}}"#,
+            world.audio_id
+        )
+        .into_bytes(),
         ErrorCode::InvalidTask,
     ));
     let bad_id = id("badid");
@@ -180,15 +200,39 @@ fn every_bad_input_fails_once_with_its_code_and_the_worker_keeps_serving() -> Te
         ErrorCode::InvalidTask,
     ));
     let unknown = id("unknown");
-    cases.push((unknown.clone(), t(&unknown, "00000000-0000-4000-8000-000000000000", &world.audio_id), ErrorCode::InputNotFound));
+    cases.push((
+        unknown.clone(),
+        t(
+            &unknown,
+            "00000000-0000-4000-8000-000000000000",
+            &world.audio_id,
+        ),
+        ErrorCode::InputNotFound,
+    ));
     let notimage = id("notimage");
-    cases.push((notimage.clone(), t(&notimage, &world.audio_id, &world.audio_id), ErrorCode::BadInput));
+    cases.push((
+        notimage.clone(),
+        t(&notimage, &world.audio_id, &world.audio_id),
+        ErrorCode::BadInput,
+    ));
     let noface = id("noface");
-    cases.push((noface.clone(), t(&noface, &blank, &world.audio_id), ErrorCode::NoFace));
+    cases.push((
+        noface.clone(),
+        t(&noface, &blank, &world.audio_id),
+        ErrorCode::NoFace,
+    ));
     let silence = id("silent");
-    cases.push((silence.clone(), t(&silence, &world.image_id, &silent), ErrorCode::BadInput));
+    cases.push((
+        silence.clone(),
+        t(&silence, &world.image_id, &silent),
+        ErrorCode::BadInput,
+    ));
     let broken = id("corrupt");
-    cases.push((broken.clone(), t(&broken, &world.image_id, &corrupt), ErrorCode::BadInput));
+    cases.push((
+        broken.clone(),
+        t(&broken, &world.image_id, &corrupt),
+        ErrorCode::BadInput,
+    ));
 
     // Malformed JSON: no task id, so no event, only a dead letter.
     world.push_raw(b"{\"task_id\": \"x\", oops");
@@ -211,11 +255,16 @@ fn every_bad_input_fails_once_with_its_code_and_the_worker_keeps_serving() -> Te
         assert!(!t.error.as_deref().unwrap_or("").is_empty());
         assert_eq!(world.result(task_id).as_ref(), Some(t));
         // No GPU work for inputs rejected up front.
-        assert!(!events.iter().any(|e| e.status == Status::Inference), "{task_id}");
+        assert!(
+            !events.iter().any(|e| e.status == Status::Inference),
+            "{task_id}"
+        );
     }
     let letters = world.dead_letters();
     assert_eq!(letters.len(), cases.len() + 1, "{letters:#?}");
-    assert!(letters.iter().any(|d| d.task_id.is_none() && d.code == ErrorCode::InvalidTask));
+    assert!(letters
+        .iter()
+        .any(|d| d.task_id.is_none() && d.code == ErrorCode::InvalidTask));
     std::thread::sleep(Duration::from_millis(300));
     assert!(world.processing_items().is_empty());
     let stats = stop(worker);
@@ -233,7 +282,11 @@ fn a_model_failure_is_retried_once_then_dead_lettered() -> TestResult {
     let rec = world.recorder();
     let engine = fake();
     let handle = engine.clone();
-    let worker = start(&world, &["--geometry", "crop", "--max-attempts", "2"], engine);
+    let worker = start(
+        &world,
+        &["--geometry", "crop", "--max-attempts", "2"],
+        engine,
+    );
 
     // One failure: retried, then completed; no `failed` event at all.
     handle.fail_next_runs(1);
@@ -289,9 +342,18 @@ fn stop_request_while_busy_requeues_the_task_without_failed() -> TestResult {
     rec.wait_status(&task.task_id, Status::Inference, Duration::from_secs(30));
     let t = Instant::now();
     let stats = stop(worker);
-    assert!(t.elapsed() < Duration::from_secs(5), "stopped in {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "stopped in {:?}",
+        t.elapsed()
+    );
     assert_eq!(stats.released, 1);
-    assert_eq!(rec.terminal_count(&task.task_id), 0, "{:#?}", rec.of(&task.task_id));
+    assert_eq!(
+        rec.terminal_count(&task.task_id),
+        0,
+        "{:#?}",
+        rec.of(&task.task_id)
+    );
     // Back at the head of the queue exactly as submitted (not counted as an attempt).
     let items = world.queue_items();
     assert_eq!(items.len(), 1);
@@ -317,14 +379,21 @@ fn stop_request_lets_the_running_task_finish_within_the_grace_period() -> TestRe
     };
     let rec = world.recorder();
     let engine = fake().with_call_delay(Duration::from_millis(20));
-    let worker = start(&world, &["--grace-secs", "60", "--geometry", "crop"], engine);
+    let worker = start(
+        &world,
+        &["--grace-secs", "60", "--geometry", "crop"],
+        engine,
+    );
     let task = world.task(&unique("grace"));
     let second = world.task(&unique("grace-next"));
     world.submit(&task);
     world.submit(&second);
     rec.wait_status(&task.task_id, Status::Inference, Duration::from_secs(30));
     let stats = stop(worker);
-    assert_eq!(rec.of(&task.task_id).last().map(|e| e.status), Some(Status::Completed));
+    assert_eq!(
+        rec.of(&task.task_id).last().map(|e| e.status),
+        Some(Status::Completed)
+    );
     // The prefetched (or not yet claimed) second task is back in the queue, untouched.
     assert_eq!(rec.terminal_count(&second.task_id), 0);
     let items = world.queue_items();
@@ -385,7 +454,11 @@ fn legacy_schema_speaks_the_echome_vocabulary_and_clears_all_task_ids() -> TestR
         return Ok(());
     };
     let rec = world.recorder();
-    let worker = start(&world, &["--schema", "legacy", "--geometry", "crop"], fake());
+    let worker = start(
+        &world,
+        &["--schema", "legacy", "--geometry", "crop"],
+        fake(),
+    );
     let task = world.task(&unique("legacy"));
     let _: u64 = world.con().sadd(keys::LEGACY_TASK_SET, &task.task_id)?;
     world.submit(&task);
@@ -398,10 +471,14 @@ fn legacy_schema_speaks_the_echome_vocabulary_and_clears_all_task_ids() -> TestR
         .map(|s| serde_json::from_slice(&s.raw).unwrap())
         .collect();
     assert_eq!(raws[0]["status"], "processing");
-    assert!(raws.iter().any(|v| v["status"] == "progress" && v["percentage"].is_u64()));
+    assert!(raws
+        .iter()
+        .any(|v| v["status"] == "progress" && v["percentage"].is_u64()));
     assert_eq!(raws.last().unwrap()["status"], "completed");
     assert!(raws.iter().all(|v| v.get("progress").is_none()));
-    let member: bool = world.con().sismember(keys::LEGACY_TASK_SET, &task.task_id)?;
+    let member: bool = world
+        .con()
+        .sismember(keys::LEGACY_TASK_SET, &task.task_id)?;
     assert!(!member, "task id still in all_task_ids");
     stop(worker);
     Ok(())
@@ -447,7 +524,11 @@ fn leftovers_of_a_crashed_run_are_requeued_counting_an_attempt() -> TestResult {
     let mut con = world.con();
     let _: u64 = con.rpush(keys::processing_list(world.gpu_id), once.raw())?;
     let _: u64 = con.rpush(keys::processing_list(world.gpu_id), spent.raw())?;
-    let worker = start(&world, &["--geometry", "crop", "--max-attempts", "2"], fake());
+    let worker = start(
+        &world,
+        &["--geometry", "crop", "--max-attempts", "2"],
+        fake(),
+    );
     let done = rec.wait_terminal(&fresh.task_id, Duration::from_secs(60));
     assert_eq!(done.status, Status::Completed);
     let given_up = rec.wait_terminal(&last.task_id, Duration::from_secs(10));

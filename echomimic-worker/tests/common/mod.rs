@@ -166,9 +166,9 @@ impl World {
         }
         let args = self.args(extra);
         Cli::parse_from(std::iter::once("x".to_owned()).chain(args.into_iter().skip(1)))
-        .serve
-        .into_config()
-        .expect("config")
+            .serve
+            .into_config()
+            .expect("config")
     }
 
     pub fn task(&self, id: &str) -> Task {
@@ -264,7 +264,12 @@ impl Drop for World {
             keys::gpu_status(self.gpu_id),
             keys::worker_lease(self.gpu_id),
         ];
-        keys.extend(self.extra_keys.lock().map(|k| k.clone()).unwrap_or_default());
+        keys.extend(
+            self.extra_keys
+                .lock()
+                .map(|k| k.clone())
+                .unwrap_or_default(),
+        );
         for k in keys {
             let _: Result<(), _> = con.del(k);
         }
@@ -302,8 +307,12 @@ impl Recorder {
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let thread = {
-            let (events, stop, client, channel) =
-                (events.clone(), stop.clone(), client.clone(), channel.to_owned());
+            let (events, stop, client, channel) = (
+                events.clone(),
+                stop.clone(),
+                client.clone(),
+                channel.to_owned(),
+            );
             std::thread::spawn(move || {
                 let mut ready = Some(ready_tx);
                 // Reconnects when Redis goes away (the Redis restart test).
@@ -452,7 +461,11 @@ pub fn probe(path: &Path) -> Probe {
         .arg(path)
         .output()
         .expect("ffprobe runs");
-    assert!(out.status.success(), "ffprobe failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "ffprobe failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ffprobe json");
     let streams = v["streams"].as_array().cloned().unwrap_or_default();
     let video = streams
@@ -506,7 +519,10 @@ pub fn assert_happy_sequence(events: &[ProgressEvent]) {
         let r = rank(e.status);
         assert!(r >= prev_rank, "status went back: {events:#?}");
         let p = e.progress.expect("progress on every event");
-        assert!(p >= prev_p, "progress went back ({prev_p} -> {p}): {events:#?}");
+        assert!(
+            p >= prev_p,
+            "progress went back ({prev_p} -> {p}): {events:#?}"
+        );
         prev_rank = r;
         prev_p = p;
     }
@@ -571,7 +587,10 @@ impl WorkerProc {
         }
         args.extend(tiny_model_args(64));
         args.extend(extra.iter().map(|s| s.to_string()));
-        let log = world.dir.path().join(format!("worker-{gpu_id}-{}.log", unique("log")));
+        let log = world
+            .dir
+            .path()
+            .join(format!("worker-{gpu_id}-{}.log", unique("log")));
         WorkerProc::spawn(&args, log, gpu_id)
     }
 
@@ -650,7 +669,11 @@ pub struct PrivateRedis {
 impl PrivateRedis {
     /// `None` when `redis-server` is not installed.
     pub fn start() -> Option<PrivateRedis> {
-        if Command::new("redis-server").arg("--version").output().is_err() {
+        if Command::new("redis-server")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
             assert!(
                 std::env::var_os("ECHOMIMIC_REQUIRE_REDIS").is_none(),
                 "ECHOMIMIC_REQUIRE_REDIS is set but redis-server is not installed"
@@ -712,7 +735,9 @@ impl PrivateRedis {
     /// Stops the server (its data stays in the append-only file).
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
             let _ = c.wait();
         }
     }
