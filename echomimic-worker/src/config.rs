@@ -129,7 +129,8 @@ pub struct ModelArgs {
     /// `cuda` means `cuda:GPU_ID`.
     #[arg(long, default_value = "auto")]
     pub device: String,
-    /// Compute precision: f32, f16 or bf16. Default: f16 on CUDA, f32 on the CPU.
+    /// Compute precision: f32, f16 or bf16. Default: f32 on the CPU; on CUDA the prompt yaml's
+    /// `weight_dtype` (f16 for a weights folder, as the official scripts run).
     #[arg(long)]
     pub dtype: Option<String>,
 }

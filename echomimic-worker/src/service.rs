@@ -546,19 +546,22 @@ impl Worker {
         // Supervise: cancel the running task when the grace period is over.
         while self.workers.iter().any(|(_, h)| !h.is_finished()) {
             let shutdown = &self.shared.shutdown;
-            let cancel = match (shutdown.level(), shutdown.since()) {
-                (ShutdownLevel::Immediate, _) => true,
-                (ShutdownLevel::Graceful, Some(since)) => since.elapsed() >= self.grace,
-                _ => false,
-            };
-            // Cancel only once the fetcher has stopped claiming, so the requeued task is not
-            // claimed again by this worker's last `BLMOVE`.
+            // After the grace period, cancel once the fetcher has stopped claiming, so the
+            // requeued task is not claimed again by this worker's last `BLMOVE`; a second
+            // signal cancels at once.
             let fetcher_done = self
                 .workers
                 .iter()
                 .find(|(name, _)| *name == "fetcher")
                 .is_none_or(|(_, h)| h.is_finished());
-            if cancel && fetcher_done && !self.shared.cancelled() {
+            let cancel = match (shutdown.level(), shutdown.since()) {
+                (ShutdownLevel::Immediate, _) => true,
+                (ShutdownLevel::Graceful, Some(since)) => {
+                    since.elapsed() >= self.grace && fetcher_done
+                }
+                _ => false,
+            };
+            if cancel && !self.shared.cancelled() {
                 tracing::info!("cancelling the running task (it will be requeued)");
                 self.shared.cancel.store(true, Ordering::SeqCst);
             }

@@ -581,3 +581,83 @@ fn a_thousand_malformed_messages_are_all_dead_lettered_or_failed() -> TestResult
     assert_eq!(world.dead_letters().len(), 1000);
     Ok(())
 }
+
+#[test]
+fn a_second_stop_request_cancels_the_running_task_at_once() -> TestResult {
+    let Some(world) = World::new() else {
+        return Ok(());
+    };
+    let rec = world.recorder();
+    let engine = fake().with_call_delay(Duration::from_millis(100));
+    let worker = start(&world, &["--grace-secs", "600"], engine);
+    let task = world.task(&unique("twice"));
+    world.submit(&task);
+    rec.wait_status(&task.task_id, Status::Inference, Duration::from_secs(30));
+    let handle = worker.shutdown_handle();
+    assert_eq!(handle.request(), echomimic_worker::ShutdownLevel::Graceful);
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    assert_eq!(handle.request(), echomimic_worker::ShutdownLevel::Immediate);
+    let stats = worker.join()?;
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    // Requeued once by the cancelled run; the fetcher's last `BLMOVE`, still blocked when the
+    // second request came, may take it back and release it again (no event either way).
+    assert!(stats.released >= 1, "{stats:?}");
+    assert_eq!(rec.terminal_count(&task.task_id), 0);
+    let items = world.queue_items();
+    assert_eq!(items.len(), 1);
+    assert_eq!(QueueItem::parse(&items[0]).attempts(), 0);
+    assert_eq!(QueueItem::parse(&items[0]).task()?, task);
+    Ok(())
+}
+
+#[test]
+fn the_next_task_is_prepared_during_inference_and_only_with_prefetch() -> TestResult {
+    let Some(world) = World::new() else {
+        return Ok(());
+    };
+    for prefetch in ["true", "false"] {
+        let rec = world.recorder();
+        let engine = fake().with_call_delay(Duration::from_millis(40));
+        let worker = start(
+            &world,
+            &["--geometry", "crop", "--prefetch", prefetch],
+            engine,
+        );
+        let first = world.task(&unique("first"));
+        let second = world.task(&unique("second"));
+        world.submit(&first);
+        world.submit(&second);
+        rec.wait_status(&first.task_id, Status::Inference, Duration::from_secs(30));
+        std::thread::sleep(Duration::from_millis(500));
+        let during = rec.of(&second.task_id);
+        let first_done = rec.terminal_count(&first.task_id) == 1;
+        if prefetch == "true" {
+            assert!(!first_done, "the first task should still be running");
+            let ready = during.iter().any(|e| {
+                e.status == Status::FaceDetecting
+                    && e.message
+                        .as_deref()
+                        .unwrap_or("")
+                        .contains("waiting for the GPU")
+            });
+            assert!(
+                ready,
+                "second task not prepared during inference: {during:#?}"
+            );
+            assert_eq!(world.processing_items().len(), 2);
+        } else if !first_done {
+            assert!(during.is_empty(), "claimed without prefetch: {during:#?}");
+            assert_eq!(world.queue_items().len(), 1);
+        }
+        for t in [&first, &second] {
+            assert_eq!(
+                rec.wait_terminal(&t.task_id, Duration::from_secs(60))
+                    .status,
+                Status::Completed
+            );
+        }
+        stop(worker);
+    }
+    Ok(())
+}
