@@ -437,3 +437,80 @@ fn a_redis_restart_mid_task_does_not_lose_the_task() -> TestResult {
     assert!(worker.wait_exit(Duration::from_secs(30)).success());
     Ok(())
 }
+
+#[test]
+fn encoder_ffmpeg_without_ffmpeg_refuses_to_start_and_auto_falls_back() -> TestResult {
+    let Some(world) = World::new() else {
+        return Ok(());
+    };
+    let mut args = world.args(&["--encoder", "ffmpeg"]);
+    args.extend(tiny_model_args(64));
+    let out = Command::new(env!("CARGO_BIN_EXE_echomimic-worker"))
+        .args(&args)
+        .env("ECHOMIMIC_FFMPEG", "/nonexistent/ffmpeg")
+        .output()?;
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--encoder ffmpeg") && err.contains("--encoder builtin"),
+        "{err}"
+    );
+    assert_eq!(world.lease(), None, "refused before taking the lease");
+
+    // `auto` without ffmpeg: the built-in encoder (H.264 + Opus), with a warning.
+    let rec = world.recorder();
+    let mut args = world.args(&["--encoder", "auto"]);
+    args.extend(tiny_model_args(64));
+    let log = world.dir.path().join("auto.log");
+    let file = std::fs::File::create(&log)?;
+    let child = Command::new(env!("CARGO_BIN_EXE_echomimic-worker"))
+        .args(&args)
+        .env("ECHOMIMIC_FFMPEG", "/nonexistent/ffmpeg")
+        .stderr(file)
+        .spawn()?;
+    let mut worker = WorkerProc {
+        child,
+        log,
+        gpu_id: world.gpu_id,
+    };
+    worker.wait_ready(&world, Duration::from_secs(120));
+    assert!(
+        worker.log_text().contains("built-in encoder"),
+        "{}",
+        worker.log_text()
+    );
+    let task = quick_task(&world, &unique("builtin"));
+    world.submit(&task);
+    let done = rec.wait_terminal(&task.task_id, Duration::from_secs(120));
+    assert_eq!(done.status, Status::Completed, "{done:?}");
+    let video = world.fetch_video(done.video_file_id.as_deref().unwrap());
+    assert_eq!(video.video_codec, "h264");
+    assert_eq!(video.audio_codec.as_deref(), Some("opus"));
+    worker.signal("TERM");
+    assert!(worker.wait_exit(Duration::from_secs(30)).success());
+    Ok(())
+}
+
+#[test]
+fn every_bad_input_fails_once_with_the_real_model_and_the_worker_keeps_serving() -> TestResult {
+    let Some(world) = World::new() else {
+        return Ok(());
+    };
+    let rec = world.recorder();
+    let mut worker = WorkerProc::start(&world, &[]);
+    worker.wait_ready(&world, Duration::from_secs(120));
+    let cases = bad_input_cases(&world);
+    push_bad_inputs(&world, &cases);
+    let good = quick_task(&world, &unique("good-after-bad"));
+    world.submit(&good);
+    let done = rec.wait_terminal(&good.task_id, Duration::from_secs(120));
+    assert_eq!(
+        done.status,
+        Status::Completed,
+        "{done:?}\n{}",
+        worker.log_text()
+    );
+    assert_bad_inputs_failed(&world, &rec, &cases);
+    assert!(worker.child.try_wait()?.is_none());
+    Ok(())
+}
