@@ -100,6 +100,18 @@ pub enum PipelineError {
     /// Video encoding or muxing failed.
     #[error("media: {0}")]
     Media(String),
+    /// The requested compute device cannot be used (no CUDA in this build, no
+    /// usable GPU, bad ordinal).
+    #[error("device `{requested}`: {reason}")]
+    Device {
+        /// The device that was asked for (`cuda:0`, ...).
+        requested: String,
+        /// Why it cannot be used.
+        reason: String,
+        /// The driver / candle error behind it, when there is one.
+        #[source]
+        source: Option<Box<candle_core::Error>>,
+    },
     /// Plain I/O on a path.
     #[error("{path}: {source}")]
     Io {

@@ -8,6 +8,7 @@
 pub mod audio;
 pub mod config;
 pub mod context;
+pub mod device;
 pub mod error;
 pub mod face;
 pub mod models;
