@@ -18,8 +18,9 @@
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 
-use candle_core::{DType, Device};
+use candle_core::Device;
 use echomimic_pipeline::audio::{self, AudioLimits};
+use echomimic_pipeline::device::{self, DeviceChoice};
 use echomimic_pipeline::face::{
     self, FaceCrop, FaceCropOptions, FaceDetector, FaceQuirks, ImageLimits,
 };
@@ -140,47 +141,30 @@ impl Preparer for PipelinePreparer {
     }
 }
 
-/// Parses `--device`: `cpu`, `cuda` (= `cuda:{default_ordinal}`), `cuda:N`, or `auto` (CUDA
-/// `default_ordinal` when this build has CUDA and the device opens, else the CPU).
-pub fn select_device(spec: &str, default_ordinal: usize) -> Result<Device, WorkerError> {
-    let spec = spec.trim().to_ascii_lowercase();
-    let cuda = |ordinal: usize| {
-        Device::new_cuda(ordinal).map_err(|e| {
-            WorkerError::Config(format!(
-                "--device {spec}: cannot open CUDA device {ordinal}: {e} (CUDA builds need the \
-                 `cuda` feature; use --device cpu to run on the CPU)"
-            ))
-        })
-    };
-    match spec.as_str() {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" | "gpu" => cuda(default_ordinal),
-        "auto" => Ok(match Device::new_cuda(default_ordinal) {
-            Ok(d) => d,
-            Err(e) => {
-                tracing::info!(reason = %e, "no usable CUDA device: running on the CPU");
-                Device::Cpu
+/// Opens the device `--device` names: `cpu`, `cuda` (= `cuda:{gpu_id}`), `cuda:N`, or `auto`
+/// (CUDA device `gpu_id` when this build has CUDA support and it opens, else the CPU, saying
+/// why in the log). An explicit CUDA device that cannot be used is an error, never a silent
+/// fallback.
+pub fn select_device(spec: &str, gpu_id: usize) -> Result<Device, WorkerError> {
+    let bad = |e: PipelineError| WorkerError::Config(format!("--device {spec}: {e}"));
+    let choice = match spec.trim().to_ascii_lowercase().as_str() {
+        "cuda" => DeviceChoice::Cuda(gpu_id),
+        "auto" if !device::cuda_compiled() => DeviceChoice::Cpu,
+        "auto" => match device::select_device(DeviceChoice::Cuda(gpu_id)) {
+            Ok((d, note)) => {
+                tracing::info!("{note}");
+                return Ok(d);
             }
-        }),
-        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(n)) => cuda(n),
-            _ => Err(WorkerError::Config(format!(
-                "--device {other}: expected cpu, cuda, cuda:N or auto"
-            ))),
+            Err(e) => {
+                tracing::warn!(error = %e, "no usable CUDA device {gpu_id}: running on the CPU");
+                DeviceChoice::Cpu
+            }
         },
-    }
-}
-
-/// Parses `--dtype` (`f32`/`fp32`, `f16`/`fp16`/`half`, `bf16`).
-pub fn parse_dtype(s: &str) -> Result<DType, WorkerError> {
-    match s.trim().to_ascii_lowercase().as_str() {
-        "f32" | "fp32" | "float32" => Ok(DType::F32),
-        "f16" | "fp16" | "half" | "float16" => Ok(DType::F16),
-        "bf16" | "bfloat16" => Ok(DType::BF16),
-        other => Err(WorkerError::Config(format!(
-            "--dtype {other}: expected f32, f16 or bf16"
-        ))),
-    }
+        other => other.parse::<DeviceChoice>().map_err(bad)?,
+    };
+    let (d, note) = device::select_device(choice).map_err(bad)?;
+    tracing::info!("{note}");
+    Ok(d)
 }
 
 impl From<Variant> for pl::Variant {
@@ -195,7 +179,12 @@ impl From<Variant> for pl::Variant {
 /// Loads the pipeline described by the model options.
 pub fn load_pipeline(model: &ModelArgs, gpu_id: u32) -> Result<EchoMimicPipeline, WorkerError> {
     let device = select_device(&model.device, gpu_id as usize)?;
-    let dtype = model.dtype.as_deref().map(parse_dtype).transpose()?;
+    let dtype = model
+        .dtype
+        .as_deref()
+        .map(device::parse_dtype)
+        .transpose()
+        .map_err(|e| WorkerError::Config(format!("--dtype: {e}")))?;
     let source = match model.source() {
         ModelSource::Prompt(path) => pl::ModelSource::PromptYaml(path),
         ModelSource::WeightsDir(dir) => pl::ModelSource::WeightsDir {
@@ -287,14 +276,14 @@ impl Engine for PipelineEngine {
 
     fn describe(&self) -> String {
         format!(
-            "EchoMimic v1 {:?}, {}x{}, context {}/{}, {:?} on {:?}",
+            "EchoMimic v1 {:?}, {}x{}, context {}/{}, {:?} on {}",
             self.pipeline.variant(),
             self.width,
             self.height,
             self.context_frames,
             self.context_overlap,
             self.pipeline.dtype(),
-            self.pipeline.device()
+            device::device_label(self.pipeline.device())
         )
     }
 
@@ -412,6 +401,21 @@ mod tests {
     fn code(e: &WorkerError) -> ErrorCode {
         let Failure { code, .. } = e.failure();
         code
+    }
+
+    #[test]
+    fn device_names() {
+        assert!(select_device("cpu", 3).unwrap().is_cpu());
+        assert!(select_device("auto", 0).is_ok());
+        for bad in ["tpu", "cuda:x"] {
+            let e = select_device(bad, 0).unwrap_err().to_string();
+            assert!(e.contains("--device"), "{e}");
+        }
+        if !device::cuda_compiled() {
+            assert!(select_device("auto", 5).unwrap().is_cpu());
+            let e = select_device("cuda", 5).unwrap_err().to_string();
+            assert!(e.contains("cuda:5") && e.contains("CUDA support"), "{e}");
+        }
     }
 
     #[test]
