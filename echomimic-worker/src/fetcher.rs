@@ -122,7 +122,8 @@ impl<P: Preparer> Fetcher<P> {
         let task = match claim.item.task() {
             Ok(task) => task,
             Err(invalid) => {
-                tracing::warn!(claim = %claim.id, error = %invalid, payload = %invalid.raw(), "invalid task");
+                tracing::warn!(claim = %claim.id, error = %invalid, "invalid task (dead-lettered)");
+                tracing::debug!(claim = %claim.id, payload = %invalid.raw(), "invalid task payload");
                 self.reporter.outcome(self.policy.invalid(&claim, invalid));
                 return;
             }

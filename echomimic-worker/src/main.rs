@@ -63,7 +63,12 @@ fn serve(args: ServeArgs) -> Result<(), WorkerError> {
     });
     let model = config.model.clone();
     let gpu_id = config.gpu_id;
-    let worker = Worker::start(config, shutdown, || PipelineEngine::load(&model, gpu_id))?;
+    let worker = match Worker::start(config, shutdown, || PipelineEngine::load(&model, gpu_id)) {
+        Ok(w) => w,
+        // A stop signal while the model was loading: a normal stop.
+        Err(WorkerError::Cancelled) => return Ok(()),
+        Err(e) => return Err(e),
+    };
     let stats = worker.join()?;
     tracing::info!(?stats, "stopped");
     Ok(())
