@@ -13,6 +13,7 @@ pub mod error;
 pub mod face;
 pub mod models;
 pub mod ops;
+pub mod pipeline;
 pub mod rng;
 pub mod schedulers;
 pub mod unet_loading;

@@ -1,306 +1,476 @@
-//! `echomimic-worker generate`: one local generation, like the reference `infer_audio2vid.py`.
+//! `echomimic-worker generate`: one local run from a photo and a speech file
+//! to an MP4, like the reference's `infer_audio2vid.py` (no Redis).
 //!
 //! ```text
-//! echomimic-worker generate --config configs/prompts/animation_acc.yaml \
-//!     --image face.jpg --audio speech.wav --output out.mp4
+//! echomimic-worker generate --weights pretrained_weights \
+//!     --image face.jpg --audio speech.wav --output out.mp4 [-L 240] [--variant acc]
 //! ```
 //!
-//! The photo is cropped with the reference script's face handling (all its quirks, so the crop
-//! is the one the Python code makes) unless `--face-quirks` says otherwise. For parity checks,
-//! `--init-noise FILE` injects the initial noise (`latents_randn` of a safetensors file) and
-//! `--dump-tensors FILE` writes the intermediate tensors under the names of the golden
-//! `pipeline.safetensors`.
+//! * Weights: `--weights DIR` (official `pretrained_weights/` layout) or
+//!   `--config PROMPT.yaml` (`configs/prompts/animation*.yaml`).
+//! * Variant: with `--weights`, `--variant` picks the UNet files; without
+//!   it, `acc` is used when `denoising_unet_acc.pth` and
+//!   `motion_module_acc.pth` are present (the EchoMe worker's model, about
+//!   10x less compute), else `normal`. With `--config` the yaml names the
+//!   files and the variant follows its denoising UNet's file name;
+//!   `--variant` then only changes the defaults of `--steps`/`--cfg`.
+//! * Defaults (`--steps`, `--cfg`) are the official scripts': normal 30 /
+//!   2.5, acc 6 / 1.0. The rest: 512 x 512, `-L 1200`, seed 420, 24 fps,
+//!   windows of 12 frames overlapping by 3. A negative `--seed` draws one
+//!   (printed).
+//! * Device: `--device auto` (default) runs on CUDA device 0 when the build
+//!   has the `cuda` feature and the GPU opens, else on the CPU; the dtype
+//!   defaults to f32 on the CPU and to the yaml's `weight_dtype` (f16) on
+//!   CUDA.
+//! * The video holds the `W x H` face crop (as the reference script writes
+//!   it) and the speech. When `-L` cuts the video short of the audio, a
+//!   note goes to stderr and the audio is cut to the video's length (the
+//!   reference's moviepy mux does the same).
+//! * `--init-noise FILE` (safetensors with `latents_randn`, the pre-clamp
+//!   noise `[1, 4, F, H/8, W/8]`) and `--dump-tensors FILE` (every
+//!   intermediate tensor, named like the golden `pipeline.safetensors`)
+//!   are for parity checks against the reference implementation.
+//!
+//! Progress goes to stderr: a redrawn bar on a terminal, plain lines
+//! otherwise.
 
 use std::cell::RefCell;
 use std::io::{IsTerminal, Write};
-use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
-use std::time::Instant;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
-use clap::{Args, ValueEnum};
-use echomimic_pipeline::audio::{self, AudioLimits};
-use echomimic_pipeline::face::{self, FaceCropOptions, FaceQuirks, ImageLimits};
-use echomimic_pipeline::pipeline::{Progress, ReferenceInput, SpeechInput, Stage, TensorDump};
+use anyhow::Context as _;
+use candle_core::{DType, Device, Tensor};
+use echomimic_pipeline::audio::{self, AudioLimits, DecodedAudio};
+use echomimic_pipeline::device::{self, DeviceChoice};
+use echomimic_pipeline::pipeline::{
+    EchoMimicPipeline, GenerateReport, GenerateRequest, ModelSource, Progress, ReferenceInput,
+    SpeechInput, Stage, TensorDump, Variant, DEFAULT_CONTEXT_FRAMES, DEFAULT_CONTEXT_OVERLAP,
+    DEFAULT_FPS, DEFAULT_MAX_FRAMES, DEFAULT_SEED, DEFAULT_SIZE,
+};
 use echomimic_pipeline::video::{
-    AudioInput, EncoderBackend, OutputGeometry, PasteBack, VideoSpec, VideoWriter,
+    AudioInput, EncoderBackend, Pcm, VideoReport, VideoSpec, VideoWriter,
 };
 use echomimic_pipeline::PipelineError;
 
-use crate::config::{Encoder, Geometry, ModelArgs};
-use crate::engine::{plan_frames, write_wav_cut};
-use crate::error::WorkerError;
-use crate::pipeline_engine::{load_pipeline, SERVICE_FACE_QUIRKS};
-use crate::progress::{human, Eta};
-
-/// Which of the reference's face-handling bugs to reproduce.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Quirks {
-    /// `infer_audio2vid.py` exactly (BGR detector input, mask wrap, crop-bottom bug).
-    Reference,
-    /// The EchoMe worker (crop-bottom bug fixed).
-    Echome,
-    /// What `serve` uses: the EchoMe worker's, plus a clamped mask.
-    Service,
-    /// All three fixed.
-    Corrected,
-}
-
-impl From<Quirks> for FaceQuirks {
-    fn from(q: Quirks) -> FaceQuirks {
-        match q {
-            Quirks::Reference => FaceQuirks::REFERENCE,
-            Quirks::Echome => FaceQuirks::ECHOME_WORKER,
-            Quirks::Service => SERVICE_FACE_QUIRKS,
-            Quirks::Corrected => FaceQuirks::CORRECTED,
-        }
-    }
-}
-
-/// Flags of `echomimic-worker generate`.
-#[derive(Debug, Clone, Args)]
+/// Arguments of `echomimic-worker generate`.
+#[derive(Debug, Clone, clap::Args)]
 pub struct GenerateArgs {
-    #[command(flatten)]
-    #[allow(missing_docs)]
-    pub model: ModelArgs,
+    /// Prompt yaml naming every weight file (`configs/prompts/animation.yaml`).
+    #[arg(
+        long,
+        value_name = "PROMPT.yaml",
+        required_unless_present = "weights",
+        conflicts_with = "weights"
+    )]
+    pub config: Option<PathBuf>,
+    /// Official `pretrained_weights/` folder.
+    #[arg(long, value_name = "DIR")]
+    pub weights: Option<PathBuf>,
     /// Reference portrait (PNG, JPEG, WebP, BMP, GIF).
-    #[arg(long)]
+    #[arg(long, value_name = "PATH")]
     pub image: PathBuf,
-    /// Driving speech (WAV, MP3, AAC/M4A, OGG, FLAC).
-    #[arg(long)]
+    /// Driving speech (WAV, MP3, AAC/M4A, OGG/Vorbis, FLAC).
+    #[arg(long, value_name = "PATH")]
     pub audio: PathBuf,
     /// Output MP4.
-    #[arg(long, short = 'o')]
+    #[arg(long, short = 'o', value_name = "OUT.mp4")]
     pub output: PathBuf,
-    /// Most frames to generate (`L`); a longer audio is cut to match, and said so.
-    #[arg(short = 'L', long, default_value_t = 1200)]
-    pub length: u32,
-    /// Denoising steps (default: 25 normal, 6 acc).
+    /// Output width in pixels (a multiple of 8).
+    #[arg(short = 'W', long, default_value_t = DEFAULT_SIZE)]
+    pub width: u32,
+    /// Output height in pixels (a multiple of 8).
+    #[arg(short = 'H', long, default_value_t = DEFAULT_SIZE)]
+    pub height: u32,
+    /// Most frames to generate; the audio decides the count up to this.
+    #[arg(short = 'L', long, default_value_t = DEFAULT_MAX_FRAMES)]
+    pub length: usize,
+    /// DDIM steps [default: 30 normal, 6 acc].
     #[arg(long)]
-    pub steps: Option<u32>,
-    /// Guidance scale (default: 2.5 normal, 1.0 acc; ≤ 1 disables guidance).
+    pub steps: Option<usize>,
+    /// Guidance scale; classifier-free guidance runs above 1 [default: 2.5 normal, 1.0 acc].
     #[arg(long)]
     pub cfg: Option<f64>,
-    /// Seed of the initial noise; negative = random.
-    #[arg(long, default_value_t = 420, allow_hyphen_values = true)]
+    /// Seed of the initial noise; negative = random (printed).
+    #[arg(long, default_value_t = DEFAULT_SEED, allow_negative_numbers = true)]
     pub seed: i64,
-    /// Safetensors file holding `latents_randn`, the initial noise `[1, 4, F, H/8, W/8]` before
-    /// the ±1.5 clamp (parity with a reference run).
+    /// Frames per second.
+    #[arg(long, default_value_t = DEFAULT_FPS)]
+    pub fps: f64,
+    /// Frames per denoising window.
+    #[arg(long, default_value_t = DEFAULT_CONTEXT_FRAMES)]
+    pub context_frames: usize,
+    /// Frames shared by neighbouring windows.
+    #[arg(long, default_value_t = DEFAULT_CONTEXT_OVERLAP)]
+    pub context_overlap: usize,
+    /// `normal` or `acc` [default: acc when its files are in --weights, else normal].
+    #[arg(long, value_parser = parse_variant)]
+    pub variant: Option<Variant>,
+    /// `cpu`, `cuda`, `cuda:N`, or `auto` (CUDA device 0 when this build and
+    /// machine can use it, else the CPU).
+    #[arg(long, default_value = "auto", value_parser = parse_device)]
+    pub device: DeviceChoice,
+    /// `f32`, `f16` or `bf16` [default: f32 on the CPU, the yaml's weight_dtype (f16) on CUDA].
+    #[arg(long, value_parser = parse_dtype)]
+    pub dtype: Option<DType>,
+    /// Safetensors file holding `latents_randn`, the pre-clamp initial noise
+    /// `[1, 4, F, H/8, W/8]`, used instead of the seeded draw.
     #[arg(long, value_name = "FILE")]
     pub init_noise: Option<PathBuf>,
-    /// Writes the intermediate tensors to this safetensors file (names as in the golden
-    /// `pipeline.safetensors`).
+    /// Write every intermediate tensor to this safetensors file (names as the
+    /// golden `pipeline.safetensors`; holds all frames in memory).
     #[arg(long, value_name = "FILE")]
     pub dump_tensors: Option<PathBuf>,
-    /// Output geometry: the W×H crop (the reference script's output) or pasted back into the photo.
-    #[arg(long, value_enum, default_value = "crop")]
-    pub geometry: Geometry,
-    /// Video encoder: auto (ffmpeg if installed), ffmpeg or builtin.
-    #[arg(long, value_enum, default_value_t)]
-    pub encoder: Encoder,
-    /// Face-handling quirks to reproduce.
-    #[arg(long, value_enum, default_value = "reference")]
-    pub face_quirks: Quirks,
-    /// Longest accepted audio, in seconds.
-    #[arg(long, default_value_t = 600.0)]
-    pub max_audio_secs: f64,
+    /// Video encoder: `auto` (ffmpeg when available), `ffmpeg` or `builtin`.
+    #[arg(long, default_value = "auto", value_parser = parse_encoder)]
+    pub encoder: EncoderBackend,
 }
 
-/// What a generation produced.
+fn parse_device(s: &str) -> Result<DeviceChoice, String> {
+    s.parse().map_err(|e: PipelineError| e.to_string())
+}
+
+fn parse_dtype(s: &str) -> Result<DType, String> {
+    device::parse_dtype(s).map_err(|e| e.to_string())
+}
+
+fn parse_variant(s: &str) -> Result<Variant, String> {
+    s.parse().map_err(|e: PipelineError| e.to_string())
+}
+
+fn parse_encoder(s: &str) -> Result<EncoderBackend, String> {
+    s.parse().map_err(|e: PipelineError| e.to_string())
+}
+
+/// What a `generate` run produced.
 #[derive(Debug, Clone)]
-pub struct GenerateSummary {
-    /// The MP4.
-    pub output: PathBuf,
-    /// Frames generated.
-    pub frames: usize,
-    /// The seed used.
-    pub seed: u64,
-    /// A note when `L` cut the audio.
-    pub note: Option<String>,
+pub struct GenerateOutcome {
+    /// The pipeline's report (frames, seed, truncation, timings).
+    pub report: GenerateReport,
+    /// The written video.
+    pub video: VideoReport,
+    /// The tensor dump, when `--dump-tensors` was given.
+    pub dump: Option<PathBuf>,
+    /// Time spent loading the weights.
+    pub load_time: Duration,
 }
 
-fn media(e: PipelineError) -> WorkerError {
-    WorkerError::Encode(e)
-}
+/// Runs `generate`: loads the weights, generates, writes the MP4 (and the
+/// tensor dump). Progress and notes go to stderr.
+pub fn run(args: &GenerateArgs) -> anyhow::Result<GenerateOutcome> {
+    // 0. cheap checks first: nothing heavy runs for a typo
+    for (what, path) in [("image", &args.image), ("audio", &args.audio)] {
+        anyhow::ensure!(path.is_file(), "--{what} {} does not exist", path.display());
+    }
+    check_output_folder(&args.output)?;
+    if let Some(dump) = &args.dump_tensors {
+        check_output_folder(dump)?;
+    }
+    let (device, device_note) = device::select_device(args.device)?;
+    let source = match (&args.config, &args.weights) {
+        (Some(config), _) => ModelSource::PromptYaml(config.clone()),
+        (None, Some(dir)) => ModelSource::WeightsDir {
+            dir: dir.clone(),
+            variant: args.variant,
+        },
+        (None, None) => anyhow::bail!("give --config PROMPT.yaml or --weights DIR"),
+    };
+    let init_noise = args
+        .init_noise
+        .as_deref()
+        .map(read_init_noise)
+        .transpose()?;
 
-/// Runs one generation; `cancel` stops it between UNet calls (Ctrl-C).
-pub fn run(args: &GenerateArgs, cancel: Arc<AtomicBool>) -> Result<GenerateSummary, WorkerError> {
-    args.model.validate()?;
-    for (what, p) in [("--image", &args.image), ("--audio", &args.audio)] {
-        if !p.is_file() {
-            return Err(WorkerError::Config(format!(
-                "{what} {}: no such file",
-                p.display()
-            )));
-        }
-    }
-    if args.length == 0 {
-        return Err(WorkerError::Config("-L/--length must be at least 1".into()));
-    }
+    // 1. weights
     let t = Instant::now();
-    let pipeline = load_pipeline(&args.model, 0)?;
-    tracing::info!(secs = t.elapsed().as_secs_f64(), variant = ?pipeline.variant(), "model loaded");
-
-    // Inputs: decode and crop up front, so the video writer knows the geometry.
-    let photo =
-        face::load_image(&args.image, &ImageLimits::default()).map_err(WorkerError::Inference)?;
-    let options = FaceCropOptions {
-        quirks: args.face_quirks.into(),
-        ..FaceCropOptions::default()
-    };
-    let crop = pipeline
-        .face_detector()
-        .crop_face(&photo, args.model.width, args.model.height, &options)
-        .map_err(WorkerError::Inference)?;
-    let limits = AudioLimits {
-        max_seconds: args.max_audio_secs,
-        ..AudioLimits::default()
-    };
-    let decoded = audio::decode_file(&args.audio, &limits).map_err(WorkerError::Inference)?;
-    let audio_secs = decoded.duration_seconds();
-    let plan = plan_frames(audio_secs, args.model.fps, Some(args.length));
-    let work = tempfile::tempdir().map_err(|source| WorkerError::Io {
-        op: "create a temp folder",
-        path: std::env::temp_dir(),
-        source,
-    })?;
-    let mux_audio = match plan.keep_secs {
-        Some(keep) => {
-            let path = work.path().join("audio-cut.wav");
-            let channels = u16::try_from(decoded.channels).unwrap_or(u16::MAX);
-            write_wav_cut(&decoded.samples, channels, decoded.sample_rate, keep, &path)?;
-            path
-        }
-        None => args.audio.clone(),
-    };
-
-    let mut req = pipeline.request(
-        ReferenceInput::Crop(Box::new(crop.clone())),
-        SpeechInput::File(args.audio.clone()),
-    );
-    req.width = args.model.width;
-    req.height = args.model.height;
-    req.max_frames = args.length as usize;
-    if let Some(s) = args.steps {
-        req.steps = s as usize;
-    }
-    if let Some(c) = args.cfg {
-        req.cfg = c;
-    }
-    req.seed = args.seed;
-    req.fps = args.model.fps;
-    req.context_frames = args.model.context_frames;
-    req.context_overlap = args.model.context_overlap;
-    req.audio_limits = limits;
-    if let Some(path) = &args.init_noise {
-        let tensors = candle_core::safetensors::load(path, pipeline.device())
-            .map_err(|e| WorkerError::Config(format!("--init-noise {}: {e}", path.display())))?;
-        let noise = tensors.get("latents_randn").ok_or_else(|| {
-            WorkerError::Config(format!(
-                "--init-noise {}: no tensor named `latents_randn`",
-                path.display()
-            ))
-        })?;
-        req.init_noise = Some(
-            noise
-                .to_dtype(pipeline.dtype())
-                .map_err(|e| WorkerError::Inference(PipelineError::Candle(e)))?,
+    let pipeline = EchoMimicPipeline::load(&source, &device, args.dtype)
+        .context("loading the EchoMimic weights")?;
+    let load_time = t.elapsed();
+    let variant = args.variant.unwrap_or(pipeline.variant());
+    if args.config.is_some() && variant != pipeline.variant() {
+        eprintln!(
+            "note: the prompt yaml names the {} weights; --variant {variant} only sets the step/cfg defaults",
+            pipeline.variant()
         );
     }
-
-    let backend = match args.encoder {
-        Encoder::Auto => EncoderBackend::Auto,
-        Encoder::Ffmpeg => EncoderBackend::Ffmpeg,
-        Encoder::Builtin => EncoderBackend::Builtin,
-    };
-    let [x0, y0, x1, y1] = crop.square_rect.to_xyxy();
-    let to_u32 = |v: i64| u32::try_from(v.max(0)).unwrap_or(u32::MAX);
-    let geometry = match args.geometry {
-        Geometry::Crop => OutputGeometry::Crop,
-        Geometry::PasteBack => OutputGeometry::PasteBack(
-            PasteBack::new(photo, [to_u32(x0), to_u32(y0), to_u32(x1), to_u32(y1)])
-                .map_err(media)?,
-        ),
-    };
-    let spec = VideoSpec::new(
-        args.model.width,
-        args.model.height,
-        AudioInput::file(&mux_audio),
-    )
-    .with_fps(args.model.fps)
-    .with_backend(backend)
-    .with_geometry(geometry);
-    let mut writer = VideoWriter::create(&args.output, &spec).map_err(media)?;
-
-    let dump = args
-        .dump_tensors
-        .as_ref()
-        .map(|_| RefCell::new(TensorDump::new()));
-    let (w, h) = (args.model.width, args.model.height);
-    let mut bar = Bar::new();
-    let mut progress = |p: Progress| bar.update(p);
-    let mut sink = |i: usize, rgb: &[u8]| -> echomimic_pipeline::Result<()> {
-        if let Some(d) = &dump {
-            d.borrow_mut().record_rgb_frame(i, rgb, w, h)?;
-        }
-        writer.write_frame(rgb)
-    };
-    let report = match &dump {
-        Some(d) => {
-            let mut hook = |name: &str, t: &candle_core::Tensor| d.borrow_mut().record(name, t);
-            pipeline.generate_with_dump(&req, &mut progress, &cancel, &mut sink, &mut hook)
-        }
-        None => pipeline.generate(&req, &mut progress, &cancel, &mut sink),
-    }
-    .map_err(|e| match e {
-        PipelineError::Cancelled => WorkerError::Cancelled,
-        e => WorkerError::Inference(e),
-    })?;
-    bar.finish();
-    let video = writer.finish().map_err(media)?;
-    if let (Some(d), Some(path)) = (dump, &args.dump_tensors) {
-        d.into_inner().save(path).map_err(WorkerError::Inference)?;
-        tracing::info!(path = %path.display(), "tensors written");
-    }
-    tracing::info!(
-        frames = report.frames,
-        seed = report.seed,
-        unet_calls = report.unet_calls,
-        secs = t.elapsed().as_secs_f64(),
-        bytes = video.bytes,
-        "video written"
+    eprintln!(
+        "loaded the {} weights in {:.1} s ({device_note}, {:?})",
+        pipeline.variant(),
+        load_time.as_secs_f64(),
+        pipeline.dtype(),
     );
-    Ok(GenerateSummary {
-        output: video.path,
-        frames: report.frames,
-        seed: report.seed,
-        note: plan.note.or_else(|| report.truncation_note()),
+
+    // 2. audio, decoded once: the 16 kHz waveform for the model, the
+    //    native samples for the video
+    let limits = AudioLimits::default();
+    let decoded = audio::decode_file(&args.audio, &limits)
+        .with_context(|| format!("reading {}", args.audio.display()))?;
+    let waveform = audio::to_whisper_waveform(&decoded, &limits)
+        .with_context(|| format!("checking {}", args.audio.display()))?;
+
+    // 3. request
+    let mut request = GenerateRequest::new(
+        ReferenceInput::photo_file(&args.image),
+        SpeechInput::Waveform16k(waveform),
+        variant,
+    );
+    request.width = args.width;
+    request.height = args.height;
+    request.max_frames = args.length;
+    request.steps = args.steps.unwrap_or(variant.default_steps());
+    request.cfg = args.cfg.unwrap_or(variant.default_cfg());
+    request.seed = args.seed;
+    request.fps = args.fps;
+    request.context_frames = args.context_frames;
+    request.context_overlap = args.context_overlap;
+    request.init_noise = init_noise;
+    request.audio_limits = limits;
+
+    // 4. generate: the video writer starts as soon as the frame count is known
+    let cancel = AtomicBool::new(false);
+    let output = RefCell::new(Output {
+        writer: None,
+        error: None,
+        dump: args.dump_tensors.as_ref().map(|_| TensorDump::new()),
+    });
+    let mut display = ProgressDisplay::new(std::io::stderr().is_terminal());
+    let mut on_progress = |p: Progress| {
+        if let Progress::Plan {
+            frames,
+            audio_frames,
+            ..
+        } = p
+        {
+            if frames < audio_frames {
+                display.note(&format!(
+                    "note: the audio drives {audio_frames} frames but -L is {frames}: the video and its audio are cut to {frames} frames ({:.2} s)",
+                    frames as f64 / args.fps
+                ));
+            }
+            let spec = video_spec(args, &decoded, frames, audio_frames);
+            let mut out = output.borrow_mut();
+            match spec.and_then(|s| VideoWriter::create(&args.output, &s)) {
+                Ok(w) => out.writer = Some(w),
+                Err(e) => {
+                    out.error = Some(e);
+                    cancel.store(true, Ordering::Relaxed);
+                }
+            }
+        }
+        display.update(p);
+    };
+    let mut sink = |index: usize, rgb: &[u8]| -> echomimic_pipeline::Result<()> {
+        let mut out = output.borrow_mut();
+        if let Some(dump) = out.dump.as_mut() {
+            dump.record_rgb_frame(index, rgb, args.width, args.height)?;
+        }
+        match out.writer.as_mut() {
+            Some(w) => w.write_frame(rgb),
+            None => Err(PipelineError::Media(
+                "the video writer was not started".into(),
+            )),
+        }
+    };
+    let result = if args.dump_tensors.is_some() {
+        let mut hook = |name: &str, t: &Tensor| -> echomimic_pipeline::Result<()> {
+            match output.borrow_mut().dump.as_mut() {
+                Some(dump) => dump.record(name, t),
+                None => Ok(()),
+            }
+        };
+        pipeline.generate_with_dump(&request, &mut on_progress, &cancel, &mut sink, &mut hook)
+    } else {
+        pipeline.generate(&request, &mut on_progress, &cancel, &mut sink)
+    };
+    display.finish();
+    let Output {
+        writer,
+        error,
+        dump,
+    } = output.into_inner();
+    if let Some(e) = error {
+        return Err(
+            anyhow::Error::new(e).context(format!("starting the video {}", args.output.display()))
+        );
+    }
+    let report = result.context("generating the video")?;
+    let writer = writer.context("the video writer was never started")?;
+
+    // 5. finish the files
+    let video = writer
+        .finish()
+        .with_context(|| format!("writing {}", args.output.display()))?;
+    let dump_path = match (dump, &args.dump_tensors) {
+        (Some(dump), Some(path)) => {
+            dump.save(path)
+                .with_context(|| format!("writing the tensor dump {}", path.display()))?;
+            Some(path.clone())
+        }
+        _ => None,
+    };
+    let t = &report.timings;
+    let noise = if report.injected_noise {
+        format!(
+            "noise from {}",
+            args.init_noise
+                .as_deref()
+                .unwrap_or(Path::new("?"))
+                .display()
+        )
+    } else {
+        format!("seed {}", report.seed)
+    };
+    eprintln!(
+        "wrote {} ({} frames at {} fps, {} encoder), {noise}; face {:?}+{:?} in a {}x{} photo",
+        video.path.display(),
+        video.frames_written,
+        args.fps,
+        video.backend,
+        (report.face.square_rect.x0, report.face.square_rect.y0),
+        (
+            report.face.square_rect.width(),
+            report.face.square_rect.height()
+        ),
+        report.face.image_size.0,
+        report.face.image_size.1,
+    );
+    eprintln!(
+        "time: face {:.2} s, audio {:.2} s, reference {:.2} s, denoising {:.2} s ({} UNet calls), decoding {:.2} s, total {:.2} s",
+        t.face.as_secs_f64(),
+        t.audio.as_secs_f64(),
+        t.reference.as_secs_f64(),
+        t.denoising.as_secs_f64(),
+        report.unet_calls,
+        t.decoding.as_secs_f64(),
+        t.total.as_secs_f64(),
+    );
+    if let Some(note) = report.truncation_note() {
+        eprintln!("note: {note}");
+    }
+    if let Some(p) = &dump_path {
+        eprintln!("tensors written to {}", p.display());
+    }
+    Ok(GenerateOutcome {
+        report,
+        video,
+        dump: dump_path,
+        load_time,
     })
 }
 
-/// A one-line progress display on a terminal (stderr), plain log lines otherwise.
-struct Bar {
-    tty: bool,
-    eta: Eta,
-    last_pct: Option<u64>,
+/// Shared between the progress callback (which starts the writer) and the
+/// frame sink.
+struct Output {
+    writer: Option<VideoWriter>,
+    error: Option<PipelineError>,
+    dump: Option<TensorDump>,
 }
 
-impl Bar {
-    fn new() -> Self {
-        Bar {
-            tty: std::io::stderr().is_terminal(),
-            eta: Eta::new(),
-            last_pct: None,
+fn check_output_folder(path: &Path) -> anyhow::Result<()> {
+    let folder = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    anyhow::ensure!(
+        folder.is_dir(),
+        "the folder of {} does not exist",
+        path.display()
+    );
+    anyhow::ensure!(!path.is_dir(), "{} is a folder", path.display());
+    Ok(())
+}
+
+/// The pre-clamp noise `latents_randn` of a safetensors file.
+fn read_init_noise(path: &Path) -> anyhow::Result<Tensor> {
+    let mut tensors = candle_core::safetensors::load(path, &Device::Cpu)
+        .with_context(|| format!("reading --init-noise {}", path.display()))?;
+    match tensors.remove("latents_randn") {
+        Some(t) => Ok(t),
+        None => {
+            let mut names: Vec<_> = tensors.into_keys().collect();
+            names.sort();
+            anyhow::bail!(
+                "--init-noise {} has no `latents_randn` tensor (it has: {})",
+                path.display(),
+                names.join(", ")
+            )
+        }
+    }
+}
+
+/// The video: `W x H` crop at `fps` with the speech; when the frame limit
+/// cut the video, the audio is cut to `frames / fps` seconds.
+fn video_spec(
+    args: &GenerateArgs,
+    decoded: &DecodedAudio,
+    frames: usize,
+    audio_frames: usize,
+) -> echomimic_pipeline::Result<VideoSpec> {
+    let channels = u16::try_from(decoded.channels)
+        .map_err(|_| PipelineError::Media(format!("{} audio channels", decoded.channels)))?;
+    let audio = if frames < audio_frames {
+        // floor: the cut audio never needs more than `frames` frames
+        let keep = (frames as f64 * f64::from(decoded.sample_rate) / args.fps).floor() as usize;
+        let keep = keep.min(decoded.frames()) * decoded.channels;
+        AudioInput::pcm(Pcm::new(
+            decoded.samples[..keep].to_vec(),
+            channels,
+            decoded.sample_rate,
+        )?)
+    } else {
+        AudioInput::file(&args.audio).with_pcm(Pcm::new(
+            decoded.samples.clone(),
+            channels,
+            decoded.sample_rate,
+        )?)
+    };
+    Ok(VideoSpec::new(args.width, args.height, audio)
+        .with_fps(args.fps)
+        .with_backend(args.encoder))
+}
+
+/// Progress on stderr: one redrawn line on a terminal, plain lines otherwise
+/// (stage starts, each finished step, every tenth of the frames).
+struct ProgressDisplay {
+    tty: bool,
+    stage_start: Instant,
+    stage: Option<Stage>,
+    line_open: bool,
+    last_draw: Option<Instant>,
+    last_tenth: usize,
+}
+
+impl ProgressDisplay {
+    const BAR: usize = 30;
+    const REDRAW: Duration = Duration::from_millis(100);
+
+    fn new(tty: bool) -> Self {
+        Self {
+            tty,
+            stage_start: Instant::now(),
+            stage: None,
+            line_open: false,
+            last_draw: None,
+            last_tenth: 0,
         }
     }
 
+    fn note(&mut self, text: &str) {
+        self.end_line();
+        eprintln!("{text}");
+    }
+
     fn update(&mut self, p: Progress) {
-        let line = match p {
+        match p {
             Progress::Stage(stage) => {
-                if stage == Stage::Decoding || !self.tty {
-                    tracing::info!(%stage, "stage");
+                self.end_line();
+                self.stage = Some(stage);
+                self.stage_start = Instant::now();
+                self.last_tenth = 0;
+                if !self.tty {
+                    eprintln!("{stage}...");
                 }
-                return;
             }
             Progress::UnetCall {
                 step,
@@ -310,42 +480,107 @@ impl Bar {
                 done,
                 total,
             } => {
-                let eta = self
-                    .eta
-                    .update(Instant::now(), done as u64, total as u64)
-                    .map(|d| format!(", {} left", human(d)))
-                    .unwrap_or_default();
-                let pct = (done * 100 / total.max(1)) as u64;
-                if !self.tty && self.last_pct.is_some_and(|l| pct < l + 10) && done < total {
-                    return;
+                let label = format!("step {}/{steps} window {}/{windows}", step + 1, window + 1);
+                if self.tty {
+                    self.draw(&label, done, total);
+                } else if window + 1 == windows {
+                    eprintln!(
+                        "  step {}/{steps} done ({})",
+                        step + 1,
+                        self.timing(done, total)
+                    );
                 }
-                self.last_pct = Some(pct);
-                format!(
-                    "denoising {pct:3}% step {}/{steps} window {}/{windows}{eta}",
-                    step + 1,
-                    window + 1
-                )
             }
             Progress::Frame { done, total } => {
-                if !self.tty && done < total {
-                    return;
+                if self.tty {
+                    self.draw(&format!("frame {done}/{total}"), done, total);
+                } else {
+                    let tenth = done * 10 / total.max(1);
+                    if tenth > self.last_tenth || done == total {
+                        self.last_tenth = tenth;
+                        eprintln!("  frame {done}/{total} ({})", self.timing(done, total));
+                    }
                 }
-                format!("decoding frame {done}/{total}")
             }
-            _ => return,
-        };
-        if self.tty {
-            let mut err = std::io::stderr();
-            let _ = write!(err, "\r\x1b[2K{line}");
-            let _ = err.flush();
-        } else {
-            tracing::info!("{line}");
+            _ => {}
         }
     }
 
-    fn finish(&self) {
-        if self.tty {
-            let _ = writeln!(std::io::stderr());
+    fn timing(&self, done: usize, total: usize) -> String {
+        let elapsed = self.stage_start.elapsed().as_secs_f64();
+        let eta = elapsed / done.max(1) as f64 * (total - done.min(total)) as f64;
+        format!("{elapsed:.1} s, ETA {eta:.1} s")
+    }
+
+    fn draw(&mut self, label: &str, done: usize, total: usize) {
+        let now = Instant::now();
+        if done < total && self.last_draw.is_some_and(|t| now - t < Self::REDRAW) {
+            return;
         }
+        self.last_draw = Some(now);
+        let filled = Self::BAR * done / total.max(1);
+        let stage = self.stage.map(|s| s.to_string()).unwrap_or_default();
+        let mut err = std::io::stderr().lock();
+        let _ = write!(
+            err,
+            "\r\x1b[2K{stage:>10} [{}{}] {label} | {}",
+            "#".repeat(filled),
+            "-".repeat(Self::BAR - filled),
+            self.timing(done, total)
+        );
+        let _ = err.flush();
+        self.line_open = true;
+    }
+
+    fn end_line(&mut self) {
+        if self.line_open {
+            eprintln!();
+            self.line_open = false;
+        }
+    }
+
+    fn finish(&mut self) {
+        self.end_line();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn value_parsers() {
+        assert_eq!(parse_device("cpu"), Ok(DeviceChoice::Cpu));
+        assert_eq!(parse_device("CUDA"), Ok(DeviceChoice::Cuda(0)));
+        assert_eq!(parse_device("cuda:3"), Ok(DeviceChoice::Cuda(3)));
+        assert_eq!(parse_device("auto"), Ok(DeviceChoice::Auto));
+        assert!(parse_device("tpu").is_err());
+        assert!(parse_device("cuda:x").is_err());
+        assert_eq!(parse_dtype("fp16"), Ok(DType::F16));
+        assert_eq!(parse_dtype("bf16"), Ok(DType::BF16));
+        assert_eq!(parse_dtype("f32"), Ok(DType::F32));
+        assert!(parse_dtype("int8").is_err());
+        assert_eq!(parse_variant("acc"), Ok(Variant::Accelerated));
+        assert!(parse_variant("turbo").is_err());
+        assert_eq!(parse_encoder("builtin"), Ok(EncoderBackend::Builtin));
+    }
+
+    #[test]
+    fn eta_of_half_done_equals_elapsed() {
+        let mut d = ProgressDisplay::new(false);
+        d.stage_start = Instant::now() - Duration::from_secs(10);
+        // "E s, ETA R s"
+        let numbers = |s: String| -> Vec<f64> {
+            s.split(|c: char| !(c.is_ascii_digit() || c == '.'))
+                .filter_map(|w| w.parse().ok())
+                .collect()
+        };
+        let half = numbers(d.timing(5, 10));
+        assert!(
+            half[0] >= 10.0 && (half[1] - half[0]).abs() <= 0.11,
+            "{half:?}"
+        );
+        assert_eq!(numbers(d.timing(10, 10))[1], 0.0);
+        assert_eq!(numbers(d.timing(12, 10))[1], 0.0, "done past total");
     }
 }

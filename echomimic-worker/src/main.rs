@@ -4,8 +4,6 @@
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use echomimic_worker::generate::{self, GenerateArgs};
@@ -74,21 +72,6 @@ fn serve(args: ServeArgs) -> Result<(), WorkerError> {
     Ok(())
 }
 
-fn run_generate(args: GenerateArgs) -> Result<(), WorkerError> {
-    let cancel = Arc::new(AtomicBool::new(false));
-    signal_hook::flag::register(SIGINT, cancel.clone())
-        .map_err(|e| WorkerError::Internal(format!("cannot install the Ctrl-C handler: {e}")))?;
-    let summary = generate::run(&args, cancel.clone())?;
-    if let Some(note) = &summary.note {
-        tracing::warn!("{note}");
-    }
-    #[allow(clippy::print_stdout)]
-    {
-        println!("{}", summary.output.display());
-    }
-    Ok(())
-}
-
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -98,15 +81,20 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    let result = match Cli::parse_from(argv()).command {
-        Command::Serve(args) => serve(*args),
-        Command::Generate(args) => run_generate(*args),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e}");
-            ExitCode::from(e.exit_code())
-        }
+    match Cli::parse_from(argv()).command {
+        Command::Serve(args) => match serve(*args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!("{e}");
+                ExitCode::from(e.exit_code())
+            }
+        },
+        Command::Generate(args) => match generate::run(&args) {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!("{e:#}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }

@@ -19,7 +19,7 @@
 //! * `step()` uses `prev = t − T // steps`, which is *not* always the next entry
 //!   of the timestep list (30 trailing steps: 966 → 933 while the list has 932);
 //! * with `set_alpha_to_one`, ᾱ_prev = 1 only when `prev < 0`; otherwise it is
-//!   read from the table (6 trailing steps end on ᾱ[0], not 1).
+//!   read from the table (6 trailing steps end on `ᾱ[0]`, not 1).
 //!
 //! One quirk is *not* kept: for some step counts (61, 103, 121, …) NumPy's
 //! float `arange` behind "trailing" spacing yields one element too many, which

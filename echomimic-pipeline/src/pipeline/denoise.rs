@@ -1,0 +1,250 @@
+//! The sampling loop: context windows, window averaging, classifier-free
+//! guidance and DDIM (spec §7 steps 6-7).
+//!
+//! [`Denoiser::step`] is one iteration of the reference's `for t_i, t in
+//! enumerate(timesteps)` loop. It is public so that each step can be checked
+//! on its own ("teacher forcing": feed the reference's input latents of a
+//! step, compare its outputs).
+
+use candle_core::Tensor;
+
+use crate::context::{coverage, rotate_windows, uniform_windows};
+use crate::error::{PipelineError, Result};
+use crate::models::attention::PreparedBank;
+use crate::models::unet_3d::UNet3DConditionModel;
+use crate::schedulers::ddim::DDIMScheduler;
+
+/// What the denoising UNet is conditioned on, computed once per request and
+/// reused by every step and window.
+#[derive(Debug, Clone)]
+pub struct Conditioning {
+    /// `to_k`/`to_v` of the reference bank, per reader block.
+    pub(super) bank: PreparedBank,
+    /// Face-locator features, `[zeros; c]` (`[2, C0, 1, h, w]`) with guidance,
+    /// `c` (`[1, C0, 1, h, w]`) without.
+    pub(super) face: Tensor,
+    /// Audio tokens of every frame, `[1, F, N, D]`, in the model dtype.
+    pub(super) audio: Tensor,
+    /// Guidance scale.
+    pub(super) cfg: f64,
+}
+
+impl Conditioning {
+    /// Frames of the video (`F`).
+    pub fn frames(&self) -> usize {
+        self.audio.dims().get(1).copied().unwrap_or(0)
+    }
+
+    /// True when classifier-free guidance runs (`cfg > 1`).
+    pub fn guidance(&self) -> bool {
+        self.cfg > 1.0
+    }
+
+    /// The guidance scale.
+    pub fn cfg(&self) -> f64 {
+        self.cfg
+    }
+}
+
+/// One denoising-UNet call, as seen by a [`DenoiseObserver`].
+#[derive(Debug, Clone, Copy)]
+pub struct UnetCall<'a> {
+    /// Step index, `0..steps`.
+    pub step: usize,
+    /// Window index within the step.
+    pub window: usize,
+    /// Windows per step.
+    pub windows: usize,
+    /// The frames of the window (already rotated for this step).
+    pub frames: &'a [usize],
+}
+
+/// Hooks around each denoising-UNet call of [`Denoiser::step`]. Both default
+/// to doing nothing; an error stops the step and is returned by it (return
+/// [`PipelineError::Cancelled`] from `before_unet` to cancel).
+pub trait DenoiseObserver {
+    /// Before the call.
+    fn before_unet(&mut self, _call: &UnetCall<'_>) -> Result<()> {
+        Ok(())
+    }
+
+    /// After the call; `output` is the raw v-prediction `[B, C, f, h, w]`
+    /// (`B` = 2 with guidance: `[uncond, cond]`).
+    fn after_unet(&mut self, _call: &UnetCall<'_>, _output: &Tensor) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// No hooks.
+impl DenoiseObserver for () {}
+
+/// The outputs of one step.
+#[derive(Debug, Clone)]
+pub struct StepOutput {
+    /// The DDIM update `x_{t-1}`, `[1, C, F, h, w]`: the next step's input.
+    pub latents: Tensor,
+    /// The window-averaged, guidance-combined v-prediction passed to DDIM
+    /// (`noise_pred` of the reference), `[1, C, F, h, w]`.
+    pub noise_pred: Tensor,
+    /// The windows of this step (rotated by `2 × step`).
+    pub windows: Vec<Vec<usize>>,
+}
+
+/// The sampler for one request: scheduler with its timesteps, and the
+/// context windows.
+#[derive(Debug, Clone)]
+pub struct Denoiser<'a> {
+    unet: &'a UNet3DConditionModel,
+    cond: &'a Conditioning,
+    scheduler: DDIMScheduler,
+    windows: Vec<Vec<usize>>,
+}
+
+impl<'a> Denoiser<'a> {
+    /// Sets the scheduler to `steps` timesteps and computes the windows for
+    /// the conditioning's frame count.
+    pub(super) fn new(
+        unet: &'a UNet3DConditionModel,
+        cond: &'a Conditioning,
+        mut scheduler: DDIMScheduler,
+        steps: usize,
+        context_frames: usize,
+        context_overlap: usize,
+    ) -> Result<Self> {
+        scheduler.set_timesteps(steps)?;
+        let windows = uniform_windows(cond.frames(), context_frames, context_overlap)
+            .map_err(PipelineError::InvalidInput)?;
+        Ok(Self {
+            unet,
+            cond,
+            scheduler,
+            windows,
+        })
+    }
+
+    /// The DDIM timesteps, one per step.
+    pub fn timesteps(&self) -> &[usize] {
+        self.scheduler.timesteps()
+    }
+
+    /// Number of steps.
+    pub fn steps(&self) -> usize {
+        self.scheduler.timesteps().len()
+    }
+
+    /// Context windows per step.
+    pub fn windows_per_step(&self) -> usize {
+        self.windows.len()
+    }
+
+    /// Denoising-UNet calls of the whole run.
+    pub fn unet_calls(&self) -> usize {
+        self.steps() * self.windows.len()
+    }
+
+    /// The windows used at `step`: the uniform windows shifted by `2 × step`.
+    pub fn windows_at(&self, step: usize) -> Vec<Vec<usize>> {
+        rotate_windows(&self.windows, step, self.cond.frames())
+    }
+
+    /// Step `step` on `latents` (`[1, C, F, h, w]`, the model dtype):
+    ///
+    /// 1. for every window, gather its frames of `latents` (and of the audio
+    ///    tokens), run the UNet (batch `[uncond, cond]` with guidance: zero
+    ///    audio, zero face features and no bank for `uncond`), and add the
+    ///    prediction to the window's frames;
+    /// 2. divide each frame by the number of windows that covered it —
+    ///    before guidance, and also without guidance (the reference's normal
+    ///    pipeline forgets this division when `cfg <= 1`, summing the
+    ///    overlapping predictions; fixed here, as its acc pipeline does);
+    /// 3. with guidance, `v = u + cfg · (c − u)`;
+    /// 4. DDIM step to `t − T // steps`.
+    ///
+    /// The accumulators stay in the latents' dtype, as the reference's do.
+    /// The acc pipeline's v → x̂₀ → v conversion of each prediction is an
+    /// exact identity and is skipped (spec §9.21).
+    pub fn step(
+        &self,
+        step: usize,
+        latents: &Tensor,
+        observer: &mut dyn DenoiseObserver,
+    ) -> Result<StepOutput> {
+        let timesteps = self.scheduler.timesteps();
+        let Some(&t) = timesteps.get(step) else {
+            return Err(PipelineError::InvalidInput(format!(
+                "step {step} is out of range: the run has {} steps",
+                timesteps.len()
+            )));
+        };
+        let frames = self.cond.frames();
+        let (b, c, f, h, w) = latents.dims5()?;
+        if b != 1 || f != frames {
+            return Err(PipelineError::InvalidInput(format!(
+                "latents {:?} do not match one video of {frames} frames",
+                latents.dims()
+            )));
+        }
+        let guidance = self.cond.guidance();
+        let batch = if guidance { 2 } else { 1 };
+        let dtype = latents.dtype();
+        let device = latents.device();
+        let windows = self.windows_at(step);
+
+        // 1. sum the window predictions per frame
+        let mut sum = Tensor::zeros((batch, c, f, h, w), dtype, device)?;
+        for (j, frames_j) in windows.iter().enumerate() {
+            let call = UnetCall {
+                step,
+                window: j,
+                windows: windows.len(),
+                frames: frames_j,
+            };
+            observer.before_unet(&call)?;
+            let index: Vec<u32> = frames_j.iter().map(|&i| i as u32).collect();
+            let index = Tensor::from_vec(index, frames_j.len(), device)?;
+            let x = latents.index_select(&index, 2)?;
+            let audio = self.cond.audio.index_select(&index, 1)?;
+            let (x, audio) = if guidance {
+                (
+                    x.repeat((2, 1, 1, 1, 1))?,
+                    Tensor::cat(&[&audio.zeros_like()?, &audio], 0)?,
+                )
+            } else {
+                (x, audio)
+            };
+            // `scale_model_input` is the identity for DDIM.
+            let pred = self.unet.forward(
+                &x,
+                t as f64,
+                &audio,
+                Some(&self.cond.face),
+                &self.cond.bank,
+                guidance,
+            )?;
+            observer.after_unet(&call, &pred)?;
+            sum = sum.index_add(&index, &pred.to_dtype(dtype)?, 2)?;
+        }
+        // 2. average over the covering windows
+        let counts: Vec<f32> = coverage(&windows, frames)
+            .into_iter()
+            .map(|n| n as f32)
+            .collect();
+        let counts = Tensor::from_vec(counts, (1, 1, frames, 1, 1), device)?.to_dtype(dtype)?;
+        let mean = sum.broadcast_div(&counts)?;
+        // 3. guidance
+        let noise_pred = if guidance {
+            let uncond = mean.narrow(0, 0, 1)?;
+            let cond = mean.narrow(0, 1, 1)?;
+            (&uncond + super::scale(&(cond - &uncond)?, self.cond.cfg)?)?
+        } else {
+            mean
+        };
+        // 4. DDIM
+        let latents = self.scheduler.step(&noise_pred, t, latents)?.prev_sample;
+        Ok(StepOutput {
+            latents,
+            noise_pred,
+            windows,
+        })
+    }
+}

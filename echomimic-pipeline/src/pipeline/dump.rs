@@ -1,0 +1,155 @@
+//! Collecting the intermediate tensors of a generation into a safetensors
+//! file laid out like the golden `pipeline.safetensors` (debugging and
+//! parity checks against the reference implementation).
+//!
+//! [`super::EchoMimicPipeline::generate_with_dump`] hands every named tensor
+//! to a hook; [`TensorDump::record`] is such a hook. Decoded frames arrive one
+//! at a time as `video.frame{i}` (`[1, 3, H, W]`) and are stacked into `video`
+//! (`[1, 3, F, H, W]`) when the dump is written; the RGB bytes handed to the
+//! frame sink can be added with [`TensorDump::record_rgb_frame`] and become
+//! `frames_uint8` (`[F, H, W, 3]`). Holding every frame is what the debug
+//! dump is for; a normal generation never does it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{PipelineError, Result};
+
+/// Name prefix of the per-frame decoded tensors the pipeline emits.
+pub const VIDEO_FRAME_PREFIX: &str = "video.frame";
+
+/// Tensors of one generation, converted to what the golden file stores:
+/// floating tensors as `f32`, integer ones as `i64`, frames as `u8`, on the CPU.
+#[derive(Debug, Default)]
+pub struct TensorDump {
+    tensors: BTreeMap<String, Tensor>,
+    video: Vec<Tensor>,
+    rgb: Vec<u8>,
+    rgb_frames: usize,
+    rgb_size: Option<(u32, u32)>,
+}
+
+impl TensorDump {
+    /// An empty dump.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Records `tensor` under `name` (a later tensor with the same name
+    /// replaces it). `video.frame{i}` tensors must arrive in frame order.
+    pub fn record(&mut self, name: &str, tensor: &Tensor) -> Result<()> {
+        let t = tensor.to_device(&Device::Cpu)?;
+        let t = match t.dtype() {
+            DType::F16 | DType::BF16 | DType::F64 | DType::F32 => t.to_dtype(DType::F32)?,
+            DType::U8 => t,
+            _ => t.to_dtype(DType::I64)?,
+        };
+        if let Some(index) = name.strip_prefix(VIDEO_FRAME_PREFIX) {
+            let index: usize = index.parse().map_err(|_| {
+                PipelineError::InvalidInput(format!("bad frame tensor name `{name}`"))
+            })?;
+            if index != self.video.len() {
+                return Err(PipelineError::InvalidInput(format!(
+                    "video frame {index} recorded after {} frames",
+                    self.video.len()
+                )));
+            }
+            self.video.push(t);
+        } else {
+            self.tensors.insert(name.to_owned(), t);
+        }
+        Ok(())
+    }
+
+    /// Records the RGB24 bytes of frame `index` as handed to the frame sink.
+    pub fn record_rgb_frame(
+        &mut self,
+        index: usize,
+        rgb: &[u8],
+        width: u32,
+        height: u32,
+    ) -> Result<()> {
+        if index != self.rgb_frames {
+            return Err(PipelineError::InvalidInput(format!(
+                "rgb frame {index} recorded after {} frames",
+                self.rgb_frames
+            )));
+        }
+        if *self.rgb_size.get_or_insert((width, height)) != (width, height)
+            || rgb.len() != width as usize * height as usize * 3
+        {
+            return Err(PipelineError::InvalidInput(format!(
+                "rgb frame {index} has {} bytes for {width}x{height}, or another size than frame 0",
+                rgb.len()
+            )));
+        }
+        self.rgb.extend_from_slice(rgb);
+        self.rgb_frames += 1;
+        Ok(())
+    }
+
+    /// The collected tensors, with `video` and `frames_uint8` assembled.
+    pub fn into_tensors(self) -> Result<HashMap<String, Tensor>> {
+        let mut out: HashMap<String, Tensor> = self.tensors.into_iter().collect();
+        if !self.video.is_empty() {
+            // [1, 3, H, W] per frame -> [1, 3, F, H, W]
+            out.insert("video".into(), Tensor::stack(&self.video, 2)?);
+        }
+        if let Some((w, h)) = self.rgb_size {
+            let frames = Tensor::from_vec(
+                self.rgb,
+                (self.rgb_frames, h as usize, w as usize, 3),
+                &Device::Cpu,
+            )?;
+            out.insert("frames_uint8".into(), frames);
+        }
+        Ok(out)
+    }
+
+    /// Writes the tensors to a safetensors file.
+    pub fn save(self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        let tensors = self.into_tensors()?;
+        candle_core::safetensors::save(&tensors, path)
+            .map_err(|e| PipelineError::io(path, std::io::Error::other(e.to_string())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_are_stacked_and_dtypes_converted() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut dump = TensorDump::new();
+        dump.record("a", &Tensor::ones((2, 2), DType::F16, &dev)?)?;
+        dump.record("n", &Tensor::new(&[3u32, 4], &dev)?)?;
+        for i in 0..3 {
+            let frame = Tensor::full(i as f32, (1, 3, 2, 2), &dev)?;
+            dump.record(&format!("{VIDEO_FRAME_PREFIX}{i}"), &frame)?;
+            dump.record_rgb_frame(i, &[i as u8; 12], 2, 2)?;
+        }
+        assert!(dump
+            .record(
+                &format!("{VIDEO_FRAME_PREFIX}7"),
+                &Tensor::zeros((1, 3, 2, 2), DType::F32, &dev)?
+            )
+            .is_err());
+        assert!(dump.record_rgb_frame(3, &[0; 11], 2, 2).is_err());
+        let t = dump.into_tensors()?;
+        assert_eq!(t["a"].dtype(), DType::F32);
+        assert_eq!(t["n"].dtype(), DType::I64);
+        assert_eq!(t["video"].dims(), &[1, 3, 3, 2, 2]);
+        let v = t["video"].to_dtype(DType::F32)?;
+        assert_eq!(
+            v.narrow(2, 2, 1)?.flatten_all()?.to_vec1::<f32>()?,
+            vec![2.0; 12]
+        );
+        assert_eq!(t["frames_uint8"].dims(), &[3, 2, 2, 3]);
+        assert_eq!(t["frames_uint8"].dtype(), DType::U8);
+        Ok(())
+    }
+}

@@ -1,0 +1,865 @@
+//! End-to-end pipeline parity against the official PyTorch implementation.
+//!
+//! Golden tensors: `tensors/pipeline.safetensors`, from `infer_audio2vid.py` +
+//! `Audio2VideoPipeline` (BadToBest/EchoMimic @ 76cdab1) on CPU in f32 with
+//! the tiny random weights of the set, called with the photo and speech of
+//! the prompt yaml's `test_cases` and the sizes of `manifest.json`
+//! (`config.W/H/L/steps/cfg/fps/context_frames/context_overlap/pipe_seed`).
+//! Tolerances follow the README rule: `max(10 × measured fp32-vs-fp64
+//! difference over 4 seeds, 2e-6 × max|ref|, 1e-6)`, rounded up to one
+//! significant digit, with the measurements read from `manifest.json`.
+//!
+//! * teacher forcing: each step starts from the stored input latents of that
+//!   step, with the stored reference bank, face features and audio tokens;
+//! * free running: the whole pipeline with the stored pre-clamp noise
+//!   injected, every intermediate tensor compared;
+//! * seeded: the noise drawn from the seed (torch-compatible), no injection.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::OnceLock;
+
+use candle_core::{DType, Device, Tensor};
+use common::{assert_close, assert_exact_i64, get, golden, golden_dir};
+use echomimic_pipeline::config::resolve_relative;
+use echomimic_pipeline::models::attention::Bank;
+use echomimic_pipeline::pipeline::{
+    DenoiseObserver, EchoMimicPipeline, GenerateReport, GenerateRequest, ModelSource, Progress,
+    ReferenceInput, SpeechInput, Stage, TensorDump, UnetCall, Variant,
+};
+use echomimic_pipeline::PipelineError;
+
+// ------------------------------------------------------------------------------------------
+// The golden case
+// ------------------------------------------------------------------------------------------
+
+fn prompt_path() -> PathBuf {
+    golden_dir().join("configs/prompts/animation_tiny.yaml")
+}
+
+fn manifest() -> anyhow::Result<serde_json::Value> {
+    Ok(serde_json::from_str(&std::fs::read_to_string(
+        golden_dir().join("manifest.json"),
+    )?)?)
+}
+
+/// The pipeline call of the golden set.
+#[derive(Debug, Clone)]
+struct Case {
+    photo: PathBuf,
+    speech: PathBuf,
+    width: u32,
+    height: u32,
+    max_frames: usize,
+    steps: usize,
+    cfg: f64,
+    fps: f64,
+    context_frames: usize,
+    context_overlap: usize,
+    seed: i64,
+}
+
+fn case() -> anyhow::Result<Case> {
+    let m = manifest()?;
+    let c = &m["config"];
+    let uint = |k: &str| {
+        c[k].as_u64()
+            .ok_or_else(|| anyhow::anyhow!("manifest config.{k} is not an integer"))
+    };
+    let float = |k: &str| {
+        c[k].as_f64()
+            .ok_or_else(|| anyhow::anyhow!("manifest config.{k} is not a number"))
+    };
+    // The photo and speech: the (single) entry of the prompt yaml's test_cases.
+    let yaml: serde_norway::Value =
+        serde_norway::from_str(&std::fs::read_to_string(prompt_path())?)?;
+    let cases = yaml["test_cases"]
+        .as_mapping()
+        .ok_or_else(|| anyhow::anyhow!("prompt yaml has no test_cases"))?;
+    let (photo, speeches) = cases
+        .iter()
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("empty test_cases"))?;
+    let speech = speeches[0]
+        .as_str()
+        .ok_or_else(|| anyhow::anyhow!("test_cases entry has no speech"))?;
+    let photo = photo
+        .as_str()
+        .ok_or_else(|| anyhow::anyhow!("test_cases key is not a path"))?;
+    let base = prompt_path()
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    Ok(Case {
+        photo: resolve_relative(Path::new(photo), &base),
+        speech: resolve_relative(Path::new(speech), &base),
+        width: uint("W")? as u32,
+        height: uint("H")? as u32,
+        max_frames: uint("L")? as usize,
+        steps: uint("steps")? as usize,
+        cfg: float("cfg")?,
+        fps: float("fps")?,
+        context_frames: uint("context_frames")? as usize,
+        context_overlap: uint("context_overlap")? as usize,
+        seed: uint("pipe_seed")? as i64,
+    })
+}
+
+/// Recommended absolute tolerance of a golden quantity (README rule).
+fn tolerance(key: &str) -> anyhow::Result<f64> {
+    let m = manifest()?;
+    let t = &m["tolerances_measured"][key];
+    let measured = t["max_abs_diff_4seeds"]
+        .as_f64()
+        .or_else(|| t["max_abs_diff"].as_f64())
+        .ok_or_else(|| anyhow::anyhow!("manifest has no tolerance for `{key}`"))?;
+    let max_ref = t["max_abs_ref"].as_f64().unwrap_or(0.0);
+    let atol = (10.0 * measured).max(2e-6 * max_ref).max(1e-6);
+    // round up to one significant digit
+    let unit = 10f64.powf(atol.log10().floor());
+    Ok(((atol / unit) * (1.0 - 1e-9)).ceil() * unit)
+}
+
+fn pipeline() -> &'static EchoMimicPipeline {
+    static PIPELINE: OnceLock<EchoMimicPipeline> = OnceLock::new();
+    PIPELINE.get_or_init(|| {
+        EchoMimicPipeline::load(&ModelSource::PromptYaml(prompt_path()), &Device::Cpu, None)
+            .expect("load the golden pipeline")
+    })
+}
+
+fn request(case: &Case) -> GenerateRequest {
+    let mut r = pipeline().request(
+        ReferenceInput::photo_file(&case.photo),
+        SpeechInput::File(case.speech.clone()),
+    );
+    r.width = case.width;
+    r.height = case.height;
+    r.max_frames = case.max_frames;
+    r.steps = case.steps;
+    r.cfg = case.cfg;
+    r.fps = case.fps;
+    r.context_frames = case.context_frames;
+    r.context_overlap = case.context_overlap;
+    r.seed = case.seed;
+    r
+}
+
+/// Everything one generation produced.
+struct Run {
+    report: GenerateReport,
+    tensors: HashMap<String, Tensor>,
+    progress: Vec<Progress>,
+}
+
+fn run(request: &GenerateRequest, cancel: &AtomicBool) -> echomimic_pipeline::Result<Run> {
+    let (w, h) = (request.width, request.height);
+    let dump = std::cell::RefCell::new(TensorDump::new());
+    let mut progress = Vec::new();
+    let report = pipeline().generate_with_dump(
+        request,
+        &mut |p| progress.push(p),
+        cancel,
+        &mut |i: usize, rgb: &[u8]| dump.borrow_mut().record_rgb_frame(i, rgb, w, h),
+        &mut |name: &str, t: &Tensor| dump.borrow_mut().record(name, t),
+    )?;
+    Ok(Run {
+        report,
+        tensors: dump.into_inner().into_tensors()?,
+        progress,
+    })
+}
+
+fn golden_bank(g: &HashMap<String, Tensor>) -> Bank {
+    g.iter()
+        .filter_map(|(k, v)| {
+            k.strip_prefix("ref_bank.")
+                .map(|p| (p.to_owned(), v.clone()))
+        })
+        .collect()
+}
+
+fn as_i64(t: &Tensor) -> anyhow::Result<Vec<i64>> {
+    Ok(t.flatten_all()?.to_dtype(DType::I64)?.to_vec1::<i64>()?)
+}
+
+/// `frames_uint8` rule: at most 1 apart, at most 5 % of the values differ.
+fn assert_frames_close(what: &str, got: &Tensor, want: &Tensor) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        got.dims() == want.dims(),
+        "{what}: shape {:?} != golden {:?}",
+        got.dims(),
+        want.dims()
+    );
+    let g = got.flatten_all()?.to_vec1::<u8>()?;
+    let w = want.flatten_all()?.to_vec1::<u8>()?;
+    let max = g
+        .iter()
+        .zip(&w)
+        .map(|(a, b)| a.abs_diff(*b))
+        .max()
+        .unwrap_or(0);
+    let differ = g.iter().zip(&w).filter(|(a, b)| a != b).count();
+    let frac = differ as f64 / g.len().max(1) as f64;
+    eprintln!(
+        "{what}: max |ours - golden| = {max}, {differ} of {} values differ ({frac:.2e})",
+        g.len()
+    );
+    anyhow::ensure!(max <= 1, "{what}: max diff {max} > 1");
+    anyhow::ensure!(
+        frac <= 0.05,
+        "{what}: {frac:.3} of the values differ (> 5 %)"
+    );
+    Ok(())
+}
+
+/// Records the raw UNet outputs of a step.
+#[derive(Default)]
+struct Capture {
+    outputs: Vec<(Vec<usize>, Tensor)>,
+}
+
+impl DenoiseObserver for Capture {
+    fn after_unet(
+        &mut self,
+        call: &UnetCall<'_>,
+        output: &Tensor,
+    ) -> echomimic_pipeline::Result<()> {
+        self.outputs.push((call.frames.to_vec(), output.clone()));
+        Ok(())
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Parity
+// ------------------------------------------------------------------------------------------
+
+#[test]
+fn teacher_forced_steps_match_golden() -> anyhow::Result<()> {
+    let case = case()?;
+    let g = golden("pipeline")?;
+    let p = pipeline();
+    let cond = p.conditioning(
+        &golden_bank(&g),
+        get(&g, "face_locator_out")?,
+        get(&g, "audio_fea_final")?,
+        case.cfg,
+    )?;
+    let denoiser = p.denoiser(&cond, case.steps, case.context_frames, case.context_overlap)?;
+    let timesteps: Vec<i64> = denoiser.timesteps().iter().map(|&t| t as i64).collect();
+    assert_exact_i64("timesteps", &timesteps, get(&g, "timesteps")?)?;
+    for step in 0..case.steps {
+        let input = if step == 0 {
+            get(&g, "latents_init")?
+        } else {
+            get(&g, &format!("step{}.latents_out", step - 1))?
+        };
+        let mut capture = Capture::default();
+        let out = denoiser.step(step, input, &mut capture)?;
+        let contexts: Vec<i64> = out.windows.iter().flatten().map(|&i| i as i64).collect();
+        assert_exact_i64(
+            &format!("step{step}.contexts"),
+            &contexts,
+            get(&g, &format!("step{step}.contexts"))?,
+        )?;
+        for key in ["noise_pred_cfg", "latents_out"] {
+            let got = if key == "noise_pred_cfg" {
+                &out.noise_pred
+            } else {
+                &out.latents
+            };
+            assert_close(
+                &format!("teacher_forced.step{step}.{key}"),
+                got,
+                get(&g, &format!("step{step}.{key}"))?,
+                tolerance(&format!("teacher_forced.step{step}.{key}"))?,
+            )?;
+        }
+        if step == 0 {
+            let atol = tolerance("teacher_forced.step0.window*.unet_out")?;
+            for (j, (_, output)) in capture.outputs.iter().enumerate() {
+                assert_close(
+                    &format!("teacher_forced.step0.window{j}.unet_out"),
+                    output,
+                    get(&g, &format!("step0.window{j}.unet_out"))?,
+                    atol,
+                )?;
+            }
+        }
+    }
+    // Decoding the stored final latents.
+    let last = get(&g, &format!("step{}.latents_out", case.steps - 1))?;
+    let frames: Vec<Tensor> = (0..last.dim(2)?)
+        .map(|i| p.decode_frame(&last.narrow(2, i, 1)?.squeeze(2)?))
+        .collect::<echomimic_pipeline::Result<_>>()?;
+    assert_close(
+        "teacher_forced.video",
+        &Tensor::stack(&frames, 2)?,
+        get(&g, "video")?,
+        tolerance("teacher_forced.video")?,
+    )?;
+    Ok(())
+}
+
+#[test]
+fn free_running_with_injected_noise_matches_golden() -> anyhow::Result<()> {
+    let case = case()?;
+    let g = golden("pipeline")?;
+    let mut req = request(&case);
+    req.init_noise = Some(get(&g, "latents_randn")?.clone());
+    let out = run(&req, &AtomicBool::new(false))?;
+    let t = &out.tensors;
+
+    for key in ["video_length", "timesteps"] {
+        assert_exact_i64(key, &as_i64(get(t, key)?)?, get(&g, key)?)?;
+    }
+    for step in 0..case.steps {
+        let key = format!("step{step}.contexts");
+        assert_exact_i64(&key, &as_i64(get(t, &key)?)?, get(&g, &key)?)?;
+    }
+    // The mask is mask / 255 of a bit-exact crop: no arithmetic to differ.
+    assert_close(
+        "pipeline.face_mask_tensor",
+        get(t, "face_mask_tensor")?,
+        get(&g, "face_mask_tensor")?,
+        1e-6,
+    )?;
+    for key in [
+        "ref_image_tensor",
+        "ref_image_latents_unscaled",
+        "ref_image_latents",
+        "face_locator_out",
+        "audio_fea_final",
+        "latents_randn",
+        "latents_init",
+        "video",
+    ] {
+        let name = format!("pipeline.{key}");
+        assert_close(&name, get(t, key)?, get(&g, key)?, tolerance(&name)?)?;
+    }
+    let bank_atol = tolerance("pipeline.ref_bank.*")?;
+    let mut banks = 0;
+    for (key, want) in g.iter().filter(|(k, _)| k.starts_with("ref_bank.")) {
+        assert_close(&format!("pipeline.{key}"), get(t, key)?, want, bank_atol)?;
+        banks += 1;
+    }
+    anyhow::ensure!(banks > 0, "the golden set has no ref_bank.* tensors");
+    for step in 0..case.steps {
+        for key in ["noise_pred_cfg", "latents_out"] {
+            let name = format!("step{step}.{key}");
+            assert_close(
+                &format!("pipeline.{name}"),
+                get(t, &name)?,
+                get(&g, &name)?,
+                tolerance(&format!("pipeline.{name}"))?,
+            )?;
+        }
+    }
+    let window_atol = tolerance("pipeline.step*.window*.unet_out")?;
+    let windows = g.keys().filter(|k| k.starts_with("step0.window")).count();
+    anyhow::ensure!(
+        windows == out.report.windows,
+        "{windows} golden windows, {} run",
+        out.report.windows
+    );
+    for j in 0..windows {
+        let name = format!("step0.window{j}.unet_out");
+        assert_close(
+            &format!("pipeline.{name}"),
+            get(t, &name)?,
+            get(&g, &name)?,
+            window_atol,
+        )?;
+    }
+    assert_frames_close(
+        "pipeline.frames_uint8",
+        get(t, "frames_uint8")?,
+        get(&g, "frames_uint8")?,
+    )?;
+
+    // Every golden tensor has a counterpart of the same shape and dtype.
+    for (key, want) in &g {
+        let got = get(t, key)?;
+        anyhow::ensure!(
+            got.dims() == want.dims(),
+            "{key}: shape {:?} != golden {:?}",
+            got.dims(),
+            want.dims()
+        );
+        anyhow::ensure!(
+            got.dtype() == want.dtype(),
+            "{key}: dtype {:?} != golden {:?}",
+            got.dtype(),
+            want.dtype()
+        );
+    }
+    assert!(out.report.injected_noise);
+    assert_eq!(
+        out.report.frames,
+        case.max_frames.min(out.report.audio_frames)
+    );
+    Ok(())
+}
+
+#[test]
+fn seeded_noise_reproduces_golden_latents_and_video() -> anyhow::Result<()> {
+    let case = case()?;
+    let g = golden("pipeline")?;
+    let out = run(&request(&case), &AtomicBool::new(false))?;
+    assert_eq!(out.report.seed, case.seed as u64);
+    assert!(!out.report.injected_noise);
+    for key in ["latents_init", "video"] {
+        let name = format!("pipeline.{key}");
+        assert_close(
+            &format!("{name} (seeded)"),
+            get(&out.tensors, key)?,
+            get(&g, key)?,
+            tolerance(&name)?,
+        )?;
+    }
+    assert_frames_close(
+        "pipeline.frames_uint8 (seeded)",
+        get(&out.tensors, "frames_uint8")?,
+        get(&g, "frames_uint8")?,
+    )?;
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------------------
+// Behaviour
+// ------------------------------------------------------------------------------------------
+
+/// A cheap request: one step.
+fn quick_request() -> anyhow::Result<GenerateRequest> {
+    let mut r = request(&case()?);
+    r.steps = 1;
+    Ok(r)
+}
+
+#[test]
+fn progress_is_ordered_monotonic_and_totals_add_up() -> anyhow::Result<()> {
+    let mut req = quick_request()?;
+    req.steps = 2;
+    let out = run(&req, &AtomicBool::new(false))?;
+    let stages: Vec<Stage> = out
+        .progress
+        .iter()
+        .filter_map(|p| match p {
+            Progress::Stage(s) => Some(*s),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        stages,
+        [
+            Stage::Face,
+            Stage::AudioFeatures,
+            Stage::Reference,
+            Stage::Denoising,
+            Stage::Decoding
+        ]
+    );
+    let calls: Vec<(usize, usize, usize, usize)> = out
+        .progress
+        .iter()
+        .filter_map(|p| match *p {
+            Progress::UnetCall {
+                step,
+                window,
+                done,
+                total,
+                ..
+            } => Some((step, window, done, total)),
+            _ => None,
+        })
+        .collect();
+    let r = &out.report;
+    assert_eq!(r.unet_calls, r.steps * r.windows);
+    assert_eq!(calls.len(), r.unet_calls);
+    for (k, &(step, window, done, total)) in calls.iter().enumerate() {
+        assert_eq!(
+            (step, window, done, total),
+            (k / r.windows, k % r.windows, k + 1, r.unet_calls)
+        );
+    }
+    let frames: Vec<(usize, usize)> = out
+        .progress
+        .iter()
+        .filter_map(|p| match *p {
+            Progress::Frame { done, total } => Some((done, total)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        frames,
+        (1..=r.frames).map(|d| (d, r.frames)).collect::<Vec<_>>()
+    );
+    // The plan comes once, after the audio stage, and announces the totals.
+    let plans: Vec<(usize, Progress)> = out
+        .progress
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| matches!(p, Progress::Plan { .. }))
+        .map(|(i, p)| (i, *p))
+        .collect();
+    assert_eq!(plans.len(), 1);
+    assert_eq!(
+        plans[0].1,
+        Progress::Plan {
+            frames: r.frames,
+            audio_frames: r.audio_frames,
+            unet_calls: r.unet_calls
+        }
+    );
+    let reference_start = out
+        .progress
+        .iter()
+        .position(|p| *p == Progress::Stage(Stage::Reference))
+        .unwrap();
+    assert!(plans[0].0 < reference_start);
+    // Stage events come before the counts of their stage.
+    let denoise_start = out
+        .progress
+        .iter()
+        .position(|p| *p == Progress::Stage(Stage::Denoising))
+        .unwrap();
+    let first_call = out
+        .progress
+        .iter()
+        .position(|p| matches!(p, Progress::UnetCall { .. }))
+        .unwrap();
+    assert!(denoise_start < first_call);
+    assert!(r.timings.total >= r.timings.denoising + r.timings.decoding);
+    Ok(())
+}
+
+#[test]
+fn cancel_stops_between_unet_calls_and_between_frames() -> anyhow::Result<()> {
+    let req = quick_request()?;
+    // During denoising: set the flag after the second UNet call.
+    let cancel = AtomicBool::new(false);
+    let mut calls = 0;
+    let mut frames = 0;
+    let err = pipeline()
+        .generate(
+            &req,
+            &mut |p| {
+                if let Progress::UnetCall { done, .. } = p {
+                    calls += 1;
+                    if done == 2 {
+                        cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            },
+            &cancel,
+            &mut |_: usize, _: &[u8]| {
+                frames += 1;
+                Ok(())
+            },
+        )
+        .unwrap_err();
+    assert!(matches!(err, PipelineError::Cancelled), "{err}");
+    assert_eq!((calls, frames), (2, 0));
+
+    // During decoding: set the flag once three frames are out.
+    let cancel = AtomicBool::new(false);
+    let mut frames = 0;
+    let err = pipeline()
+        .generate(
+            &req,
+            &mut |p| {
+                if let Progress::Frame { done: 3, .. } = p {
+                    cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+            },
+            &cancel,
+            &mut |_: usize, _: &[u8]| {
+                frames += 1;
+                Ok(())
+            },
+        )
+        .unwrap_err();
+    assert!(matches!(err, PipelineError::Cancelled), "{err}");
+    assert_eq!(frames, 3);
+
+    // Already set: nothing runs.
+    let cancel = AtomicBool::new(true);
+    let mut events = 0;
+    let err = pipeline()
+        .generate(
+            &req,
+            &mut |_| events += 1,
+            &cancel,
+            &mut |_: usize, _: &[u8]| Ok(()),
+        )
+        .unwrap_err();
+    assert!(matches!(err, PipelineError::Cancelled));
+    assert_eq!(events, 0);
+    Ok(())
+}
+
+#[test]
+fn frame_limit_truncation_is_reported() -> anyhow::Result<()> {
+    let mut req = quick_request()?;
+    req.max_frames = 5;
+    let short = run(&req, &AtomicBool::new(false))?;
+    assert_eq!(short.report.frames, 5);
+    assert!(short.report.audio_frames > 5);
+    assert!(short.report.truncated);
+    assert!(short.report.truncation_note().is_some());
+    assert_eq!(get(&short.tensors, "frames_uint8")?.dim(0)?, 5);
+
+    req.max_frames = usize::MAX;
+    let full = run(&req, &AtomicBool::new(false))?;
+    assert_eq!(full.report.frames, short.report.audio_frames);
+    assert_eq!(full.report.audio_frames, short.report.audio_frames);
+    assert!(!full.report.truncated);
+    assert!(full.report.truncation_note().is_none());
+    Ok(())
+}
+
+#[test]
+fn without_guidance_the_batch_is_one_and_windows_are_averaged() -> anyhow::Result<()> {
+    // The reference's normal pipeline sums overlapping windows when cfg <= 1;
+    // the fix divides by the coverage, with a batch of one (no uncond half).
+    let case = case()?;
+    let g = golden("pipeline")?;
+    let p = pipeline();
+    let cond = p.conditioning(
+        &golden_bank(&g),
+        get(&g, "face_locator_out")?,
+        get(&g, "audio_fea_final")?,
+        1.0,
+    )?;
+    assert!(!cond.guidance());
+    let denoiser = p.denoiser(&cond, case.steps, case.context_frames, case.context_overlap)?;
+    let latents = get(&g, "latents_init")?;
+    let mut capture = Capture::default();
+    let out = denoiser.step(1, latents, &mut capture)?;
+
+    let (_, c, f, h, w) = latents.dims5()?;
+    let plane = h * w;
+    let mut sum = vec![0f64; c * f * plane];
+    let mut count = vec![0usize; f];
+    for (frames, output) in &capture.outputs {
+        assert_eq!(
+            output.dims(),
+            &[1, c, frames.len(), h, w],
+            "batch of one without CFG"
+        );
+        let o = output.flatten_all()?.to_vec1::<f32>()?;
+        for (k, &frame) in frames.iter().enumerate() {
+            count[frame] += 1;
+            for ch in 0..c {
+                for q in 0..plane {
+                    sum[(ch * f + frame) * plane + q] +=
+                        f64::from(o[((ch * frames.len()) + k) * plane + q]);
+                }
+            }
+        }
+    }
+    assert!(
+        count.iter().any(|&n| n > 1),
+        "the test needs overlapping windows"
+    );
+    let mean: Vec<f32> = sum
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s / count[(i / plane) % f] as f64) as f32)
+        .collect();
+    let want = Tensor::from_vec(mean, (1, c, f, h, w), &Device::Cpu)?;
+    assert_close(
+        "cfg 1.0 noise_pred (window mean)",
+        &out.noise_pred,
+        &want,
+        1e-5,
+    )?;
+    Ok(())
+}
+
+#[test]
+fn bad_requests_are_invalid_input() -> anyhow::Result<()> {
+    let g = golden("pipeline")?;
+    let base = quick_request()?;
+    let mut wrong_noise = base.clone();
+    wrong_noise.init_noise = Some(get(&g, "latents_randn")?.narrow(2, 0, 3)?);
+    let cases = [
+        (
+            "width",
+            GenerateRequest {
+                width: base.width + 4,
+                ..base.clone()
+            },
+        ),
+        (
+            "steps",
+            GenerateRequest {
+                steps: 0,
+                ..base.clone()
+            },
+        ),
+        (
+            "context_overlap",
+            GenerateRequest {
+                context_overlap: base.context_frames,
+                ..base.clone()
+            },
+        ),
+        // Windows longer than the motion module's position table.
+        (
+            "context_frames",
+            GenerateRequest {
+                context_frames: 1000,
+                max_frames: usize::MAX,
+                ..base.clone()
+            },
+        ),
+        ("initial noise", wrong_noise),
+    ];
+    for (what, req) in cases {
+        let mut calls = 0;
+        let err = pipeline()
+            .generate(
+                &req,
+                &mut |p| {
+                    if let Progress::UnetCall { .. } = p {
+                        calls += 1
+                    }
+                },
+                &AtomicBool::new(false),
+                &mut |_: usize, _: &[u8]| Ok(()),
+            )
+            .unwrap_err();
+        match err {
+            PipelineError::InvalidInput(m) => assert!(m.contains(what), "{what}: {m}"),
+            other => panic!("{what}: expected InvalidInput, got {other}"),
+        }
+        assert_eq!(calls, 0, "{what}: rejected before any UNet call");
+    }
+    // A prepared crop of the wrong size.
+    let detector = pipeline().face_detector();
+    let photo = echomimic_pipeline::face::load_image(&case()?.photo, &Default::default())?;
+    let crop = detector.crop_face(&photo, base.width / 2, base.height / 2, &Default::default())?;
+    let req = GenerateRequest {
+        reference: ReferenceInput::Crop(Box::new(crop)),
+        ..base.clone()
+    };
+    let err = pipeline()
+        .generate(
+            &req,
+            &mut |_| {},
+            &AtomicBool::new(false),
+            &mut |_: usize, _: &[u8]| Ok(()),
+        )
+        .unwrap_err();
+    assert!(matches!(err, PipelineError::InvalidInput(_)), "{err}");
+    Ok(())
+}
+
+#[test]
+fn prepared_crop_and_waveform_inputs_give_the_same_video() -> anyhow::Result<()> {
+    let req = quick_request()?;
+    let from_files = run(&req, &AtomicBool::new(false))?;
+    let photo = echomimic_pipeline::face::load_image(&case()?.photo, &Default::default())?;
+    let crop =
+        pipeline()
+            .face_detector()
+            .crop_face(&photo, req.width, req.height, &Default::default())?;
+    let wave = echomimic_pipeline::audio::load_waveform_16k(&case()?.speech, &Default::default())?;
+    let prepared = GenerateRequest {
+        reference: ReferenceInput::Crop(Box::new(crop)),
+        audio: SpeechInput::Waveform16k(wave),
+        ..req.clone()
+    };
+    let from_prepared = run(&prepared, &AtomicBool::new(false))?;
+    assert_eq!(from_files.report.face, from_prepared.report.face);
+    assert_close(
+        "video from prepared inputs",
+        get(&from_prepared.tensors, "video")?,
+        get(&from_files.tensors, "video")?,
+        0.0,
+    )?;
+    Ok(())
+}
+
+#[test]
+fn missing_weight_files_are_reported_before_loading() {
+    let dir = golden_dir().join("pretrained_weights");
+    assert_eq!(ModelSource::detect_variant(&dir), Variant::Normal);
+    let err = EchoMimicPipeline::load(
+        &ModelSource::WeightsDir {
+            dir: dir.clone(),
+            variant: Some(Variant::Accelerated),
+        },
+        &Device::Cpu,
+        None,
+    )
+    .unwrap_err();
+    match err {
+        PipelineError::MissingFile(p) => {
+            assert!(p.ends_with("denoising_unet_acc.pth"), "{}", p.display())
+        }
+        other => panic!("expected MissingFile, got {other}"),
+    }
+    let err = EchoMimicPipeline::load(
+        &ModelSource::WeightsDir {
+            dir: dir.join("nope"),
+            variant: None,
+        },
+        &Device::Cpu,
+        None,
+    )
+    .unwrap_err();
+    assert!(matches!(err, PipelineError::MissingFile(_)), "{err}");
+}
+
+#[test]
+fn half_precision_runs_end_to_end_close_to_f32() -> anyhow::Result<()> {
+    // Weights, latents and accumulators in f16 (norms and softmax in f32
+    // inside the models): the plumbing works and the video stays near f32.
+    let half = EchoMimicPipeline::load(
+        &ModelSource::PromptYaml(prompt_path()),
+        &Device::Cpu,
+        Some(DType::F16),
+    )?;
+    assert_eq!(half.dtype(), DType::F16);
+    let mut req = quick_request()?;
+    req.max_frames = 6;
+    let mut f16_frames = Vec::new();
+    let report = half.generate(
+        &req,
+        &mut |_| {},
+        &AtomicBool::new(false),
+        &mut |_: usize, rgb: &[u8]| {
+            f16_frames.extend_from_slice(rgb);
+            Ok(())
+        },
+    )?;
+    assert_eq!(report.frames, 6);
+    let full = run(&req, &AtomicBool::new(false))?;
+    let f32_frames = get(&full.tensors, "frames_uint8")?
+        .flatten_all()?
+        .to_vec1::<u8>()?;
+    assert_eq!(f16_frames.len(), f32_frames.len());
+    let mean_abs = f16_frames
+        .iter()
+        .zip(&f32_frames)
+        .map(|(a, b)| f64::from(a.abs_diff(*b)))
+        .sum::<f64>()
+        / f16_frames.len() as f64;
+    let max_abs = f16_frames
+        .iter()
+        .zip(&f32_frames)
+        .map(|(a, b)| a.abs_diff(*b))
+        .max()
+        .unwrap_or(0);
+    eprintln!("f16 vs f32 frames: mean |diff| {mean_abs:.3} levels, max {max_abs}");
+    anyhow::ensure!(
+        mean_abs < 2.0,
+        "f16 frames drift from f32 by {mean_abs:.2} levels on average"
+    );
+    Ok(())
+}
