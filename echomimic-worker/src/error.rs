@@ -16,7 +16,7 @@
 //! | shutdown stopped the task | — | requeued as it was, no event, not counted |
 //!
 //! Redis errors never fail a task: every Redis operation is retried with capped backoff until
-//! Redis answers again (see [`crate::redis_link`]).
+//! Redis answers again (the `redis_link` module).
 
 use std::fmt;
 use std::path::PathBuf;
@@ -231,14 +231,12 @@ impl WorkerError {
     }
 
     /// The process exit status for this error: 2 invalid configuration, 3 the gpu id is
-    /// served by another worker, 4 the lease was lost while running, 130 interrupted,
-    /// 1 anything else.
+    /// served by another worker, 4 the lease was lost while running, 1 anything else.
     pub fn exit_code(&self) -> u8 {
         match self {
             WorkerError::Config(_) => 2,
             WorkerError::LeaseHeld { .. } => 3,
             WorkerError::LeaseLost { .. } => 4,
-            WorkerError::Cancelled => 130,
             _ => 1,
         }
     }

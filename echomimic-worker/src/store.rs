@@ -7,7 +7,7 @@
 //! # Recording an outcome
 //!
 //! Every outcome of a claimed item (completed, failed, requeued, dead-lettered) is one Lua
-//! script ([`RECORD_OUTCOME`]), so Redis applies all of it or nothing:
+//! script (`RECORD_OUTCOME`), so Redis applies all of it or nothing:
 //!
 //! 1. **fence**: if `worker_lease:{gpu}` is held by another worker, nothing is written (this
 //!    worker was cut off longer than the lease TTL and its items were recovered by the other);
