@@ -419,9 +419,13 @@ impl Worker {
         }
 
         // 3. Leftovers of a previous run.
+        let gave_up = |e: RetryEnd| match e {
+            RetryEnd::GaveUp(_) => WorkerError::Cancelled,
+            RetryEnd::Failed(e) => WorkerError::Redis(e),
+        };
         let leftovers = link
             .run_retrying(stopped, |con| keys.leftovers(con))
-            .map_err(|e| WorkerError::Redis(e.into_error()))?;
+            .map_err(gave_up)?;
         for raw in leftovers.into_iter().rev() {
             let claim = Claim::new(raw);
             let record = policy.recovered(&claim);
@@ -432,7 +436,7 @@ impl Worker {
             );
             let recorded = link
                 .run_retrying(stopped, |con| keys.record(con, &record))
-                .map_err(|e| WorkerError::Redis(e.into_error()))?;
+                .map_err(gave_up)?;
             if recorded == Recorded::LeaseLost {
                 return Err(WorkerError::LeaseLost {
                     key: keys.lease.clone(),
