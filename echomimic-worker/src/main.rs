@@ -1,1 +1,100 @@
-fn main() {}
+//! `echomimic-worker`: the EchoMimic worker service (`serve`, the default) and one-shot local
+//! generation (`generate`). Everything but argument parsing, logging, signals and exit codes
+//! lives in the library.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use echomimic_worker::generate::{self, GenerateArgs};
+use echomimic_worker::pipeline_engine::PipelineEngine;
+use echomimic_worker::{ServeArgs, ShutdownHandle, ShutdownLevel, Worker, WorkerError};
+use signal_hook::consts::{SIGINT, SIGTERM};
+
+/// EchoMimic v1 talking-head worker: consumes tasks from Redis (guide: EchoMimic Worker usage),
+/// or generates one video locally.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve tasks from a Redis queue (the default when no subcommand is given).
+    Serve(Box<ServeArgs>),
+    /// Generate one video from a photo and a speech file.
+    Generate(Box<GenerateArgs>),
+}
+
+/// `serve` is the default subcommand: `echomimic-worker --gpu-id 1` means
+/// `echomimic-worker serve --gpu-id 1`.
+fn argv() -> Vec<String> {
+    let mut args: Vec<String> = std::env::args().collect();
+    let explicit = args.get(1).is_some_and(|a| {
+        matches!(
+            a.as_str(),
+            "serve" | "generate" | "help" | "-h" | "--help" | "-V" | "--version"
+        )
+    });
+    if !explicit {
+        args.insert(1, "serve".into());
+    }
+    args
+}
+
+fn serve(args: ServeArgs) -> Result<(), WorkerError> {
+    let config = args.into_config()?;
+    tracing::info!(?config, "configuration");
+    let shutdown = ShutdownHandle::new();
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
+        .map_err(|e| WorkerError::Internal(format!("cannot install signal handlers: {e}")))?;
+    let on_signal = shutdown.clone();
+    std::thread::spawn(move || {
+        for signal in signals.forever() {
+            match on_signal.request() {
+                ShutdownLevel::Graceful => tracing::warn!(signal, "stopping: no new tasks; the running one may finish within the grace period (signal again to stop it now)"),
+                _ => tracing::warn!(signal, "stopping now: the running task is requeued"),
+            }
+        }
+    });
+    let model = config.model.clone();
+    let gpu_id = config.gpu_id;
+    let worker = match Worker::start(config, shutdown, || PipelineEngine::load(&model, gpu_id)) {
+        Ok(w) => w,
+        // A stop signal while the model was loading: a normal stop.
+        Err(WorkerError::Cancelled) => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let stats = worker.join()?;
+    tracing::info!(?stats, "stopped");
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    match Cli::parse_from(argv()).command {
+        Command::Serve(args) => match serve(*args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!("{e}");
+                ExitCode::from(e.exit_code())
+            }
+        },
+        Command::Generate(args) => match generate::run(&args) {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!("{e:#}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}

@@ -1,0 +1,711 @@
+//! Settings of the worker: command-line flags with environment fallbacks (the usage guide's
+//! variable names where it has one), validated into one [`WorkerConfig`].
+//!
+//! Every flag is documented in `echomimic-worker serve --help`. Secrets (the Redis password, a
+//! password inside `REDIS_URL`) never appear in `Debug` output or logs.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+use echomimic_protocol::{keys, Schema};
+use echomimic_tempfile::RetryPolicy;
+
+use crate::error::WorkerError;
+
+/// Which EchoMimic v1 weights are served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, ValueEnum)]
+pub enum Variant {
+    /// `denoising_unet.pth` + `motion_module.pth`, classifier-free guidance (25 steps, cfg 2.5).
+    Normal,
+    /// `denoising_unet_acc.pth` + `motion_module_acc.pth`, distilled (6 steps, cfg 1.0).
+    Acc,
+}
+
+impl Variant {
+    /// Default denoising steps of the variant (guide: "usually 25"; the accelerated script: 6).
+    pub fn default_steps(self) -> u32 {
+        match self {
+            Variant::Normal => 25,
+            Variant::Acc => 6,
+        }
+    }
+
+    /// Default guidance scale (guide: "usually 2.5"; the accelerated weights run without CFG).
+    pub fn default_cfg(self) -> f64 {
+        match self {
+            Variant::Normal => 2.5,
+            Variant::Acc => 1.0,
+        }
+    }
+
+    /// The variant a set of weights implies: a prompt yaml naming `denoising_unet_acc.pth`
+    /// is accelerated; a weights folder is accelerated when `denoising_unet_acc.pth` and
+    /// `motion_module_acc.pth` are both there (the EchoMe worker's choice, about 10× less
+    /// compute), else normal.
+    pub fn detect(source: &ModelSource) -> Variant {
+        match source {
+            ModelSource::Prompt(path) => {
+                let text = std::fs::read_to_string(path).unwrap_or_default();
+                let acc = text.lines().any(|l| {
+                    let l = l.trim_start();
+                    l.starts_with("denoising_unet_path") && l.contains("_acc")
+                });
+                if acc {
+                    Variant::Acc
+                } else {
+                    Variant::Normal
+                }
+            }
+            ModelSource::WeightsDir(dir) => {
+                if dir.join("denoising_unet_acc.pth").is_file()
+                    && dir.join("motion_module_acc.pth").is_file()
+                {
+                    Variant::Acc
+                } else {
+                    Variant::Normal
+                }
+            }
+        }
+    }
+}
+
+impl fmt::Display for Variant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Variant::Normal => "normal",
+            Variant::Acc => "acc",
+        })
+    }
+}
+
+/// Where the model files come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelSource {
+    /// A prompt yaml (`configs/prompts/animation*.yaml`) naming every file.
+    Prompt(PathBuf),
+    /// A folder in the official `pretrained_weights/` layout.
+    WeightsDir(PathBuf),
+}
+
+/// Model options shared by `serve` and `generate`.
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// Prompt yaml naming the weight files (e.g. `configs/prompts/animation_acc.yaml`);
+    /// relative paths inside it are resolved from the working directory, then from the
+    /// yaml's folder and its parents. Takes precedence over `--weights`.
+    #[arg(long, value_name = "PROMPT.yaml")]
+    pub config: Option<PathBuf>,
+    /// Folder in the official EchoMimic layout (Hugging Face `BadToBest/EchoMimic`).
+    #[arg(
+        long,
+        env = "PRETRAINED_WEIGHTS_DIR",
+        default_value = "pretrained_weights",
+        value_name = "DIR"
+    )]
+    pub weights: PathBuf,
+    /// Width of the generated frames in pixels (a multiple of 8).
+    #[arg(short = 'W', long, default_value_t = 512)]
+    pub width: u32,
+    /// Height of the generated frames in pixels (a multiple of 8).
+    #[arg(short = 'H', long, default_value_t = 512)]
+    pub height: u32,
+    /// Frames per second of the video (the audio is cut into one window per frame).
+    #[arg(long, default_value_t = 24.0)]
+    pub fps: f64,
+    /// Frames per context window of the sampler.
+    #[arg(long, default_value_t = 12)]
+    pub context_frames: usize,
+    /// Frames shared by neighbouring context windows.
+    #[arg(long, default_value_t = 3)]
+    pub context_overlap: usize,
+    /// Normal (CFG, 25 steps) or accelerated (6 steps, cfg 1.0) weights. Default: the
+    /// accelerated ones when the prompt yaml names `denoising_unet_acc.pth` or the weights
+    /// folder has `denoising_unet_acc.pth` and `motion_module_acc.pth`, else normal.
+    #[arg(long, value_enum)]
+    pub variant: Option<Variant>,
+    /// Compute device: `cpu`, `cuda`, `cuda:N` or `auto` (CUDA when available). For `serve`,
+    /// `cuda` means `cuda:GPU_ID`.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Compute precision: f32, f16 or bf16. Default: f32 on the CPU; on CUDA the prompt yaml's
+    /// `weight_dtype` (f16 for a weights folder, as the official scripts run).
+    #[arg(long)]
+    pub dtype: Option<String>,
+}
+
+impl ModelArgs {
+    /// Where the weights come from.
+    pub fn source(&self) -> ModelSource {
+        match &self.config {
+            Some(p) => ModelSource::Prompt(p.clone()),
+            None => ModelSource::WeightsDir(self.weights.clone()),
+        }
+    }
+
+    /// The variant: `--variant`, else detected from the files.
+    pub fn variant(&self) -> Variant {
+        self.variant
+            .unwrap_or_else(|| Variant::detect(&self.source()))
+    }
+
+    /// Checks sizes and rates.
+    pub fn validate(&self) -> Result<(), WorkerError> {
+        let bad = |m: String| Err(WorkerError::Config(m));
+        for (name, v) in [("width", self.width), ("height", self.height)] {
+            if v == 0 || !v.is_multiple_of(8) || v > 4096 {
+                return bad(format!("--{name} {v}: must be a multiple of 8 in 8..=4096"));
+            }
+        }
+        if !(self.fps.is_finite() && self.fps > 0.0 && self.fps <= 120.0) {
+            return bad(format!("--fps {}: must be in (0, 120]", self.fps));
+        }
+        if self.context_frames == 0 {
+            return bad("--context-frames must be at least 1".into());
+        }
+        if self.context_overlap >= self.context_frames {
+            return bad(format!(
+                "--context-overlap {} must be smaller than --context-frames {}",
+                self.context_overlap, self.context_frames
+            ));
+        }
+        match self.source() {
+            ModelSource::Prompt(p) if !p.is_file() => {
+                bad(format!("--config {}: no such file", p.display()))
+            }
+            ModelSource::WeightsDir(d) if !d.is_dir() => bad(format!(
+                "weights folder {} does not exist; download the official weights with \
+                 `huggingface-cli download BadToBest/EchoMimic --local-dir pretrained_weights` \
+                 or pass --weights DIR / --config PROMPT.yaml",
+                d.display()
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Output geometry of the video.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, ValueEnum, Default)]
+pub enum Geometry {
+    /// The generated W×H face crop, as EchoMimic's own script writes it.
+    Crop,
+    /// The generated face pasted back into the original photo with a feathered edge (the
+    /// EchoMe worker's output: the user sees their own photo, animated). Output size = photo
+    /// size, made even.
+    #[default]
+    PasteBack,
+}
+
+/// Video encoder selection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, ValueEnum, Default)]
+pub enum Encoder {
+    /// ffmpeg when it is installed (H.264 High + AAC), else the built-in encoder, with a warning.
+    #[default]
+    Auto,
+    /// The `ffmpeg` program; the worker refuses to start without it.
+    Ffmpeg,
+    /// The built-in encoder (OpenH264 + Opus), no external program.
+    Builtin,
+}
+
+/// Progress event schema.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, ValueEnum, Default)]
+pub enum EventSchema {
+    /// The usage guide's §3.2 events (`status`, `progress`, `failed` + `code`).
+    #[default]
+    Default,
+    /// The EchoMe webapp's events (`status: "progress"` + integer `percentage`, `error`), plus
+    /// `SREM all_task_ids <task_id>` after every outcome.
+    Legacy,
+}
+
+impl From<EventSchema> for Schema {
+    fn from(s: EventSchema) -> Schema {
+        match s {
+            EventSchema::Default => Schema::Default,
+            EventSchema::Legacy => Schema::Legacy,
+        }
+    }
+}
+
+/// Redis connection flags.
+#[derive(Clone, Args)]
+pub struct RedisArgs {
+    /// Redis URL, `redis://[:password@]host:port/db`; overrides the four REDIS_* settings below.
+    #[arg(long, env = "REDIS_URL", hide_env_values = true, value_name = "URL")]
+    pub redis_url: Option<String>,
+    /// Redis host.
+    #[arg(long, env = "REDIS_HOST", default_value = "localhost")]
+    pub redis_host: String,
+    /// Redis port.
+    #[arg(long, env = "REDIS_PORT", default_value_t = 6379)]
+    pub redis_port: u16,
+    /// Redis database index.
+    #[arg(long, env = "REDIS_DB", default_value_t = 0)]
+    pub redis_db: i64,
+    /// Redis password (empty = none). Never logged.
+    #[arg(long, env = "REDIS_PASSWORD", hide_env_values = true)]
+    pub redis_password: Option<String>,
+}
+
+impl fmt::Debug for RedisArgs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisArgs")
+            .field("redis_url", &self.redis_url.as_deref().map(redact_url))
+            .field("redis_host", &self.redis_host)
+            .field("redis_port", &self.redis_port)
+            .field("redis_db", &self.redis_db)
+            .field(
+                "redis_password",
+                &self.redis_password.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
+}
+
+/// `redis://user:secret@host/0` → `redis://user:<redacted>@host/0`.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end + 3..];
+    let Some(at) = rest.rfind('@') else {
+        return url.to_owned();
+    };
+    let userinfo = &rest[..at];
+    let user = userinfo.split(':').next().unwrap_or("");
+    format!(
+        "{}{}:<redacted>@{}",
+        &url[..scheme_end + 3],
+        user,
+        &rest[at + 1..]
+    )
+}
+
+impl RedisArgs {
+    /// A client for these settings (no connection is made yet).
+    pub fn client(&self) -> Result<redis::Client, WorkerError> {
+        let client = match &self.redis_url {
+            Some(url) => redis::Client::open(url.as_str())
+                .map_err(|e| WorkerError::Config(format!("REDIS_URL {}: {e}", redact_url(url))))?,
+            None => {
+                let info = echomimic_protocol::client::connection_info(
+                    &self.redis_host,
+                    self.redis_port,
+                    self.redis_db,
+                    self.redis_password.as_deref(),
+                )
+                .map_err(|e| WorkerError::Config(format!("redis settings: {e}")))?;
+                redis::Client::open(info)
+                    .map_err(|e| WorkerError::Config(format!("redis settings: {e}")))?
+            }
+        };
+        Ok(client)
+    }
+
+    /// `host:port/db` (or the redacted URL), for logs.
+    pub fn describe(&self) -> String {
+        match &self.redis_url {
+            Some(url) => redact_url(url),
+            None => format!(
+                "redis://{}:{}/{}",
+                self.redis_host, self.redis_port, self.redis_db
+            ),
+        }
+    }
+}
+
+/// Flags of `echomimic-worker serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub redis: RedisArgs,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub model: ModelArgs,
+    /// Base URL of the temp-file API (inputs are downloaded from it, the video uploaded to it).
+    #[arg(long, env = "BASE_URL", default_value = "http://localhost:3000")]
+    pub base_url: String,
+    /// GPU index: the CUDA device used and the `{gpu_id}` in `gpu_status:{gpu_id}`,
+    /// `task_processing:{gpu_id}`, `worker_lease:{gpu_id}` and the default queue name.
+    #[arg(long, env = "GPU_ID", default_value_t = 0)]
+    pub gpu_id: u32,
+    /// Task queue to consume (default `task_queue_gpu_{gpu_id}`). Several workers may share one.
+    #[arg(long = "queue", env = "TASK_QUEUE_NAME", value_name = "NAME")]
+    pub queue: Option<String>,
+    /// Pub/Sub channel of progress events.
+    #[arg(long = "channel", env = "PROGRESS_CHANNEL", default_value = keys::DEFAULT_PROGRESS_CHANNEL)]
+    pub channel: String,
+    /// Default denoising steps for tasks without `steps` (default: 25 normal, 6 acc).
+    #[arg(long, env = "ECHOMIMIC_STEPS")]
+    pub steps: Option<u32>,
+    /// Default guidance scale for tasks without `cfg` (default: 2.5 normal, 1.0 acc).
+    #[arg(long, env = "ECHOMIMIC_CFG")]
+    pub cfg: Option<f64>,
+    /// Default seed for tasks without `seed` (the reference scripts use 420); negative = random.
+    #[arg(
+        long,
+        env = "ECHOMIMIC_SEED",
+        default_value_t = 420,
+        allow_hyphen_values = true
+    )]
+    pub seed: i64,
+    /// Attempts per task in total. An attempt ends early when the worker crashes or the model
+    /// fails; such a task is requeued (with the count kept in the queue item) until this many
+    /// attempts were started, then dead-lettered. 2 = one retry: GPU time is precious and a task
+    /// that crashed a worker twice is likely to do it again.
+    #[arg(long, env = "ECHOMIMIC_MAX_ATTEMPTS", default_value_t = 2)]
+    pub max_attempts: u32,
+    /// Progress event schema: `default` (the guide's) or `legacy` (the EchoMe webapp's; also
+    /// removes the task id from the `all_task_ids` set after every outcome).
+    #[arg(long, env = "ECHOMIMIC_EVENT_SCHEMA", value_enum, default_value_t)]
+    pub schema: EventSchema,
+    /// Output geometry: `paste-back` (the face animated inside the original photo, as the EchoMe
+    /// worker delivered it) or `crop` (the W×H face crop).
+    #[arg(long, env = "ECHOMIMIC_OUTPUT_GEOMETRY", value_enum, default_value_t)]
+    pub geometry: Geometry,
+    /// Video encoder: `auto` (ffmpeg if installed, else built-in), `ffmpeg` or `builtin`.
+    #[arg(long, env = "ECHOMIMIC_ENCODER", value_enum, default_value_t)]
+    pub encoder: Encoder,
+    /// Seconds `task_progress:{task_id}` (the latest event) is kept.
+    #[arg(long, default_value_t = keys::EVENT_TTL_SECS)]
+    pub event_ttl_secs: u64,
+    /// Seconds `task_result:{task_id}` (the terminal event) is kept.
+    #[arg(long, default_value_t = keys::RESULT_TTL_SECS)]
+    pub result_ttl_secs: u64,
+    /// Seconds `gpu_status:{gpu_id}` lives without a heartbeat (refreshed every third of it).
+    #[arg(long, default_value_t = keys::GPU_STATUS_TTL_SECS)]
+    pub status_ttl_secs: u64,
+    /// Seconds `worker_lease:{gpu_id}` lives without a heartbeat; a crashed worker's gpu id can
+    /// be taken over after this long.
+    #[arg(long, default_value_t = keys::LEASE_TTL_SECS)]
+    pub lease_ttl_secs: u64,
+    /// On SIGTERM/SIGINT, seconds the running task may take to finish before it is stopped
+    /// between two UNet calls and requeued (a second signal stops it at once).
+    #[arg(long, env = "ECHOMIMIC_GRACE_SECS", default_value_t = 25)]
+    pub grace_secs: u64,
+    /// Folder for per-task temporary files (each task gets its own subfolder, always removed).
+    /// Default: the system temp folder.
+    #[arg(long, env = "TEMP_DIR")]
+    pub temp_dir: Option<PathBuf>,
+    /// Largest accepted input file in bytes.
+    #[arg(long, default_value_t = 100 * 1024 * 1024)]
+    pub max_download_bytes: u64,
+    /// Longest accepted speech in seconds (longer audio fails with `bad_input`, never silently
+    /// truncated).
+    #[arg(long, env = "ECHOMIMIC_MAX_AUDIO_SECS", default_value_t = 120.0)]
+    pub max_audio_secs: f64,
+    /// Attempts of each temp-file HTTP request (transient errors: connection, timeout, 5xx),
+    /// with capped exponential backoff between them.
+    #[arg(long, default_value_t = 5)]
+    pub http_attempts: u32,
+    /// Cap of the backoff between temp-file HTTP attempts, in seconds.
+    #[arg(long, default_value_t = 8.0)]
+    pub http_max_backoff_secs: f64,
+    /// Connect timeout of temp-file HTTP requests, in seconds.
+    #[arg(long, default_value_t = 10.0)]
+    pub http_connect_timeout_secs: f64,
+    /// Claim and prepare (download, face detection, audio decoding) the next task while the
+    /// current one runs on the GPU. `--prefetch false` claims only when idle.
+    #[arg(long, env = "ECHOMIMIC_PREFETCH", default_value_t = true, action = clap::ArgAction::Set)]
+    pub prefetch: bool,
+}
+
+/// The validated worker configuration (built with [`ServeArgs::into_config`]).
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Redis settings (the client is built from them).
+    pub redis: RedisArgs,
+    /// Model options.
+    pub model: ModelArgs,
+    /// Temp-file API base URL.
+    pub base_url: String,
+    /// GPU id.
+    pub gpu_id: u32,
+    /// Queue consumed.
+    pub queue: String,
+    /// Progress channel.
+    pub channel: String,
+    /// Variant served.
+    pub variant: Variant,
+    /// Task defaults.
+    pub defaults: TaskDefaults,
+    /// Total attempts per task (≥ 1).
+    pub max_attempts: u32,
+    /// Event schema.
+    pub schema: Schema,
+    /// Output geometry.
+    pub geometry: Geometry,
+    /// Encoder choice.
+    pub encoder: Encoder,
+    /// TTL of `task_progress:{id}`.
+    pub event_ttl: Duration,
+    /// TTL of `task_result:{id}`.
+    pub result_ttl: Duration,
+    /// TTL of `gpu_status:{gpu}`.
+    pub status_ttl: Duration,
+    /// TTL of `worker_lease:{gpu}`.
+    pub lease_ttl: Duration,
+    /// Grace period after the first stop signal.
+    pub grace: Duration,
+    /// Parent of the per-task temp folders.
+    pub temp_dir: PathBuf,
+    /// Download size cap.
+    pub max_download_bytes: u64,
+    /// Longest accepted audio.
+    pub max_audio_secs: f64,
+    /// Retry policy of temp-file HTTP requests.
+    pub http_retry: RetryPolicy,
+    /// Connect timeout of temp-file HTTP requests.
+    pub http_connect_timeout: Duration,
+    /// Whether the next task is prepared during inference.
+    pub prefetch: bool,
+    /// `BLMOVE` timeout: how long one claim attempt blocks (and so how fast a stop request is
+    /// noticed while idle).
+    pub claim_timeout: Duration,
+}
+
+/// What a task gets when it leaves an option out.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TaskDefaults {
+    /// Denoising steps.
+    pub steps: u32,
+    /// Guidance scale.
+    pub cfg: f64,
+    /// Seed; negative = random.
+    pub seed: i64,
+    /// Frames per second.
+    pub fps: f64,
+}
+
+fn secs(what: &str, v: u64, min: u64) -> Result<Duration, WorkerError> {
+    if v < min {
+        return Err(WorkerError::Config(format!(
+            "--{what} {v}: must be at least {min}"
+        )));
+    }
+    Ok(Duration::from_secs(v))
+}
+
+fn fsecs(what: &str, v: f64) -> Result<Duration, WorkerError> {
+    if !(v.is_finite() && v > 0.0 && v <= 3600.0) {
+        return Err(WorkerError::Config(format!(
+            "--{what} {v}: must be a positive number of seconds, at most 3600"
+        )));
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+impl ServeArgs {
+    /// Validates the flags into a [`WorkerConfig`]; `Err(Config)` names the flag at fault.
+    pub fn into_config(self) -> Result<WorkerConfig, WorkerError> {
+        self.model.validate()?;
+        let variant = self.model.variant();
+        let steps = self.steps.unwrap_or_else(|| variant.default_steps());
+        if !echomimic_protocol::task::STEPS_RANGE.contains(&steps) {
+            return Err(WorkerError::Config(format!(
+                "--steps {steps}: must be in 1..=100"
+            )));
+        }
+        let cfg = self.cfg.unwrap_or_else(|| variant.default_cfg());
+        if !(cfg.is_finite() && echomimic_protocol::task::CFG_RANGE.contains(&cfg)) {
+            return Err(WorkerError::Config(format!(
+                "--cfg {cfg}: must be in 0..=20"
+            )));
+        }
+        if self.max_attempts == 0 {
+            return Err(WorkerError::Config(
+                "--max-attempts must be at least 1".into(),
+            ));
+        }
+        if self.http_attempts == 0 {
+            return Err(WorkerError::Config(
+                "--http-attempts must be at least 1".into(),
+            ));
+        }
+        if !(self.max_audio_secs.is_finite() && self.max_audio_secs > 0.0) {
+            return Err(WorkerError::Config(format!(
+                "--max-audio-secs {}: must be positive",
+                self.max_audio_secs
+            )));
+        }
+        if self.max_download_bytes == 0 {
+            return Err(WorkerError::Config(
+                "--max-download-bytes must be positive".into(),
+            ));
+        }
+        let queue = self.queue.unwrap_or_else(|| keys::task_queue(self.gpu_id));
+        if queue.is_empty() || self.channel.is_empty() {
+            return Err(WorkerError::Config(
+                "queue and channel names must not be empty".into(),
+            ));
+        }
+        let max_backoff = fsecs("http-max-backoff-secs", self.http_max_backoff_secs)?;
+        Ok(WorkerConfig {
+            redis: self.redis,
+            base_url: self.base_url,
+            gpu_id: self.gpu_id,
+            queue,
+            channel: self.channel,
+            variant,
+            defaults: TaskDefaults {
+                steps,
+                cfg,
+                seed: self.seed,
+                fps: self.model.fps,
+            },
+            model: self.model,
+            max_attempts: self.max_attempts,
+            schema: self.schema.into(),
+            geometry: self.geometry,
+            encoder: self.encoder,
+            event_ttl: secs("event-ttl-secs", self.event_ttl_secs, 1)?,
+            result_ttl: secs("result-ttl-secs", self.result_ttl_secs, 1)?,
+            status_ttl: secs("status-ttl-secs", self.status_ttl_secs, 3)?,
+            lease_ttl: secs("lease-ttl-secs", self.lease_ttl_secs, 3)?,
+            grace: Duration::from_secs(self.grace_secs),
+            temp_dir: self.temp_dir.unwrap_or_else(std::env::temp_dir),
+            max_download_bytes: self.max_download_bytes,
+            max_audio_secs: self.max_audio_secs,
+            http_retry: RetryPolicy {
+                max_attempts: self.http_attempts,
+                initial_backoff: Duration::from_millis(500).min(max_backoff),
+                max_backoff,
+            },
+            http_connect_timeout: fsecs(
+                "http-connect-timeout-secs",
+                self.http_connect_timeout_secs,
+            )?,
+            prefetch: self.prefetch,
+            claim_timeout: Duration::from_secs(1),
+        })
+    }
+}
+
+impl WorkerConfig {
+    /// How often the heartbeat refreshes the status key and the lease: a third of the shorter TTL.
+    pub fn heartbeat_interval(&self) -> Duration {
+        self.status_ttl.min(self.lease_ttl) / 3
+    }
+
+    /// The per-task temp folder parent, created if missing.
+    pub fn ensure_temp_dir(&self) -> Result<&Path, WorkerError> {
+        std::fs::create_dir_all(&self.temp_dir).map_err(|source| WorkerError::Io {
+            op: "create temp folder",
+            path: self.temp_dir.clone(),
+            source,
+        })?;
+        Ok(&self.temp_dir)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    fn weights_dir() -> String {
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../testdata/golden/public/pretrained_weights"
+        )
+        .into()
+    }
+
+    #[test]
+    fn password_never_shows_in_debug() {
+        let cli = Cli::parse_from([
+            "x",
+            "--redis-password",
+            "hunter2",
+            "--redis-url",
+            "redis://:s3cret@host:6380/2",
+            "--weights",
+            &weights_dir(),
+        ]);
+        let text = format!("{:?}", cli.serve);
+        assert!(!text.contains("hunter2"), "{text}");
+        assert!(!text.contains("s3cret"), "{text}");
+        assert!(text.contains("<redacted>"));
+        let cfg = cli.serve.into_config().unwrap();
+        let text = format!("{cfg:?}");
+        assert!(!text.contains("hunter2") && !text.contains("s3cret"));
+        assert_eq!(cfg.redis.describe(), "redis://:<redacted>@host:6380/2");
+    }
+
+    #[test]
+    fn redact_url_keeps_user_and_host() {
+        assert_eq!(
+            redact_url("redis://alice:pw@h:1/0"),
+            "redis://alice:<redacted>@h:1/0"
+        );
+        assert_eq!(redact_url("redis://h:1/0"), "redis://h:1/0");
+        assert_eq!(redact_url("not a url"), "not a url");
+    }
+
+    #[test]
+    fn defaults_follow_the_guide_and_the_variant() {
+        let cli = Cli::parse_from(["x", "--weights", &weights_dir(), "--gpu-id", "3"]);
+        let cfg = cli.serve.into_config().unwrap();
+        assert_eq!(cfg.queue, "task_queue_gpu_3");
+        assert_eq!(cfg.channel, "task_progress");
+        assert_eq!(cfg.variant, Variant::Normal);
+        assert_eq!(cfg.defaults.steps, 25);
+        assert_eq!(cfg.defaults.cfg, 2.5);
+        assert_eq!(cfg.defaults.seed, 420);
+        assert_eq!((cfg.model.width, cfg.model.height), (512, 512));
+        assert_eq!(cfg.defaults.fps, 24.0);
+        assert_eq!(cfg.max_attempts, 2);
+        assert_eq!(cfg.geometry, Geometry::PasteBack);
+        assert_eq!(cfg.heartbeat_interval(), Duration::from_secs(10));
+
+        let cli = Cli::parse_from(["x", "--weights", &weights_dir(), "--variant", "acc"]);
+        let cfg = cli.serve.into_config().unwrap();
+        assert_eq!((cfg.defaults.steps, cfg.defaults.cfg), (6, 1.0));
+    }
+
+    #[test]
+    fn bad_values_name_the_flag() {
+        for (flag, value, needle) in [
+            ("--width", "100", "--width"),
+            ("--context-overlap", "12", "--context-overlap"),
+            ("--max-attempts", "0", "--max-attempts"),
+            ("--steps", "0", "--steps"),
+            ("--cfg", "30", "--cfg"),
+            ("--status-ttl-secs", "1", "--status-ttl-secs"),
+        ] {
+            let cli = Cli::parse_from(["x", "--weights", &weights_dir(), flag, value]);
+            let err = cli.serve.into_config().unwrap_err().to_string();
+            assert!(err.contains(needle), "{flag}: {err}");
+        }
+        let cli = Cli::parse_from(["x", "--weights", "/nonexistent/weights"]);
+        let err = cli.serve.into_config().unwrap_err().to_string();
+        assert!(
+            err.contains("huggingface-cli download BadToBest/EchoMimic"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn variant_detection() {
+        let dir = tempfile::tempdir().unwrap();
+        let detect = || Variant::detect(&ModelSource::WeightsDir(dir.path().into()));
+        assert_eq!(detect(), Variant::Normal);
+        std::fs::write(dir.path().join("denoising_unet.pth"), b"x").unwrap();
+        std::fs::write(dir.path().join("denoising_unet_acc.pth"), b"x").unwrap();
+        assert_eq!(detect(), Variant::Normal);
+        std::fs::write(dir.path().join("motion_module_acc.pth"), b"x").unwrap();
+        assert_eq!(detect(), Variant::Acc);
+        let yaml = dir.path().join("p.yaml");
+        std::fs::write(&yaml, "denoising_unet_path: ./w/denoising_unet_acc.pth\n").unwrap();
+        assert_eq!(Variant::detect(&ModelSource::Prompt(yaml)), Variant::Acc);
+    }
+}

@@ -1,0 +1,304 @@
+//! The fetcher thread: claims the next item, downloads and checks its inputs, and hands the
+//! prepared task to the inference thread.
+//!
+//! The hand-over channel is a rendezvous (capacity 0): while the GPU works on one task the
+//! fetcher prepares at most one more and waits with it, so a worker never hoards tasks that
+//! another worker on the same queue could run. With `--prefetch false` it claims only when
+//! the worker is idle. A task that fails here (bad id, 404, undecodable or faceless photo,
+//! silent audio, ...) is failed at once without touching the GPU.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{SendTimeoutError, Sender};
+use echomimic_protocol::{Stage, Task};
+use echomimic_tempfile::TempfileClient;
+
+use crate::config::TaskDefaults;
+use crate::engine::{GenParams, Inputs, Prepared, Preparer};
+use crate::error::{InputKind, WorkerError};
+use crate::job::{resolve_params, Claim, Policy, TaskEvents, Timings};
+use crate::progress::{DOWNLOAD_AUDIO, DOWNLOAD_START, FACE_START, INFERENCE_START};
+use crate::redis_link::{is_connection_error, sleep_unless, RedisLink};
+use crate::reporter::ReporterHandle;
+use crate::service::Shared;
+use crate::store::Keys;
+
+/// A task ready for the GPU.
+pub(crate) struct Job<D> {
+    pub(crate) claim: Claim,
+    pub(crate) task: Task,
+    pub(crate) params: GenParams,
+    pub(crate) prepared: Prepared<D>,
+    pub(crate) events: TaskEvents,
+    /// The task's private temp folder; removed when the job is dropped.
+    pub(crate) dir: tempfile::TempDir,
+    pub(crate) timings: Timings,
+    pub(crate) ready_at: Instant,
+}
+
+/// Everything the fetcher needs.
+pub(crate) struct Fetcher<P: Preparer> {
+    pub(crate) link: RedisLink,
+    pub(crate) keys: Keys,
+    pub(crate) preparer: P,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) reporter: ReporterHandle,
+    pub(crate) policy: Policy,
+    pub(crate) http: TempfileClient,
+    pub(crate) temp_dir: PathBuf,
+    pub(crate) max_download_bytes: u64,
+    pub(crate) max_audio_secs: f64,
+    pub(crate) defaults: TaskDefaults,
+    pub(crate) prefetch: bool,
+    pub(crate) claim_timeout: Duration,
+    pub(crate) jobs: Sender<Job<P::Data>>,
+}
+
+/// A file extension for a downloaded file from its `Content-Type` (decoders and ffmpeg look at
+/// the content anyway; the extension is a hint).
+fn extension_for(content_type: Option<&str>) -> &'static str {
+    let ct = content_type
+        .and_then(|c| c.split(';').next())
+        .map(|c| c.trim().to_ascii_lowercase())
+        .unwrap_or_default();
+    echomimic_tempfile::types::allowed_extensions()
+        .find(|ext| echomimic_tempfile::types::content_type_for_extension(ext) == ct)
+        .unwrap_or("bin")
+}
+
+impl<P: Preparer> Fetcher<P> {
+    /// Claims and prepares until the worker stops.
+    pub(crate) fn run(mut self) {
+        // Claims in flight at most: one being finished (encode/upload), one on the GPU, one
+        // prepared; without prefetch, one. This also bounds memory when garbage floods the
+        // queue: the next item is claimed only once the reporter has caught up.
+        let limit = if self.prefetch { 3 } else { 1 };
+        while !self.shared.stopping() {
+            if !self.wait_for_room(limit) {
+                break;
+            }
+            let raw = match self
+                .link
+                .run(|con| self.keys.claim(con, self.claim_timeout))
+            {
+                Ok(Some(raw)) => raw,
+                Ok(None) => continue,
+                Err(e) if is_connection_error(&e) => {
+                    let pause = self.link.pause_after(&e);
+                    sleep_unless(pause, || self.shared.stopping());
+                    continue;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, queue = %self.keys.queue, "claiming failed (BLMOVE needs Redis 6.2 or newer)");
+                    sleep_unless(Duration::from_secs(5), || self.shared.stopping());
+                    continue;
+                }
+            };
+            self.shared.claimed();
+            let claim = Claim::new(raw);
+            if self.shared.stopping() {
+                // Claimed while the stop request came in: give it back untouched.
+                self.reporter.outcome(self.policy.released(&claim));
+                break;
+            }
+            self.handle(claim);
+        }
+    }
+
+    /// Waits until fewer than `limit` claims are in flight; false when the worker stops.
+    fn wait_for_room(&self, limit: usize) -> bool {
+        while self.shared.inflight() >= limit {
+            if self.shared.stopping() {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        !self.shared.stopping()
+    }
+
+    fn handle(&mut self, claim: Claim) {
+        let task = match claim.item.task() {
+            Ok(task) => task,
+            Err(invalid) => {
+                tracing::warn!(claim = %claim.id, error = %invalid, "invalid task (dead-lettered)");
+                tracing::debug!(claim = %claim.id, payload = %invalid.raw(), "invalid task payload");
+                self.reporter.outcome(self.policy.invalid(&claim, invalid));
+                return;
+            }
+        };
+        let span = tracing::info_span!("task", task_id = %task.task_id, claim = %claim.id);
+        let _enter = span.enter();
+        if claim.attempt() > self.policy.max_attempts {
+            let err = WorkerError::AttemptsExhausted {
+                attempts: claim.item.attempts(),
+                reason: claim
+                    .item
+                    .last_error()
+                    .unwrap_or("no attempts left")
+                    .to_owned(),
+            };
+            let ids = Some((task.task_id.as_str(), task.session_id.as_str()));
+            self.reporter
+                .outcome(self.policy.after_error(&claim, ids, &err));
+            return;
+        }
+        let mut events = TaskEvents::new(&claim, &task, self.reporter.clone());
+        events.start(format!(
+            "task claimed (attempt {} of {})",
+            claim.attempt(),
+            self.policy.max_attempts
+        ));
+        let params = resolve_params(&task, &self.defaults, self.max_audio_secs);
+        match self.prepare(&claim, &task, &params, &mut events) {
+            Ok((prepared, dir, timings)) => {
+                events.stage(
+                    Stage::FaceDetecting,
+                    INFERENCE_START,
+                    format!(
+                        "face found, audio {:.1} s ({} frames); waiting for the GPU",
+                        prepared.audio_secs, prepared.frames
+                    ),
+                );
+                let job = Job {
+                    claim,
+                    task,
+                    params,
+                    prepared,
+                    events,
+                    dir,
+                    timings,
+                    ready_at: Instant::now(),
+                };
+                self.hand_over(job);
+            }
+            Err(err) => {
+                tracing::info!(error = %err, code = %err.failure().code, "task rejected before inference");
+                let ids = Some((task.task_id.as_str(), task.session_id.as_str()));
+                self.reporter
+                    .outcome(self.policy.after_error(&claim, ids, &err));
+            }
+        }
+    }
+
+    fn download(
+        &self,
+        input: InputKind,
+        file_id: &str,
+        dir: &Path,
+        stem: &str,
+    ) -> Result<PathBuf, WorkerError> {
+        let tmp = dir.join(format!("{stem}.download"));
+        let got = self
+            .http
+            .download_to(file_id, &tmp, self.max_download_bytes)
+            .map_err(|source| WorkerError::Download {
+                input,
+                file_id: file_id.to_owned(),
+                source,
+            })?;
+        let path = dir.join(format!(
+            "{stem}.{}",
+            extension_for(got.content_type.as_deref())
+        ));
+        std::fs::rename(&tmp, &path).map_err(|source| WorkerError::Io {
+            op: "rename the download",
+            path: path.clone(),
+            source,
+        })?;
+        tracing::debug!(%file_id, bytes = got.bytes, path = %path.display(), "downloaded");
+        Ok(path)
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn prepare(
+        &self,
+        claim: &Claim,
+        task: &Task,
+        params: &GenParams,
+        events: &mut TaskEvents,
+    ) -> Result<(Prepared<P::Data>, tempfile::TempDir, Timings), WorkerError> {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("echomimic-{}-", &claim.id[..8]))
+            .tempdir_in(&self.temp_dir)
+            .map_err(|source| WorkerError::Io {
+                op: "create the task folder in",
+                path: self.temp_dir.clone(),
+                source,
+            })?;
+        let mut timings = Timings::default();
+        let t = Instant::now();
+        events.stage(
+            Stage::Downloading,
+            DOWNLOAD_START,
+            "downloading the reference image",
+        );
+        let image = self.download(InputKind::Image, &task.ref_image_id, dir.path(), "image")?;
+        self.check_stop()?;
+        events.stage(Stage::Downloading, DOWNLOAD_AUDIO, "downloading the audio");
+        let audio = self.download(InputKind::Audio, &task.audio_id, dir.path(), "audio")?;
+        timings.download = t.elapsed();
+        self.check_stop()?;
+        events.stage(
+            Stage::FaceDetecting,
+            FACE_START,
+            "detecting the face and checking the audio",
+        );
+        let t = Instant::now();
+        let inputs = Inputs {
+            image: &image,
+            audio: &audio,
+            work_dir: dir.path(),
+        };
+        let prepared = self.preparer.prepare(&inputs, params)?;
+        timings.prepare = t.elapsed();
+        Ok((prepared, dir, timings))
+    }
+
+    /// A stop-now request aborts preparation (the task is requeued uncounted).
+    fn check_stop(&self) -> Result<(), WorkerError> {
+        if self.shared.cancelled() {
+            Err(WorkerError::Cancelled)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Gives the job to the inference thread, or requeues it when the worker stops first.
+    fn hand_over(&self, mut job: Job<P::Data>) {
+        loop {
+            match self.jobs.send_timeout(job, Duration::from_millis(100)) {
+                Ok(()) => return,
+                Err(SendTimeoutError::Timeout(j)) => {
+                    if self.shared.stopping() {
+                        tracing::info!(task_id = %j.task.task_id, "stopping: prepared task requeued");
+                        self.reporter.outcome(self.policy.released(&j.claim));
+                        return;
+                    }
+                    job = j;
+                }
+                Err(SendTimeoutError::Disconnected(j)) => {
+                    self.reporter.outcome(self.policy.released(&j.claim));
+                    return;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extensions_from_content_types() {
+        assert_eq!(extension_for(Some("image/png")), "png");
+        assert_eq!(
+            extension_for(Some("audio/wav")),
+            extension_for(Some("audio/wav; x=1"))
+        );
+        assert_eq!(extension_for(Some("application/x-unknown")), "bin");
+        assert_eq!(extension_for(None), "bin");
+    }
+}

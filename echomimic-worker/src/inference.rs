@@ -1,0 +1,183 @@
+//! The inference thread: owns the engine (and so the GPU), runs one task at a time.
+//!
+//! For each task it first hands the finisher a [`FinishJob`] holding the receiving end of a
+//! bounded frame channel, so frames go into the encoder while later frames are still being
+//! decoded; then it runs the engine, publishing progress after every UNet call (coalesced by
+//! the reporter, never waited for), and finally sends the run's result to the finisher, which
+//! records the outcome. A panic inside the engine is caught and treated as a model failure.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use echomimic_protocol::{Stage, Task};
+use image::RgbImage;
+
+use crate::engine::{Engine, GenParams, Prepared, RunContext, RunSummary, SinkClosed};
+use crate::error::WorkerError;
+use crate::fetcher::Job;
+use crate::job::{Claim, Policy, TaskEvents, Timings};
+use crate::progress::{
+    inference_message, inference_progress, EngineProgress, Eta, INFERENCE_START,
+};
+use crate::reporter::ReporterHandle;
+use crate::service::Shared;
+
+/// Frames buffered between the engine and the encoder.
+const FRAME_QUEUE: usize = 8;
+
+/// What the finisher gets for one task.
+pub(crate) struct FinishJob {
+    pub(crate) claim: Claim,
+    pub(crate) task: Task,
+    pub(crate) params: GenParams,
+    pub(crate) photo: RgbImage,
+    pub(crate) crop: [u32; 4],
+    pub(crate) mux_audio: PathBuf,
+    pub(crate) audio_secs: f64,
+    pub(crate) notes: Vec<String>,
+    pub(crate) dir: tempfile::TempDir,
+    pub(crate) timings: Timings,
+    pub(crate) frames_rx: Receiver<Vec<u8>>,
+    pub(crate) done_rx: Receiver<RunDone>,
+}
+
+/// The end of one engine run.
+pub(crate) struct RunDone {
+    pub(crate) result: Result<RunSummary, WorkerError>,
+    pub(crate) events: TaskEvents,
+    pub(crate) inference: Duration,
+}
+
+pub(crate) struct Inference<E: Engine> {
+    pub(crate) engine: E,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) reporter: ReporterHandle,
+    pub(crate) policy: Policy,
+}
+
+impl<E: Engine> Inference<E> {
+    pub(crate) fn run(mut self, jobs: Receiver<Job<E::Data>>, finish: Sender<FinishJob>) {
+        for job in jobs.iter() {
+            self.one(job, &finish);
+        }
+    }
+
+    fn one(&mut self, job: Job<E::Data>, finish: &Sender<FinishJob>) {
+        let Job {
+            claim,
+            task,
+            params,
+            prepared,
+            mut events,
+            dir,
+            mut timings,
+            ready_at,
+        } = job;
+        timings.wait = ready_at.elapsed();
+        if self.shared.cancelled() {
+            self.reporter.outcome(self.policy.released(&claim));
+            return;
+        }
+        let Prepared {
+            photo,
+            crop,
+            mux_audio,
+            audio_secs,
+            frames,
+            notes,
+            data,
+        } = prepared;
+        let span = tracing::info_span!("task", task_id = %task.task_id, claim = %claim.id);
+        let _enter = span.enter();
+        let (frames_tx, frames_rx) = crossbeam_channel::bounded(FRAME_QUEUE);
+        let (done_tx, done_rx) = crossbeam_channel::bounded(1);
+        let message = format!(
+            "generating {frames} frames: {} steps, cfg {}, seed {}",
+            params.steps, params.cfg, params.seed
+        );
+        let fj = FinishJob {
+            claim,
+            task,
+            params: params.clone(),
+            photo,
+            crop,
+            mux_audio,
+            audio_secs,
+            notes,
+            dir,
+            timings,
+            frames_rx,
+            done_rx,
+        };
+        if let Err(e) = finish.send(fj) {
+            self.reporter.outcome(self.policy.released(&e.0.claim));
+            return;
+        }
+        events.stage(Stage::Inference, INFERENCE_START, message);
+        let started = Instant::now();
+        let mut eta = Eta::new();
+        let mut last_decode_bucket = None;
+        let result = {
+            let mut progress = |p: EngineProgress| {
+                let message = match p {
+                    EngineProgress::Unet { done, total, .. } => {
+                        inference_message(&p, eta.update(Instant::now(), done, total))
+                    }
+                    EngineProgress::Decoded { done, total } => {
+                        // One event per 5 % of the frames (and the last one).
+                        let bucket = done * 20 / total.max(1);
+                        if last_decode_bucket == Some(bucket) && done < total {
+                            return;
+                        }
+                        last_decode_bucket = Some(bucket);
+                        inference_message(&p, None)
+                    }
+                    EngineProgress::Phase(_) => inference_message(&p, None),
+                };
+                events.progress(Stage::Inference, inference_progress(&p), message);
+            };
+            let mut sink = |f: Vec<u8>| frames_tx.send(f).map_err(|_| SinkClosed);
+            let mut ctx = RunContext {
+                cancel: &self.shared.cancel,
+                progress: &mut progress,
+                frame: &mut sink,
+            };
+            let engine = &mut self.engine;
+            catch_unwind(AssertUnwindSafe(|| engine.run(data, &params, &mut ctx))).unwrap_or_else(
+                |panic| {
+                    let what = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "unknown panic".into());
+                    tracing::error!(panic = %what, "the engine panicked");
+                    Err(WorkerError::Internal(format!("the model panicked: {what}")))
+                },
+            )
+        };
+        drop(frames_tx);
+        let inference = started.elapsed();
+        match &result {
+            Ok(s) => tracing::info!(
+                frames = s.frames,
+                unet_calls = s.unet_calls,
+                secs = inference.as_secs_f64(),
+                "inference done"
+            ),
+            Err(e) => tracing::warn!(error = %e, "inference ended with an error"),
+        }
+        if done_tx
+            .send(RunDone {
+                result,
+                events,
+                inference,
+            })
+            .is_err()
+        {
+            tracing::error!("finisher gone before the run ended");
+        }
+    }
+}

@@ -1,0 +1,533 @@
+//! The service with a stand-in engine ([`FakeEngine`]), in process, against a real Redis and a
+//! real temp-file server: event sequences, every bad input, retries, shutdown, leases, outages
+//! and a flood of malformed messages. Fast (a few seconds each); the real model is exercised
+//! in `tests/process.rs`.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use echomimic_protocol::{keys, ErrorCode, ProgressEvent, QueueItem, Status};
+use echomimic_worker::engine::fake::FakeEngine;
+use echomimic_worker::{ShutdownHandle, Worker, WorkerError};
+use redis::Commands;
+
+const W: u32 = 64;
+
+fn start(world: &World, extra: &[&str], engine: FakeEngine) -> Worker {
+    Worker::start(world.config(extra), ShutdownHandle::new(), move || {
+        Ok(engine)
+    })
+    .expect("worker starts")
+}
+
+fn fake() -> FakeEngine {
+    FakeEngine::new(W, W)
+}
+
+fn stop(worker: Worker) -> echomimic_worker::Stats {
+    worker.shutdown_handle().request();
+    worker.join().expect("clean stop")
+}
+
+#[test]
+fn happy_path_event_sequence_and_playable_video() -> TestResult {
+    let Some(world) = World::new() else {
+        return Ok(());
+    };
+    let rec = world.recorder();
+    let engine = fake().with_call_delay(Duration::from_millis(5));
+    let worker = start(&world, &["--geometry", "crop"], engine);
+    let task = world.task(&unique("happy"));
+    world.submit(&task);
+    let done = rec.wait_terminal(&task.task_id, Duration::from_secs(60));
+    assert_eq!(done.status, Status::Completed, "{done:?}");
+    let events = rec.of(&task.task_id);
+    assert_happy_sequence(&events);
+    let statuses: Vec<Status> = events
+        .iter()
+        .map(|e| e.status)
+        .filter(|s| *s != Status::Inference)
+        .collect();
+    assert_eq!(
+        statuses,
+        vec![
+            Status::Processing,
+            Status::Downloading,
+            Status::Downloading,
+            Status::FaceDetecting,
+            Status::FaceDetecting,
+            Status::MergingAudio,
+            Status::Uploading,
+            Status::Completed
+        ]
+    );
+    let inference: Vec<&ProgressEvent> = events
+        .iter()
+        .filter(|e| e.status == Status::Inference)
+        .collect();
+    assert!(inference.len() >= 3, "{inference:#?}");
+    assert!(inference.iter().any(|e| e
+        .message
+        .as_deref()
+        .unwrap_or("")
+        .contains("denoising step")));
+
+    // The persisted keys match what was published.
+    let stored = world.result(&task.task_id).expect("task_result");
+    assert_eq!(stored, done);
+    let latest = echomimic_protocol::client::read_latest_event(&mut world.con(), &task.task_id)?;
+    assert_eq!(latest.as_ref(), Some(&done));
+    let ttl: i64 = world.con().ttl(keys::task_result(&task.task_id))?;
+    assert!(ttl > 3600, "{ttl}");
+
+    let video = world.fetch_video(done.video_file_id.as_deref().expect("video id"));
+    assert_eq!(video.video_codec, "h264");
+    assert_eq!(video.pix_fmt, "yuv420p");
+    assert_eq!((video.width, video.height), (W, W));
+    assert!(video.audio_codec.is_some(), "no audio: {video:?}");
+    assert!((video.duration - 1.5).abs() < 0.1, "{video:?}");
+
+    // Idle again, nothing left in flight.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(world.processing_items().is_empty());
+    assert_eq!(world.status().as_deref(), Some("idle"));
+    let stats = stop(worker);
+    assert_eq!((stats.claimed, stats.completed, stats.failed), (1, 1, 0));
+    // Clean exit: status key and lease gone.
+    assert_eq!(world.status(), None);
+    assert_eq!(world.lease(), None);
+    Ok(())
+}
+
+#[test]
+fn paste_back_output_has_the_photo_size() -> TestResult {
+    let Some(world) = World::new() else {
+        return Ok(());
+    };
+    let rec = world.recorder();
+    let worker = start(&world, &["--geometry", "paste-back"], fake());
+    let task = world.task(&unique("paste"));
+    world.submit(&task);
+    let done = rec.wait_terminal(&task.task_id, Duration::from_secs(60));
+    assert_eq!(done.status, Status::Completed, "{done:?}");
+    let video = world.fetch_video(done.video_file_id.as_deref().unwrap());
+    let (pw, ph) = image::image_dimensions(photo())?;
+    assert_eq!((video.width, video.height), (pw & !1, ph & !1));
+    stop(worker);
+    Ok(())
+}
+
+#[test]
+fn every_bad_input_fails_once_with_its_code_and_the_worker_keeps_serving() -> TestResult {
+    let Some(world) = World::new() else {
+        return Ok(());
+    };
+    let rec = world.recorder();
+    let worker = start(&world, &["--geometry", "crop"], fake());
+
+    let cases = bad_input_cases(&world);
+    push_bad_inputs(&world, &cases);
+    let good = world.task(&unique("good-after-bad"));
+    world.submit(&good);
+
+    let done = rec.wait_terminal(&good.task_id, Duration::from_secs(60));
+    assert_eq!(done.status, Status::Completed, "{done:?}");
+    assert_bad_inputs_failed(&world, &rec, &cases);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(world.processing_items().is_empty());
+    let stats = stop(worker);
+    assert_eq!(stats.completed, 1);
+    assert_eq!(stats.failed as usize, cases.len());
+    assert_eq!(stats.dead_lettered, 1);
+    Ok(())
+}
+
+#[test]
+fn a_model_failure_is_retried_once_then_dead_lettered() -> TestResult {
+    let Some(world) = World::new() else {
+        return Ok(());
+    };
+    let rec = world.recorder();
+    let engine = fake();
+    let handle = engine.clone();
+    let worker = start(
+        &world,
+        &["--geometry", "crop", "--max-attempts", "2"],
+        engine,
+    );
+
+    // One failure: retried, then completed; no `failed` event at all.
+    handle.fail_next_runs(1);
+    let t1 = world.task(&unique("retry-ok"));
+    world.submit(&t1);
+    let done = rec.wait_terminal(&t1.task_id, Duration::from_secs(60));
+    assert_eq!(done.status, Status::Completed);
+    assert_eq!(rec.terminal_count(&t1.task_id), 1);
+    let processing = rec
+        .of(&t1.task_id)
+        .iter()
+        .filter(|e| e.status == Status::Processing)
+        .count();
+    assert_eq!(processing, 2, "two attempts");
+
+    // Two failures: the second attempt is the last; one `failed`, one dead letter.
+    handle.fail_next_runs(2);
+    let t2 = world.task(&unique("retry-fail"));
+    world.submit(&t2);
+    let failed = rec.wait_terminal(&t2.task_id, Duration::from_secs(60));
+    assert_eq!(failed.status, Status::Failed);
+    assert_eq!(failed.code, Some(ErrorCode::InferenceFailed));
+    assert!(failed.error.as_deref().unwrap().contains("attempt 2 of 2"));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(rec.terminal_count(&t2.task_id), 1);
+    let letters: Vec<_> = world
+        .dead_letters()
+        .into_iter()
+        .filter(|d| d.task_id.as_deref() == Some(t2.task_id.as_str()))
+        .collect();
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].attempts, 2);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&letters[0].payload)?,
+        serde_json::from_str::<serde_json::Value>(&t2.to_json())?
+    );
+    let stats = stop(worker);
+    assert_eq!((stats.retried, stats.completed, stats.failed), (2, 1, 1));
+    Ok(())
+}
+
+#[test]
+fn stop_request_while_busy_requeues_the_task_without_failed() -> TestResult {
+    let Some(world) = World::new() else {
+        return Ok(());
+    };
+    let rec = world.recorder();
+    // 36 frames → 3 windows; 25 steps × 3 × 100 ms = 7.5 s of "inference".
+    let engine = fake().with_call_delay(Duration::from_millis(100));
+    let worker = start(&world, &["--grace-secs", "0"], engine);
+    let task = world.task(&unique("sigterm"));
+    world.submit(&task);
+    rec.wait_status(&task.task_id, Status::Inference, Duration::from_secs(30));
+    let t = Instant::now();
+    let stats = stop(worker);
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "stopped in {:?}",
+        t.elapsed()
+    );
+    assert_eq!(stats.released, 1);
+    assert_eq!(
+        rec.terminal_count(&task.task_id),
+        0,
+        "{:#?}",
+        rec.of(&task.task_id)
+    );
+    // Back at the head of the queue exactly as submitted (not counted as an attempt).
+    let items = world.queue_items();
+    assert_eq!(items.len(), 1);
+    let item = QueueItem::parse(&items[0]);
+    assert_eq!(item.attempts(), 0);
+    assert_eq!(item.task()?, task);
+    assert!(world.processing_items().is_empty());
+    assert_eq!(world.status(), None);
+    assert_eq!(world.lease(), None);
+
+    // The next worker picks it up and completes it.
+    let worker = start(&world, &["--geometry", "crop"], fake());
+    let done = rec.wait_terminal(&task.task_id, Duration::from_secs(60));
+    assert_eq!(done.status, Status::Completed);
+    stop(worker);
+    Ok(())
+}
+
+#[test]
+fn stop_request_lets_the_running_task_finish_within_the_grace_period() -> TestResult {
+    let Some(world) = World::new() else {
+        return Ok(());
+    };
+    let rec = world.recorder();
+    let engine = fake().with_call_delay(Duration::from_millis(20));
+    let worker = start(
+        &world,
+        &["--grace-secs", "60", "--geometry", "crop"],
+        engine,
+    );
+    let task = world.task(&unique("grace"));
+    let second = world.task(&unique("grace-next"));
+    world.submit(&task);
+    world.submit(&second);
+    rec.wait_status(&task.task_id, Status::Inference, Duration::from_secs(30));
+    let stats = stop(worker);
+    assert_eq!(
+        rec.of(&task.task_id).last().map(|e| e.status),
+        Some(Status::Completed)
+    );
+    // The prefetched (or not yet claimed) second task is back in the queue, untouched.
+    assert_eq!(rec.terminal_count(&second.task_id), 0);
+    let items = world.queue_items();
+    assert_eq!(items.len(), 1);
+    assert_eq!(QueueItem::parse(&items[0]).task()?, second);
+    assert_eq!(QueueItem::parse(&items[0]).attempts(), 0);
+    assert_eq!(stats.completed, 1);
+    Ok(())
+}
+
+#[test]
+fn a_second_worker_with_the_same_gpu_id_refuses_to_start() -> TestResult {
+    let Some(world) = World::new() else {
+        return Ok(());
+    };
+    let first = start(&world, &[], fake());
+    let t = Instant::now();
+    let second = Worker::start(world.config(&[]), ShutdownHandle::new(), || Ok(fake()));
+    match second {
+        Err(WorkerError::LeaseHeld { gpu_id, owner, .. }) => {
+            assert_eq!(gpu_id, world.gpu_id);
+            assert_eq!(Some(owner), world.lease());
+        }
+        other => panic!("expected LeaseHeld, got {other:?}"),
+    }
+    assert!(t.elapsed() < Duration::from_secs(5));
+    // The first one is unaffected.
+    assert_eq!(world.status().as_deref(), Some("idle"));
+    stop(first);
+    Ok(())
+}
+
+#[test]
+fn temp_file_api_down_gives_bounded_retries_then_failed() -> TestResult {
+    let Some(mut world) = World::new() else {
+        return Ok(());
+    };
+    let rec = world.recorder();
+    let worker = start(&world, &[], fake());
+    world.stop_server();
+    let task = world.task(&unique("tfdown"));
+    world.submit(&task);
+    let t = Instant::now();
+    let failed = rec.wait_terminal(&task.task_id, Duration::from_secs(30));
+    assert_eq!(failed.status, Status::Failed);
+    assert_eq!(failed.code, Some(ErrorCode::Unavailable), "{failed:?}");
+    // 3 attempts with at most 0.2 s between them.
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(rec.terminal_count(&task.task_id), 1);
+    stop(worker);
+    Ok(())
+}
+
+#[test]
+fn legacy_schema_speaks_the_echome_vocabulary_and_clears_all_task_ids() -> TestResult {
+    let Some(world) = World::new() else {
+        return Ok(());
+    };
+    let rec = world.recorder();
+    let worker = start(
+        &world,
+        &["--schema", "legacy", "--geometry", "crop"],
+        fake(),
+    );
+    let task = world.task(&unique("legacy"));
+    let _: u64 = world.con().sadd(keys::LEGACY_TASK_SET, &task.task_id)?;
+    world.submit(&task);
+    let done = rec.wait_terminal(&task.task_id, Duration::from_secs(60));
+    assert_eq!(done.status, Status::Completed);
+    let raws: Vec<serde_json::Value> = rec
+        .all()
+        .into_iter()
+        .filter(|s| s.event.task_id == task.task_id)
+        .map(|s| serde_json::from_slice(&s.raw).unwrap())
+        .collect();
+    assert_eq!(raws[0]["status"], "processing");
+    assert!(raws
+        .iter()
+        .any(|v| v["status"] == "progress" && v["percentage"].is_u64()));
+    assert_eq!(raws.last().unwrap()["status"], "completed");
+    assert!(raws.iter().all(|v| v.get("progress").is_none()));
+    let member: bool = world
+        .con()
+        .sismember(keys::LEGACY_TASK_SET, &task.task_id)?;
+    assert!(!member, "task id still in all_task_ids");
+    stop(worker);
+    Ok(())
+}
+
+#[test]
+fn frames_num_shortens_the_video_and_cuts_the_audio() -> TestResult {
+    let Some(world) = World::new() else {
+        return Ok(());
+    };
+    let rec = world.recorder();
+    let worker = start(&world, &["--geometry", "crop"], fake());
+    let mut task = world.task(&unique("frames"));
+    task.frames_num = Some(12);
+    world.submit(&task);
+    let done = rec.wait_terminal(&task.task_id, Duration::from_secs(60));
+    assert_eq!(done.status, Status::Completed, "{done:?}");
+    assert!(done.message.as_deref().unwrap().contains("cut"), "{done:?}");
+    let video = world.fetch_video(done.video_file_id.as_deref().unwrap());
+    assert!((video.duration - 0.5).abs() < 0.1, "{video:?}");
+    stop(worker);
+    Ok(())
+}
+
+#[test]
+fn leftovers_of_a_crashed_run_are_requeued_counting_an_attempt() -> TestResult {
+    let Some(world) = World::new() else {
+        return Ok(());
+    };
+    let rec = world.recorder();
+    // A previous run died holding two items: a fresh task, and one on its last attempt.
+    let fresh = world.task(&unique("crashed"));
+    let last = world.task(&unique("crashed-last"));
+    world.track_task(&fresh.task_id);
+    world.track_task(&last.task_id);
+    let once = QueueItem::parse(fresh.to_json().as_bytes());
+    let spent = QueueItem::parse(
+        QueueItem::parse(last.to_json().as_bytes())
+            .requeued("earlier crash")
+            .unwrap()
+            .as_bytes(),
+    );
+    let mut con = world.con();
+    let _: u64 = con.rpush(keys::processing_list(world.gpu_id), once.raw())?;
+    let _: u64 = con.rpush(keys::processing_list(world.gpu_id), spent.raw())?;
+    let worker = start(
+        &world,
+        &["--geometry", "crop", "--max-attempts", "2"],
+        fake(),
+    );
+    let done = rec.wait_terminal(&fresh.task_id, Duration::from_secs(60));
+    assert_eq!(done.status, Status::Completed);
+    let given_up = rec.wait_terminal(&last.task_id, Duration::from_secs(10));
+    assert_eq!(given_up.code, Some(ErrorCode::AttemptsExhausted));
+    let stats = stop(worker);
+    assert_eq!(stats.recovered, 2);
+    assert_eq!(rec.terminal_count(&fresh.task_id), 1);
+    assert_eq!(rec.terminal_count(&last.task_id), 1);
+    Ok(())
+}
+
+#[test]
+fn a_thousand_malformed_messages_are_all_dead_lettered_or_failed() -> TestResult {
+    let Some(world) = World::new() else {
+        return Ok(());
+    };
+    let rec = world.recorder();
+    let worker = start(&world, &["--geometry", "crop"], fake());
+    let mut con = world.con();
+    let mut with_id = Vec::new();
+    let mut pipe = redis::pipe();
+    for i in 0..1000 {
+        let payload: Vec<u8> = match i % 5 {
+            0 => format!("not json {i}").into_bytes(),
+            1 => b"[1,2,3]".to_vec(),
+            2 => vec![0xff, 0xfe, i as u8],
+            3 => {
+                let id = format!("{}-{i}", world.queue);
+                with_id.push(id.clone());
+                format!(r#"{{"task_id":"{id}","session_id":"s"}}"#).into_bytes()
+            }
+            _ => "x".repeat(200_000).into_bytes(),
+        };
+        pipe.rpush(&world.queue, payload).ignore();
+    }
+    for id in &with_id {
+        world.track_task(id);
+    }
+    let _: () = pipe.query(&mut con)?;
+    let good = world.task(&unique("after-flood"));
+    world.submit(&good);
+    let done = rec.wait_terminal(&good.task_id, Duration::from_secs(120));
+    assert_eq!(done.status, Status::Completed);
+    let stats = stop(worker);
+    assert_eq!(stats.failed + stats.dead_lettered, 1000, "{stats:?}");
+    assert_eq!(stats.failed as usize, with_id.len());
+    for id in with_id.iter().take(20) {
+        assert_eq!(rec.terminal_count(id), 1);
+    }
+    assert_eq!(world.dead_letters().len(), 1000);
+    Ok(())
+}
+
+#[test]
+fn a_second_stop_request_cancels_the_running_task_at_once() -> TestResult {
+    let Some(world) = World::new() else {
+        return Ok(());
+    };
+    let rec = world.recorder();
+    let engine = fake().with_call_delay(Duration::from_millis(100));
+    let worker = start(&world, &["--grace-secs", "600"], engine);
+    let task = world.task(&unique("twice"));
+    world.submit(&task);
+    rec.wait_status(&task.task_id, Status::Inference, Duration::from_secs(30));
+    let handle = worker.shutdown_handle();
+    assert_eq!(handle.request(), echomimic_worker::ShutdownLevel::Graceful);
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    assert_eq!(handle.request(), echomimic_worker::ShutdownLevel::Immediate);
+    let stats = worker.join()?;
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    // Requeued once by the cancelled run; the fetcher's last `BLMOVE`, still blocked when the
+    // second request came, may take it back and release it again (no event either way).
+    assert!(stats.released >= 1, "{stats:?}");
+    assert_eq!(rec.terminal_count(&task.task_id), 0);
+    let items = world.queue_items();
+    assert_eq!(items.len(), 1);
+    assert_eq!(QueueItem::parse(&items[0]).attempts(), 0);
+    assert_eq!(QueueItem::parse(&items[0]).task()?, task);
+    Ok(())
+}
+
+#[test]
+fn the_next_task_is_prepared_during_inference_and_only_with_prefetch() -> TestResult {
+    let Some(world) = World::new() else {
+        return Ok(());
+    };
+    for prefetch in ["true", "false"] {
+        let rec = world.recorder();
+        let engine = fake().with_call_delay(Duration::from_millis(40));
+        let worker = start(
+            &world,
+            &["--geometry", "crop", "--prefetch", prefetch],
+            engine,
+        );
+        let first = world.task(&unique("first"));
+        let second = world.task(&unique("second"));
+        world.submit(&first);
+        world.submit(&second);
+        rec.wait_status(&first.task_id, Status::Inference, Duration::from_secs(30));
+        std::thread::sleep(Duration::from_millis(500));
+        let during = rec.of(&second.task_id);
+        let first_done = rec.terminal_count(&first.task_id) == 1;
+        if prefetch == "true" {
+            assert!(!first_done, "the first task should still be running");
+            let ready = during.iter().any(|e| {
+                e.status == Status::FaceDetecting
+                    && e.message
+                        .as_deref()
+                        .unwrap_or("")
+                        .contains("waiting for the GPU")
+            });
+            assert!(
+                ready,
+                "second task not prepared during inference: {during:#?}"
+            );
+            assert_eq!(world.processing_items().len(), 2);
+        } else if !first_done {
+            assert!(during.is_empty(), "claimed without prefetch: {during:#?}");
+            assert_eq!(world.queue_items().len(), 1);
+        }
+        for t in [&first, &second] {
+            assert_eq!(
+                rec.wait_terminal(&t.task_id, Duration::from_secs(60))
+                    .status,
+                Status::Completed
+            );
+        }
+        stop(worker);
+    }
+    Ok(())
+}
