@@ -11,10 +11,12 @@
 #   --bin NAME       build this binary instead of the worker (repeatable; the
 #                    package is looked up with `cargo metadata`)
 #   --example NAME   build this example too (repeatable; `cuda_probe` is always built)
-#   --tests          also build the test binaries of echomimic-pipeline (what
-#                    `cargo test --no-run` builds, here `cargo build --tests` in
-#                    the same invocation) and every bin/bench target of
-#                    echomimic-benches, for scripts/gpu-check.sh
+#   --tests          also build the golden parity test binaries of
+#                    echomimic-pipeline (its test targets named like
+#                    $CUDA_TESTS, default `*_parity`: the ones that run on
+#                    ECHOMIMIC_DEVICE in ECHOMIMIC_DTYPE) and every bin/bench
+#                    target of echomimic-benches, in the same invocation, for
+#                    scripts/gpu-check.sh
 #   --out DIR        where the bundle goes (default: <repo>/.gpu-bin)
 #   --setup-only     install the toolchain and print the environment, build nothing
 #
@@ -204,7 +206,25 @@ for e in "${examples[@]}"; do
   add_package "$owner"; targets+=(--example "$e")
 done
 if [ "$want_tests" = 1 ]; then
-  targets+=(--tests)
+  # The pipeline's test targets matching $CUDA_TESTS, by name. The others
+  # check CPU-side code that is the same on every machine (decoding, muxing),
+  # need ffmpeg or the build machine's paths (the lib unit tests find
+  # testdata through CARGO_MANIFEST_DIR), and each would add ~40 MiB to pack.
+  # `--test NAME` needs dev-dependencies like `--tests`, so the resolved
+  # features, and with them candle-kernels' build hash, do not change.
+  test_glob="${CUDA_TESTS:-*_parity}"
+  n_tests=0
+  while read -r name; do
+    targets+=(--test "$name"); n_tests=$((n_tests + 1))
+  done < <(cargo metadata --locked --format-version 1 --no-deps | python3 -c '
+import fnmatch, json, sys
+for p in json.load(sys.stdin)["packages"]:
+    if p["name"] in sys.argv[2:]:
+        for t in p["targets"]:
+            if "test" in t["kind"] and fnmatch.fnmatchcase(t["name"], sys.argv[1]):
+                print(t["name"])' "$test_glob" "${TEST_PACKAGES[@]}")
+  [ "$n_tests" -gt 0 ] || die "no test target of ${TEST_PACKAGES[*]} matches CUDA_TESTS='$test_glob'"
+  log "test targets ($test_glob): $n_tests"
   # Every bin and [[bench]] target of the benches crate, by name (`--benches`
   # would also build each library as a second, bench-mode test harness).
   while read -r kind name; do

@@ -14,10 +14,12 @@
 #      and a check that every library the binaries need resolves;
 #   3. unpack the bundle (verifying MANIFEST.txt checksums);
 #   4. the probe `examples/cuda_probe --device cuda` (ops on CPU vs CUDA);
-#   5. every test binary under tests/, once per dtype in $GPU_CHECK_DTYPES,
+#   5. every test binary under tests/ (the golden parity tests that
+#      `build-cuda.sh --tests` packs), once per dtype in $GPU_CHECK_DTYPES,
 #      with ECHOMIMIC_DEVICE=cuda, ECHOMIMIC_DTYPE=<dtype> and
 #      ECHOMIMIC_GOLDEN_DIR (default: <repo>/testdata/golden/public), run from
-#      its package folder as `cargo test` would;
+#      its package folder as `cargo test` would (tolerances per dtype:
+#      docs/cuda.md, "Parity tolerances in half precision");
 #   6. every benchmark binary under benches/ with ECHOMIMIC_DEVICE=cuda.
 #
 # OUT_DIR receives summary.txt (one PASS/FAIL line per step), gpu-check.log
@@ -220,7 +222,7 @@ for dtype in $DTYPES; do
     # shellcheck disable=SC2086
     ECHOMIMIC_DEVICE=cuda ECHOMIMIC_DTYPE="$dtype" \
       run_step "$name" "$LOGS/test-$dtype-${rel//\//-}.log" "$STEP_TIMEOUT" "$(package_dir "$pkg")" "$t" $TEST_ARGS
-    grep -E '^test result:|max \|ours - golden\|' "$LOGS/test-$dtype-${rel//\//-}.log" | sed 's/^/    /' >>"$SUMMARY"
+    grep -E '^test result:|max \|ours - golden\||SKIP ' "$LOGS/test-$dtype-${rel//\//-}.log" | sed 's/^/    /' >>"$SUMMARY"
   done
 done
 

@@ -9,6 +9,12 @@
 //! (so they test the spectrogram and the encoder alone) and load the whisper
 //! checkpoint named by the yaml's `audio_model_path` through the real loader;
 //! the windows use the fps of `manifest.json`.
+//!
+//! The whisper encoder runs on the device and in the dtype of the run
+//! (`ECHOMIMIC_DEVICE`, `ECHOMIMIC_DTYPE`, see `tests/common`). The waveform,
+//! the filter bank and the log-mel are computed on the host in f32 (f64 for
+//! the filters) whatever the device, as the pipeline does: those checks are
+//! the same in every run.
 
 // tests/common/mod.rs (shared, not ours) trips this lint on main.
 mod common;
@@ -18,7 +24,10 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
-use common::{assert_close, assert_exact_i64, get, golden, golden_dir};
+use common::{
+    assert_close, assert_exact_i64, assert_parity, assert_parity_in, get, golden, golden_dir,
+    test_device, test_dtype,
+};
 use echomimic_pipeline::audio::{self, AudioFeatureExtractor, AudioLimits, MelSpectrogram};
 use echomimic_pipeline::config::PromptConfig;
 
@@ -26,6 +35,9 @@ use echomimic_pipeline::config::PromptConfig;
 const MEL_ATOL: f64 = 4e-4;
 /// README tolerance for `audio.feature_array` (the windows are a gather of it).
 const FEATURE_ATOL: f64 = 7e-5;
+/// Half precision: tolerance / max|golden| of the features, 4× the 1.09e-3
+/// measured on the CPU in f16 (`docs/cuda.md`, parity tolerances).
+const FEATURE_F16_REL: f64 = 4.4e-3;
 /// The filter bank is computed in f64 and rounded to f32 on both sides.
 const FILTERS_ATOL: f64 = 1e-7;
 
@@ -160,13 +172,15 @@ fn log_mel_matches_golden() -> anyhow::Result<()> {
 fn features_and_windows_match_golden() -> anyhow::Result<()> {
     let g = golden("audio")?;
     let fps = golden_fps()?;
-    let extractor = AudioFeatureExtractor::load(whisper_path()?, DType::F32, &Device::Cpu)?;
+    let extractor = AudioFeatureExtractor::load(whisper_path()?, test_dtype()?, &test_device()?)?;
     let features = extractor.features(&golden_waveform()?)?;
-    assert_close(
+    anyhow::ensure!(features.dtype() == test_dtype()?);
+    assert_parity(
         "audio.feature_array",
         &features,
         get(&g, "feature_array")?,
         FEATURE_ATOL,
+        FEATURE_F16_REL,
     )?;
 
     let n = features.dim(0)?;
@@ -185,31 +199,32 @@ fn features_and_windows_match_golden() -> anyhow::Result<()> {
     assert_exact_i64("audio.chunk_feature_indices", &idx, want_idx)?;
 
     let chunks = audio::whisper_chunks(&features, fps)?;
-    assert_close(
+    assert_parity(
         "audio.whisper_chunks",
         &chunks,
         get(&g, "whisper_chunks")?,
         FEATURE_ATOL,
+        FEATURE_F16_REL,
     )?;
     Ok(())
 }
 
-/// The f16 path (used on CUDA, like the reference) runs on CPU too and stays
-/// close to the f32 golden values: fp16 activations carry ~1e-3 relative
-/// error through four blocks.
+/// The f16 path (used on CUDA, like the reference) in every run, on the
+/// run's device, within the f16 tolerance of the feature array.
 #[test]
 fn f16_encoder_stays_close() -> anyhow::Result<()> {
     let g = golden("audio")?;
     let want = get(&g, "feature_array")?;
-    let extractor = AudioFeatureExtractor::load(whisper_path()?, DType::F16, &Device::Cpu)?;
+    let extractor = AudioFeatureExtractor::load(whisper_path()?, DType::F16, &test_device()?)?;
     let features = extractor.features(&golden_waveform()?)?;
     anyhow::ensure!(features.dtype() == DType::F16);
-    let max_ref = want.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-    assert_close(
+    assert_parity_in(
+        DType::F16,
         "audio.feature_array (f16 encoder)",
         &features,
         want,
-        f64::from(max_ref) * 1e-2,
+        FEATURE_ATOL,
+        FEATURE_F16_REL,
     )?;
     Ok(())
 }

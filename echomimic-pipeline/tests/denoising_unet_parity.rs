@@ -7,7 +7,12 @@
 //! denoising_unet.pth, strict=False)`, called as `denoising_unet(sample, t,
 //! encoder_hidden_states=None, audio_cond_fea=, face_musk_fea=)` with CFG
 //! reader banks = `reference_unet.safetensors` `bank.*` duplicated and cast
-//! to float16 (`ReferenceAttentionControl.update`). Tolerance: the golden README.
+//! to float16 (`ReferenceAttentionControl.update`). Tolerance: the golden
+//! README (f32); in half precision that of `tests/common` (`docs/cuda.md`).
+//!
+//! The forward tests run on the device and in the dtype of the run
+//! (`ECHOMIMIC_DEVICE`, `ECHOMIMIC_DTYPE`); the loader test stays on the CPU
+//! in f32.
 
 mod common;
 
@@ -22,6 +27,9 @@ use echomimic_pipeline::weights::Checkpoint;
 use echomimic_pipeline::PipelineError;
 
 const OUTPUT_ATOL: f64 = 3e-5;
+/// Half precision: tolerance / max|golden|, 4× the 2.87e-3 measured on the
+/// CPU in f16 (`docs/cuda.md`, parity tolerances).
+const OUTPUT_F16_REL: f64 = 1.2e-2;
 
 fn prompt() -> anyhow::Result<PromptConfig> {
     Ok(PromptConfig::from_file(
@@ -45,43 +53,60 @@ struct Inputs {
     want: Tensor,
 }
 
+/// The golden inputs on the run's device and in its dtype; `want` stays the
+/// golden f32 tensor on the CPU.
 fn inputs() -> anyhow::Result<Inputs> {
     let g = common::golden("denoising_unet")?;
     Ok(Inputs {
-        sample: common::get(&g, "input.sample")?.clone(),
+        sample: common::input(common::get(&g, "input.sample")?)?,
         timestep: common::get(&g, "input.timestep")?
             .to_dtype(DType::I64)?
             .to_scalar::<i64>()? as f64,
-        audio: common::get(&g, "input.audio_cond_fea")?.clone(),
-        face: common::get(&g, "input.face_musk_fea")?.clone(),
+        audio: common::input(common::get(&g, "input.audio_cond_fea")?)?,
+        face: common::input(common::get(&g, "input.face_musk_fea")?)?,
         want: common::get(&g, "output.sample")?.clone(),
     })
 }
 
+/// The UNet on the run's device, in its dtype.
 fn load() -> anyhow::Result<UNet3DConditionModel> {
     Ok(UNet3DConditionModel::from_prompt(
         &prompt()?,
-        DType::F32,
-        &Device::Cpu,
+        common::test_dtype()?,
+        &common::test_device()?,
     )?)
 }
 
 #[test]
 fn denoising_unet_matches_golden_with_cfg() -> anyhow::Result<()> {
+    if common::skip_without_conv2d("denoising_unet_matches_golden_with_cfg")? {
+        return Ok(());
+    }
     let unet = load()?;
     let bank = unet.prepare_bank(&golden_bank()?, BankRounding::F16)?;
     assert_eq!(bank.len(), unet.reader_blocks().len());
     let x = inputs()?;
     let out = unet.forward(&x.sample, x.timestep, &x.audio, Some(&x.face), &bank, true)?;
-    let diff = common::assert_close("denoising_unet.output.sample", &out, &x.want, OUTPUT_ATOL)?;
+    assert_eq!(out.dtype(), common::test_dtype()?);
+    let diff = common::assert_parity(
+        "denoising_unet.output.sample",
+        &out,
+        &x.want,
+        OUTPUT_ATOL,
+        OUTPUT_F16_REL,
+    )?;
 
     // The official code rounds the banks to f16 even in an fp32 run (README
-    // quirk 1): without that rounding the result moves further away.
+    // quirk 1): without that rounding the result moves further away. In half
+    // precision the model's own rounding is of the same size as the banks',
+    // so the comparison says nothing there and is only printed.
     let exact = unet.prepare_bank(&golden_bank()?, BankRounding::Exact)?;
     let out = unet.forward(&x.sample, x.timestep, &x.audio, Some(&x.face), &exact, true)?;
-    let diff_exact = echomimic_pipeline::ops::max_abs_diff(&out, &x.want)?;
+    let diff_exact = common::max_diff("without the f16 bank rounding", &out, &x.want)?;
     eprintln!("without the f16 bank rounding: max |ours - golden| = {diff_exact:.3e}");
-    assert!(diff_exact > diff, "{diff_exact:e} <= {diff:e}");
+    if common::test_dtype()? == DType::F32 {
+        assert!(diff_exact > diff, "{diff_exact:e} <= {diff:e}");
+    }
     Ok(())
 }
 
@@ -90,6 +115,9 @@ fn denoising_unet_matches_golden_with_cfg() -> anyhow::Result<()> {
 /// CFG output, while the unconditional half must not (it ignores the bank).
 #[test]
 fn batch_of_one_without_cfg_reads_the_bank_on_every_row() -> anyhow::Result<()> {
+    if common::skip_without_conv2d("batch_of_one_without_cfg_reads_the_bank_on_every_row")? {
+        return Ok(());
+    }
     let unet = load()?;
     let bank = unet.prepare_bank(&golden_bank()?, BankRounding::F16)?;
     let x = inputs()?;
@@ -102,7 +130,13 @@ fn batch_of_one_without_cfg_reads_the_bank_on_every_row() -> anyhow::Result<()> 
         &bank,
         false,
     )?;
-    common::assert_close("cond half, B = 1", &cond, &half(&x.want, 1)?, OUTPUT_ATOL)?;
+    common::assert_parity(
+        "cond half, B = 1",
+        &cond,
+        &half(&x.want, 1)?,
+        OUTPUT_ATOL,
+        OUTPUT_F16_REL,
+    )?;
 
     let uncond_with_bank = unet.forward(
         &half(&x.sample, 0)?,
@@ -112,10 +146,14 @@ fn batch_of_one_without_cfg_reads_the_bank_on_every_row() -> anyhow::Result<()> 
         &bank,
         false,
     )?;
-    let diff = echomimic_pipeline::ops::max_abs_diff(&uncond_with_bank, &half(&x.want, 0)?)?;
+    let want_uncond = half(&x.want, 0)?;
+    let diff = common::max_diff("uncond half with bank", &uncond_with_bank, &want_uncond)?;
+    // Well above the run's tolerance, so that it is the bank that moved it.
+    let threshold = (4.0 * common::atol(&want_uncond, OUTPUT_ATOL, OUTPUT_F16_REL)?).max(1e-3);
+    eprintln!("uncond half reading the bank: max |ours - golden| = {diff:.3e} (must exceed {threshold:.1e})");
     assert!(
-        diff > 1e-3,
-        "the bank should change the unconditional half (diff {diff:e})"
+        diff > threshold,
+        "the bank should change the unconditional half (diff {diff:e} <= {threshold:e})"
     );
     let uncond = unet.forward(
         &half(&x.sample, 0)?,
@@ -125,11 +163,12 @@ fn batch_of_one_without_cfg_reads_the_bank_on_every_row() -> anyhow::Result<()> 
         &PreparedBank::empty(),
         false,
     )?;
-    common::assert_close(
+    common::assert_parity(
         "uncond half, no bank",
         &uncond,
         &half(&x.want, 0)?,
         OUTPUT_ATOL,
+        OUTPUT_F16_REL,
     )?;
     Ok(())
 }

@@ -6,6 +6,14 @@
 //! followed by the mask / crop / `cv2.resize` block of `infer_audio2vid.py` (opencv 4.11,
 //! numpy 1.26, torch 2.2.2 on CPU, float32). The photo and the output size come from the
 //! golden set's `manifest.json` (`config.photo`, `config.W`, `config.H`).
+//!
+//! These tests ignore `ECHOMIMIC_DEVICE` and `ECHOMIMIC_DTYPE` on purpose: the
+//! pipeline (and so the worker) always runs the detector on the CPU in f32
+//! (`EchoMimicPipeline::from_prompt_config`), where it was validated against
+//! facenet-pytorch; its output is integer geometry (rounded box, crop
+//! rectangles) that a GPU or half-precision run could move by one pixel for
+//! no benefit. The image and mask tensors it hands on are checked in the run's
+//! device and dtype by `pipeline_parity.rs`.
 
 mod common;
 

@@ -1,5 +1,10 @@
 //! The initial noise drawn from a seed equals PyTorch's `torch.randn` with
 //! `torch.manual_seed(seed)` (golden `pipeline.latents_randn`).
+//!
+//! The draw is host-side f32 arithmetic (Mersenne Twister + Box-Muller as
+//! PyTorch's CPU generator), the same in every run whatever
+//! `ECHOMIMIC_DEVICE`/`ECHOMIMIC_DTYPE` say; the pipeline casts it to the
+//! model dtype afterwards (checked by `pipeline_parity.rs`).
 
 mod common;
 

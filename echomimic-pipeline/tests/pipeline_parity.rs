@@ -14,6 +14,12 @@
 //! * free running: the whole pipeline with the stored pre-clamp noise
 //!   injected, every intermediate tensor compared;
 //! * seeded: the noise drawn from the seed (torch-compatible), no injection.
+//!
+//! The pipeline runs on the device and in the dtype of the run
+//! (`ECHOMIMIC_DEVICE`, `ECHOMIMIC_DTYPE`, see `tests/common`); in half
+//! precision the tolerances of [`f16_rel`] and [`frames_limits`] apply
+//! (measured, see `docs/cuda.md`). The face detector stays on the CPU in f32
+//! in every run, as the pipeline runs it.
 
 mod common;
 
@@ -23,7 +29,10 @@ use std::sync::atomic::AtomicBool;
 use std::sync::OnceLock;
 
 use candle_core::{DType, Device, Tensor};
-use common::{assert_close, assert_exact_i64, get, golden, golden_dir};
+use common::{
+    assert_close, assert_exact_i64, assert_parity, get, golden, golden_dir, input, test_device,
+    test_dtype,
+};
 use echomimic_pipeline::config::resolve_relative;
 use echomimic_pipeline::models::attention::Bank;
 use echomimic_pipeline::pipeline::{
@@ -123,12 +132,76 @@ fn tolerance(key: &str) -> anyhow::Result<f64> {
     Ok(((atol / unit) * (1.0 - 1e-9)).ceil() * unit)
 }
 
+/// One or two roundings of an otherwise exact value to f16: each is at most
+/// half an ulp, ≤ 2⁻¹¹ × max|value|, so two are ≤ 2⁻¹⁰ × max|value|.
+const TWO_F16_ROUNDINGS: f64 = 1.0 / 1024.0;
+
+/// Half precision: tolerance / max|golden| of a golden quantity (named as in
+/// the manifest; `step*`/`window*` stand for every index): 4× the largest
+/// ratio measured on the CPU in f16, rounded up to two digits, or an exact
+/// rounding bound where the value only goes through a cast (`docs/cuda.md`,
+/// parity tolerances, has the measurements). An unknown name is an error, so
+/// that a new check gets a tolerance on purpose.
+fn f16_rel(key: &str) -> anyhow::Result<f64> {
+    let indexed = |prefix: &str, suffix: &str| {
+        key.strip_prefix(prefix)
+            .and_then(|k| k.strip_suffix(suffix))
+            .is_some_and(|i| i == "*" || i.bytes().all(|b| b.is_ascii_digit()))
+    };
+    Ok(match key {
+        // Stored noise handed through unchanged (injected) or drawn in f32.
+        "pipeline.latents_randn" => 0.0,
+        // Casts of exact values: mask / 255, the [-1, 1] image, clamp × σ (σ = 1).
+        "pipeline.face_mask_tensor" | "pipeline.ref_image_tensor" | "pipeline.latents_init" => {
+            TWO_F16_ROUNDINGS
+        }
+        "pipeline.face_locator_out" => 2.9e-3, // measured 7.22e-4
+        "pipeline.audio_fea_final" => 4.8e-3,  // 1.18e-3
+        "pipeline.ref_image_latents_unscaled" | "pipeline.ref_image_latents" => 2.1e-2, // 5.09e-3
+        "pipeline.ref_bank.*" => 4.1e-2,       // 1.01e-2
+        "pipeline.video" => 2.3e-2,            // 5.69e-3 (seeded run: 4.69e-3)
+        "pipeline.step*.window*.unet_out" => 1.8e-2, // 4.26e-3
+        "teacher_forced.step0.window*.unet_out" => 1.8e-2, // 4.26e-3
+        "teacher_forced.video" => 1.2e-2,      // 2.91e-3
+        _ if indexed("pipeline.step", ".noise_pred_cfg") => 3.4e-2, // 8.27e-3 (step 2 of 3)
+        _ if indexed("pipeline.step", ".latents_out") => 2.5e-2, // 6.11e-3 (step 2 of 3)
+        _ if indexed("teacher_forced.step", ".noise_pred_cfg") => 1.8e-2, // 4.37e-3
+        _ if indexed("teacher_forced.step", ".latents_out") => 1.3e-2, // 3.18e-3
+        _ => anyhow::bail!("no half-precision tolerance for `{key}`"),
+    })
+}
+
+/// Half precision: tolerance / max of the window mean (`cfg 1.0` test): the
+/// pipeline sums and divides in the run's dtype, the test in f64; 4× the
+/// 4.96e-4 measured on the CPU in f16.
+const WINDOW_MEAN_F16_REL: f64 = 2.0e-3;
+
+/// Compares `got` with the golden `want` within the tolerance of the
+/// manifest quantity `key` in the run's dtype.
+fn check(what: &str, got: &Tensor, want: &Tensor, key: &str) -> anyhow::Result<f64> {
+    assert_parity(what, got, want, tolerance(key)?, f16_rel(key)?)
+}
+
+/// The golden pipeline, loaded once per test binary on the run's device in
+/// its dtype.
 fn pipeline() -> &'static EchoMimicPipeline {
     static PIPELINE: OnceLock<EchoMimicPipeline> = OnceLock::new();
     PIPELINE.get_or_init(|| {
-        EchoMimicPipeline::load(&ModelSource::PromptYaml(prompt_path()), &Device::Cpu, None)
-            .expect("load the golden pipeline")
+        let device = test_device().expect("ECHOMIMIC_DEVICE");
+        let dtype = test_dtype().expect("ECHOMIMIC_DTYPE");
+        EchoMimicPipeline::load(
+            &ModelSource::PromptYaml(prompt_path()),
+            &device,
+            Some(dtype),
+        )
+        .expect("load the golden pipeline")
     })
+}
+
+/// Skips a test that runs the whole pipeline when the run's dtype has no
+/// 2-D convolution on its device (bf16 on the CPU).
+fn skip(what: &str) -> anyhow::Result<bool> {
+    common::skip_without_conv2d(what)
 }
 
 fn request(case: &Case) -> GenerateRequest {
@@ -156,10 +229,18 @@ struct Run {
 }
 
 fn run(request: &GenerateRequest, cancel: &AtomicBool) -> echomimic_pipeline::Result<Run> {
+    run_on(pipeline(), request, cancel)
+}
+
+fn run_on(
+    pipeline: &EchoMimicPipeline,
+    request: &GenerateRequest,
+    cancel: &AtomicBool,
+) -> echomimic_pipeline::Result<Run> {
     let (w, h) = (request.width, request.height);
     let dump = std::cell::RefCell::new(TensorDump::new());
     let mut progress = Vec::new();
-    let report = pipeline().generate_with_dump(
+    let report = pipeline.generate_with_dump(
         request,
         &mut |p| progress.push(p),
         cancel,
@@ -186,8 +267,55 @@ fn as_i64(t: &Tensor) -> anyhow::Result<Vec<i64>> {
     Ok(t.flatten_all()?.to_dtype(DType::I64)?.to_vec1::<i64>()?)
 }
 
-/// `frames_uint8` rule: at most 1 apart, at most 5 % of the values differ.
+/// How far the `frames_uint8` of a run may be from the golden ones.
+#[derive(Debug, Clone, Copy)]
+struct FrameLimits {
+    /// Largest difference of one value, in levels.
+    max_levels: u8,
+    /// Largest fraction of the values that differ at all.
+    max_fraction: f64,
+    /// Largest mean difference over all values, in levels.
+    max_mean: f64,
+}
+
+/// [`FrameLimits`] of a run in `dtype`.
+///
+/// * f32: the README rule, at most 1 level apart and at most 5 % of the
+///   values differ (the mean is then at most 0.05 and needs no limit).
+/// * f16: the largest level difference follows from the `pipeline.video`
+///   tolerance, ⌊255 × atol⌋ + 1 (truncation to u8 adds one level). Any value
+///   near a truncation boundary may flip, so the share of differing values
+///   says little (measured 11.6 %) and is not limited; the mean difference
+///   is, at 4× the 0.116 levels measured on the CPU in f16.
+/// * bf16: both 8× the f16 ones (`common::BF16_OVER_F16`).
+fn frames_limits(dtype: DType) -> anyhow::Result<FrameLimits> {
+    let half = |factor: f64| -> anyhow::Result<FrameLimits> {
+        let video_atol = factor * f16_rel("pipeline.video")?;
+        Ok(FrameLimits {
+            max_levels: (255.0 * video_atol).floor().min(254.0) as u8 + 1,
+            max_fraction: 1.0,
+            max_mean: factor * 0.5,
+        })
+    };
+    match dtype {
+        DType::F32 => Ok(FrameLimits {
+            max_levels: 1,
+            max_fraction: 0.05,
+            max_mean: 1.0,
+        }),
+        DType::F16 => half(1.0),
+        DType::BF16 => half(common::BF16_OVER_F16),
+        other => anyhow::bail!("no frame limits for dtype {other:?}"),
+    }
+}
+
+/// `frames_uint8` within [`frames_limits`] of the run's dtype.
 fn assert_frames_close(what: &str, got: &Tensor, want: &Tensor) -> anyhow::Result<()> {
+    let FrameLimits {
+        max_levels,
+        max_fraction,
+        max_mean,
+    } = frames_limits(test_dtype()?)?;
     anyhow::ensure!(
         got.dims() == want.dims(),
         "{what}: shape {:?} != golden {:?}",
@@ -204,14 +332,29 @@ fn assert_frames_close(what: &str, got: &Tensor, want: &Tensor) -> anyhow::Resul
         .unwrap_or(0);
     let differ = g.iter().zip(&w).filter(|(a, b)| a != b).count();
     let frac = differ as f64 / g.len().max(1) as f64;
+    let over_1 = g
+        .iter()
+        .zip(&w)
+        .filter(|(a, b)| a.abs_diff(**b) > 1)
+        .count();
+    let mean = g
+        .iter()
+        .zip(&w)
+        .map(|(a, b)| f64::from(a.abs_diff(*b)))
+        .sum::<f64>()
+        / g.len().max(1) as f64;
     eprintln!(
-        "{what}: max |ours - golden| = {max}, {differ} of {} values differ ({frac:.2e})",
+        "{what}: max |ours - golden| = {max}, {differ} of {} values differ ({frac:.2e}), {over_1} by more than 1, mean {mean:.2e} levels (limits: {max_levels} levels, {max_fraction} of the values, mean {max_mean})",
         g.len()
     );
-    anyhow::ensure!(max <= 1, "{what}: max diff {max} > 1");
+    anyhow::ensure!(max <= max_levels, "{what}: max diff {max} > {max_levels}");
     anyhow::ensure!(
-        frac <= 0.05,
-        "{what}: {frac:.3} of the values differ (> 5 %)"
+        frac <= max_fraction,
+        "{what}: {frac:.3} of the values differ (> {max_fraction})"
+    );
+    anyhow::ensure!(
+        mean <= max_mean,
+        "{what}: mean difference {mean:.3} levels > {max_mean}"
     );
     Ok(())
 }
@@ -239,6 +382,9 @@ impl DenoiseObserver for Capture {
 
 #[test]
 fn teacher_forced_steps_match_golden() -> anyhow::Result<()> {
+    if skip("teacher_forced_steps_match_golden")? {
+        return Ok(());
+    }
     let case = case()?;
     let g = golden("pipeline")?;
     let p = pipeline();
@@ -252,13 +398,13 @@ fn teacher_forced_steps_match_golden() -> anyhow::Result<()> {
     let timesteps: Vec<i64> = denoiser.timesteps().iter().map(|&t| t as i64).collect();
     assert_exact_i64("timesteps", &timesteps, get(&g, "timesteps")?)?;
     for step in 0..case.steps {
-        let input = if step == 0 {
+        let latents = if step == 0 {
             get(&g, "latents_init")?
         } else {
             get(&g, &format!("step{}.latents_out", step - 1))?
         };
         let mut capture = Capture::default();
-        let out = denoiser.step(step, input, &mut capture)?;
+        let out = denoiser.step(step, &input(latents)?, &mut capture)?;
         let contexts: Vec<i64> = out.windows.iter().flatten().map(|&i| i as i64).collect();
         assert_exact_i64(
             &format!("step{step}.contexts"),
@@ -271,41 +417,39 @@ fn teacher_forced_steps_match_golden() -> anyhow::Result<()> {
             } else {
                 &out.latents
             };
-            assert_close(
-                &format!("teacher_forced.step{step}.{key}"),
-                got,
-                get(&g, &format!("step{step}.{key}"))?,
-                tolerance(&format!("teacher_forced.step{step}.{key}"))?,
-            )?;
+            let name = format!("teacher_forced.step{step}.{key}");
+            check(&name, got, get(&g, &format!("step{step}.{key}"))?, &name)?;
         }
         if step == 0 {
-            let atol = tolerance("teacher_forced.step0.window*.unet_out")?;
             for (j, (_, output)) in capture.outputs.iter().enumerate() {
-                assert_close(
+                check(
                     &format!("teacher_forced.step0.window{j}.unet_out"),
                     output,
                     get(&g, &format!("step0.window{j}.unet_out"))?,
-                    atol,
+                    "teacher_forced.step0.window*.unet_out",
                 )?;
             }
         }
     }
     // Decoding the stored final latents.
-    let last = get(&g, &format!("step{}.latents_out", case.steps - 1))?;
+    let last = input(get(&g, &format!("step{}.latents_out", case.steps - 1))?)?;
     let frames: Vec<Tensor> = (0..last.dim(2)?)
         .map(|i| p.decode_frame(&last.narrow(2, i, 1)?.squeeze(2)?))
         .collect::<echomimic_pipeline::Result<_>>()?;
-    assert_close(
+    check(
         "teacher_forced.video",
         &Tensor::stack(&frames, 2)?,
         get(&g, "video")?,
-        tolerance("teacher_forced.video")?,
+        "teacher_forced.video",
     )?;
     Ok(())
 }
 
 #[test]
 fn free_running_with_injected_noise_matches_golden() -> anyhow::Result<()> {
+    if skip("free_running_with_injected_noise_matches_golden")? {
+        return Ok(());
+    }
     let case = case()?;
     let g = golden("pipeline")?;
     let mut req = request(&case);
@@ -320,12 +464,14 @@ fn free_running_with_injected_noise_matches_golden() -> anyhow::Result<()> {
         let key = format!("step{step}.contexts");
         assert_exact_i64(&key, &as_i64(get(t, &key)?)?, get(&g, &key)?)?;
     }
-    // The mask is mask / 255 of a bit-exact crop: no arithmetic to differ.
-    assert_close(
+    // The mask is mask / 255 of a bit-exact crop: no arithmetic to differ
+    // but the one rounding to the run's dtype.
+    assert_parity(
         "pipeline.face_mask_tensor",
         get(t, "face_mask_tensor")?,
         get(&g, "face_mask_tensor")?,
         1e-6,
+        f16_rel("pipeline.face_mask_tensor")?,
     )?;
     for key in [
         "ref_image_tensor",
@@ -338,27 +484,26 @@ fn free_running_with_injected_noise_matches_golden() -> anyhow::Result<()> {
         "video",
     ] {
         let name = format!("pipeline.{key}");
-        assert_close(&name, get(t, key)?, get(&g, key)?, tolerance(&name)?)?;
+        check(&name, get(t, key)?, get(&g, key)?, &name)?;
     }
-    let bank_atol = tolerance("pipeline.ref_bank.*")?;
     let mut banks = 0;
     for (key, want) in g.iter().filter(|(k, _)| k.starts_with("ref_bank.")) {
-        assert_close(&format!("pipeline.{key}"), get(t, key)?, want, bank_atol)?;
+        check(
+            &format!("pipeline.{key}"),
+            get(t, key)?,
+            want,
+            "pipeline.ref_bank.*",
+        )?;
         banks += 1;
     }
     anyhow::ensure!(banks > 0, "the golden set has no ref_bank.* tensors");
     for step in 0..case.steps {
         for key in ["noise_pred_cfg", "latents_out"] {
             let name = format!("step{step}.{key}");
-            assert_close(
-                &format!("pipeline.{name}"),
-                get(t, &name)?,
-                get(&g, &name)?,
-                tolerance(&format!("pipeline.{name}"))?,
-            )?;
+            let quantity = format!("pipeline.{name}");
+            check(&quantity, get(t, &name)?, get(&g, &name)?, &quantity)?;
         }
     }
-    let window_atol = tolerance("pipeline.step*.window*.unet_out")?;
     let windows = g.keys().filter(|k| k.starts_with("step0.window")).count();
     anyhow::ensure!(
         windows == out.report.windows,
@@ -367,11 +512,11 @@ fn free_running_with_injected_noise_matches_golden() -> anyhow::Result<()> {
     );
     for j in 0..windows {
         let name = format!("step0.window{j}.unet_out");
-        assert_close(
+        check(
             &format!("pipeline.{name}"),
             get(t, &name)?,
             get(&g, &name)?,
-            window_atol,
+            "pipeline.step*.window*.unet_out",
         )?;
     }
     assert_frames_close(
@@ -406,6 +551,9 @@ fn free_running_with_injected_noise_matches_golden() -> anyhow::Result<()> {
 
 #[test]
 fn seeded_noise_reproduces_golden_latents_and_video() -> anyhow::Result<()> {
+    if skip("seeded_noise_reproduces_golden_latents_and_video")? {
+        return Ok(());
+    }
     let case = case()?;
     let g = golden("pipeline")?;
     let out = run(&request(&case), &AtomicBool::new(false))?;
@@ -413,11 +561,11 @@ fn seeded_noise_reproduces_golden_latents_and_video() -> anyhow::Result<()> {
     assert!(!out.report.injected_noise);
     for key in ["latents_init", "video"] {
         let name = format!("pipeline.{key}");
-        assert_close(
+        check(
             &format!("{name} (seeded)"),
             get(&out.tensors, key)?,
             get(&g, key)?,
-            tolerance(&name)?,
+            &name,
         )?;
     }
     assert_frames_close(
@@ -441,6 +589,9 @@ fn quick_request() -> anyhow::Result<GenerateRequest> {
 
 #[test]
 fn progress_is_ordered_monotonic_and_totals_add_up() -> anyhow::Result<()> {
+    if skip("progress_is_ordered_monotonic_and_totals_add_up")? {
+        return Ok(());
+    }
     let mut req = quick_request()?;
     req.steps = 2;
     let out = run(&req, &AtomicBool::new(false))?;
@@ -538,6 +689,9 @@ fn progress_is_ordered_monotonic_and_totals_add_up() -> anyhow::Result<()> {
 
 #[test]
 fn cancel_stops_between_unet_calls_and_between_frames() -> anyhow::Result<()> {
+    if skip("cancel_stops_between_unet_calls_and_between_frames")? {
+        return Ok(());
+    }
     let req = quick_request()?;
     // During denoising: set the flag after the second UNet call.
     let cancel = AtomicBool::new(false);
@@ -603,6 +757,9 @@ fn cancel_stops_between_unet_calls_and_between_frames() -> anyhow::Result<()> {
 
 #[test]
 fn frame_limit_truncation_is_reported() -> anyhow::Result<()> {
+    if skip("frame_limit_truncation_is_reported")? {
+        return Ok(());
+    }
     let mut req = quick_request()?;
     req.max_frames = 5;
     let short = run(&req, &AtomicBool::new(false))?;
@@ -623,6 +780,9 @@ fn frame_limit_truncation_is_reported() -> anyhow::Result<()> {
 
 #[test]
 fn without_guidance_the_batch_is_one_and_windows_are_averaged() -> anyhow::Result<()> {
+    if skip("without_guidance_the_batch_is_one_and_windows_are_averaged")? {
+        return Ok(());
+    }
     // The reference's normal pipeline sums overlapping windows when cfg <= 1;
     // the fix divides by the coverage, with a batch of one (no uncond half).
     let case = case()?;
@@ -636,7 +796,7 @@ fn without_guidance_the_batch_is_one_and_windows_are_averaged() -> anyhow::Resul
     )?;
     assert!(!cond.guidance());
     let denoiser = p.denoiser(&cond, case.steps, case.context_frames, case.context_overlap)?;
-    let latents = get(&g, "latents_init")?;
+    let latents = &input(get(&g, "latents_init")?)?;
     let mut capture = Capture::default();
     let out = denoiser.step(1, latents, &mut capture)?;
 
@@ -650,7 +810,11 @@ fn without_guidance_the_batch_is_one_and_windows_are_averaged() -> anyhow::Resul
             &[1, c, frames.len(), h, w],
             "batch of one without CFG"
         );
-        let o = output.flatten_all()?.to_vec1::<f32>()?;
+        let o = output
+            .to_device(&Device::Cpu)?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         for (k, &frame) in frames.iter().enumerate() {
             count[frame] += 1;
             for ch in 0..c {
@@ -671,11 +835,14 @@ fn without_guidance_the_batch_is_one_and_windows_are_averaged() -> anyhow::Resul
         .map(|(i, s)| (s / count[(i / plane) % f] as f64) as f32)
         .collect();
     let want = Tensor::from_vec(mean, (1, c, f, h, w), &Device::Cpu)?;
-    assert_close(
+    // The mean of the window outputs in f64 against the pipeline's sum and
+    // division in the run's dtype: one rounding per window in half precision.
+    assert_parity(
         "cfg 1.0 noise_pred (window mean)",
         &out.noise_pred,
         &want,
         1e-5,
+        WINDOW_MEAN_F16_REL,
     )?;
     Ok(())
 }
@@ -761,6 +928,9 @@ fn bad_requests_are_invalid_input() -> anyhow::Result<()> {
 
 #[test]
 fn prepared_crop_and_waveform_inputs_give_the_same_video() -> anyhow::Result<()> {
+    if skip("prepared_crop_and_waveform_inputs_give_the_same_video")? {
+        return Ok(());
+    }
     let req = quick_request()?;
     let from_files = run(&req, &AtomicBool::new(false))?;
     let photo = echomimic_pipeline::face::load_image(&case()?.photo, &Default::default())?;
@@ -816,16 +986,27 @@ fn missing_weight_files_are_reported_before_loading() {
     assert!(matches!(err, PipelineError::MissingFile(_)), "{err}");
 }
 
+/// The golden pipeline in `dtype` on the run's device: the shared one when
+/// it has that dtype, else a fresh load.
+fn pipeline_in(dtype: DType) -> anyhow::Result<std::borrow::Cow<'static, EchoMimicPipeline>> {
+    if pipeline().dtype() == dtype {
+        return Ok(std::borrow::Cow::Borrowed(pipeline()));
+    }
+    Ok(std::borrow::Cow::Owned(EchoMimicPipeline::load(
+        &ModelSource::PromptYaml(prompt_path()),
+        &test_device()?,
+        Some(dtype),
+    )?))
+}
+
 #[test]
 fn half_precision_runs_end_to_end_close_to_f32() -> anyhow::Result<()> {
     // Weights, latents and accumulators in f16 (norms and softmax in f32
-    // inside the models): the plumbing works and the video stays near f32.
-    let half = EchoMimicPipeline::load(
-        &ModelSource::PromptYaml(prompt_path()),
-        &Device::Cpu,
-        Some(DType::F16),
-    )?;
+    // inside the models), on the run's device in every run: the plumbing
+    // works and the video stays near the f32 one.
+    let half = pipeline_in(DType::F16)?;
     assert_eq!(half.dtype(), DType::F16);
+    let full = pipeline_in(DType::F32)?;
     let mut req = quick_request()?;
     req.max_frames = 6;
     let mut f16_frames = Vec::new();
@@ -839,7 +1020,7 @@ fn half_precision_runs_end_to_end_close_to_f32() -> anyhow::Result<()> {
         },
     )?;
     assert_eq!(report.frames, 6);
-    let full = run(&req, &AtomicBool::new(false))?;
+    let full = run_on(&full, &req, &AtomicBool::new(false))?;
     let f32_frames = get(&full.tensors, "frames_uint8")?
         .flatten_all()?
         .to_vec1::<u8>()?;

@@ -5,7 +5,12 @@
 //! `reference_unet.pth`, strict) wrapped by `ReferenceAttentionControl` in
 //! write mode, called as `reference_unet(latents, zeros_like(t),
 //! encoder_hidden_states=None)`; `bank.<path>` is the `norm1` output of each
-//! transformer block. Tolerances: the golden README.
+//! transformer block. Tolerances: the golden README (f32); in half precision
+//! those of `tests/common` (`docs/cuda.md`).
+//!
+//! The parity test runs on the device and in the dtype of the run
+//! (`ECHOMIMIC_DEVICE`, `ECHOMIMIC_DTYPE`); the strict-loading test checks
+//! key handling and stays on the CPU in f32.
 
 mod common;
 
@@ -20,6 +25,11 @@ use echomimic_pipeline::PipelineError;
 
 const BANK_ATOL: f64 = 5e-5;
 const OUTPUT_ATOL: f64 = 2e-4;
+/// Half precision: tolerance / max|golden|, 4× the largest ratio measured on
+/// the CPU in f16 (banks 5.22e-3, output 3.90e-3; `docs/cuda.md`, parity
+/// tolerances).
+const BANK_F16_REL: f64 = 2.1e-2;
+const OUTPUT_F16_REL: f64 = 1.6e-2;
 
 fn prompt() -> anyhow::Result<PromptConfig> {
     Ok(PromptConfig::from_file(
@@ -29,9 +39,16 @@ fn prompt() -> anyhow::Result<PromptConfig> {
 
 #[test]
 fn reference_unet_bank_and_output_match_golden() -> anyhow::Result<()> {
+    if common::skip_without_conv2d("reference_unet_bank_and_output_match_golden")? {
+        return Ok(());
+    }
     let g = common::golden("reference_unet")?;
-    let unet = UNet2DConditionModel::from_prompt(&prompt()?, DType::F32, &Device::Cpu)?;
-    let latents = common::get(&g, "input.latents")?;
+    let unet = UNet2DConditionModel::from_prompt(
+        &prompt()?,
+        common::test_dtype()?,
+        &common::test_device()?,
+    )?;
+    let latents = &common::input(common::get(&g, "input.latents")?)?;
     let t = common::get(&g, "input.timestep")?
         .to_dtype(DType::I64)?
         .to_scalar::<i64>()?;
@@ -47,13 +64,14 @@ fn reference_unet_bank_and_output_match_golden() -> anyhow::Result<()> {
     assert_eq!(got, want_paths, "bank paths");
     for (path, w) in want {
         let b = bank.get(path).expect("checked above");
-        common::assert_close(&format!("bank.{path}"), b, w, BANK_ATOL)?;
+        common::assert_parity(&format!("bank.{path}"), b, w, BANK_ATOL, BANK_F16_REL)?;
     }
-    common::assert_close(
+    common::assert_parity(
         "output.sample",
         &out,
         common::get(&g, "output.sample")?,
         OUTPUT_ATOL,
+        OUTPUT_F16_REL,
     )?;
     Ok(())
 }

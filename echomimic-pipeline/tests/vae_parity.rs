@@ -8,6 +8,11 @@
 //! dist = vae.encode(encode_input).latent_dist   # mean, logvar (clamped to [-30, 20])
 //! decode_output = vae.decode(decode_input).sample
 //! ```
+//!
+//! The parity test runs on the device and in the dtype of the run
+//! (`ECHOMIMIC_DEVICE`, `ECHOMIMIC_DTYPE`, see `tests/common`); the loader
+//! tests (file formats, key spellings, missing keys) check how weights are
+//! read, not arithmetic, and stay on the CPU in f32.
 
 mod common;
 
@@ -15,7 +20,10 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
-use common::{assert_close, get, golden, golden_dir};
+use common::{
+    assert_close, assert_parity, assert_parity_in, get, golden, golden_dir, input,
+    skip_without_conv2d, test_device, test_dtype,
+};
 use echomimic_pipeline::config::{read_json, AutoencoderKLConfig, PromptConfig};
 use echomimic_pipeline::models::vae::AutoencoderKL;
 use echomimic_pipeline::ops::max_abs_diff;
@@ -26,6 +34,12 @@ use echomimic_pipeline::PipelineError;
 const MEAN_ATOL: f64 = 2e-5;
 const LOGVAR_ATOL: f64 = 2e-5;
 const DECODE_ATOL: f64 = 3e-5;
+/// Half precision: tolerance / max|golden|, 4× the ratio measured on the CPU
+/// in f16 (mean 3.93e-3, logvar 2.26e-3, decode 4.45e-3; `docs/cuda.md`,
+/// parity tolerances).
+const MEAN_F16_REL: f64 = 1.6e-2;
+const LOGVAR_F16_REL: f64 = 9.1e-3;
+const DECODE_F16_REL: f64 = 1.8e-2;
 
 fn vae_dir() -> anyhow::Result<PathBuf> {
     let dir = golden_dir().join("configs/prompts");
@@ -50,23 +64,44 @@ fn run(
     Ok((dist.mean, dist.logvar, decoded))
 }
 
+/// The golden inputs on the run's device and in its dtype.
+fn device_inputs(g: &HashMap<String, Tensor>) -> anyhow::Result<HashMap<String, Tensor>> {
+    let mut moved = HashMap::new();
+    for key in ["encode.input", "decode.input"] {
+        moved.insert(key.to_owned(), input(get(g, key)?)?);
+    }
+    Ok(moved)
+}
+
 #[test]
 fn vae_matches_reference() -> anyhow::Result<()> {
+    if skip_without_conv2d("vae_matches_reference")? {
+        return Ok(());
+    }
     let g = golden("vae")?;
-    let vae = AutoencoderKL::load(vae_dir()?, DType::F32, &Device::Cpu)?;
-    let (mean, logvar, decoded) = run(&vae, &g)?;
-    assert_close("vae.encode.mean", &mean, get(&g, "encode.mean")?, MEAN_ATOL)?;
-    assert_close(
+    let vae = AutoencoderKL::load(vae_dir()?, test_dtype()?, &test_device()?)?;
+    let (mean, logvar, decoded) = run(&vae, &device_inputs(&g)?)?;
+    assert_eq!(mean.dtype(), test_dtype()?);
+    assert_parity(
+        "vae.encode.mean",
+        &mean,
+        get(&g, "encode.mean")?,
+        MEAN_ATOL,
+        MEAN_F16_REL,
+    )?;
+    assert_parity(
         "vae.encode.logvar",
         &logvar,
         get(&g, "encode.logvar")?,
         LOGVAR_ATOL,
+        LOGVAR_F16_REL,
     )?;
-    assert_close(
+    assert_parity(
         "vae.decode.output",
         &decoded,
         get(&g, "decode.output")?,
         DECODE_ATOL,
+        DECODE_F16_REL,
     )?;
     Ok(())
 }
@@ -203,24 +238,34 @@ fn vae_missing_key_is_named() -> anyhow::Result<()> {
 }
 
 /// Half-precision weights chosen at load time (GroupNorm statistics and the
-/// mid attention in f32): close to the f32 reference.
+/// mid attention in f32), in every run, on the run's device, from f32 inputs
+/// (the VAE casts them): within the f16 tolerances.
 #[test]
 fn vae_runs_in_f16() -> anyhow::Result<()> {
     let g = golden("vae")?;
-    let vae = AutoencoderKL::load(vae_dir()?, DType::F16, &Device::Cpu)?;
-    let (mean, _, decoded) = run(&vae, &g)?;
+    let dev = test_device()?;
+    let vae = AutoencoderKL::load(vae_dir()?, DType::F16, &dev)?;
+    let mut on_dev = HashMap::new();
+    for key in ["encode.input", "decode.input"] {
+        on_dev.insert(key.to_owned(), get(&g, key)?.to_device(&dev)?);
+    }
+    let (mean, _, decoded) = run(&vae, &on_dev)?;
     assert_eq!(mean.dtype(), DType::F16);
-    assert_close(
+    assert_parity_in(
+        DType::F16,
         "vae.encode.mean (f16)",
         &mean,
         get(&g, "encode.mean")?,
-        2e-2,
+        MEAN_ATOL,
+        MEAN_F16_REL,
     )?;
-    assert_close(
+    assert_parity_in(
+        DType::F16,
         "vae.decode.output (f16)",
         &decoded,
         get(&g, "decode.output")?,
-        2e-2,
+        DECODE_ATOL,
+        DECODE_F16_REL,
     )?;
     Ok(())
 }
