@@ -159,6 +159,15 @@ pub struct GenerateOutcome {
 /// Runs `generate`: loads the weights, generates, writes the MP4 (and the
 /// tensor dump). Progress and notes go to stderr.
 pub fn run(args: &GenerateArgs) -> anyhow::Result<GenerateOutcome> {
+    run_with_cancel(args, &AtomicBool::new(false))
+}
+
+/// [`run`] with a cancel flag (set it from a signal handler): generation stops
+/// between UNet calls or decoded frames, and the partial output is removed.
+pub fn run_with_cancel(
+    args: &GenerateArgs,
+    cancel: &AtomicBool,
+) -> anyhow::Result<GenerateOutcome> {
     // 0. cheap checks first: nothing heavy runs for a typo
     for (what, path) in [("image", &args.image), ("audio", &args.audio)] {
         anyhow::ensure!(path.is_file(), "--{what} {} does not exist", path.display());
@@ -228,7 +237,6 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<GenerateOutcome> {
     request.audio_limits = limits;
 
     // 4. generate: the video writer starts as soon as the frame count is known
-    let cancel = AtomicBool::new(false);
     let output = RefCell::new(Output {
         writer: None,
         error: None,
@@ -279,9 +287,9 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<GenerateOutcome> {
                 None => Ok(()),
             }
         };
-        pipeline.generate_with_dump(&request, &mut on_progress, &cancel, &mut sink, &mut hook)
+        pipeline.generate_with_dump(&request, &mut on_progress, cancel, &mut sink, &mut hook)
     } else {
-        pipeline.generate(&request, &mut on_progress, &cancel, &mut sink)
+        pipeline.generate(&request, &mut on_progress, cancel, &mut sink)
     };
     display.finish();
     let Output {

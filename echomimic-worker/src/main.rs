@@ -4,6 +4,8 @@
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use echomimic_worker::generate::{self, GenerateArgs};
@@ -72,6 +74,17 @@ fn serve(args: ServeArgs) -> Result<(), WorkerError> {
     Ok(())
 }
 
+/// `generate` with Ctrl-C/SIGTERM handling: the first signal stops between UNet
+/// calls (the partial MP4 is removed), a second one exits at once.
+fn generate_with_signals(args: &GenerateArgs) -> anyhow::Result<()> {
+    let cancel = Arc::new(AtomicBool::new(false));
+    for signal in [SIGINT, SIGTERM] {
+        signal_hook::flag::register_conditional_shutdown(signal, 130, Arc::clone(&cancel))?;
+        signal_hook::flag::register(signal, Arc::clone(&cancel))?;
+    }
+    generate::run_with_cancel(args, &cancel).map(|_| ())
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -89,7 +102,7 @@ fn main() -> ExitCode {
                 ExitCode::from(e.exit_code())
             }
         },
-        Command::Generate(args) => match generate::run(&args) {
+        Command::Generate(args) => match generate_with_signals(&args) {
             Ok(_) => ExitCode::SUCCESS,
             Err(e) => {
                 tracing::error!("{e:#}");
