@@ -19,7 +19,7 @@ use ureq::http::{Response, StatusCode};
 use ureq::{Body, SendBody};
 
 use crate::error::TempfileError;
-use crate::types::{content_type_for_extension, extension_of, UploadedFile};
+use crate::types::{content_type_for_extension, extension_of, filename_params, UploadedFile};
 
 /// Largest JSON response body the client reads.
 const MAX_JSON_RESPONSE: u64 = 1024 * 1024;
@@ -559,32 +559,6 @@ fn part_path(dest: &Path) -> Result<PathBuf, TempfileError> {
         )
     })?;
     Ok(dest.with_file_name(format!(".{}.part", name.to_string_lossy())))
-}
-
-/// `filename="<ascii>"` plus `filename*=UTF-8''…` for names that are not plain ASCII.
-fn filename_params(name: &str) -> String {
-    let ascii: String = name
-        .chars()
-        .map(|c| {
-            if (c.is_ascii_graphic() && c != '"' && c != '\\') || c == ' ' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    if ascii == name {
-        return format!("filename=\"{ascii}\"");
-    }
-    let mut encoded = String::new();
-    for b in name.bytes() {
-        if b.is_ascii_alphanumeric() || b"!#$&+-.^_`|~".contains(&b) {
-            encoded.push(b as char);
-        } else {
-            encoded.push_str(&format!("%{b:02X}"));
-        }
-    }
-    format!("filename=\"{ascii}\"; filename*=UTF-8''{encoded}")
 }
 
 #[cfg(test)]

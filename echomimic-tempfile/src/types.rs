@@ -303,6 +303,34 @@ fn signature_matches(sig: Signature, h: &[u8]) -> bool {
     }
 }
 
+/// `filename="<ascii>"` plus `filename*=UTF-8''<percent-encoded>` for names that are
+/// not plain ASCII (RFC 6266 / RFC 8187): the multipart header of an upload and the
+/// server's `Content-Disposition` share it.
+pub(crate) fn filename_params(name: &str) -> String {
+    let ascii: String = name
+        .chars()
+        .map(|c| {
+            if (c.is_ascii_graphic() && c != '"' && c != '\\') || c == ' ' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if ascii == name {
+        return format!("filename=\"{ascii}\"");
+    }
+    let mut encoded = String::new();
+    for b in name.bytes() {
+        if b.is_ascii_alphanumeric() || b"!#$&+-.^_`|~".contains(&b) {
+            encoded.push(b as char);
+        } else {
+            encoded.push_str(&format!("%{b:02X}"));
+        }
+    }
+    format!("filename=\"{ascii}\"; filename*=UTF-8''{encoded}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
