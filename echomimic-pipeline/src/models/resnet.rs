@@ -24,8 +24,9 @@ pub struct ResnetBlock2DConfig {
     pub in_channels: usize,
     /// Output channels (a 1×1 `conv_shortcut` exists when they differ from the input).
     pub out_channels: usize,
-    /// Width of the time embedding.
-    pub temb_channels: usize,
+    /// Width of the time embedding; `None` for a block without one (the VAE's,
+    /// diffusers `temb_channels=None`: no `time_emb_proj`).
+    pub temb_channels: Option<usize>,
     /// GroupNorm groups (`norm_num_groups`).
     pub groups: usize,
     /// GroupNorm eps (`norm_eps`).
@@ -41,7 +42,7 @@ pub struct ResnetBlock2DConfig {
 pub struct ResnetBlock2D {
     norm1: GroupNorm,
     conv1: Conv2d,
-    time_emb_proj: Linear,
+    time_emb_proj: Option<Linear>,
     norm2: GroupNorm,
     conv2: Conv2d,
     conv_shortcut: Option<Conv2d>,
@@ -81,7 +82,10 @@ impl ResnetBlock2D {
         Ok(Self {
             norm1: candle_nn::group_norm(cfg.groups, c_in, cfg.eps, vb.pp("norm1"))?,
             conv1: conv3x3(vb.pp("conv1"), c_in, c_out, 1, 1)?,
-            time_emb_proj: candle_nn::linear(cfg.temb_channels, c_out, vb.pp("time_emb_proj"))?,
+            time_emb_proj: cfg
+                .temb_channels
+                .map(|t| candle_nn::linear(t, c_out, vb.pp("time_emb_proj")))
+                .transpose()?,
             norm2: candle_nn::group_norm(cfg.groups, c_out, cfg.eps, vb.pp("norm2"))?,
             conv2: conv3x3(vb.pp("conv2"), c_out, c_out, 1, 1)?,
             conv_shortcut,
@@ -90,23 +94,31 @@ impl ResnetBlock2D {
     }
 
     /// `xs`: `[N, C_in, H, W]`; `temb`: `[1, T]` (one timestep for every row)
-    /// or `[N, T]`. Returns `[N, C_out, H, W]`.
-    pub fn forward(&self, xs: &Tensor, temb: &Tensor) -> Result<Tensor> {
+    /// or `[N, T]`, and `None` exactly when the block has no `time_emb_proj`.
+    /// Returns `[N, C_out, H, W]`.
+    pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
         self.forward_with_norm(xs, temb, &|gn: &GroupNorm, x: &Tensor| gn.forward(x))
     }
 
     fn forward_with_norm(
         &self,
         xs: &Tensor,
-        temb: &Tensor,
+        temb: Option<&Tensor>,
         norm: &dyn Fn(&GroupNorm, &Tensor) -> Result<Tensor>,
     ) -> Result<Tensor> {
         // 1. norm1 → SiLU → conv1
-        let h = self.conv1.forward(&norm(&self.norm1, xs)?.silu()?)?;
+        let mut h = self.conv1.forward(&norm(&self.norm1, xs)?.silu()?)?;
         // 2. + time_emb_proj(SiLU(temb)), broadcast over rows and space
-        let t = self.time_emb_proj.forward(&temb.silu()?)?;
-        let (n_t, c_t) = t.dims2()?;
-        let h = h.broadcast_add(&t.reshape((n_t, c_t, 1, 1))?)?;
+        match (&self.time_emb_proj, temb) {
+            (Some(proj), Some(temb)) => {
+                let t = proj.forward(&temb.silu()?)?;
+                let (n_t, c_t) = t.dims2()?;
+                h = h.broadcast_add(&t.reshape((n_t, c_t, 1, 1))?)?;
+            }
+            (None, None) => {}
+            (Some(_), None) => candle_core::bail!("this resnet block needs a time embedding"),
+            (None, Some(_)) => candle_core::bail!("this resnet block has no time embedding"),
+        }
         // 3. norm2 → SiLU → (dropout) → conv2
         let h = self.conv2.forward(&norm(&self.norm2, &h)?.silu()?)?;
         // 4. residual (1×1 shortcut when the width changes), output scale
@@ -168,10 +180,10 @@ impl ResnetBlock3D {
     /// `xs`: `[B·F, C_in, H, W]` (batch-major rows); `temb`: `[1, T]`.
     pub fn forward(&self, xs: &Tensor, temb: &Tensor, frames: usize) -> Result<Tensor> {
         if self.use_inflated_groupnorm {
-            self.block.forward(xs, temb)
+            self.block.forward(xs, Some(temb))
         } else {
             self.block
-                .forward_with_norm(xs, temb, &|gn: &GroupNorm, x: &Tensor| {
+                .forward_with_norm(xs, Some(temb), &|gn: &GroupNorm, x: &Tensor| {
                     group_norm_across_frames(gn, x, frames)
                 })
         }

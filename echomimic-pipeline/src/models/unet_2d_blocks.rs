@@ -1,9 +1,10 @@
 //! Down, mid and up blocks of the reference UNet.
 //!
 //! Mirrors EchoMimic's `src/models/unet_2d_blocks.py` (diffusers 0.24 blocks
-//! with EchoMimic's `Transformer2DModel`; BadToBest/EchoMimic @ 76cdab1):
-//! `CrossAttnDownBlock2D`, `DownBlock2D`, `UNetMidBlock2DCrossAttn`,
-//! `UpBlock2D`, `CrossAttnUpBlock2D`.
+//! with EchoMimic's `Transformer2DModel`; BadToBest/EchoMimic @ 76cdab1).
+//! `CrossAttnDownBlock2D`/`DownBlock2D` are one [`DownBlock2D`] with or
+//! without transformers, likewise `CrossAttnUpBlock2D`/`UpBlock2D` as
+//! [`UpBlock2D`]; `UNetMidBlock2DCrossAttn` stands alone.
 //!
 //! Keys (relative to `down_blocks.i` / `mid_block` / `up_blocks.i`):
 //! `resnets.j.*`, `attentions.j.*`, `downsamplers.0.conv.*`,
@@ -53,7 +54,7 @@ impl BlockConfig {
         ResnetBlock2DConfig {
             in_channels,
             out_channels,
-            temb_channels: self.temb_channels,
+            temb_channels: Some(self.temb_channels),
             groups: self.resnet_groups,
             eps: self.resnet_eps,
             output_scale_factor: self.output_scale_factor,
@@ -96,37 +97,64 @@ impl BlockConfig {
     }
 }
 
-/// Resnets + spatial transformers, then an optional downsampler.
+fn attentions(
+    vb: &VarBuilder<'_>,
+    cfg: &BlockConfig,
+    cross_attention: bool,
+) -> Result<Vec<Transformer2DModel>> {
+    if !cross_attention {
+        return Ok(Vec::new());
+    }
+    (0..cfg.num_layers)
+        .map(|i| {
+            Transformer2DModel::new(
+                vb.pp("attentions").pp(i),
+                &cfg.transformer(cfg.out_channels),
+            )
+        })
+        .collect()
+}
+
+/// One layer: `resnet → transformer (if any)`.
+fn layer(
+    resnet: &ResnetBlock2D,
+    attention: Option<&Transformer2DModel>,
+    xs: &Tensor,
+    temb: &Tensor,
+    bank: &mut Bank,
+) -> Result<Tensor> {
+    let h = resnet.forward(xs, Some(temb))?;
+    match attention {
+        Some(attn) => attn.forward(&h, bank),
+        None => Ok(h),
+    }
+}
+
+/// A down block: resnets, each followed by a spatial transformer in
+/// `CrossAttnDownBlock2D` (none in `DownBlock2D`), then an optional
+/// downsampler.
 #[derive(Debug, Clone)]
-pub struct CrossAttnDownBlock2D {
+pub struct DownBlock2D {
     resnets: Vec<ResnetBlock2D>,
     attentions: Vec<Transformer2DModel>,
     downsamplers: Option<Downsample2D>,
 }
 
-impl CrossAttnDownBlock2D {
-    /// Loads the block at `vb`.
-    pub fn new(vb: VarBuilder<'_>, cfg: &BlockConfig) -> Result<Self> {
-        let mut resnets = Vec::with_capacity(cfg.num_layers);
-        let mut attentions = Vec::with_capacity(cfg.num_layers);
-        for i in 0..cfg.num_layers {
-            resnets.push(ResnetBlock2D::new(
-                vb.pp("resnets").pp(i),
-                &cfg.down_resnet(i),
-            )?);
-            attentions.push(Transformer2DModel::new(
-                vb.pp("attentions").pp(i),
-                &cfg.transformer(cfg.out_channels),
-            )?);
-        }
+impl DownBlock2D {
+    /// Loads the block at `vb`; `cross_attention` selects `CrossAttnDownBlock2D`.
+    pub fn new(vb: VarBuilder<'_>, cfg: &BlockConfig, cross_attention: bool) -> Result<Self> {
+        let resnets = (0..cfg.num_layers)
+            .map(|i| ResnetBlock2D::new(vb.pp("resnets").pp(i), &cfg.down_resnet(i)))
+            .collect::<Result<_>>()?;
         Ok(Self {
             resnets,
-            attentions,
+            attentions: attentions(&vb, cfg, cross_attention)?,
             downsamplers: downsampler(&vb, cfg)?,
         })
     }
 
-    /// Returns the output and the skips it adds (one per layer, plus the downsampled output).
+    /// Returns the output and the skips it adds (one per layer, plus the
+    /// downsampled output); the transformers write their entries to `bank`.
     pub fn forward(
         &self,
         xs: &Tensor,
@@ -135,9 +163,8 @@ impl CrossAttnDownBlock2D {
     ) -> Result<(Tensor, Vec<Tensor>)> {
         let mut h = xs.clone();
         let mut skips = Vec::with_capacity(self.resnets.len() + 1);
-        for (resnet, attn) in self.resnets.iter().zip(&self.attentions) {
-            h = resnet.forward(&h, temb)?;
-            h = attn.forward(&h, bank)?;
+        for (i, resnet) in self.resnets.iter().enumerate() {
+            h = layer(resnet, self.attentions.get(i), &h, temb, bank)?;
             skips.push(h.clone());
         }
         if let Some(down) = &self.downsamplers {
@@ -148,7 +175,8 @@ impl CrossAttnDownBlock2D {
     }
 }
 
-fn downsampler(vb: &VarBuilder<'_>, cfg: &BlockConfig) -> Result<Option<Downsample2D>> {
+/// `downsamplers.0` when the block has one.
+pub(crate) fn downsampler(vb: &VarBuilder<'_>, cfg: &BlockConfig) -> Result<Option<Downsample2D>> {
     cfg.add_sampler
         .then(|| {
             Downsample2D::new(
@@ -160,7 +188,8 @@ fn downsampler(vb: &VarBuilder<'_>, cfg: &BlockConfig) -> Result<Option<Downsamp
         .transpose()
 }
 
-fn upsampler(vb: &VarBuilder<'_>, cfg: &BlockConfig) -> Result<Option<Upsample2D>> {
+/// `upsamplers.0` when the block has one.
+pub(crate) fn upsampler(vb: &VarBuilder<'_>, cfg: &BlockConfig) -> Result<Option<Upsample2D>> {
     cfg.add_sampler
         .then(|| Upsample2D::new(vb.pp("upsamplers").pp(0), cfg.out_channels))
         .transpose()
@@ -172,41 +201,6 @@ pub(crate) fn cat_skip(h: &Tensor, skips: &mut Vec<Tensor>) -> Result<Tensor> {
         candle_core::bail!("the skip stack is empty");
     };
     Tensor::cat(&[h, &skip], 1)
-}
-
-/// Resnets only, then an optional downsampler.
-#[derive(Debug, Clone)]
-pub struct DownBlock2D {
-    resnets: Vec<ResnetBlock2D>,
-    downsamplers: Option<Downsample2D>,
-}
-
-impl DownBlock2D {
-    /// Loads the block at `vb`.
-    pub fn new(vb: VarBuilder<'_>, cfg: &BlockConfig) -> Result<Self> {
-        let resnets = (0..cfg.num_layers)
-            .map(|i| ResnetBlock2D::new(vb.pp("resnets").pp(i), &cfg.down_resnet(i)))
-            .collect::<Result<_>>()?;
-        Ok(Self {
-            resnets,
-            downsamplers: downsampler(&vb, cfg)?,
-        })
-    }
-
-    /// Returns the output and the skips it adds.
-    pub fn forward(&self, xs: &Tensor, temb: &Tensor) -> Result<(Tensor, Vec<Tensor>)> {
-        let mut h = xs.clone();
-        let mut skips = Vec::with_capacity(self.resnets.len() + 1);
-        for resnet in &self.resnets {
-            h = resnet.forward(&h, temb)?;
-            skips.push(h.clone());
-        }
-        if let Some(down) = &self.downsamplers {
-            h = down.forward(&h)?;
-            skips.push(h.clone());
-        }
-        Ok((h, skips))
-    }
 }
 
 /// `resnets.0 → (attentions.i → resnets.i+1)*` at constant width.
@@ -234,19 +228,22 @@ impl UNetMidBlock2DCrossAttn {
 
     /// `xs`: `[N, C, H, W]`.
     pub fn forward(&self, xs: &Tensor, temb: &Tensor, bank: &mut Bank) -> Result<Tensor> {
-        let mut h = self.resnets[0].forward(xs, temb)?;
+        let mut h = self.resnets[0].forward(xs, Some(temb))?;
         for (attn, resnet) in self.attentions.iter().zip(&self.resnets[1..]) {
             h = attn.forward(&h, bank)?;
-            h = resnet.forward(&h, temb)?;
+            h = resnet.forward(&h, Some(temb))?;
         }
         Ok(h)
     }
 }
 
-/// Resnets on `[h, skip]`, then an optional upsampler.
+/// An up block: resnets on `[h, skip]`, each followed by a spatial
+/// transformer in `CrossAttnUpBlock2D` (none in `UpBlock2D`), then an
+/// optional upsampler.
 #[derive(Debug, Clone)]
 pub struct UpBlock2D {
     resnets: Vec<ResnetBlock2D>,
+    attentions: Vec<Transformer2DModel>,
     upsamplers: Option<Upsample2D>,
 }
 
@@ -256,13 +253,14 @@ impl UpBlock2D {
         self.resnets.len()
     }
 
-    /// Loads the block at `vb`.
-    pub fn new(vb: VarBuilder<'_>, cfg: &BlockConfig) -> Result<Self> {
+    /// Loads the block at `vb`; `cross_attention` selects `CrossAttnUpBlock2D`.
+    pub fn new(vb: VarBuilder<'_>, cfg: &BlockConfig, cross_attention: bool) -> Result<Self> {
         let resnets = (0..cfg.num_layers)
             .map(|i| ResnetBlock2D::new(vb.pp("resnets").pp(i), &cfg.up_resnet(i)))
             .collect::<Result<_>>()?;
         Ok(Self {
             resnets,
+            attentions: attentions(&vb, cfg, cross_attention)?,
             upsamplers: upsampler(&vb, cfg)?,
         })
     }
@@ -274,66 +272,17 @@ impl UpBlock2D {
         skips: &mut Vec<Tensor>,
         temb: &Tensor,
         upsample_size: Option<(usize, usize)>,
-    ) -> Result<Tensor> {
-        let mut h = xs.clone();
-        for resnet in &self.resnets {
-            h = resnet.forward(&cat_skip(&h, skips)?, temb)?;
-        }
-        match &self.upsamplers {
-            Some(up) => up.forward(&h, upsample_size),
-            None => Ok(h),
-        }
-    }
-}
-
-/// Resnets on `[h, skip]` + spatial transformers, then an optional upsampler.
-#[derive(Debug, Clone)]
-pub struct CrossAttnUpBlock2D {
-    resnets: Vec<ResnetBlock2D>,
-    attentions: Vec<Transformer2DModel>,
-    upsamplers: Option<Upsample2D>,
-}
-
-impl CrossAttnUpBlock2D {
-    /// Number of resnets (= skips consumed).
-    pub fn num_layers(&self) -> usize {
-        self.resnets.len()
-    }
-
-    /// Loads the block at `vb`.
-    pub fn new(vb: VarBuilder<'_>, cfg: &BlockConfig) -> Result<Self> {
-        let mut resnets = Vec::with_capacity(cfg.num_layers);
-        let mut attentions = Vec::with_capacity(cfg.num_layers);
-        for i in 0..cfg.num_layers {
-            resnets.push(ResnetBlock2D::new(
-                vb.pp("resnets").pp(i),
-                &cfg.up_resnet(i),
-            )?);
-            attentions.push(Transformer2DModel::new(
-                vb.pp("attentions").pp(i),
-                &cfg.transformer(cfg.out_channels),
-            )?);
-        }
-        Ok(Self {
-            resnets,
-            attentions,
-            upsamplers: upsampler(&vb, cfg)?,
-        })
-    }
-
-    /// Pops one skip per resnet from `skips`.
-    pub fn forward(
-        &self,
-        xs: &Tensor,
-        skips: &mut Vec<Tensor>,
-        temb: &Tensor,
-        upsample_size: Option<(usize, usize)>,
         bank: &mut Bank,
     ) -> Result<Tensor> {
         let mut h = xs.clone();
-        for (resnet, attn) in self.resnets.iter().zip(&self.attentions) {
-            h = resnet.forward(&cat_skip(&h, skips)?, temb)?;
-            h = attn.forward(&h, bank)?;
+        for (i, resnet) in self.resnets.iter().enumerate() {
+            h = layer(
+                resnet,
+                self.attentions.get(i),
+                &cat_skip(&h, skips)?,
+                temb,
+                bank,
+            )?;
         }
         match &self.upsamplers {
             Some(up) => up.forward(&h, upsample_size),

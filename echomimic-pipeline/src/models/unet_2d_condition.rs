@@ -18,10 +18,7 @@ use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
 
 use super::attention::Bank;
 use super::embeddings::{TimestepEmbedding, Timesteps};
-use super::unet_2d_blocks::{
-    BlockConfig, CrossAttnDownBlock2D, CrossAttnUpBlock2D, DownBlock2D, UNetMidBlock2DCrossAttn,
-    UpBlock2D,
-};
+use super::unet_2d_blocks::{BlockConfig, DownBlock2D, UNetMidBlock2DCrossAttn, UpBlock2D};
 use crate::config::{DownBlockType, UNet2DConditionConfig, UpBlockType};
 
 /// Width of the time embedding: `4 × block_out_channels[0]`.
@@ -131,27 +128,15 @@ pub(crate) fn validate(cfg: &UNet2DConditionConfig) -> Result<()> {
     Ok(())
 }
 
-#[derive(Debug, Clone)]
-enum DownBlock {
-    CrossAttn(CrossAttnDownBlock2D),
-    Plain(DownBlock2D),
-}
-
-#[derive(Debug, Clone)]
-enum UpBlock {
-    CrossAttn(CrossAttnUpBlock2D),
-    Plain(UpBlock2D),
-}
-
 /// The reference UNet (write mode).
 #[derive(Debug, Clone)]
 pub struct UNet2DConditionModel {
     conv_in: Conv2d,
     time_proj: Timesteps,
     time_embedding: TimestepEmbedding,
-    down_blocks: Vec<DownBlock>,
+    down_blocks: Vec<DownBlock2D>,
     mid_block: UNetMidBlock2DCrossAttn,
-    up_blocks: Vec<UpBlock>,
+    up_blocks: Vec<UpBlock2D>,
     center_input_sample: bool,
 }
 
@@ -175,12 +160,8 @@ impl UNet2DConditionModel {
         for (i, ty) in cfg.down_block_types.iter().enumerate() {
             let bcfg = down_block_config(cfg, i, ctx);
             let vb = vb.pp("down_blocks").pp(i);
-            down_blocks.push(match ty {
-                DownBlockType::CrossAttnDownBlock => {
-                    DownBlock::CrossAttn(CrossAttnDownBlock2D::new(vb, &bcfg)?)
-                }
-                DownBlockType::DownBlock => DownBlock::Plain(DownBlock2D::new(vb, &bcfg)?),
-            });
+            let cross_attention = matches!(ty, DownBlockType::CrossAttnDownBlock);
+            down_blocks.push(DownBlock2D::new(vb, &bcfg, cross_attention)?);
         }
         let mid_block =
             UNetMidBlock2DCrossAttn::new(vb.pp("mid_block"), &mid_block_config(cfg, ctx))?;
@@ -188,12 +169,8 @@ impl UNet2DConditionModel {
         for (i, ty) in cfg.up_block_types.iter().enumerate() {
             let bcfg = up_block_config(cfg, i, ctx);
             let vb = vb.pp("up_blocks").pp(i);
-            up_blocks.push(match ty {
-                UpBlockType::CrossAttnUpBlock => {
-                    UpBlock::CrossAttn(CrossAttnUpBlock2D::new(vb, &bcfg)?)
-                }
-                UpBlockType::UpBlock => UpBlock::Plain(UpBlock2D::new(vb, &bcfg)?),
-            });
+            let cross_attention = matches!(ty, UpBlockType::CrossAttnUpBlock);
+            up_blocks.push(UpBlock2D::new(vb, &bcfg, cross_attention)?);
         }
         Ok(Self {
             conv_in,
@@ -234,10 +211,7 @@ impl UNet2DConditionModel {
         let mut skips = vec![h.clone()];
         // 3. down
         for block in &self.down_blocks {
-            let (out, res) = match block {
-                DownBlock::CrossAttn(b) => b.forward(&h, &emb, &mut bank)?,
-                DownBlock::Plain(b) => b.forward(&h, &emb)?,
-            };
+            let (out, res) = block.forward(&h, &emb, &mut bank)?;
             h = out;
             skips.extend(res);
         }
@@ -246,17 +220,10 @@ impl UNet2DConditionModel {
         // 5. up
         let n_up = self.up_blocks.len();
         for (i, block) in self.up_blocks.iter().enumerate() {
-            let layers = match block {
-                UpBlock::CrossAttn(b) => b.num_layers(),
-                UpBlock::Plain(b) => b.num_layers(),
-            };
-            let keep = skips.len().saturating_sub(layers);
+            let keep = skips.len().saturating_sub(block.num_layers());
             let mut res = skips.split_off(keep);
             let size = upsample_size(forward_upsample_size, i + 1 == n_up, &skips)?;
-            h = match block {
-                UpBlock::CrossAttn(b) => b.forward(&h, &mut res, &emb, size, &mut bank)?,
-                UpBlock::Plain(b) => b.forward(&h, &mut res, &emb, size)?,
-            };
+            h = block.forward(&h, &mut res, &emb, size, &mut bank)?;
         }
         // 6. no post-process: conv_norm_out / conv_out were removed
         Ok((h, bank))

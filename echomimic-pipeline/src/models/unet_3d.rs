@@ -26,8 +26,7 @@ use super::unet_2d_condition::{
     down_block_config, mid_block_config, time_embed_dim, up_block_config, upsample_size,
 };
 use super::unet_3d_blocks::{
-    Block3DConfig, Conditioning, CrossAttnDownBlock3D, CrossAttnUpBlock3D, DownBlock3D,
-    UNetMidBlock3DCrossAttn, UpBlock3D,
+    Block3DConfig, Conditioning, DownBlock3D, UNetMidBlock3DCrossAttn, UpBlock3D,
 };
 use crate::config::{DownBlockType, UNet2DConditionConfig, UnetAdditionalKwargs, UpBlockType};
 
@@ -52,27 +51,15 @@ pub fn validate(cfg: &UNet2DConditionConfig, extra: &UnetAdditionalKwargs) -> Re
     Ok(())
 }
 
-#[derive(Debug, Clone)]
-enum DownBlock {
-    CrossAttn(CrossAttnDownBlock3D),
-    Plain(DownBlock3D),
-}
-
-#[derive(Debug, Clone)]
-enum UpBlock {
-    CrossAttn(CrossAttnUpBlock3D),
-    Plain(UpBlock3D),
-}
-
 /// The denoising UNet (Python `EchoUNet3DConditionModel`).
 #[derive(Debug, Clone)]
 pub struct UNet3DConditionModel {
     conv_in: Conv2d,
     time_proj: Timesteps,
     time_embedding: TimestepEmbedding,
-    down_blocks: Vec<DownBlock>,
+    down_blocks: Vec<DownBlock3D>,
     mid_block: UNetMidBlock3DCrossAttn,
-    up_blocks: Vec<UpBlock>,
+    up_blocks: Vec<UpBlock3D>,
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
     center_input_sample: bool,
@@ -112,12 +99,8 @@ impl UNet3DConditionModel {
             let motion = has_motion(1 << i) && !extra.motion_module_decoder_only;
             let bcfg = block3d(down_block_config(cfg, i, cross), motion);
             let vb = vb.pp("down_blocks").pp(i);
-            down_blocks.push(match ty {
-                DownBlockType::CrossAttnDownBlock => {
-                    DownBlock::CrossAttn(CrossAttnDownBlock3D::new(vb, &bcfg)?)
-                }
-                DownBlockType::DownBlock => DownBlock::Plain(DownBlock3D::new(vb, &bcfg)?),
-            });
+            let cross_attention = matches!(ty, DownBlockType::CrossAttnDownBlock);
+            down_blocks.push(DownBlock3D::new(vb, &bcfg, cross_attention)?);
         }
         let mid_cfg = block3d(mid_block_config(cfg, cross), extra.motion_module_mid_block);
         let mid_block = UNetMidBlock3DCrossAttn::new(vb.pp("mid_block"), &mid_cfg)?;
@@ -127,12 +110,8 @@ impl UNet3DConditionModel {
             let motion = i <= 3 && has_motion(1 << (3 - i));
             let bcfg = block3d(up_block_config(cfg, i, cross), motion);
             let vb = vb.pp("up_blocks").pp(i);
-            up_blocks.push(match ty {
-                UpBlockType::CrossAttnUpBlock => {
-                    UpBlock::CrossAttn(CrossAttnUpBlock3D::new(vb, &bcfg)?)
-                }
-                UpBlockType::UpBlock => UpBlock::Plain(UpBlock3D::new(vb, &bcfg)?),
-            });
+            let cross_attention = matches!(ty, UpBlockType::CrossAttnUpBlock);
+            up_blocks.push(UpBlock3D::new(vb, &bcfg, cross_attention)?);
         }
         let conv_norm_out = candle_nn::group_norm(
             cfg.norm_num_groups,
@@ -163,19 +142,11 @@ impl UNet3DConditionModel {
 
     /// Every transformer block that reads the bank, in module order.
     pub fn reader_blocks(&self) -> Vec<&TemporalBasicTransformerBlock> {
-        let mut out = Vec::new();
-        for b in &self.down_blocks {
-            if let DownBlock::CrossAttn(b) = b {
-                out.extend(b.reader_blocks());
-            }
-        }
-        out.extend(self.mid_block.reader_blocks());
-        for b in &self.up_blocks {
-            if let UpBlock::CrossAttn(b) = b {
-                out.extend(b.reader_blocks());
-            }
-        }
-        out
+        let down = self.down_blocks.iter().flat_map(DownBlock3D::reader_blocks);
+        let up = self.up_blocks.iter().flat_map(UpBlock3D::reader_blocks);
+        down.chain(self.mid_block.reader_blocks())
+            .chain(up)
+            .collect()
     }
 
     /// Precomputes `to_k`/`to_v` of the reference features for every reader
@@ -272,10 +243,7 @@ impl UNet3DConditionModel {
         let mut skips = vec![xs.clone()];
         // 3. down
         for block in &self.down_blocks {
-            let (out, res) = match block {
-                DownBlock::CrossAttn(m) => m.forward(&xs, &cond)?,
-                DownBlock::Plain(m) => m.forward(&xs, &cond)?,
-            };
+            let (out, res) = block.forward(&xs, &cond)?;
             xs = out;
             skips.extend(res);
         }
@@ -284,16 +252,9 @@ impl UNet3DConditionModel {
         // 5. up (each block consumes `layers_per_block + 1` skips)
         let n_up = self.up_blocks.len();
         for (i, block) in self.up_blocks.iter().enumerate() {
-            let layers = match block {
-                UpBlock::CrossAttn(m) => m.num_layers(),
-                UpBlock::Plain(m) => m.num_layers(),
-            };
-            let mut res = skips.split_off(skips.len().saturating_sub(layers));
+            let mut res = skips.split_off(skips.len().saturating_sub(block.num_layers()));
             let size = upsample_size(forward_upsample_size, i + 1 == n_up, &skips)?;
-            xs = match block {
-                UpBlock::CrossAttn(m) => m.forward(&xs, &mut res, &cond, size)?,
-                UpBlock::Plain(m) => m.forward(&xs, &mut res, &cond, size)?,
-            };
+            xs = block.forward(&xs, &mut res, &cond, size)?;
         }
         // 6. post-process: GroupNorm (per frame when inflated), SiLU, conv_out
         let xs = if self.use_inflated_groupnorm {

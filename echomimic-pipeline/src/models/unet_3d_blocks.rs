@@ -1,8 +1,9 @@
 //! Down, mid and up blocks of the denoising UNet.
 //!
-//! Mirrors EchoMimic's `src/models/unet_3d_blocks.py` (`CrossAttnDownBlock3D`,
-//! `DownBlock3D`, `UNetMidBlock3DCrossAttn`, `UpBlock3D`,
-//! `CrossAttnUpBlock3D`; BadToBest/EchoMimic @ 76cdab1). Order inside the
+//! Mirrors EchoMimic's `src/models/unet_3d_blocks.py` (BadToBest/EchoMimic @
+//! 76cdab1). `CrossAttnDownBlock3D`/`DownBlock3D` are one [`DownBlock3D`]
+//! with or without transformers, likewise `CrossAttnUpBlock3D`/`UpBlock3D`
+//! as [`UpBlock3D`]; `UNetMidBlock3DCrossAttn` stands alone. Order inside the
 //! blocks: `resnet → spatial transformer → motion module` per layer (no
 //! transformer in the plain blocks); mid block `resnets.0 → (attentions.i →
 //! motion_modules.i → resnets.i+1)*`; up blocks concatenate `[h, skip]` on
@@ -19,7 +20,7 @@ use super::attention::{PreparedBank, TemporalBasicTransformerBlock};
 use super::motion_module::VanillaTemporalModule;
 use super::resnet::{Downsample2D, ResnetBlock3D, Upsample2D};
 use super::transformer_2d::Transformer3DModel;
-use super::unet_2d_blocks::{cat_skip, BlockConfig};
+use super::unet_2d_blocks::{self, cat_skip, upsampler, BlockConfig};
 use crate::config::MotionModuleKwargs;
 
 /// Sizes of a 3D block: the 2D sizes plus the video options.
@@ -84,25 +85,11 @@ fn motion(
 }
 
 fn downsampler(vb: &VarBuilder<'_>, cfg: &BlockConfig) -> Result<Option<Downsample2D>> {
-    if !cfg.add_sampler {
-        return Ok(None);
-    }
-    if cfg.downsample_padding == 0 {
+    if cfg.add_sampler && cfg.downsample_padding == 0 {
         // Downsample3D raises NotImplementedError for padding 0.
         candle_core::bail!("downsample_padding 0 is not supported by the 3D UNet");
     }
-    Downsample2D::new(
-        vb.pp("downsamplers").pp(0),
-        cfg.out_channels,
-        cfg.downsample_padding,
-    )
-    .map(Some)
-}
-
-fn upsampler(vb: &VarBuilder<'_>, cfg: &BlockConfig) -> Result<Option<Upsample2D>> {
-    cfg.add_sampler
-        .then(|| Upsample2D::new(vb.pp("upsamplers").pp(0), cfg.out_channels))
-        .transpose()
+    unet_2d_blocks::downsampler(vb, cfg)
 }
 
 fn reader_blocks(
@@ -111,36 +98,63 @@ fn reader_blocks(
     attentions.iter().flat_map(|a| a.transformer_blocks())
 }
 
-/// `resnet → transformer → motion module` per layer, then a downsampler.
+fn attentions(
+    vb: &VarBuilder<'_>,
+    b: &BlockConfig,
+    cross_attention: bool,
+) -> Result<Vec<Transformer3DModel>> {
+    if !cross_attention {
+        return Ok(Vec::new());
+    }
+    (0..b.num_layers)
+        .map(|i| Transformer3DModel::new(vb.pp("attentions").pp(i), &b.transformer(b.out_channels)))
+        .collect()
+}
+
+/// One layer: `resnet → transformer (if any) → motion module (if any)`.
+fn layer(
+    resnet: &ResnetBlock3D,
+    attention: Option<&Transformer3DModel>,
+    modules: &[VanillaTemporalModule],
+    i: usize,
+    xs: &Tensor,
+    cond: &Conditioning<'_>,
+) -> Result<Tensor> {
+    let mut h = resnet.forward(xs, cond.temb, cond.frames)?;
+    if let Some(attn) = attention {
+        h = attn.forward(&h, cond.audio, cond.bank, cond.uncond_rows)?;
+    }
+    motion(modules, i, h, cond.frames)
+}
+
+/// A down block: `resnet → transformer → motion module` per layer, then a
+/// downsampler. With transformers it is the reference's
+/// `CrossAttnDownBlock3D`, without them its `DownBlock3D`; the keys are the
+/// same but for `attentions.*`.
 #[derive(Debug, Clone)]
-pub struct CrossAttnDownBlock3D {
+pub struct DownBlock3D {
     resnets: Vec<ResnetBlock3D>,
     attentions: Vec<Transformer3DModel>,
     motion_modules: Vec<VanillaTemporalModule>,
     downsamplers: Option<Downsample2D>,
 }
 
-impl CrossAttnDownBlock3D {
-    /// Loads the block at `vb`.
-    pub fn new(vb: VarBuilder<'_>, cfg: &Block3DConfig) -> Result<Self> {
+impl DownBlock3D {
+    /// Loads the block at `vb`; `cross_attention` selects `CrossAttnDownBlock3D`.
+    pub fn new(vb: VarBuilder<'_>, cfg: &Block3DConfig, cross_attention: bool) -> Result<Self> {
         let b = &cfg.block;
         let resnets = (0..b.num_layers)
             .map(|i| resnet(&vb, i, cfg, &b.down_resnet(i)))
             .collect::<Result<_>>()?;
-        let attentions = (0..b.num_layers)
-            .map(|i| {
-                Transformer3DModel::new(vb.pp("attentions").pp(i), &b.transformer(b.out_channels))
-            })
-            .collect::<Result<_>>()?;
         Ok(Self {
             resnets,
-            attentions,
+            attentions: attentions(&vb, b, cross_attention)?,
             motion_modules: motion_modules(&vb, cfg, b.out_channels, b.num_layers)?,
             downsamplers: downsampler(&vb, b)?,
         })
     }
 
-    /// The blocks that read the bank.
+    /// The blocks that read the bank (none without transformers).
     pub fn reader_blocks(&self) -> impl Iterator<Item = &TemporalBasicTransformerBlock> {
         reader_blocks(&self.attentions)
     }
@@ -149,49 +163,15 @@ impl CrossAttnDownBlock3D {
     pub fn forward(&self, xs: &Tensor, cond: &Conditioning<'_>) -> Result<(Tensor, Vec<Tensor>)> {
         let mut h = xs.clone();
         let mut skips = Vec::with_capacity(self.resnets.len() + 1);
-        for (i, (resnet, attn)) in self.resnets.iter().zip(&self.attentions).enumerate() {
-            h = resnet.forward(&h, cond.temb, cond.frames)?;
-            h = attn.forward(&h, cond.audio, cond.bank, cond.uncond_rows)?;
-            h = motion(&self.motion_modules, i, h, cond.frames)?;
-            skips.push(h.clone());
-        }
-        if let Some(down) = &self.downsamplers {
-            h = down.forward(&h)?;
-            skips.push(h.clone());
-        }
-        Ok((h, skips))
-    }
-}
-
-/// `resnet → motion module` per layer, then a downsampler.
-#[derive(Debug, Clone)]
-pub struct DownBlock3D {
-    resnets: Vec<ResnetBlock3D>,
-    motion_modules: Vec<VanillaTemporalModule>,
-    downsamplers: Option<Downsample2D>,
-}
-
-impl DownBlock3D {
-    /// Loads the block at `vb`.
-    pub fn new(vb: VarBuilder<'_>, cfg: &Block3DConfig) -> Result<Self> {
-        let b = &cfg.block;
-        let resnets = (0..b.num_layers)
-            .map(|i| resnet(&vb, i, cfg, &b.down_resnet(i)))
-            .collect::<Result<_>>()?;
-        Ok(Self {
-            resnets,
-            motion_modules: motion_modules(&vb, cfg, b.out_channels, b.num_layers)?,
-            downsamplers: downsampler(&vb, b)?,
-        })
-    }
-
-    /// Returns the output and the skips it adds.
-    pub fn forward(&self, xs: &Tensor, cond: &Conditioning<'_>) -> Result<(Tensor, Vec<Tensor>)> {
-        let mut h = xs.clone();
-        let mut skips = Vec::with_capacity(self.resnets.len() + 1);
         for (i, resnet) in self.resnets.iter().enumerate() {
-            h = resnet.forward(&h, cond.temb, cond.frames)?;
-            h = motion(&self.motion_modules, i, h, cond.frames)?;
+            h = layer(
+                resnet,
+                self.attentions.get(i),
+                &self.motion_modules,
+                i,
+                &h,
+                cond,
+            )?;
             skips.push(h.clone());
         }
         if let Some(down) = &self.downsamplers {
@@ -245,23 +225,27 @@ impl UNetMidBlock3DCrossAttn {
     }
 }
 
-/// `cat skip → resnet → motion module` per layer, then an upsampler.
+/// An up block: `cat skip → resnet → transformer → motion module` per layer,
+/// then an upsampler. With transformers it is the reference's
+/// `CrossAttnUpBlock3D`, without them its `UpBlock3D`.
 #[derive(Debug, Clone)]
 pub struct UpBlock3D {
     resnets: Vec<ResnetBlock3D>,
+    attentions: Vec<Transformer3DModel>,
     motion_modules: Vec<VanillaTemporalModule>,
     upsamplers: Option<Upsample2D>,
 }
 
 impl UpBlock3D {
-    /// Loads the block at `vb`.
-    pub fn new(vb: VarBuilder<'_>, cfg: &Block3DConfig) -> Result<Self> {
+    /// Loads the block at `vb`; `cross_attention` selects `CrossAttnUpBlock3D`.
+    pub fn new(vb: VarBuilder<'_>, cfg: &Block3DConfig, cross_attention: bool) -> Result<Self> {
         let b = &cfg.block;
         let resnets = (0..b.num_layers)
             .map(|i| resnet(&vb, i, cfg, &b.up_resnet(i)))
             .collect::<Result<_>>()?;
         Ok(Self {
             resnets,
+            attentions: attentions(&vb, b, cross_attention)?,
             motion_modules: motion_modules(&vb, cfg, b.out_channels, b.num_layers)?,
             upsamplers: upsampler(&vb, b)?,
         })
@@ -270,6 +254,11 @@ impl UpBlock3D {
     /// Number of resnets (= skips consumed).
     pub fn num_layers(&self) -> usize {
         self.resnets.len()
+    }
+
+    /// The blocks that read the bank (none without transformers).
+    pub fn reader_blocks(&self) -> impl Iterator<Item = &TemporalBasicTransformerBlock> {
+        reader_blocks(&self.attentions)
     }
 
     /// Pops one skip per resnet from `skips`; `upsample_size` as in [`Upsample2D::forward`].
@@ -282,68 +271,15 @@ impl UpBlock3D {
     ) -> Result<Tensor> {
         let mut h = xs.clone();
         for (i, resnet) in self.resnets.iter().enumerate() {
-            h = resnet.forward(&cat_skip(&h, skips)?, cond.temb, cond.frames)?;
-            h = motion(&self.motion_modules, i, h, cond.frames)?;
-        }
-        match &self.upsamplers {
-            Some(up) => up.forward(&h, upsample_size),
-            None => Ok(h),
-        }
-    }
-}
-
-/// `cat skip → resnet → transformer → motion module` per layer, then an upsampler.
-#[derive(Debug, Clone)]
-pub struct CrossAttnUpBlock3D {
-    resnets: Vec<ResnetBlock3D>,
-    attentions: Vec<Transformer3DModel>,
-    motion_modules: Vec<VanillaTemporalModule>,
-    upsamplers: Option<Upsample2D>,
-}
-
-impl CrossAttnUpBlock3D {
-    /// Loads the block at `vb`.
-    pub fn new(vb: VarBuilder<'_>, cfg: &Block3DConfig) -> Result<Self> {
-        let b = &cfg.block;
-        let resnets = (0..b.num_layers)
-            .map(|i| resnet(&vb, i, cfg, &b.up_resnet(i)))
-            .collect::<Result<_>>()?;
-        let attentions = (0..b.num_layers)
-            .map(|i| {
-                Transformer3DModel::new(vb.pp("attentions").pp(i), &b.transformer(b.out_channels))
-            })
-            .collect::<Result<_>>()?;
-        Ok(Self {
-            resnets,
-            attentions,
-            motion_modules: motion_modules(&vb, cfg, b.out_channels, b.num_layers)?,
-            upsamplers: upsampler(&vb, b)?,
-        })
-    }
-
-    /// Number of resnets (= skips consumed).
-    pub fn num_layers(&self) -> usize {
-        self.resnets.len()
-    }
-
-    /// The blocks that read the bank.
-    pub fn reader_blocks(&self) -> impl Iterator<Item = &TemporalBasicTransformerBlock> {
-        reader_blocks(&self.attentions)
-    }
-
-    /// Pops one skip per resnet from `skips`.
-    pub fn forward(
-        &self,
-        xs: &Tensor,
-        skips: &mut Vec<Tensor>,
-        cond: &Conditioning<'_>,
-        upsample_size: Option<(usize, usize)>,
-    ) -> Result<Tensor> {
-        let mut h = xs.clone();
-        for (i, (resnet, attn)) in self.resnets.iter().zip(&self.attentions).enumerate() {
-            h = resnet.forward(&cat_skip(&h, skips)?, cond.temb, cond.frames)?;
-            h = attn.forward(&h, cond.audio, cond.bank, cond.uncond_rows)?;
-            h = motion(&self.motion_modules, i, h, cond.frames)?;
+            let input = cat_skip(&h, skips)?;
+            h = layer(
+                resnet,
+                self.attentions.get(i),
+                &self.motion_modules,
+                i,
+                &input,
+                cond,
+            )?;
         }
         match &self.upsamplers {
             Some(up) => up.forward(&h, upsample_size),

@@ -23,9 +23,10 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
 
+use super::resnet::{Downsample2D, ResnetBlock2D, ResnetBlock2DConfig, Upsample2D};
 use crate::config::{read_json, AutoencoderKLConfig};
 use crate::error::{PipelineError, Result};
 use crate::weights::Checkpoint;
@@ -104,55 +105,24 @@ fn group_norm(
     candle_nn::group_norm(groups, channels, VAE_NORM_EPS, vb)
 }
 
-/// `ResnetBlock2D` without a time embedding (`temb_channels=None`).
-#[derive(Debug, Clone)]
-struct ResnetBlock2D {
-    norm1: GroupNorm,
-    conv1: Conv2d,
-    norm2: GroupNorm,
-    conv2: Conv2d,
-    conv_shortcut: Option<Conv2d>,
+/// `ResnetBlock2D` without a time embedding (`temb_channels=None`), eps 1e-6.
+fn resnet(
+    vb: VarBuilder<'_>,
+    in_channels: usize,
+    out_channels: usize,
+    groups: usize,
+) -> candle_core::Result<ResnetBlock2D> {
+    let cfg = ResnetBlock2DConfig {
+        in_channels,
+        out_channels,
+        temb_channels: None,
+        groups,
+        eps: VAE_NORM_EPS,
+        output_scale_factor: 1.0,
+    };
+    ResnetBlock2D::new(vb, &cfg)
 }
 
-impl ResnetBlock2D {
-    fn new(
-        vb: VarBuilder<'_>,
-        c_in: usize,
-        c_out: usize,
-        groups: usize,
-    ) -> candle_core::Result<Self> {
-        let conv_shortcut = if c_in == c_out {
-            None
-        } else {
-            Some(conv(vb.pp("conv_shortcut"), c_in, c_out, 1, 1, 0)?)
-        };
-        Ok(Self {
-            norm1: group_norm(vb.pp("norm1"), groups, c_in)?,
-            conv1: conv(vb.pp("conv1"), c_in, c_out, 3, 1, 1)?,
-            norm2: group_norm(vb.pp("norm2"), groups, c_out)?,
-            conv2: conv(vb.pp("conv2"), c_out, c_out, 3, 1, 1)?,
-            conv_shortcut,
-        })
-    }
-}
-
-impl Module for ResnetBlock2D {
-    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        // 1. norm1 -> SiLU -> conv1.
-        let h = self.conv1.forward(&self.norm1.forward(xs)?.silu()?)?;
-        // 2. norm2 -> SiLU -> (dropout) -> conv2.
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
-        // 3. shortcut, residual (output_scale_factor 1).
-        let residual = match &self.conv_shortcut {
-            Some(c) => c.forward(xs)?,
-            None => xs.clone(),
-        };
-        residual + h
-    }
-}
-
-/// Single-head self-attention over the spatial positions, with its own
-/// GroupNorm and a residual (`Attention(..., _from_deprecated_attn_block=True)`).
 #[derive(Debug, Clone)]
 struct Attention {
     group_norm: GroupNorm,
@@ -219,35 +189,6 @@ impl Module for Attention {
     }
 }
 
-/// `Downsample2D(use_conv=True, padding=0)`: pad right/bottom by one, then a
-/// 3×3 stride-2 conv.
-#[derive(Debug, Clone)]
-struct Downsample2D {
-    conv: Conv2d,
-}
-
-impl Module for Downsample2D {
-    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let xs = xs
-            .pad_with_zeros(D::Minus1, 0, 1)?
-            .pad_with_zeros(D::Minus2, 0, 1)?;
-        self.conv.forward(&xs)
-    }
-}
-
-/// `Upsample2D(use_conv=True)`: nearest ×2, then a 3×3 conv.
-#[derive(Debug, Clone)]
-struct Upsample2D {
-    conv: Conv2d,
-}
-
-impl Module for Upsample2D {
-    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let (_, _, h, w) = xs.dims4()?;
-        self.conv.forward(&xs.upsample_nearest2d(2 * h, 2 * w)?)
-    }
-}
-
 /// `DownEncoderBlock2D`: resnets, then (except the last block) a downsampler.
 #[derive(Debug, Clone)]
 struct DownEncoderBlock2D {
@@ -266,17 +207,13 @@ impl DownEncoderBlock2D {
         let resnets = (0..cfg.layers_per_block)
             .map(|i| {
                 let c = if i == 0 { c_in } else { c_out };
-                ResnetBlock2D::new(vb.pp("resnets").pp(i), c, c_out, cfg.norm_num_groups)
+                resnet(vb.pp("resnets").pp(i), c, c_out, cfg.norm_num_groups)
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let downsamplers = if add_downsample {
-            let vb = vb.pp("downsamplers").pp(0);
-            Some(Downsample2D {
-                conv: conv(vb.pp("conv"), c_out, c_out, 3, 2, 0)?,
-            })
-        } else {
-            None
-        };
+        // `Downsample2D(padding=0)`: pad right/bottom by one, then a stride-2 conv.
+        let downsamplers = add_downsample
+            .then(|| Downsample2D::new(vb.pp("downsamplers").pp(0), c_out, 0))
+            .transpose()?;
         Ok(Self {
             resnets,
             downsamplers,
@@ -288,7 +225,7 @@ impl Module for DownEncoderBlock2D {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let mut xs = xs.clone();
         for resnet in &self.resnets {
-            xs = resnet.forward(&xs)?;
+            xs = resnet.forward(&xs, None)?;
         }
         match &self.downsamplers {
             Some(d) => d.forward(&xs),
@@ -316,17 +253,12 @@ impl UpDecoderBlock2D {
         let resnets = (0..cfg.layers_per_block + 1)
             .map(|i| {
                 let c = if i == 0 { c_in } else { c_out };
-                ResnetBlock2D::new(vb.pp("resnets").pp(i), c, c_out, cfg.norm_num_groups)
+                resnet(vb.pp("resnets").pp(i), c, c_out, cfg.norm_num_groups)
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let upsamplers = if add_upsample {
-            let vb = vb.pp("upsamplers").pp(0);
-            Some(Upsample2D {
-                conv: conv(vb.pp("conv"), c_out, c_out, 3, 1, 1)?,
-            })
-        } else {
-            None
-        };
+        let upsamplers = add_upsample
+            .then(|| Upsample2D::new(vb.pp("upsamplers").pp(0), c_out))
+            .transpose()?;
         Ok(Self {
             resnets,
             upsamplers,
@@ -338,10 +270,10 @@ impl Module for UpDecoderBlock2D {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let mut xs = xs.clone();
         for resnet in &self.resnets {
-            xs = resnet.forward(&xs)?;
+            xs = resnet.forward(&xs, None)?;
         }
         match &self.upsamplers {
-            Some(u) => u.forward(&xs),
+            Some(u) => u.forward(&xs, None),
             None => Ok(xs),
         }
     }
@@ -362,7 +294,7 @@ impl UNetMidBlock2D {
     ) -> candle_core::Result<Self> {
         let groups = cfg.norm_num_groups;
         let resnets = (0..2)
-            .map(|i| ResnetBlock2D::new(vb.pp("resnets").pp(i), channels, channels, groups))
+            .map(|i| resnet(vb.pp("resnets").pp(i), channels, channels, groups))
             .collect::<candle_core::Result<Vec<_>>>()?;
         let attentions = if cfg.mid_block_add_attention {
             vec![Attention::new(vb.pp("attentions").pp(0), channels, groups)?]
@@ -379,12 +311,12 @@ impl UNetMidBlock2D {
 impl Module for UNetMidBlock2D {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         // 1. first resnet.
-        let mut xs = self.resnets[0].forward(xs)?;
+        let mut xs = self.resnets[0].forward(xs, None)?;
         // 2. (attention) -> second resnet.
         if let Some(attn) = self.attentions.first() {
             xs = attn.forward(&xs)?;
         }
-        self.resnets[1].forward(&xs)
+        self.resnets[1].forward(&xs, None)
     }
 }
 
