@@ -29,7 +29,6 @@ use common::{
     test_device, test_dtype,
 };
 use echomimic_pipeline::audio::{self, AudioFeatureExtractor, AudioLimits, MelSpectrogram};
-use echomimic_pipeline::config::PromptConfig;
 
 /// README tolerance for `audio.mel`.
 const MEL_ATOL: f64 = 4e-4;
@@ -41,28 +40,13 @@ const FEATURE_F16_REL: f64 = 4.4e-3;
 /// The filter bank is computed in f64 and rounded to f32 on both sides.
 const FILTERS_ATOL: f64 = 1e-7;
 
-/// The prompt yaml of the set (`configs/prompts/*.yaml`).
-fn prompt_yaml() -> anyhow::Result<PathBuf> {
-    let dir = golden_dir().join("configs/prompts");
-    let mut yamls: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .with_context(|| dir.display().to_string())?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
-        .collect();
-    yamls.sort();
-    yamls
-        .into_iter()
-        .next()
-        .with_context(|| format!("no prompt yaml in {}", dir.display()))
-}
-
 /// The first speech file of the prompt's `test_cases` (image -> [audio]).
 fn speech_path() -> anyhow::Result<PathBuf> {
     #[derive(serde::Deserialize)]
     struct Cases {
         test_cases: BTreeMap<String, Vec<String>>,
     }
-    let yaml = prompt_yaml()?;
+    let yaml = common::prompt_yaml()?;
     let cases: Cases = serde_norway::from_str(&std::fs::read_to_string(&yaml)?)?;
     let rel = cases
         .test_cases
@@ -74,7 +58,7 @@ fn speech_path() -> anyhow::Result<PathBuf> {
 }
 
 fn whisper_path() -> anyhow::Result<PathBuf> {
-    Ok(PromptConfig::from_file(&prompt_yaml()?)?.audio_model_path)
+    Ok(common::prompt()?.audio_model_path)
 }
 
 /// `config.fps` of `manifest.json` (the hidden set uses another value).

@@ -22,10 +22,8 @@
 
 mod common;
 
-use std::path::PathBuf;
-
-use common::{assert_exact_i64, assert_parity, get, golden, golden_dir, input, test_dtype};
-use echomimic_pipeline::config::{InferenceConfig, PromptConfig};
+use common::{assert_exact_i64, assert_parity, get, golden, input, test_dtype};
+use echomimic_pipeline::config::InferenceConfig;
 use echomimic_pipeline::schedulers::DDIMScheduler;
 
 /// README tolerance of `ddim.step*.prev_sample`.
@@ -34,21 +32,8 @@ const STEP_ATOL: f64 = 7e-6;
 /// CPU in f16 (`docs/cuda.md`, parity tolerances).
 const STEP_F16_REL: f64 = 3.4e-3;
 
-fn prompt_yaml() -> anyhow::Result<PathBuf> {
-    let dir = golden_dir().join("configs/prompts");
-    let mut yamls: Vec<PathBuf> = std::fs::read_dir(&dir)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
-        .collect();
-    yamls.sort();
-    yamls
-        .into_iter()
-        .next()
-        .ok_or_else(|| anyhow::anyhow!("no prompt yaml in {}", dir.display()))
-}
-
 fn scheduler() -> anyhow::Result<DDIMScheduler> {
-    let prompt = PromptConfig::from_file(&prompt_yaml()?)?;
+    let prompt = common::prompt()?;
     let inference = match &prompt.inference_config {
         Some(p) => InferenceConfig::from_file(p)?,
         None => InferenceConfig::default(),

@@ -19,7 +19,6 @@ mod common;
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
-use echomimic_pipeline::config::PromptConfig;
 use echomimic_pipeline::models::attention::{Bank, BankRounding, PreparedBank};
 use echomimic_pipeline::models::unet_3d::UNet3DConditionModel;
 use echomimic_pipeline::unet_loading::{base_unet_config, inference_config, DenoisingUnetFiles};
@@ -30,12 +29,6 @@ const OUTPUT_ATOL: f64 = 3e-5;
 /// Half precision: tolerance / max|golden|, 4× the 2.87e-3 measured on the
 /// CPU in f16 (`docs/cuda.md`, parity tolerances).
 const OUTPUT_F16_REL: f64 = 1.2e-2;
-
-fn prompt() -> anyhow::Result<PromptConfig> {
-    Ok(PromptConfig::from_file(
-        &common::golden_dir().join("configs/prompts/animation_tiny.yaml"),
-    )?)
-}
 
 /// The stored reference banks (exact fp32 values, before the f16 cast).
 fn golden_bank() -> anyhow::Result<Bank> {
@@ -71,7 +64,7 @@ fn inputs() -> anyhow::Result<Inputs> {
 /// The UNet on the run's device, in its dtype.
 fn load() -> anyhow::Result<UNet3DConditionModel> {
     Ok(UNet3DConditionModel::from_prompt(
-        &prompt()?,
+        &common::prompt()?,
         common::test_dtype()?,
         &common::test_device()?,
     )?)
@@ -206,7 +199,7 @@ fn tensors_of(ck: &Checkpoint) -> HashMap<String, Tensor> {
 /// when the shapes match; otherwise it is reported, never left random.
 #[test]
 fn missing_denoising_keys_are_named_or_filled_from_the_base_unet() -> anyhow::Result<()> {
-    let p = prompt()?;
+    let p = common::prompt()?;
     let cfg = base_unet_config(&p)?;
     let extra = inference_config(&p)?.unet_additional_kwargs;
     let official = DenoisingUnetFiles::from_prompt(&p);

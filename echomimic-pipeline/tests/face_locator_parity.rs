@@ -15,14 +15,11 @@
 
 mod common;
 
-use std::path::PathBuf;
-
 use candle_core::{DType, Module};
 use common::{
     assert_parity, assert_parity_in, get, golden, golden_dir, input, skip_without_conv2d,
     test_device, test_dtype,
 };
-use echomimic_pipeline::config::PromptConfig;
 use echomimic_pipeline::models::face_locator::FaceLocator;
 
 /// README tolerance of `face_locator.output`.
@@ -33,26 +30,17 @@ const FP16_WEIGHTS_ATOL: f64 = 4e-4;
 /// CPU in f16 (`docs/cuda.md`, parity tolerances).
 const F16_REL: f64 = 3.3e-3;
 
-fn face_locator_path() -> anyhow::Result<PathBuf> {
-    let dir = golden_dir().join("configs/prompts");
-    let mut yamls: Vec<PathBuf> = std::fs::read_dir(&dir)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
-        .collect();
-    yamls.sort();
-    let yaml = yamls
-        .first()
-        .ok_or_else(|| anyhow::anyhow!("no prompt yaml in {}", dir.display()))?;
-    Ok(PromptConfig::from_file(yaml)?.face_locator_path)
-}
-
 #[test]
 fn face_locator_matches_reference() -> anyhow::Result<()> {
     if skip_without_conv2d("face_locator_matches_reference")? {
         return Ok(());
     }
     let g = golden("face_locator")?;
-    let net = FaceLocator::load(face_locator_path()?, test_dtype()?, &test_device()?)?;
+    let net = FaceLocator::load(
+        common::prompt()?.face_locator_path,
+        test_dtype()?,
+        &test_device()?,
+    )?;
     let out = net.forward(&input(get(&g, "input")?)?)?;
     assert_parity(
         "face_locator.output",
@@ -101,7 +89,7 @@ fn face_locator_from_fp16_file_matches_reference() -> anyhow::Result<()> {
 fn face_locator_runs_in_f16() -> anyhow::Result<()> {
     let g = golden("face_locator")?;
     let dev = test_device()?;
-    let net = FaceLocator::load(face_locator_path()?, DType::F16, &dev)?;
+    let net = FaceLocator::load(common::prompt()?.face_locator_path, DType::F16, &dev)?;
     let out = net.forward(&get(&g, "input")?.to_device(&dev)?.to_dtype(DType::F16)?)?;
     assert_eq!(out.dtype(), DType::F16);
     assert_parity_in(

@@ -13,7 +13,6 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use echomimic_pipeline::config::PromptConfig;
 use echomimic_pipeline::models::motion_module::{PositionalEncoding, VanillaTemporalModule};
 use echomimic_pipeline::unet_loading::{base_unet_config, inference_config};
 use echomimic_pipeline::weights::Checkpoint;
@@ -23,12 +22,6 @@ const OUTPUT_ATOL: f64 = 3e-5;
 /// CPU in f16 (`docs/cuda.md`, parity tolerances).
 const OUTPUT_F16_REL: f64 = 5.0e-3;
 const MODULE: &str = "down_blocks.1.motion_modules.0";
-
-fn prompt() -> anyhow::Result<PromptConfig> {
-    Ok(PromptConfig::from_file(
-        &common::golden_dir().join("configs/prompts/animation_tiny.yaml"),
-    )?)
-}
 
 /// `(b, c, f, h, w)` ↔ `(b·f, c, h, w)`, the layout of the UNet internals.
 fn to_rows(x: &Tensor) -> anyhow::Result<Tensor> {
@@ -47,7 +40,7 @@ fn from_rows(x: &Tensor, b: usize, f: usize) -> anyhow::Result<Tensor> {
 
 #[test]
 fn motion_module_matches_golden() -> anyhow::Result<()> {
-    let p = prompt()?;
+    let p = common::prompt()?;
     let unet = base_unet_config(&p)?;
     let kwargs = inference_config(&p)?
         .unet_additional_kwargs
@@ -82,7 +75,7 @@ fn motion_module_matches_golden() -> anyhow::Result<()> {
 /// The `pos_encoder.pe` buffers are recomputed; they must equal the stored ones.
 #[test]
 fn recomputed_position_table_equals_stored_buffers() -> anyhow::Result<()> {
-    let p = prompt()?;
+    let p = common::prompt()?;
     let kwargs = inference_config(&p)?
         .unet_additional_kwargs
         .motion_module_kwargs;

@@ -36,8 +36,8 @@ use common::{
 use echomimic_pipeline::config::resolve_relative;
 use echomimic_pipeline::models::attention::Bank;
 use echomimic_pipeline::pipeline::{
-    DenoiseObserver, EchoMimicPipeline, GenerateReport, GenerateRequest, ModelSource, Progress,
-    ReferenceInput, SpeechInput, Stage, TensorDump, UnetCall, Variant,
+    Conditioning, DenoiseObserver, EchoMimicPipeline, GenerateReport, GenerateRequest, ModelSource,
+    Progress, ReferenceInput, SpeechInput, Stage, TensorDump, UnetCall, Variant,
 };
 use echomimic_pipeline::PipelineError;
 
@@ -46,7 +46,7 @@ use echomimic_pipeline::PipelineError;
 // ------------------------------------------------------------------------------------------
 
 fn prompt_path() -> PathBuf {
-    golden_dir().join("configs/prompts/animation_tiny.yaml")
+    common::prompt_yaml().expect("the golden set has a prompt yaml")
 }
 
 fn manifest() -> anyhow::Result<serde_json::Value> {
@@ -263,6 +263,20 @@ fn golden_bank(g: &HashMap<String, Tensor>) -> Bank {
         .collect()
 }
 
+/// The per-video conditioning from the golden bank, face features and audio features.
+fn golden_conditioning(
+    p: &EchoMimicPipeline,
+    g: &HashMap<String, Tensor>,
+    cfg: f64,
+) -> anyhow::Result<Conditioning> {
+    Ok(p.conditioning(
+        &golden_bank(g),
+        get(g, "face_locator_out")?,
+        get(g, "audio_fea_final")?,
+        cfg,
+    )?)
+}
+
 fn as_i64(t: &Tensor) -> anyhow::Result<Vec<i64>> {
     Ok(t.flatten_all()?.to_dtype(DType::I64)?.to_vec1::<i64>()?)
 }
@@ -388,12 +402,7 @@ fn teacher_forced_steps_match_golden() -> anyhow::Result<()> {
     let case = case()?;
     let g = golden("pipeline")?;
     let p = pipeline();
-    let cond = p.conditioning(
-        &golden_bank(&g),
-        get(&g, "face_locator_out")?,
-        get(&g, "audio_fea_final")?,
-        case.cfg,
-    )?;
+    let cond = golden_conditioning(p, &g, case.cfg)?;
     let denoiser = p.denoiser(&cond, case.steps, case.context_frames, case.context_overlap)?;
     let timesteps: Vec<i64> = denoiser.timesteps().iter().map(|&t| t as i64).collect();
     assert_exact_i64("timesteps", &timesteps, get(&g, "timesteps")?)?;
@@ -788,12 +797,7 @@ fn without_guidance_the_batch_is_one_and_windows_are_averaged() -> anyhow::Resul
     let case = case()?;
     let g = golden("pipeline")?;
     let p = pipeline();
-    let cond = p.conditioning(
-        &golden_bank(&g),
-        get(&g, "face_locator_out")?,
-        get(&g, "audio_fea_final")?,
-        1.0,
-    )?;
+    let cond = golden_conditioning(p, &g, 1.0)?;
     assert!(!cond.guidance());
     let denoiser = p.denoiser(&cond, case.steps, case.context_frames, case.context_overlap)?;
     let latents = &input(get(&g, "latents_init")?)?;

@@ -17,7 +17,6 @@ mod common;
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
-use echomimic_pipeline::config::PromptConfig;
 use echomimic_pipeline::models::unet_2d_condition::UNet2DConditionModel;
 use echomimic_pipeline::unet_loading::base_unet_config;
 use echomimic_pipeline::weights::Checkpoint;
@@ -31,12 +30,6 @@ const OUTPUT_ATOL: f64 = 2e-4;
 const BANK_F16_REL: f64 = 2.1e-2;
 const OUTPUT_F16_REL: f64 = 1.6e-2;
 
-fn prompt() -> anyhow::Result<PromptConfig> {
-    Ok(PromptConfig::from_file(
-        &common::golden_dir().join("configs/prompts/animation_tiny.yaml"),
-    )?)
-}
-
 #[test]
 fn reference_unet_bank_and_output_match_golden() -> anyhow::Result<()> {
     if common::skip_without_conv2d("reference_unet_bank_and_output_match_golden")? {
@@ -44,7 +37,7 @@ fn reference_unet_bank_and_output_match_golden() -> anyhow::Result<()> {
     }
     let g = common::golden("reference_unet")?;
     let unet = UNet2DConditionModel::from_prompt(
-        &prompt()?,
+        &common::prompt()?,
         common::test_dtype()?,
         &common::test_device()?,
     )?;
@@ -98,7 +91,7 @@ fn tensors_of(ck: &Checkpoint) -> HashMap<String, Tensor> {
 
 #[test]
 fn reference_unet_load_is_strict() -> anyhow::Result<()> {
-    let p = prompt()?;
+    let p = common::prompt()?;
     let cfg = base_unet_config(&p)?;
     let tensors = tensors_of(&Checkpoint::load(&p.reference_unet_path)?);
     let dir = tempdir()?;

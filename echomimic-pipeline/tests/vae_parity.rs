@@ -17,14 +17,13 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use common::{
-    assert_close, assert_parity, assert_parity_in, get, golden, golden_dir, input,
-    skip_without_conv2d, test_device, test_dtype,
+    assert_close, assert_parity, assert_parity_in, get, golden, input, skip_without_conv2d,
+    test_device, test_dtype,
 };
-use echomimic_pipeline::config::{read_json, AutoencoderKLConfig, PromptConfig};
+use echomimic_pipeline::config::{read_json, AutoencoderKLConfig};
 use echomimic_pipeline::models::vae::AutoencoderKL;
 use echomimic_pipeline::ops::max_abs_diff;
 use echomimic_pipeline::weights::Checkpoint;
@@ -40,19 +39,6 @@ const DECODE_ATOL: f64 = 3e-5;
 const MEAN_F16_REL: f64 = 1.6e-2;
 const LOGVAR_F16_REL: f64 = 9.1e-3;
 const DECODE_F16_REL: f64 = 1.8e-2;
-
-fn vae_dir() -> anyhow::Result<PathBuf> {
-    let dir = golden_dir().join("configs/prompts");
-    let mut yamls: Vec<PathBuf> = std::fs::read_dir(&dir)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
-        .collect();
-    yamls.sort();
-    let yaml = yamls
-        .first()
-        .ok_or_else(|| anyhow::anyhow!("no prompt yaml in {}", dir.display()))?;
-    Ok(PromptConfig::from_file(yaml)?.pretrained_vae_path)
-}
 
 /// Encodes and decodes the golden inputs; returns (mean, logvar, decoded).
 fn run(
@@ -79,7 +65,11 @@ fn vae_matches_reference() -> anyhow::Result<()> {
         return Ok(());
     }
     let g = golden("vae")?;
-    let vae = AutoencoderKL::load(vae_dir()?, test_dtype()?, &test_device()?)?;
+    let vae = AutoencoderKL::load(
+        common::prompt()?.pretrained_vae_path,
+        test_dtype()?,
+        &test_device()?,
+    )?;
     let (mean, logvar, decoded) = run(&vae, &device_inputs(&g)?)?;
     assert_eq!(mean.dtype(), test_dtype()?);
     assert_parity(
@@ -110,7 +100,7 @@ fn vae_matches_reference() -> anyhow::Result<()> {
 /// give bit-identical results.
 #[test]
 fn vae_bin_and_safetensors_agree() -> anyhow::Result<()> {
-    let dir = vae_dir()?;
+    let dir = common::prompt()?.pretrained_vae_path;
     let (st, bin) = (
         dir.join("diffusion_pytorch_model.safetensors"),
         dir.join("diffusion_pytorch_model.bin"),
@@ -165,7 +155,7 @@ fn respell(key: &str, to_new: bool) -> String {
 /// Both attention key spellings load to the same network.
 #[test]
 fn vae_accepts_both_attention_key_spellings() -> anyhow::Result<()> {
-    let dir = vae_dir()?;
+    let dir = common::prompt()?.pretrained_vae_path;
     let cfg: AutoencoderKLConfig = read_json(&dir.join("config.json"))?;
     let ck = Checkpoint::load(dir.join("diffusion_pytorch_model.safetensors"))?;
     let legacy_on_disk = ck.keys().iter().any(|k| k.ends_with(".query.weight"));
@@ -207,7 +197,7 @@ fn vae_accepts_both_attention_key_spellings() -> anyhow::Result<()> {
 /// A missing tensor fails with the file and the key named.
 #[test]
 fn vae_missing_key_is_named() -> anyhow::Result<()> {
-    let dir = vae_dir()?;
+    let dir = common::prompt()?.pretrained_vae_path;
     let cfg: AutoencoderKLConfig = read_json(&dir.join("config.json"))?;
     let ck = Checkpoint::load(dir.join("diffusion_pytorch_model.safetensors"))?
         .filtered(|k| k != "decoder.conv_out.bias");
@@ -244,7 +234,7 @@ fn vae_missing_key_is_named() -> anyhow::Result<()> {
 fn vae_runs_in_f16() -> anyhow::Result<()> {
     let g = golden("vae")?;
     let dev = test_device()?;
-    let vae = AutoencoderKL::load(vae_dir()?, DType::F16, &dev)?;
+    let vae = AutoencoderKL::load(common::prompt()?.pretrained_vae_path, DType::F16, &dev)?;
     let mut on_dev = HashMap::new();
     for key in ["encode.input", "decode.input"] {
         on_dev.insert(key.to_owned(), get(&g, key)?.to_device(&dev)?);

@@ -35,6 +35,30 @@ pub fn golden_dir() -> PathBuf {
     }
 }
 
+/// The prompt yaml of the set: the first `configs/prompts/*.yaml` by name
+/// (`animation_tiny.yaml` in the public set).
+pub fn prompt_yaml() -> anyhow::Result<PathBuf> {
+    use anyhow::Context;
+    let dir = golden_dir().join("configs/prompts");
+    let mut yamls: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .with_context(|| dir.display().to_string())?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
+        .collect();
+    yamls.sort();
+    yamls
+        .into_iter()
+        .next()
+        .with_context(|| format!("no prompt yaml in {}", dir.display()))
+}
+
+/// The set's prompt yaml, parsed as `infer_audio2vid.py` reads it.
+pub fn prompt() -> anyhow::Result<echomimic_pipeline::config::PromptConfig> {
+    Ok(echomimic_pipeline::config::PromptConfig::from_file(
+        &prompt_yaml()?,
+    )?)
+}
+
 /// Loads `tensors/<name>.safetensors` of the golden set.
 pub fn golden(name: &str) -> anyhow::Result<HashMap<String, Tensor>> {
     let path = golden_dir()
