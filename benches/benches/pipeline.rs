@@ -19,7 +19,8 @@
 //! long=10`): golden request (16 frames, 12 UNet calls) 3.86 s end to end,
 //! UNet calls 2.14 s, sampler overhead x1.000, end to end / UNet x1.80; peak
 //! RSS 77 MiB, the same after 254 frames (10.5 s of speech), so memory does
-//! not grow with the video.
+//! not grow with the video. Later runs on another machine: `benches/RESULTS.md`,
+//! section 6.
 #![allow(clippy::print_stdout)]
 
 use std::path::PathBuf;
