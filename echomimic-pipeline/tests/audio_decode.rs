@@ -189,6 +189,13 @@ fn common_formats_decode_like_ffmpeg() -> anyhow::Result<()> {
             16_000,
             1,
         ),
+        // Apple Lossless in MP4 (lossless: the PCM must match ffmpeg's exactly).
+        (
+            "s44_alac.m4a",
+            &["-ar", "44100", "-ac", "2", "-c:a", "alac"],
+            44_100,
+            2,
+        ),
         // H.264 video first, AAC audio second (a phone recording).
         (
             "v44.mp4",

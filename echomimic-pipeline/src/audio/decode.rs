@@ -4,8 +4,9 @@
 //!   float). WAV files hound rejects (μ-law, A-law, streamed headers with a
 //!   bogus length, ...) fall back to symphonia.
 //! * Everything else goes through symphonia 0.5: MP3, AAC (ADTS or in MP4/M4A),
-//!   Ogg Vorbis, FLAC, and PCM in WAV. Opus, ALAC, WMA and video containers other
-//!   than MP4 are not supported and fail with [`AudioError::Unsupported`].
+//!   Apple Lossless (ALAC in MP4/M4A), Ogg Vorbis, FLAC, and PCM in WAV. Opus
+//!   (symphonia 0.5 has no Opus decoder), WMA and video containers other than
+//!   MP4 are not supported and fail with [`AudioError::Unsupported`].
 //!
 //! Nothing here panics on hostile input: decoder errors become [`AudioError`]s,
 //! and as a last line of defence a panic inside a third-party decoder is caught
