@@ -91,6 +91,28 @@ impl Policy {
         }
     }
 
+    /// Another attempt: the item goes back to the queue with the attempt counted and `reason`
+    /// recorded in its envelope; when it cannot be re-enveloped it fails with `code` instead.
+    fn retried(
+        &self,
+        claim: &Claim,
+        ids: Option<(&str, &str)>,
+        code: ErrorCode,
+        reason: String,
+    ) -> OutcomeRecord {
+        match claim.item.requeued(&reason) {
+            Some(envelope) => OutcomeRecord {
+                claim_id: claim.id.to_string(),
+                raw: claim.item.raw().to_vec(),
+                requeue: Some(envelope.into_bytes()),
+                event: None,
+                dead_letter: None,
+                what: OutcomeKind::Retried,
+            },
+            None => self.failed(claim, ids, code, reason),
+        }
+    }
+
     /// A permanent failure: `failed` (when the item has a usable task id) and a dead letter.
     fn failed(
         &self,
@@ -130,17 +152,7 @@ impl Policy {
         match failure.retry {
             Retry::Requeue => self.released(claim),
             Retry::Attempts if claim.attempt() < self.max_attempts => {
-                match claim.item.requeued(&text) {
-                    Some(envelope) => OutcomeRecord {
-                        claim_id: claim.id.to_string(),
-                        raw: claim.item.raw().to_vec(),
-                        requeue: Some(envelope.into_bytes()),
-                        event: None,
-                        dead_letter: None,
-                        what: OutcomeKind::Retried,
-                    },
-                    None => self.failed(claim, ids, failure.code, text),
-                }
+                self.retried(claim, ids, failure.code, text)
             }
             Retry::Attempts => self.failed(
                 claim,
@@ -183,17 +195,7 @@ impl Policy {
             };
             return self.failed(claim, ids, ErrorCode::AttemptsExhausted, err.to_string());
         }
-        match claim.item.requeued(reason) {
-            Some(envelope) => OutcomeRecord {
-                claim_id: claim.id.to_string(),
-                raw: claim.item.raw().to_vec(),
-                requeue: Some(envelope.into_bytes()),
-                event: None,
-                dead_letter: None,
-                what: OutcomeKind::Retried,
-            },
-            None => self.failed(claim, ids, ErrorCode::Internal, reason.into()),
-        }
+        self.retried(claim, ids, ErrorCode::Internal, reason.into())
     }
 
     /// The outcome for a claimed item that is not a valid task.
