@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
-use echomimic_protocol::{keys, ErrorCode, QueueItem, Status, Task};
+use echomimic_protocol::{keys, ErrorCode, Status, Task};
 use redis::Commands;
 
 /// A task that keeps the tiny model busy for a while (20 UNet calls).
@@ -250,20 +250,7 @@ fn sigterm_while_busy_requeues_without_failed_and_exits_cleanly() -> TestResult 
     let status = worker.wait_exit(Duration::from_secs(30));
     assert!(status.success(), "{status}\n{}", worker.log_text());
     println!("stopped {:.2} s after SIGTERM", t.elapsed().as_secs_f64());
-    assert_eq!(
-        rec.terminal_count(&task.task_id),
-        0,
-        "{:#?}",
-        rec.of(&task.task_id)
-    );
-    let items = world.queue_items();
-    assert_eq!(items.len(), 1);
-    let item = QueueItem::parse(&items[0]);
-    assert_eq!(item.attempts(), 0, "a shutdown is not an attempt");
-    assert_eq!(item.task()?, task);
-    assert!(world.processing_items().is_empty());
-    assert_eq!(world.status(), None, "clean exit deletes the status key");
-    assert_eq!(world.lease(), None, "clean exit releases the lease");
+    world.assert_requeued_after_stop(&rec, &task);
     Ok(())
 }
 

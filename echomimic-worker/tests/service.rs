@@ -218,21 +218,8 @@ fn stop_request_while_busy_requeues_the_task_without_failed() -> TestResult {
         t.elapsed()
     );
     assert_eq!(stats.released, 1);
-    assert_eq!(
-        rec.terminal_count(&task.task_id),
-        0,
-        "{:#?}",
-        rec.of(&task.task_id)
-    );
     // Back at the head of the queue exactly as submitted (not counted as an attempt).
-    let items = world.queue_items();
-    assert_eq!(items.len(), 1);
-    let item = QueueItem::parse(&items[0]);
-    assert_eq!(item.attempts(), 0);
-    assert_eq!(item.task()?, task);
-    assert!(world.processing_items().is_empty());
-    assert_eq!(world.status(), None);
-    assert_eq!(world.lease(), None);
+    world.assert_requeued_after_stop(&rec, &task);
 
     // The next worker picks it up and completes it.
     let worker = start(&world, &["--geometry", "crop"], fake());
@@ -473,11 +460,7 @@ fn a_second_stop_request_cancels_the_running_task_at_once() -> TestResult {
     // Requeued once by the cancelled run; the fetcher's last `BLMOVE`, still blocked when the
     // second request came, may take it back and release it again (no event either way).
     assert!(stats.released >= 1, "{stats:?}");
-    assert_eq!(rec.terminal_count(&task.task_id), 0);
-    let items = world.queue_items();
-    assert_eq!(items.len(), 1);
-    assert_eq!(QueueItem::parse(&items[0]).attempts(), 0);
-    assert_eq!(QueueItem::parse(&items[0]).task()?, task);
+    world.assert_requeued_after_stop(&rec, &task);
     Ok(())
 }
 

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use echomimic_protocol::{keys, DeadLetter, ProgressEvent, Status, Task};
+use echomimic_protocol::{keys, DeadLetter, ProgressEvent, QueueItem, Status, Task};
 use echomimic_tempfile::{Server, ServerConfig, TempfileClient};
 use echomimic_worker::{ServeArgs, WorkerConfig};
 use redis::Commands;
@@ -213,6 +213,29 @@ impl World {
         self.con()
             .get(keys::worker_lease(self.gpu_id))
             .expect("get lease")
+    }
+
+    /// After a stop while `task` ran: no terminal event, the task back in the queue exactly as
+    /// submitted (a shutdown is not an attempt), the processing list empty, and the clean exit
+    /// has deleted the status key and released the lease.
+    pub fn assert_requeued_after_stop(&self, rec: &Recorder, task: &Task) {
+        assert_eq!(
+            rec.terminal_count(&task.task_id),
+            0,
+            "{:#?}",
+            rec.of(&task.task_id)
+        );
+        let items = self.queue_items();
+        assert_eq!(items.len(), 1);
+        let item = QueueItem::parse(&items[0]);
+        assert_eq!(item.attempts(), 0, "a shutdown is not an attempt");
+        assert_eq!(
+            &item.task().expect("the requeued item holds the task"),
+            task
+        );
+        assert!(self.processing_items().is_empty());
+        assert_eq!(self.status(), None, "clean exit deletes the status key");
+        assert_eq!(self.lease(), None, "clean exit releases the lease");
     }
 
     /// Dead letters that came from this world's queue.
