@@ -36,8 +36,8 @@ use common::{
 use echomimic_pipeline::config::resolve_relative;
 use echomimic_pipeline::models::attention::Bank;
 use echomimic_pipeline::pipeline::{
-    Conditioning, DenoiseObserver, EchoMimicPipeline, GenerateReport, GenerateRequest, ModelSource,
-    Progress, ReferenceInput, SpeechInput, Stage, TensorDump, UnetCall, Variant,
+    Conditioning, DenoiseObserver, EchoMimicPipeline, FrameDiff, GenerateReport, GenerateRequest,
+    ModelSource, Progress, ReferenceInput, SpeechInput, Stage, TensorDump, UnetCall, Variant,
 };
 use echomimic_pipeline::PipelineError;
 
@@ -330,36 +330,10 @@ fn assert_frames_close(what: &str, got: &Tensor, want: &Tensor) -> anyhow::Resul
         max_fraction,
         max_mean,
     } = frames_limits(test_dtype()?)?;
-    anyhow::ensure!(
-        got.dims() == want.dims(),
-        "{what}: shape {:?} != golden {:?}",
-        got.dims(),
-        want.dims()
-    );
-    let g = got.flatten_all()?.to_vec1::<u8>()?;
-    let w = want.flatten_all()?.to_vec1::<u8>()?;
-    let max = g
-        .iter()
-        .zip(&w)
-        .map(|(a, b)| a.abs_diff(*b))
-        .max()
-        .unwrap_or(0);
-    let differ = g.iter().zip(&w).filter(|(a, b)| a != b).count();
-    let frac = differ as f64 / g.len().max(1) as f64;
-    let over_1 = g
-        .iter()
-        .zip(&w)
-        .filter(|(a, b)| a.abs_diff(**b) > 1)
-        .count();
-    let mean = g
-        .iter()
-        .zip(&w)
-        .map(|(a, b)| f64::from(a.abs_diff(*b)))
-        .sum::<f64>()
-        / g.len().max(1) as f64;
+    let d = FrameDiff::between(got, want)?;
+    let (max, frac, mean) = (d.max_levels, d.fraction(), d.mean_levels);
     eprintln!(
-        "{what}: max |ours - golden| = {max}, {differ} of {} values differ ({frac:.2e}), {over_1} by more than 1, mean {mean:.2e} levels (limits: {max_levels} levels, {max_fraction} of the values, mean {max_mean})",
-        g.len()
+        "{what}: {d} (limits: {max_levels} levels, {max_fraction} of the values, mean {max_mean})"
     );
     anyhow::ensure!(max <= max_levels, "{what}: max diff {max} > {max_levels}");
     anyhow::ensure!(

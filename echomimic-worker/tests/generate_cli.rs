@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use clap::Parser;
+use echomimic_pipeline::ops::max_abs_diff;
+use echomimic_pipeline::pipeline::FrameDiff;
 use echomimic_worker::generate::{self, GenerateArgs, GenerateOutcome};
 
 #[derive(Debug, Parser)]
@@ -124,42 +126,17 @@ fn assert_close(what: &str, got: &Tensor, want: &Tensor, atol: f64) -> anyhow::R
         got.dims(),
         want.dims()
     );
-    let d = (got.to_dtype(DType::F64)? - want.to_dtype(DType::F64)?)?
-        .abs()?
-        .flatten_all()?
-        .max(0)?
-        .to_scalar::<f64>()?;
+    let d = max_abs_diff(got, want)?;
     eprintln!("{what}: max |ours - golden| = {d:.3e} (atol {atol:.1e})");
     anyhow::ensure!(d <= atol, "{what}: {d:.3e} > {atol:.1e}");
     Ok(())
 }
 
+/// The golden README's `frames_uint8` criterion: at most one level, on at most 5 % of the values.
 fn assert_frames_close(what: &str, got: &Tensor, want: &Tensor) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        got.dims() == want.dims(),
-        "{what}: {:?} vs {:?}",
-        got.dims(),
-        want.dims()
-    );
-    anyhow::ensure!(got.dtype() == DType::U8, "{what}: dtype {:?}", got.dtype());
-    let g = got.flatten_all()?.to_vec1::<u8>()?;
-    let w = want.flatten_all()?.to_vec1::<u8>()?;
-    let max = g
-        .iter()
-        .zip(&w)
-        .map(|(a, b)| a.abs_diff(*b))
-        .max()
-        .unwrap_or(0);
-    let differ = g.iter().zip(&w).filter(|(a, b)| a != b).count();
-    let frac = differ as f64 / g.len().max(1) as f64;
-    eprintln!(
-        "{what}: max diff {max}, {differ} of {} values differ ({frac:.2e})",
-        g.len()
-    );
-    anyhow::ensure!(
-        max <= 1 && frac <= 0.05,
-        "{what}: max {max}, fraction {frac}"
-    );
+    let d = FrameDiff::between(got, want)?;
+    eprintln!("{what}: {d}");
+    anyhow::ensure!(d.max_levels <= 1 && d.fraction() <= 0.05, "{what}: {d}");
     Ok(())
 }
 

@@ -20,6 +20,77 @@ use crate::error::{PipelineError, Result};
 /// Name prefix of the per-frame decoded tensors the pipeline emits.
 pub const VIDEO_FRAME_PREFIX: &str = "video.frame";
 
+/// How far two `uint8` frame tensors of the same shape are apart, in 8-bit
+/// levels: the figures a parity check of `frames_uint8` judges (float
+/// rounding before the `u8` truncation moves a few values by one level).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FrameDiff {
+    /// Values compared.
+    pub values: usize,
+    /// Largest difference.
+    pub max_levels: u8,
+    /// Values that differ at all.
+    pub differing: usize,
+    /// Values that differ by more than one level.
+    pub over_one: usize,
+    /// Mean difference over all values.
+    pub mean_levels: f64,
+}
+
+impl FrameDiff {
+    /// Compares `got` with `want`; both must be `u8` tensors of one shape.
+    pub fn between(got: &Tensor, want: &Tensor) -> Result<Self> {
+        if got.dims() != want.dims() || got.dtype() != DType::U8 || want.dtype() != DType::U8 {
+            return Err(PipelineError::InvalidInput(format!(
+                "frames to compare must be u8 tensors of one shape: {:?} {:?} vs {:?} {:?}",
+                got.dims(),
+                got.dtype(),
+                want.dims(),
+                want.dtype()
+            )));
+        }
+        let g = got.flatten_all()?.to_vec1::<u8>()?;
+        let w = want.flatten_all()?.to_vec1::<u8>()?;
+        let mut diff = Self {
+            values: g.len(),
+            max_levels: 0,
+            differing: 0,
+            over_one: 0,
+            mean_levels: 0.0,
+        };
+        let mut sum = 0u64;
+        for (a, b) in g.iter().zip(&w) {
+            let d = a.abs_diff(*b);
+            diff.max_levels = diff.max_levels.max(d);
+            diff.differing += usize::from(d > 0);
+            diff.over_one += usize::from(d > 1);
+            sum += u64::from(d);
+        }
+        diff.mean_levels = sum as f64 / g.len().max(1) as f64;
+        Ok(diff)
+    }
+
+    /// Share of the values that differ.
+    pub fn fraction(&self) -> f64 {
+        self.differing as f64 / self.values.max(1) as f64
+    }
+}
+
+impl std::fmt::Display for FrameDiff {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "max |ours - golden| = {}, {} of {} values differ ({:.2e}), {} by more than 1, mean {:.2e} levels",
+            self.max_levels,
+            self.differing,
+            self.values,
+            self.fraction(),
+            self.over_one,
+            self.mean_levels
+        )
+    }
+}
+
 /// Tensors of one generation, converted to what the golden file stores:
 /// floating tensors as `f32`, integer ones as `i64`, frames as `u8`, on the CPU.
 #[derive(Debug, Default)]
@@ -120,6 +191,28 @@ impl TensorDump {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn frame_diff_counts_levels_and_rejects_mismatches() -> Result<()> {
+        let dev = Device::Cpu;
+        let want = Tensor::from_vec(vec![0u8, 10, 20, 255], (1, 2, 2), &dev)?;
+        let got = Tensor::from_vec(vec![0u8, 11, 17, 255], (1, 2, 2), &dev)?;
+        let d = FrameDiff::between(&got, &want)?;
+        assert_eq!(
+            (d.values, d.max_levels, d.differing, d.over_one),
+            (4, 3, 2, 1)
+        );
+        assert_eq!(d.mean_levels, 1.0);
+        assert_eq!(d.fraction(), 0.5);
+        assert!(d.to_string().starts_with("max |ours - golden| = 3, 2 of 4"));
+        let same = FrameDiff::between(&want, &want)?;
+        assert_eq!((same.max_levels, same.differing), (0, 0));
+        let other_shape = want.reshape((2, 2))?;
+        assert!(FrameDiff::between(&other_shape, &want).is_err());
+        let floats = want.to_dtype(DType::F32)?;
+        assert!(FrameDiff::between(&floats, &floats).is_err());
+        Ok(())
+    }
 
     #[test]
     fn frames_are_stacked_and_dtypes_converted() -> Result<()> {

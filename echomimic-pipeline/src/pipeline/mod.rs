@@ -108,7 +108,7 @@ use crate::schedulers::ddim::DDIMScheduler;
 use crate::unet_loading::{base_unet_config, inference_config};
 
 pub use denoise::{Conditioning, DenoiseObserver, Denoiser, StepOutput, UnetCall};
-pub use dump::{TensorDump, VIDEO_FRAME_PREFIX};
+pub use dump::{FrameDiff, TensorDump, VIDEO_FRAME_PREFIX};
 pub use progress::{FrameSink, Progress, Stage};
 pub use request::{
     FaceGeometry, GenerateReport, GenerateRequest, ReferenceInput, SpeechInput, StageTimings,

@@ -245,9 +245,10 @@ pub fn max_diff(what: &str, got: &Tensor, want: &Tensor) -> anyhow::Result<f64> 
     if want.elem_count() == 0 {
         return Ok(0.0);
     }
-    let g = got.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
-    let w = want.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
-    Ok((g - w)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?)
+    Ok(echomimic_pipeline::ops::max_abs_diff(
+        &got.to_device(&Device::Cpu)?,
+        &want.to_device(&Device::Cpu)?,
+    )?)
 }
 
 /// Max-abs difference check; prints the measured figure so test logs record it.
