@@ -173,17 +173,7 @@ fn main() -> anyhow::Result<()> {
     };
     let (_, bank) = reference.forward(&ref_latent, 0.0)?;
     drop(reference);
-    let ref_call = UNetCall {
-        rows: 1,
-        frames: 1,
-        height: h,
-        width: w,
-        context: None,
-        bank_rows: 0,
-        motion: None,
-        conv_out: false,
-        temb_rows: 1,
-    };
+    let ref_call = UNetCall::reference(h, w);
     let ref_flops = flops::unet(&cfg, &ref_call);
     results.insert(
         "ref".into(),
@@ -219,17 +209,15 @@ fn main() -> anyhow::Result<()> {
                 Tensor::randn(0f32, 1., (b, f, AUDIO_TOKENS, audio_dim), &dev)?.to_dtype(dtype)?;
             let face = Tensor::randn(0f32, 1., (b, cfg.block_out_channels[0], 1, h, w), &dev)?
                 .to_dtype(dtype)?;
-            let call = UNetCall {
-                rows: b * f,
-                frames: f,
-                height: h,
-                width: w,
-                context: Some((AUDIO_TOKENS, audio_dim)),
-                bank_rows: if cfg_on { f } else { b * f },
-                motion: Some(extra.clone()),
-                conv_out: true,
-                temb_rows: 1,
-            };
+            let bank_rows = if cfg_on { f } else { b * f };
+            let call = UNetCall::denoising(
+                b,
+                f,
+                (h, w),
+                (AUDIO_TOKENS, audio_dim),
+                bank_rows,
+                Some(extra.clone()),
+            );
             let fl = flops::unet(&cfg, &call);
             let probe = Probe::start(&dev);
             let (t, times) = timed(&a, &dev, || {

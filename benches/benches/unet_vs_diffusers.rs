@@ -192,17 +192,7 @@ fn main() -> anyhow::Result<()> {
         let (out, b) = reference.forward(&x, 0.0)?;
         bank = Some(b);
         if parts.contains(&"ref") {
-            let call = UNetCall {
-                rows: 1,
-                frames: 1,
-                height: h,
-                width: w,
-                context: None,
-                bank_rows: 0,
-                motion: None,
-                conv_out: false,
-                temb_rows: 1,
-            };
+            let call = UNetCall::reference(h, w);
             let (med, times) = median_time(&dev, a.iters, || Ok(reference.forward(&x, 0.0)?))?;
             let mut e = entry(med, &times, flops::unet(&cfg, &call));
             if let Some(t) = io("ref")? {
@@ -250,17 +240,7 @@ fn main() -> anyhow::Result<()> {
         for (key, b) in [("unet", b), ("unet_acc", 1)] {
             let xb = x.narrow(0, 0, b)?;
             let cb = ctx.narrow(0, 0, b * f)?;
-            let call = UNetCall {
-                rows: b * f,
-                frames: f,
-                height: h,
-                width: w,
-                context: Some((a.audio_tokens, a.audio_dim)),
-                bank_rows: 0,
-                motion: None,
-                conv_out: true,
-                temb_rows: 1,
-            };
+            let call = UNetCall::denoising(b, f, (h, w), (a.audio_tokens, a.audio_dim), 0, None);
             let (med, times) = median_time(&dev, a.iters, || {
                 Ok(unet.forward(&xb, 999.0, &cb, None, &empty, b == 2)?)
             })?;
@@ -305,21 +285,13 @@ fn main() -> anyhow::Result<()> {
             let audio = Tensor::randn(0f32, 1., (b, f, a.audio_tokens, a.audio_dim), &dev)?;
             let face = Tensor::randn(0f32, 1., (b, cfg.block_out_channels[0], 1, h, w), &dev)?;
             let cfg_on = b == 2;
-            let call = UNetCall {
-                rows: b * f,
-                frames: f,
-                height: h,
-                width: w,
-                context: Some((a.audio_tokens, a.audio_dim)),
-                bank_rows: match (a.echo_no_bank, cfg_on) {
-                    (true, _) => 0,
-                    (false, true) => f,
-                    (false, false) => b * f,
-                },
-                motion: Some(ex.clone()),
-                conv_out: true,
-                temb_rows: 1,
+            let bank_rows = match (a.echo_no_bank, cfg_on) {
+                (true, _) => 0,
+                (false, true) => f,
+                (false, false) => b * f,
             };
+            let context = (a.audio_tokens, a.audio_dim);
+            let call = UNetCall::denoising(b, f, (h, w), context, bank_rows, Some(ex.clone()));
             let (med, times) = median_time(&dev, a.iters, || {
                 Ok(unet.forward(&x, 999.0, &audio, Some(&face), &prepared, cfg_on)?)
             })?;

@@ -45,6 +45,48 @@ pub struct UNetCall {
     pub temb_rows: usize,
 }
 
+impl UNetCall {
+    /// One reference-UNet call: a single image, no `attn2`, no bank, no motion
+    /// modules, no `conv_out`.
+    pub fn reference(height: usize, width: usize) -> Self {
+        Self {
+            rows: 1,
+            frames: 1,
+            height,
+            width,
+            context: None,
+            bank_rows: 0,
+            motion: None,
+            conv_out: false,
+            temb_rows: 1,
+        }
+    }
+
+    /// One denoising-UNet call on `batch` videos of `frames` frames with the
+    /// audio `context` `(tokens, width)` per frame; `bank_rows` rows read the
+    /// bank; motion modules as `motion`.
+    pub fn denoising(
+        batch: usize,
+        frames: usize,
+        (height, width): (usize, usize),
+        context: (usize, usize),
+        bank_rows: usize,
+        motion: Option<UnetAdditionalKwargs>,
+    ) -> Self {
+        Self {
+            rows: batch * frames,
+            frames,
+            height,
+            width,
+            context: Some(context),
+            bank_rows,
+            motion,
+            conv_out: true,
+            temb_rows: 1,
+        }
+    }
+}
+
 fn conv(c_in: usize, c_out: usize, k: usize, hw: usize) -> f64 {
     2.0 * (c_in * c_out * k * k * hw) as f64
 }
@@ -264,18 +306,9 @@ pub fn vae_decode(cfg: &AutoencoderKLConfig, height: usize, width: usize) -> f64
 mod tests {
     use super::*;
 
-    fn call(rows: usize, bank_rows: usize, frames: usize) -> UNetCall {
-        UNetCall {
-            rows,
-            frames,
-            height: 64,
-            width: 64,
-            context: Some((50, 384)),
-            bank_rows,
-            motion: Some(UnetAdditionalKwargs::default()),
-            conv_out: true,
-            temb_rows: 1,
-        }
+    fn call(batch: usize, bank_rows: usize, frames: usize) -> UNetCall {
+        let motion = Some(UnetAdditionalKwargs::default());
+        UNetCall::denoising(batch, frames, (64, 64), (50, 384), bank_rows, motion)
     }
 
     /// Issue 8 puts the physical floor at ≈0.31 s (acc) and ≈2.7 s (normal)
@@ -285,8 +318,8 @@ mod tests {
     #[allow(clippy::print_stdout)]
     fn full_size_counts_match_the_issue_floor() {
         let cfg = UNet2DConditionConfig::default();
-        let acc = unet(&cfg, &call(12, 12, 12));
-        let cfg_call = unet(&cfg, &call(24, 12, 12));
+        let acc = unet(&cfg, &call(1, 12, 12));
+        let cfg_call = unet(&cfg, &call(2, 12, 12));
         let vae = vae_decode(&AutoencoderKLConfig::default(), 64, 64);
         let acc_s = (16.2 * acc + 24.0 * vae) / 989e12;
         let normal_s = (81.0 * cfg_call + 24.0 * vae) / 989e12;
