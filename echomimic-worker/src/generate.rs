@@ -71,7 +71,7 @@ pub struct GenerateArgs {
     /// Reference portrait (PNG, JPEG, WebP, BMP, GIF).
     #[arg(long, value_name = "PATH")]
     pub image: PathBuf,
-    /// Driving speech (WAV, MP3, AAC/M4A, OGG/Vorbis, FLAC).
+    /// Driving speech (WAV, MP3, AAC or Apple Lossless in M4A, AAC (ADTS), Ogg Vorbis, FLAC).
     #[arg(long, value_name = "PATH")]
     pub audio: PathBuf,
     /// Output MP4.
