@@ -115,8 +115,7 @@ fn attentions(
 fn layer(
     resnet: &ResnetBlock3D,
     attention: Option<&Transformer3DModel>,
-    modules: &[VanillaTemporalModule],
-    i: usize,
+    motion_module: Option<&VanillaTemporalModule>,
     xs: &Tensor,
     cond: &Conditioning<'_>,
 ) -> Result<Tensor> {
@@ -124,7 +123,10 @@ fn layer(
     if let Some(attn) = attention {
         h = attn.forward(&h, cond.audio, cond.bank, cond.uncond_rows)?;
     }
-    motion(modules, i, h, cond.frames)
+    match motion_module {
+        Some(m) => m.forward(&h, cond.frames),
+        None => Ok(h),
+    }
 }
 
 /// A down block: `resnet → transformer → motion module` per layer, then a
@@ -164,14 +166,8 @@ impl DownBlock3D {
         let mut h = xs.clone();
         let mut skips = Vec::with_capacity(self.resnets.len() + 1);
         for (i, resnet) in self.resnets.iter().enumerate() {
-            h = layer(
-                resnet,
-                self.attentions.get(i),
-                &self.motion_modules,
-                i,
-                &h,
-                cond,
-            )?;
+            let (attn, motion) = (self.attentions.get(i), self.motion_modules.get(i));
+            h = layer(resnet, attn, motion, &h, cond)?;
             skips.push(h.clone());
         }
         if let Some(down) = &self.downsamplers {
@@ -272,14 +268,8 @@ impl UpBlock3D {
         let mut h = xs.clone();
         for (i, resnet) in self.resnets.iter().enumerate() {
             let input = cat_skip(&h, skips)?;
-            h = layer(
-                resnet,
-                self.attentions.get(i),
-                &self.motion_modules,
-                i,
-                &input,
-                cond,
-            )?;
+            let (attn, motion) = (self.attentions.get(i), self.motion_modules.get(i));
+            h = layer(resnet, attn, motion, &input, cond)?;
         }
         match &self.upsamplers {
             Some(up) => up.forward(&h, upsample_size),
