@@ -445,9 +445,21 @@ fn interrupted_upload_leaves_no_temporary_file() -> TestResult {
         let mut s = TcpStream::connect(server.addr())?;
         s.write_all(&full[..full.len() / 2])?;
     } // closed mid-body
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while !files_under(&store).is_empty() && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
+      // The server handles the connection on its own thread, so the partial file may not exist
+      // yet when the client has closed: the store must be found empty and stay empty for a
+      // while (a left-over file would be seen within that time and fail the test).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut empty_since: Option<std::time::Instant> = None;
+    while std::time::Instant::now() < deadline {
+        if files_under(&store).is_empty() {
+            let since = *empty_since.get_or_insert_with(std::time::Instant::now);
+            if since.elapsed() >= Duration::from_millis(500) {
+                break;
+            }
+        } else {
+            empty_since = None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
     assert!(files_under(&store).is_empty(), "{:?}", files_under(&store));
     // And the server still works.
