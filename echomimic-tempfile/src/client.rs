@@ -7,17 +7,21 @@
 //! deleted when they pass the caller's size limit, and are renamed into place only when complete.
 //! Uploads are not idempotent: a retry after a lost response may leave an orphan file on the
 //! server, which expires like any other.
+//!
+//! With [`ClientConfig::token`] set, every request carries `Authorization: Bearer <token>`; a
+//! `401` is [`TempfileError::Unauthorized`], a configuration error that is never retried.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use rand::Rng;
 use serde::Deserialize;
 use ureq::http::{Response, StatusCode};
 use ureq::{Body, SendBody};
 
+use crate::auth::{sign_download, Token};
 use crate::error::TempfileError;
 use crate::types::{content_type_for_extension, extension_of, filename_params, UploadedFile};
 
@@ -85,6 +89,9 @@ pub struct ClientConfig {
     pub response_timeout: Duration,
     /// Retries of transient failures.
     pub retry: RetryPolicy,
+    /// Access token sent with every request (`None`: an open server). See [`crate::auth`];
+    /// [`Token::from_env`] reads `TEMPFILE_TOKEN`.
+    pub token: Option<Token>,
 }
 
 impl ClientConfig {
@@ -97,7 +104,14 @@ impl ClientConfig {
             write_timeout: Duration::from_secs(60),
             response_timeout: Duration::from_secs(120),
             retry: RetryPolicy::default(),
+            token: None,
         }
+    }
+
+    /// Sets the access token.
+    pub fn with_token(mut self, token: Option<Token>) -> Self {
+        self.token = token;
+        self
     }
 }
 
@@ -116,6 +130,7 @@ pub struct TempfileClient {
     base: String,
     agent: ureq::Agent,
     retry: RetryPolicy,
+    token: Option<Token>,
 }
 
 /// Checks a file id before it goes into a URL path: 1–128 of `[A-Za-z0-9._-]`, starting with a
@@ -183,7 +198,16 @@ impl TempfileClient {
                 max_attempts: config.retry.max_attempts.max(1),
                 ..config.retry
             },
+            token: config.token,
         })
+    }
+
+    /// `Authorization: Bearer <token>` on a request when a token is set.
+    fn authorized<B>(&self, req: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
+        match &self.token {
+            Some(t) => req.header("Authorization", format!("Bearer {}", t.expose())),
+            None => req,
+        }
     }
 
     /// The base URL, without a trailing slash.
@@ -195,6 +219,27 @@ impl TempfileClient {
     pub fn download_url(&self, file_id: &str) -> Result<String, TempfileError> {
         check_file_id(file_id)?;
         Ok(format!("{}/api/tempfile/download/{file_id}", self.base))
+    }
+
+    /// A link that downloads `file_id` without the token until `expires` (a browser can use it;
+    /// see [`crate::auth`]): `{base}/api/tempfile/download/{file_id}?exp=…&sig=…`. Needs the
+    /// client's token ([`TempfileError::InvalidToken`] without one).
+    pub fn signed_download_url(
+        &self,
+        file_id: &str,
+        expires: SystemTime,
+    ) -> Result<String, TempfileError> {
+        let url = self.download_url(file_id)?;
+        let token = self.token.as_ref().ok_or_else(|| {
+            TempfileError::InvalidToken("a signed link needs the client's token".into())
+        })?;
+        let exp = expires
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        Ok(format!(
+            "{url}?exp={exp}&sig={}",
+            sign_download(token, file_id, exp)
+        ))
     }
 
     fn with_retries<T>(
@@ -258,8 +303,7 @@ impl TempfileClient {
                 .chain(file.take(size))
                 .chain(io::Cursor::new(epilogue.clone().into_bytes()));
             let resp = self
-                .agent
-                .post(&url)
+                .authorized(self.agent.post(&url))
                 .header(
                     "Content-Type",
                     format!("multipart/form-data; boundary={boundary}"),
@@ -342,7 +386,7 @@ impl TempfileClient {
             .metadata()
             .map_err(|e| TempfileError::io("stat", part, e))?
             .len();
-        let mut req = self.agent.get(url);
+        let mut req = self.authorized(self.agent.get(url));
         if have > 0 {
             req = req.header("Range", format!("bytes={have}-"));
         }
@@ -416,8 +460,7 @@ impl TempfileClient {
         let url = format!("{}/api/tempfile/delete/{file_id}", self.base);
         self.with_retries("delete", || {
             let resp = self
-                .agent
-                .delete(&url)
+                .authorized(self.agent.delete(&url))
                 .call()
                 .map_err(|e| transport("DELETE", &url, e))?;
             let (status, text) = read_small_body("DELETE", &url, resp)?;
@@ -442,8 +485,7 @@ impl TempfileClient {
         let body = serde_json::json!({ "file_ids": file_ids }).to_string();
         self.with_retries("batch delete", || {
             let resp = self
-                .agent
-                .post(&url)
+                .authorized(self.agent.post(&url))
                 .header("Content-Type", "application/json")
                 .send(body.as_str())
                 .map_err(|e| transport("POST", &url, e))?;
@@ -503,6 +545,13 @@ fn status_error(method: &'static str, url: &str, status: StatusCode, text: &str)
         .ok()
         .and_then(|r| r.message)
         .unwrap_or_else(|| snippet(text));
+    if status == StatusCode::UNAUTHORIZED {
+        return TempfileError::Unauthorized {
+            method,
+            url: url.to_owned(),
+            message,
+        };
+    }
     TempfileError::Status {
         method,
         url: url.to_owned(),

@@ -103,6 +103,25 @@ pub enum TempfileError {
     /// A server setting is out of range.
     #[error("invalid server config: {0}")]
     Config(String),
+    /// The server refused the access token (HTTP 401): none was sent, or it is not one of the
+    /// server's. A configuration error, never retried: set
+    /// [`TOKEN_ENV`](crate::auth::TOKEN_ENV) to one of the server's tokens.
+    #[error(
+        "{method} {url}: the temp-file API refused the access token (http 401: {message}); \
+         set TEMPFILE_TOKEN to one of the server's tokens"
+    )]
+    Unauthorized {
+        /// HTTP method.
+        method: &'static str,
+        /// Request URL.
+        url: String,
+        /// The server's message.
+        message: String,
+    },
+    /// An access token is malformed, or a signed link was asked for without a token. The text
+    /// never contains the token.
+    #[error("invalid access token: {0}")]
+    InvalidToken(String),
 }
 
 impl TempfileError {
@@ -154,6 +173,12 @@ mod tests {
         assert!(status(429).is_retryable());
         assert!(status(408).is_retryable());
         assert!(!status(400).is_retryable());
+        assert!(!TempfileError::Unauthorized {
+            method: "GET",
+            url: "http://x".into(),
+            message: String::new(),
+        }
+        .is_retryable());
         assert!(!status(413).is_retryable());
         assert!(!TempfileError::NotFound {
             file_id: "x".into()

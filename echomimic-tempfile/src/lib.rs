@@ -11,13 +11,17 @@
 //! * [`Server`]: a thread-based server of the same API (binary `echomimic-tempfile-server`)
 //!   with persistence, expiry, size limits and content checks, so the worker can run without
 //!   the original web app.
+//! * [`auth`]: optional access control — shared bearer tokens ([`Token`], env `TEMPFILE_TOKEN`)
+//!   and time-limited signed download links for browsers.
 #![deny(missing_docs)]
 
+pub mod auth;
 pub mod client;
 pub mod error;
 pub mod server;
 pub mod types;
 
+pub use auth::{sign_download, Token, TOKEN_ENV};
 pub use client::{ClientConfig, Download, RetryPolicy, TempfileClient};
 pub use error::TempfileError;
 pub use server::{Clock, ManualClock, Server, ServerConfig};

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use echomimic_tempfile::server::DEFAULT_MAX_UPLOAD_BYTES;
-use echomimic_tempfile::{Server, ServerConfig};
+use echomimic_tempfile::{Server, ServerConfig, Token};
 
 /// Temp-file API server for the EchoMimic worker (upload, download, delete; files expire).
 #[derive(Debug, Parser)]
@@ -30,6 +30,30 @@ struct Args {
     /// Worker threads (connections served at once).
     #[arg(long, env = "TEMPFILE_THREADS", default_value_t = 8)]
     threads: usize,
+    /// Access token: when set, every endpoint but /health needs `Authorization: Bearer <token>`.
+    /// Repeat the flag or give a comma list to accept several (rotation). Prefer the env
+    /// variable or --token-file: a flag is visible in the process list.
+    #[arg(
+        long,
+        env = "TEMPFILE_TOKEN",
+        value_delimiter = ',',
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    token: Vec<String>,
+    /// File holding access tokens (commas or one a line), e.g. a mounted secret; adds to --token.
+    #[arg(long, env = "TEMPFILE_TOKEN_FILE", value_name = "PATH")]
+    token_file: Option<PathBuf>,
+}
+
+impl Args {
+    fn tokens(&self) -> Result<Vec<Token>, echomimic_tempfile::TempfileError> {
+        let mut tokens = Token::parse_list(&self.token.join(","))?;
+        if let Some(path) = &self.token_file {
+            tokens.extend(Token::from_file(path)?);
+        }
+        Ok(tokens)
+    }
 }
 
 fn positive_hours(s: &str) -> Result<f64, String> {
@@ -51,6 +75,13 @@ fn main() -> ExitCode {
         .init();
     let args = Args::parse();
     let mut config = ServerConfig::new(&args.dir);
+    config.tokens = match args.tokens() {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start");
+            return ExitCode::from(2);
+        }
+    };
     config.listen = args.listen;
     config.max_upload_bytes = args.max_bytes;
     config.expiry = Duration::from_secs_f64(args.expiry_hours * 3600.0);

@@ -47,6 +47,8 @@ pub(crate) struct Head {
     pub(crate) method: String,
     /// The path without the query string.
     pub(crate) path: String,
+    /// The query string (after `?`, before any `#`), empty when there is none.
+    pub(crate) query: String,
     pub(crate) http11: bool,
     /// Header fields with lowercase names, in order.
     headers: Vec<(String, String)>,
@@ -169,7 +171,9 @@ pub(crate) fn read_head(reader: &mut impl BufRead) -> Result<Head, HeadError> {
     if !target.starts_with('/') {
         return Err(HeadError::Bad("request target must be a path"));
     }
-    let path = target.split(['?', '#']).next().unwrap_or("").to_owned();
+    let target = target.split('#').next().unwrap_or("");
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let (path, query) = (path.to_owned(), query.to_owned());
     let method = method.to_owned();
 
     let mut headers = Vec::new();
@@ -201,6 +205,7 @@ pub(crate) fn read_head(reader: &mut impl BufRead) -> Result<Head, HeadError> {
     let mut head = Head {
         method,
         path,
+        query,
         http11,
         headers,
         framing: Framing::None,
@@ -485,6 +490,8 @@ fn reason(status: u16) -> &'static str {
         200 => "OK",
         206 => "Partial Content",
         400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
         408 => "Request Timeout",
@@ -606,6 +613,7 @@ mod tests {
         let h = head("\r\nPOST /api/x?y=1 HTTP/1.1\r\nHost: a\r\nContent-Length: 12\r\nExpect: 100-continue\r\n\r\n").unwrap();
         assert_eq!(h.method, "POST");
         assert_eq!(h.path, "/api/x");
+        assert_eq!(h.query, "y=1");
         assert_eq!(h.framing, Framing::Length(12));
         assert!(h.expects_continue);
         assert!(h.wants_keep_alive());

@@ -8,6 +8,10 @@
 //! | `POST /api/tempfile/batch-delete`, `{"file_ids":[…]}` | 200 `{"success":true,"deleted_count":n}` |
 //! | `GET /health` | 200 `{"success":true,"files":n}` |
 //!
+//! With [`ServerConfig::tokens`] set, every endpoint but `/health` needs
+//! `Authorization: Bearer <token>` (else 401), and a download may instead carry a signed link's
+//! `exp` and `sig` (else 403); see [`crate::auth`].
+//!
 //! Errors are `{"success":false,"message":…}` with 400 (bad request, extension not accepted,
 //! content not matching the extension, empty file), 404 (unknown or expired id, unknown path),
 //! 405, 413 (upload over [`ServerConfig::max_upload_bytes`]), 431, 500 or 503 (all workers busy).
@@ -16,8 +20,9 @@
 //! [`ServerConfig::expiry`] (checked on every access and swept every
 //! [`ServerConfig::sweep_interval`]); uploads are streamed to disk and stopped as soon as they
 //! pass the size limit; the content is checked against the extension (see [`crate::types`]);
-//! ids are random UUID v4 and the stored file is named by its id only. Deletion needs no
-//! credentials, as in the original: bind to loopback (the default) or put it behind a proxy.
+//! ids are random UUID v4 and the stored file is named by its id only. Without tokens nothing
+//! needs credentials, as in the original: then bind to loopback (the default) or put it behind a
+//! proxy.
 
 mod http;
 pub(crate) mod multipart;
@@ -35,6 +40,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use uuid::Uuid;
 
+use crate::auth::{AccessTokens, LinkCheck, Token};
 use crate::error::TempfileError;
 use crate::types::{
     content_matches_extension, content_type_for_extension, extension_of, file_type_for_extension,
@@ -83,6 +89,9 @@ pub struct ServerConfig {
     pub keep_alive_timeout: Duration,
     /// Time source (default: the system clock).
     pub clock: Clock,
+    /// Accepted access tokens; empty (the default) = open to anyone who can connect. See
+    /// [`crate::auth`].
+    pub tokens: Vec<Token>,
 }
 
 impl ServerConfig {
@@ -99,6 +108,7 @@ impl ServerConfig {
             io_timeout: Duration::from_secs(60),
             keep_alive_timeout: Duration::from_secs(5),
             clock: Clock::system(),
+            tokens: Vec::new(),
         }
     }
 
@@ -129,6 +139,7 @@ impl ServerConfig {
 struct Shared {
     store: Store,
     config: ServerConfig,
+    access: AccessTokens,
     shutdown: AtomicBool,
     /// Open connections, so shutdown can unblock their reads.
     conns: Mutex<HashMap<u64, TcpStream>>,
@@ -171,6 +182,7 @@ impl Server {
         let (tx, rx) = crossbeam_channel::bounded::<TcpStream>(config.backlog);
         let shared = Arc::new(Shared {
             store,
+            access: AccessTokens::new(&config.tokens),
             config,
             shutdown: AtomicBool::new(false),
             conns: Mutex::new(HashMap::new()),
@@ -211,7 +223,7 @@ impl Server {
             )?);
         }
         tracing::info!(%addr, dir = %shared.config.dir.display(), max_upload_bytes = shared.config.max_upload_bytes,
-            expiry_s = shared.config.expiry.as_secs_f64(), "temp-file server listening");
+            expiry_s = shared.config.expiry.as_secs_f64(), tokens = shared.config.tokens.len(), "temp-file server listening");
         Ok(Server {
             addr,
             shared,
@@ -442,7 +454,58 @@ fn finish(
     result
 }
 
+/// `Err(response)` when the request may not proceed: every path but `/health` needs a token
+/// when the server has any; a download may carry a signed link instead.
+fn authorize(shared: &Shared, head: &Head) -> Result<(), Response> {
+    if shared.access.is_open() || head.path == "/health" {
+        return Ok(());
+    }
+    let download = head
+        .path
+        .strip_prefix("/api/tempfile/download/")
+        .filter(|_| head.method == "GET" || head.method == "HEAD");
+    if shared.access.accepts_header(head.header("authorization")) {
+        return Ok(());
+    }
+    if let (Some(id), Some((exp, sig))) = (download, signed_link_params(&head.query)) {
+        let now = shared
+            .config
+            .clock
+            .now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        return match shared.access.check_link(id, exp, sig, now) {
+            LinkCheck::Valid => Ok(()),
+            LinkCheck::Expired => Err(Response::error(403, "download link expired")),
+            LinkCheck::Invalid => Err(Response::error(403, "invalid download link")),
+        };
+    }
+    // Only the method and path are logged: never the header or the query.
+    tracing::info!(method = %head.method, path = %head.path, "request without a valid access token refused");
+    Err(Response::error(401, "missing or invalid access token")
+        .with_header("WWW-Authenticate", "Bearer realm=\"echomimic-tempfile\""))
+}
+
+/// `exp` and `sig` of a query string, when both are present exactly once.
+fn signed_link_params(query: &str) -> Option<(&str, &str)> {
+    let (mut exp, mut sig) = (None, None);
+    for pair in query.split('&') {
+        let slot = match pair.split_once('=') {
+            Some(("exp", v)) => (&mut exp, v),
+            Some(("sig", v)) => (&mut sig, v),
+            _ => continue,
+        };
+        if slot.0.replace(slot.1).is_some() {
+            return None;
+        }
+    }
+    exp.zip(sig)
+}
+
 fn route(shared: &Shared, head: &Head, body: &mut Body<'_>) -> Response {
+    if let Err(refused) = authorize(shared, head) {
+        return refused;
+    }
     let method = head.method.as_str();
     let path = head.path.as_str();
     let allow = |methods: &str| {
