@@ -3,8 +3,8 @@
 #
 #   1. makes sure Redis answers and ffmpeg is installed (scripts/ensure-deps.sh --only-runtime);
 #   2. builds the worker, the temp-file server and the submit_and_follow example;
-#   3. starts the temp-file server on a free loopback port (files in a temp folder) and a worker
-#      on its own queue;
+#   3. starts the temp-file server on a free loopback port (files in a temp folder, a random
+#      access token for this run) and a worker on its own queue;
 #   4. uploads the bundled photo and speech clip, submits a task, prints its progress, downloads
 #      the MP4 into ./demo-output/ and prints its path;
 #   5. stops everything it started (also on Ctrl-C or an error).
@@ -77,6 +77,10 @@ dir_of_profile() { if [ "$1" = dev ]; then echo debug; else echo "$1"; fi; }
 BIN="${CARGO_TARGET_DIR:-$ROOT/target}/$(dir_of_profile "$PROFILE")"
 
 # --- 3. temp-file server and worker -------------------------------------------------------------
+# A random access token for this run, shared by the server, the worker and the client (all read
+# TEMPFILE_TOKEN): the demo runs with the temp-file API's access control on.
+TEMPFILE_TOKEN="$(od -An -N24 -tx1 /dev/urandom | tr -d ' \n')"
+export TEMPFILE_TOKEN
 port_free() { ! { exec 4<>"/dev/tcp/127.0.0.1/$1"; } 2>/dev/null; }
 PORT=""
 for _ in $(seq 1 50); do
@@ -89,7 +93,7 @@ BASE_URL="http://127.0.0.1:$PORT"
 pids+=($!)
 for _ in $(seq 1 100); do port_free "$PORT" || break; sleep 0.1; done
 port_free "$PORT" && die "the temp-file server did not start (see above)"
-log "temp-file server on $BASE_URL"
+log "temp-file server on $BASE_URL (access token required; a random one for this run)"
 
 model_args=()
 if [ -d pretrained_weights ]; then

@@ -133,6 +133,10 @@ pub enum ErrorCode {
     Timeout,
     /// The temp-file API or another dependency stayed unavailable after retries.
     Unavailable,
+    /// The worker could not authenticate to the temp-file API (HTTP 401: its `TEMPFILE_TOKEN`
+    /// is missing or not one of the server's). A configuration error of the worker, not of the
+    /// task: the task is not retried and the worker keeps serving.
+    TempfileUnauthorized,
     /// The task was given up after the worker's attempt limit (e.g. it crashed the worker repeatedly).
     AttemptsExhausted,
     /// A bug or an unexpected condition in the worker.
@@ -155,6 +159,7 @@ impl ErrorCode {
             ErrorCode::UploadFailed => "upload_failed",
             ErrorCode::Timeout => "timeout",
             ErrorCode::Unavailable => "unavailable",
+            ErrorCode::TempfileUnauthorized => "tempfile_unauthorized",
             ErrorCode::AttemptsExhausted => "attempts_exhausted",
             ErrorCode::Internal => "internal",
             ErrorCode::Unknown => "unknown",
@@ -354,6 +359,7 @@ mod tests {
             ErrorCode::UploadFailed,
             ErrorCode::Timeout,
             ErrorCode::Unavailable,
+            ErrorCode::TempfileUnauthorized,
             ErrorCode::AttemptsExhausted,
             ErrorCode::Internal,
             ErrorCode::Unknown,

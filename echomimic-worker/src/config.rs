@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 use echomimic_protocol::{keys, Schema};
-use echomimic_tempfile::RetryPolicy;
+use echomimic_tempfile::{RetryPolicy, Token};
 
 use crate::error::WorkerError;
 
@@ -328,6 +328,17 @@ pub struct ServeArgs {
     /// Base URL of the temp-file API (inputs are downloaded from it, the video uploaded to it).
     #[arg(long, env = "BASE_URL", default_value = "http://localhost:3000")]
     pub base_url: String,
+    /// Access token of the temp-file API, sent as `Authorization: Bearer` (needed when its
+    /// server runs with tokens; of a comma list the first is used). A refused token fails the
+    /// task with `tempfile_unauthorized`.
+    #[arg(
+        long,
+        env = "TEMPFILE_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN",
+        value_parser = parse_token
+    )]
+    pub tempfile_token: Option<Token>,
     /// GPU index: the CUDA device used and the `{gpu_id}` in `gpu_status:{gpu_id}`,
     /// `task_processing:{gpu_id}`, `worker_lease:{gpu_id}` and the default queue name.
     #[arg(long, env = "GPU_ID", default_value_t = 0)]
@@ -422,6 +433,8 @@ pub struct WorkerConfig {
     pub model: ModelArgs,
     /// Temp-file API base URL.
     pub base_url: String,
+    /// Temp-file API access token (`Debug` redacts it).
+    pub tempfile_token: Option<Token>,
     /// GPU id.
     pub gpu_id: u32,
     /// Queue consumed.
@@ -478,6 +491,17 @@ pub struct TaskDefaults {
     pub seed: i64,
     /// Frames per second.
     pub fps: f64,
+}
+
+/// `--tempfile-token`: the first token of a comma list (the error never shows the token).
+fn parse_token(s: &str) -> Result<Token, String> {
+    match Token::parse_list(s) {
+        Ok(tokens) => tokens
+            .into_iter()
+            .next()
+            .ok_or_else(|| "empty token".to_owned()),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 fn secs(what: &str, v: u64, min: u64) -> Result<Duration, WorkerError> {
@@ -546,6 +570,7 @@ impl ServeArgs {
         Ok(WorkerConfig {
             redis: self.redis,
             base_url: self.base_url,
+            tempfile_token: self.tempfile_token,
             gpu_id: self.gpu_id,
             queue,
             channel: self.channel,

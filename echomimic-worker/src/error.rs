@@ -8,6 +8,7 @@
 //! | input larger than `--max-download-bytes`, undecodable image or audio, silent or too long audio | `bad_input` | `failed` + dead letter, no retry |
 //! | no face in the photo | `no_face` | `failed` + dead letter, no retry |
 //! | temp-file API unreachable / 5xx after the in-place retries (`--http-attempts`) | `unavailable` | `failed` + dead letter |
+//! | temp-file API refused the worker's token (HTTP 401, `--tempfile-token`) | `tempfile_unauthorized` | `failed` + dead letter, no retry; the worker keeps serving |
 //! | model failure | `inference_failed` | requeued while attempts remain (`--max-attempts`), then `failed` + dead letter |
 //! | accelerator out of memory | `oom` | as `inference_failed` |
 //! | encoding / muxing failure, local I/O | `internal` | as `inference_failed` |
@@ -198,6 +199,9 @@ impl WorkerError {
                 Failure::new(C::AttemptsExhausted, Retry::Never)
             }
             WorkerError::Download { source, .. } => match source {
+                TempfileError::Unauthorized { .. } => {
+                    Failure::new(C::TempfileUnauthorized, Retry::Never)
+                }
                 TempfileError::NotFound { .. } => Failure::new(C::InputNotFound, Retry::Never),
                 TempfileError::TooLarge { .. } => Failure::new(C::BadInput, Retry::Never),
                 TempfileError::InvalidFileId(_) => Failure::new(C::InvalidTask, Retry::Never),
@@ -215,6 +219,9 @@ impl WorkerError {
                 e if e.is_bad_input() => Failure::new(C::BadInput, Retry::Never),
                 _ => Failure::new(C::Internal, Retry::Attempts),
             },
+            WorkerError::Upload(TempfileError::Unauthorized { .. }) => {
+                Failure::new(C::TempfileUnauthorized, Retry::Never)
+            }
             WorkerError::Upload(e) if e.is_retryable() => {
                 Failure::new(C::UploadFailed, Retry::Attempts)
             }
@@ -335,6 +342,14 @@ mod tests {
             })),
             Failure::new(ErrorCode::UploadFailed, Retry::Attempts)
         );
+        let refused = || TempfileError::Unauthorized {
+            method: "GET",
+            url: "u".into(),
+            message: "missing or invalid access token".into(),
+        };
+        let tempfile_unauthorized = Failure::new(ErrorCode::TempfileUnauthorized, Retry::Never);
+        assert_eq!(f(dl(refused())), tempfile_unauthorized);
+        assert_eq!(f(WorkerError::Upload(refused())), tempfile_unauthorized);
     }
 
     fn candle_msg(m: &str) -> candle_core::Error {

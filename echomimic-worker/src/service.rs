@@ -337,6 +337,7 @@ impl Worker {
         let http = TempfileClient::with_config(ClientConfig {
             connect_timeout: config.http_connect_timeout,
             retry: config.http_retry.clone(),
+            token: config.tempfile_token.clone(),
             ..ClientConfig::new(config.base_url.clone())
         })
         .map_err(|e| WorkerError::Config(format!("BASE_URL: {e}")))?;

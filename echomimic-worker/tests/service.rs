@@ -514,3 +514,76 @@ fn the_next_task_is_prepared_during_inference_and_only_with_prefetch() -> TestRe
     }
     Ok(())
 }
+
+const TEMPFILE_TOKEN: &str = "worker-test-token-0123456789abcdef";
+
+#[test]
+fn with_a_tempfile_token_on_both_sides_the_task_completes() -> TestResult {
+    let Some(world) = World::with_tempfile_tokens(&[TEMPFILE_TOKEN]) else {
+        return Ok(());
+    };
+    let rec = world.recorder();
+    let worker = start(
+        &world,
+        &["--geometry", "crop", "--tempfile-token", TEMPFILE_TOKEN],
+        fake(),
+    );
+    let task = world.task(&unique("token-ok"));
+    world.submit(&task);
+    let done = rec.wait_terminal(&task.task_id, Duration::from_secs(60));
+    assert_eq!(done.status, Status::Completed, "{done:?}");
+    // The upload went through the token too: the video is there (fetched with the token).
+    let video = world.fetch_video(done.video_file_id.as_deref().expect("video id"));
+    assert_eq!((video.width, video.height), (W, W));
+    let stats = stop(worker);
+    assert_eq!((stats.claimed, stats.completed, stats.failed), (1, 1, 0));
+    Ok(())
+}
+
+#[test]
+fn a_refused_tempfile_token_fails_each_task_once_and_the_worker_keeps_serving() -> TestResult {
+    let Some(world) = World::with_tempfile_tokens(&[TEMPFILE_TOKEN]) else {
+        return Ok(());
+    };
+    let rec = world.recorder();
+    let worker = start(
+        &world,
+        &["--tempfile-token", "not-the-servers-token-0000000000"],
+        fake(),
+    );
+    let tasks: Vec<_> = (0..2)
+        .map(|i| world.task(&unique(&format!("token-bad-{i}"))))
+        .collect();
+    for task in &tasks {
+        world.submit(task);
+    }
+    for task in &tasks {
+        let failed = rec.wait_terminal(&task.task_id, Duration::from_secs(30));
+        assert_eq!(failed.status, Status::Failed);
+        assert_eq!(
+            failed.code,
+            Some(ErrorCode::TempfileUnauthorized),
+            "{failed:?}"
+        );
+        let text = failed.error.as_deref().unwrap_or("");
+        assert!(
+            text.contains("refused the access token") && !text.contains("not-the-servers"),
+            "{text}"
+        );
+    }
+    // Once each (no retry, no requeue), dead-lettered with the code, nothing left in flight.
+    std::thread::sleep(Duration::from_millis(300));
+    for task in &tasks {
+        assert_eq!(rec.terminal_count(&task.task_id), 1);
+    }
+    assert!(world.queue_items().is_empty() && world.processing_items().is_empty());
+    let dead = world.dead_letters();
+    assert_eq!(dead.len(), 2, "{dead:?}");
+    assert!(dead
+        .iter()
+        .all(|d| d.code == ErrorCode::TempfileUnauthorized && d.attempts <= 1));
+    assert_eq!(world.status().as_deref(), Some("idle"));
+    let stats = stop(worker);
+    assert_eq!((stats.claimed, stats.failed, stats.retried), (2, 2, 0));
+    Ok(())
+}

@@ -10,19 +10,20 @@
 //!
 //! Settings come from flags or the guide's environment variables (`REDIS_URL` or
 //! `REDIS_HOST`/`REDIS_PORT`/`REDIS_DB`/`REDIS_PASSWORD`, `BASE_URL`, `GPU_ID`,
-//! `TASK_QUEUE_NAME`, `PROGRESS_CHANNEL`). Exit status: 0 when the video is ready, 1 when the
+//! `TASK_QUEUE_NAME`, `PROGRESS_CHANNEL`), plus `TEMPFILE_TOKEN` when the temp-file API
+//! requires a token. Exit status: 0 when the video is ready, 1 when the
 //! task failed or anything else went wrong, 3 when no result came within `--timeout-secs`.
 #![allow(clippy::print_stdout)]
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Context};
 use clap::Parser;
 use echomimic_protocol::client::{self, FollowOptions};
 use echomimic_protocol::{keys, ProgressEvent, ProtocolError, Status, Task, WorkerState};
-use echomimic_tempfile::TempfileClient;
+use echomimic_tempfile::{ClientConfig, TempfileClient, Token};
 
 /// Upload a portrait and a speech file, submit an EchoMimic task, and follow it to the end.
 #[derive(Debug, Parser)]
@@ -70,6 +71,9 @@ struct Args {
     /// Base URL of the temp-file API.
     #[arg(long, env = "BASE_URL", default_value = "http://localhost:3000")]
     base_url: String,
+    /// Access token of the temp-file API (when its server runs with tokens).
+    #[arg(long, env = "TEMPFILE_TOKEN", hide_env_values = true, value_parser = parse_token)]
+    tempfile_token: Option<Token>,
     /// The worker's GPU id (selects the default queue and the status key).
     #[arg(long, env = "GPU_ID", default_value_t = 0)]
     gpu_id: u32,
@@ -85,6 +89,15 @@ struct Args {
     /// Also download the finished video to this path.
     #[arg(long)]
     download: Option<PathBuf>,
+}
+
+/// The first token of a comma list (the error never shows the token).
+fn parse_token(s: &str) -> Result<Token, String> {
+    let first = Token::parse_list(s)
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .next();
+    first.ok_or_else(|| "empty token".to_owned())
 }
 
 impl Args {
@@ -126,6 +139,8 @@ impl Args {
     }
 }
 
+const HOUR: Duration = Duration::from_secs(3600);
+
 /// How the run ended.
 enum Outcome {
     Completed,
@@ -157,7 +172,9 @@ fn run(args: &Args) -> anyhow::Result<Outcome> {
         ),
     }
 
-    let files = TempfileClient::new(&args.base_url)?;
+    let files = TempfileClient::with_config(
+        ClientConfig::new(&args.base_url).with_token(args.tempfile_token.clone()),
+    )?;
     let image = files
         .upload_file(&args.image)
         .with_context(|| format!("uploading {}", args.image.display()))?;
@@ -209,7 +226,12 @@ fn run(args: &Args) -> anyhow::Result<Outcome> {
                 .video_file_id
                 .context("completed event without video_file_id")?;
             println!("video file id: {video}");
-            println!("download URL: {}", files.download_url(&video)?);
+            // With a token, a signed link (valid for an hour) works without it, e.g. in a browser.
+            let url = match &args.tempfile_token {
+                Some(_) => files.signed_download_url(&video, SystemTime::now() + HOUR)?,
+                None => files.download_url(&video)?,
+            };
+            println!("download URL: {url}");
             if let Some(dest) = &args.download {
                 let got = files.download_to(&video, dest, 4 << 30)?;
                 println!("saved {} bytes to {}", got.bytes, dest.display());
@@ -380,8 +402,10 @@ mod tests {
             return;
         };
         let dir = tempfile::tempdir().unwrap();
+        let token = "example-test-token-0123456789";
         let mut cfg = echomimic_tempfile::ServerConfig::new(dir.path().join("store"));
         cfg.listen = "127.0.0.1:0".into();
+        cfg.tokens = vec![Token::new(token).unwrap()];
         let server = echomimic_tempfile::Server::start(cfg).unwrap();
         let image = dir.path().join("face.png");
         std::fs::write(&image, b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR").unwrap();
@@ -405,7 +429,10 @@ mod tests {
                 let popped: Option<(String, Vec<u8>)> = con.blpop(&queue, 20.0).unwrap();
                 let (_, raw) = popped.expect("a task arrives");
                 let task = QueueItem::parse(&raw).task().unwrap();
-                let files = TempfileClient::new(base).unwrap();
+                let files = TempfileClient::with_config(
+                    ClientConfig::new(base).with_token(Token::new(token).ok()),
+                )
+                .unwrap();
                 let got = dir_download(&files, &task.ref_image_id, &video);
                 assert!(got > 0);
                 for (stage, p) in [
@@ -443,6 +470,8 @@ mod tests {
             &url,
             "--base-url",
             &server.base_url(),
+            "--tempfile-token",
+            token,
             "--queue",
             &queue,
             "--channel",

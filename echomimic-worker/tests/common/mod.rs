@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use echomimic_protocol::{keys, DeadLetter, ProgressEvent, QueueItem, Status, Task};
-use echomimic_tempfile::{Server, ServerConfig, TempfileClient};
+use echomimic_tempfile::{ClientConfig, Server, ServerConfig, TempfileClient, Token};
 use echomimic_worker::{ServeArgs, WorkerConfig};
 use redis::Commands;
 
@@ -98,13 +98,32 @@ impl World {
 
     /// A world on the Redis at `url` (which must answer).
     pub fn with_redis(url: &str) -> World {
+        World::build(url, &[])
+    }
+
+    /// A world whose temp-file server accepts only `tokens`; the world's own client (uploads,
+    /// video checks) uses the first.
+    pub fn with_tempfile_tokens(tokens: &[&str]) -> Option<World> {
+        redis()?;
+        Some(World::build(&redis_url(), tokens))
+    }
+
+    fn build(url: &str, tokens: &[&str]) -> World {
         let client = redis::Client::open(url).expect("redis url");
         let dir = tempfile::tempdir().expect("tempdir");
         let mut cfg = ServerConfig::new(dir.path().join("files"));
         cfg.listen = "127.0.0.1:0".into();
+        let tokens: Vec<Token> = tokens
+            .iter()
+            .map(|t| Token::new(t).expect("token"))
+            .collect();
+        cfg.tokens = tokens.clone();
         let server = Server::start(cfg).expect("temp-file server");
         let base_url = server.base_url();
-        let http = TempfileClient::new(&base_url).expect("client");
+        let http = TempfileClient::with_config(
+            ClientConfig::new(&base_url).with_token(tokens.first().cloned()),
+        )
+        .expect("client");
         let image_id = http.upload_file(&photo()).expect("upload photo").file_id;
         let audio_id = http.upload_file(&speech()).expect("upload speech").file_id;
         let gpu_id = unique_gpu();
