@@ -239,7 +239,6 @@ def main():
               base / "unet/diffusion_pytorch_model.safetensors")
     torch.save(half_state(ref_unet.state_dict()), pw / "reference_unet.pth")
 
-    cfg3 = dict(unet_config())
     den_tmp = EchoUNet3DConditionModel.from_pretrained_2d(
         base, "", subfolder="unet",
         unet_additional_kwargs=OmegaConf.to_container(infer.unet_additional_kwargs))
@@ -249,7 +248,7 @@ def main():
                           keep_fp32=("pos_encoder.pe",)), pw / "motion_module.pth")
     torch.save(half_state(OrderedDict((k, v) for k, v in sd.items() if "motion_modules." not in k)),
                pw / "denoising_unet.pth")
-    del den_tmp, cfg3
+    del den_tmp
 
     fl = FaceLocator(UNET["block_out_channels"][0], conditioning_channels=1,
                      block_out_channels=tuple(FACE_LOCATOR))
