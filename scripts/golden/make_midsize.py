@@ -55,6 +55,7 @@ VAE_LATENT_HW = (13, 21)  # VAE: 104x168 images, odd latent sizes
 FRAMES = 12  # one context window
 MM_PROBE = "mid_block.motion_modules.0"  # 96 channels, 3x5, 12 frames
 MM_PROBE_HW = (3, 5)
+RESNET_PROBE = "up_blocks.0.resnets.0"  # 192 -> 96 channels, 1x1 shortcut, 6 channels/group
 TIMESTEP = 666
 
 
@@ -338,12 +339,25 @@ def main():
     audio = randn_f16(gen, 2, FRAMES, AUDIO_TOKENS, AUDIO_DIM)
     face = randn_f16(gen, 2, UNET["block_out_channels"][0], 1, h, w)
     t = torch.tensor(TIMESTEP, dtype=torch.int64)
+    # One layer seen on its own as well: inside the whole network a small error in one
+    # channel of a deep, 3x5 layer is diluted below the network's tolerance.
+    seen = {}
+
+    def probe(tag):
+        def hook(module, args, output):
+            seen[tag] = (args[0].detach().clone(), args[1].detach().clone(), output.detach().clone())
+        return hook
+
+    hooks = [dict(den.named_modules())[RESNET_PROBE].register_forward_hook(probe("f32"))]
     reader = ReferenceAttentionControl(den, do_classifier_free_guidance=True, mode="read",
                                        batch_size=1, fusion_blocks="full")
     reader.update(writer, do_classifier_free_guidance=True)
     dout = den(sample, t, encoder_hidden_states=None, audio_cond_fea=audio,
                face_musk_fea=face, return_dict=False)[0]
+    for h_ in hooks:  # before the copy: deepcopy would copy the hook too
+        h_.remove()
     den64 = f64(den)
+    hooks = [dict(den64.named_modules())[RESNET_PROBE].register_forward_hook(probe("f64"))]
     reader64 = ReferenceAttentionControl(den64, do_classifier_free_guidance=True, mode="read",
                                          batch_size=1, fusion_blocks="full")
     reader64.update(writer, do_classifier_free_guidance=True)
@@ -355,6 +369,18 @@ def main():
                "output.sample": dout.contiguous()}, out / "tensors/denoising_unet.safetensors")
     reader.clear()
     writer.clear()
+    for h_ in hooks:
+        h_.remove()
+    (x32, temb32, y32), (x64, temb64, y64) = seen["f32"], seen["f64"]
+    assert x32.dtype == torch.float32 and x64.dtype == torch.float64
+    assert torch.equal(temb32[0], temb32[1]), "one timestep for both CFG rows"
+    # The layer's float64 run from the float32 run's input, so that only the layer's own
+    # rounding is measured.
+    res64 = dict(den64.named_modules())[RESNET_PROBE]
+    y64 = res64(x32.double(), temb32.double())
+    record("resnet.output", y32, y64)
+    save_file({"input": x32.contiguous(), "temb": temb32[:1].contiguous(),
+               "output": y32.contiguous()}, out / "tensors/resnet.safetensors")
 
     # ---- motion module ----
     mm = dict(den.named_modules())[MM_PROBE]
@@ -383,6 +409,7 @@ def main():
             "frames": FRAMES,
             "timestep": TIMESTEP,
             "motion_module": MM_PROBE,
+            "resnet": RESNET_PROBE,
         },
         "tolerances_measured": measured,
         "atol": atol,
