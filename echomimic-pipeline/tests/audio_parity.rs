@@ -115,11 +115,9 @@ fn waveform_matches_golden() -> anyhow::Result<()> {
             want.len()
         );
         let n = got.len().min(want.len());
-        let max_lsb = got[..n]
-            .iter()
-            .zip(&want[..n])
-            .map(|(a, b)| ((a - b) * 32768.0).abs())
-            .fold(0f32, f32::max);
+        let steps = |v: &[f32]| Tensor::from_slice(&v[..n], n, &Device::Cpu)? * 32768.0;
+        let max_lsb =
+            common::TensorDiff::between("audio.waveform", &steps(&got)?, &steps(&want)?)?.max_abs;
         eprintln!(
             "audio.waveform: {} Hz / {} ch source resampled, max |ours - golden| = {max_lsb} int16 steps",
             decoded.sample_rate, decoded.channels

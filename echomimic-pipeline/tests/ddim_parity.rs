@@ -64,9 +64,13 @@ fn ddim_alpha_table_matches_diffusers() -> anyhow::Result<()> {
     let want = get(&g, "alphas_cumprod")?.to_vec1::<f32>()?;
     let got = sched.alphas_cumprod();
     anyhow::ensure!(got.len() == want.len(), "{} != {}", got.len(), want.len());
-    let (mut max_diff, mut max_ulps, mut differ) = (0f32, 0i64, 0usize);
+    let max_diff = common::max_diff(
+        "alphas_cumprod",
+        &candle_core::Tensor::new(got, &candle_core::Device::Cpu)?,
+        get(&g, "alphas_cumprod")?,
+    )?;
+    let (mut max_ulps, mut differ) = (0i64, 0usize);
     for (a, b) in got.iter().zip(&want) {
-        max_diff = max_diff.max((a - b).abs());
         let ulps = (i64::from(a.to_bits() as i32) - i64::from(b.to_bits() as i32)).abs();
         max_ulps = max_ulps.max(ulps);
         differ += usize::from(ulps != 0);

@@ -1,9 +1,11 @@
 //! Motion module parity against the official PyTorch implementation.
 //!
 //! Golden tensors: `tensors/motion_module.safetensors`, produced by calling
-//! `denoising_unet.down_blocks.1.motion_modules.0(x, None, None)` (EchoMimic
-//! `VanillaTemporalModule`) on a random `(B, C, F, h, w)` input; the weights
-//! are those of `motion_module.pth`. Tolerance: the golden README (f32); in
+//! one motion module of the denoising UNet (`down_blocks.1.motion_modules.0`
+//! in the public set, the one named by `manifest.json` `config.motion_module`
+//! in another) as `module(x, None, None)` (EchoMimic `VanillaTemporalModule`)
+//! on a random `(B, C, F, h, w)` input; the weights are those of
+//! `motion_module.pth`. Tolerance: the set's (`common::set_atol`, f32); in
 //! half precision that of `tests/common` (`docs/cuda.md`).
 //!
 //! The module runs on the device and in the dtype of the run
@@ -21,7 +23,19 @@ const OUTPUT_ATOL: f64 = 3e-5;
 /// Half precision: tolerance / max|golden|, 4× the 1.24e-3 measured on the
 /// CPU in f16 (`docs/cuda.md`, parity tolerances).
 const OUTPUT_F16_REL: f64 = 5.0e-3;
+
+/// The module the public set probes; a set's manifest may name another
+/// (`config.motion_module`).
 const MODULE: &str = "down_blocks.1.motion_modules.0";
+
+/// The probed module of the current set.
+fn probed_module() -> anyhow::Result<String> {
+    let m = common::manifest()?;
+    Ok(m["config"]["motion_module"]
+        .as_str()
+        .unwrap_or(MODULE)
+        .to_owned())
+}
 
 /// `(b, c, f, h, w)` ↔ `(b·f, c, h, w)`, the layout of the UNet internals.
 fn to_rows(x: &Tensor) -> anyhow::Result<Tensor> {
@@ -40,17 +54,29 @@ fn from_rows(x: &Tensor, b: usize, f: usize) -> anyhow::Result<Tensor> {
 
 #[test]
 fn motion_module_matches_golden() -> anyhow::Result<()> {
+    common::for_each_set(motion_module_matches_golden_in_set)
+}
+
+/// One golden set (`common::for_each_set`).
+fn motion_module_matches_golden_in_set() -> anyhow::Result<()> {
     let p = common::prompt()?;
     let unet = base_unet_config(&p)?;
     let kwargs = inference_config(&p)?
         .unet_additional_kwargs
         .motion_module_kwargs;
     let ck = Checkpoint::load(&p.motion_module_path)?;
-    // down_blocks.1 works at the width of block_out_channels[1].
-    let channels = unet.block_out_channels[1];
+    let module_path = probed_module()?;
+    // The module's width, read from its GroupNorm in the checkpoint; it must
+    // be one of the UNet's widths.
+    let norm = format!("{module_path}.temporal_transformer.norm.weight");
+    let channels = ck
+        .tensor(&norm)
+        .ok_or_else(|| anyhow::anyhow!("no `{norm}` in the motion module checkpoint"))?
+        .dim(0)?;
+    assert!(unet.block_out_channels.contains(&channels), "{channels}");
     let module = VanillaTemporalModule::new(
         ck.var_builder(common::test_dtype()?, &common::test_device()?)
-            .pp(MODULE),
+            .pp(&module_path),
         channels,
         &kwargs,
     )?;
@@ -66,7 +92,7 @@ fn motion_module_matches_golden() -> anyhow::Result<()> {
         "motion_module.output",
         &out,
         common::get(&g, "output")?,
-        OUTPUT_ATOL,
+        common::set_atol("motion_module.output", OUTPUT_ATOL)?,
         OUTPUT_F16_REL,
     )?;
     Ok(())

@@ -23,6 +23,10 @@ pub const VIDEO_FRAME_PREFIX: &str = "video.frame";
 /// How far two `uint8` frame tensors of the same shape are apart, in 8-bit
 /// levels: the figures a parity check of `frames_uint8` judges (float
 /// rounding before the `u8` truncation moves a few values by one level).
+///
+/// Test support, not part of the pipeline: compiled only with the
+/// `test-support` feature (the crate's own tests enable it).
+#[cfg(any(test, feature = "test-support"))]
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct FrameDiff {
     /// Values compared.
@@ -37,6 +41,7 @@ pub struct FrameDiff {
     pub mean_levels: f64,
 }
 
+#[cfg(any(test, feature = "test-support"))]
 impl FrameDiff {
     /// Compares `got` with `want`; both must be `u8` tensors of one shape.
     pub fn between(got: &Tensor, want: &Tensor) -> Result<Self> {
@@ -76,6 +81,7 @@ impl FrameDiff {
     }
 }
 
+#[cfg(any(test, feature = "test-support"))]
 impl std::fmt::Display for FrameDiff {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(

@@ -108,7 +108,9 @@ use crate::schedulers::ddim::DDIMScheduler;
 use crate::unet_loading::{base_unet_config, inference_config};
 
 pub use denoise::{Conditioning, DenoiseObserver, Denoiser, StepOutput, UnetCall};
-pub use dump::{FrameDiff, TensorDump, VIDEO_FRAME_PREFIX};
+#[cfg(feature = "test-support")]
+pub use dump::FrameDiff;
+pub use dump::{TensorDump, VIDEO_FRAME_PREFIX};
 pub use progress::{FrameSink, Progress, Stage};
 pub use request::{
     FaceGeometry, GenerateReport, GenerateRequest, ReferenceInput, SpeechInput, StageTimings,

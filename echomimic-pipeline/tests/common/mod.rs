@@ -1,9 +1,15 @@
 //! Shared helpers for the golden parity tests.
 //!
-//! The golden vectors live in `testdata/golden/public` at the workspace root
-//! (a committed copy of the reference PyTorch outputs). Set
-//! `ECHOMIMIC_GOLDEN_DIR` to check another set with the same layout (for
-//! example a set with other sizes).
+//! The golden vectors live in `testdata/golden/` at the workspace root
+//! (committed copies of the reference PyTorch outputs): `public` (tiny, square)
+//! and `midsize` (mid-size, non-square shapes that cross kernel tile sizes;
+//! component vectors only, see its README). A test wrapped in [`for_each_set`]
+//! runs against both; the others use `public`. Set `ECHOMIMIC_GOLDEN_DIR` to
+//! check one other set with the same layout instead.
+//!
+//! Every float comparison goes through [`TensorDiff`], which fails on a NaN or
+//! infinity in either tensor and reports the worst element. The shape sweep
+//! for kernel property tests is [`sweep`].
 //!
 //! Device and dtype of a run (both optional; `scripts/gpu-check.sh` sets them):
 //!
@@ -27,11 +33,74 @@ use std::sync::OnceLock;
 use candle_core::{DType, Device, Tensor};
 use echomimic_pipeline::device::{self, DeviceChoice};
 
-/// Root of the golden set under test.
+/// The committed golden sets, under `testdata/golden/`.
+pub const COMMITTED_SETS: [&str; 2] = ["public", "midsize"];
+
+thread_local! {
+    /// The set a [`for_each_set`] closure is running against.
+    static CURRENT_SET: std::cell::RefCell<Option<PathBuf>> = const { std::cell::RefCell::new(None) };
+}
+
+fn committed_set(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../testdata/golden")
+        .join(name)
+}
+
+/// Root of the golden set under test: the set of the enclosing
+/// [`for_each_set`] call, else `ECHOMIMIC_GOLDEN_DIR`, else `public`.
 pub fn golden_dir() -> PathBuf {
+    if let Some(dir) = CURRENT_SET.with(|c| c.borrow().clone()) {
+        return dir;
+    }
     match std::env::var_os("ECHOMIMIC_GOLDEN_DIR") {
         Some(p) => PathBuf::from(p),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../testdata/golden/public"),
+        None => committed_set("public"),
+    }
+}
+
+/// Runs `check` once per golden set: the set named by `ECHOMIMIC_GOLDEN_DIR`
+/// alone when it is set, else every committed set ([`COMMITTED_SETS`]).
+/// Inside `check`, [`golden_dir`] (and everything built on it) is that set.
+/// A failure names the set.
+pub fn for_each_set(mut check: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<()> {
+    let sets: Vec<PathBuf> = match std::env::var_os("ECHOMIMIC_GOLDEN_DIR") {
+        Some(p) => vec![PathBuf::from(p)],
+        None => COMMITTED_SETS.iter().map(|n| committed_set(n)).collect(),
+    };
+    for dir in sets {
+        eprintln!("--- golden set {}", dir.display());
+        CURRENT_SET.with(|c| *c.borrow_mut() = Some(dir.clone()));
+        let result = check();
+        CURRENT_SET.with(|c| *c.borrow_mut() = None);
+        result.map_err(|e| e.context(format!("golden set {}", dir.display())))?;
+    }
+    Ok(())
+}
+
+/// The set's `manifest.json`.
+pub fn manifest() -> anyhow::Result<serde_json::Value> {
+    let path = golden_dir().join("manifest.json");
+    let text =
+        std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    Ok(serde_json::from_str(&text)?)
+}
+
+/// The f32 absolute tolerance of the golden quantity `key` in the current
+/// set. A set whose manifest has an `atol` table (`midsize`: derived by its
+/// generator from the reference's own float64 rerun, with the public README's
+/// rule) must list `key` there; the public set publishes its tolerances in
+/// its README, and `readme_atol` is that value.
+pub fn set_atol(key: &str, readme_atol: f64) -> anyhow::Result<f64> {
+    let m = manifest()?;
+    match m.get("atol") {
+        None => Ok(readme_atol),
+        Some(table) => table[key].as_f64().ok_or_else(|| {
+            anyhow::anyhow!(
+                "{}: manifest `atol` has no entry for `{key}`",
+                golden_dir().display()
+            )
+        }),
     }
 }
 
@@ -233,33 +302,129 @@ pub fn atol(want: &Tensor, f32_atol: f64, f16_rel: f64) -> anyhow::Result<f64> {
     atol_for(test_dtype()?, want, f32_atol, f16_rel)
 }
 
-/// Max |got - want| over all elements, computed in f64 on the CPU, after
-/// checking the shapes agree.
-pub fn max_diff(what: &str, got: &Tensor, want: &Tensor) -> anyhow::Result<f64> {
-    anyhow::ensure!(
-        got.dims() == want.dims(),
-        "{what}: shape {:?} != golden {:?}",
-        got.dims(),
-        want.dims()
-    );
-    if want.elem_count() == 0 {
-        return Ok(0.0);
-    }
-    Ok(echomimic_pipeline::ops::max_abs_diff(
-        &got.to_device(&Device::Cpu)?,
-        &want.to_device(&Device::Cpu)?,
-    )?)
+/// Floor of the relative error, as a fraction of max|want|: elements far
+/// below the tensor's scale are judged against this instead of their own
+/// (near-zero) magnitude, so the relative figure stays meaningful.
+pub const REL_FLOOR: f64 = 1e-3;
+
+/// How two float tensors of one shape differ, computed in f64 on the CPU.
+///
+/// [`TensorDiff::between`] fails on a shape mismatch and on any NaN or
+/// infinity in either tensor (with its index): unlike a reduction with
+/// candle's `max`, which skips NaNs, nothing non-finite can pass.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorDiff {
+    /// Max |got - want|.
+    pub max_abs: f64,
+    /// Max |got - want| / max(|want|, [`REL_FLOOR`] × max|want|).
+    pub max_rel: f64,
+    /// Index (per dimension) of the element with the largest absolute difference.
+    pub worst_abs_at: Vec<usize>,
+    /// Index of the element with the largest relative difference.
+    pub worst_rel_at: Vec<usize>,
+    /// `(got, want)` at [`Self::worst_abs_at`].
+    pub worst_abs_values: (f64, f64),
+    /// Max |want|.
+    pub max_want: f64,
 }
 
-/// Max-abs difference check; prints the measured figure so test logs record it.
+fn unravel(mut flat: usize, dims: &[usize]) -> Vec<usize> {
+    let mut index = vec![0; dims.len()];
+    for (i, &d) in dims.iter().enumerate().rev() {
+        if d > 0 {
+            index[i] = flat % d;
+            flat /= d;
+        }
+    }
+    index
+}
+
+impl TensorDiff {
+    /// Compares `got` with `want` (any float dtypes, any devices).
+    pub fn between(what: &str, got: &Tensor, want: &Tensor) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            got.dims() == want.dims(),
+            "{what}: shape {:?} != golden {:?}",
+            got.dims(),
+            want.dims()
+        );
+        let values = |t: &Tensor| -> anyhow::Result<Vec<f64>> {
+            Ok(t.to_device(&Device::Cpu)?
+                .to_dtype(DType::F64)?
+                .flatten_all()?
+                .to_vec1::<f64>()?)
+        };
+        let (g, w) = (values(got)?, values(want)?);
+        let dims = got.dims();
+        for (name, v) in [("ours", &g), ("golden", &w)] {
+            let bad: Vec<usize> = (0..v.len()).filter(|&i| !v[i].is_finite()).collect();
+            if let Some(&first) = bad.first() {
+                anyhow::bail!(
+                    "{what}: {} non-finite value(s) in {name}, first {} at {:?}",
+                    bad.len(),
+                    v[first],
+                    unravel(first, dims)
+                );
+            }
+        }
+        let max_want = w.iter().fold(0f64, |m, x| m.max(x.abs()));
+        let floor = (REL_FLOOR * max_want).max(f64::MIN_POSITIVE);
+        let (mut abs_i, mut max_abs, mut rel_i, mut max_rel) = (0, 0f64, 0, 0f64);
+        for (i, (a, b)) in g.iter().zip(&w).enumerate() {
+            let d = (a - b).abs();
+            if d > max_abs {
+                (abs_i, max_abs) = (i, d);
+            }
+            let r = d / b.abs().max(floor);
+            if r > max_rel {
+                (rel_i, max_rel) = (i, r);
+            }
+        }
+        let pick = |i: usize| if g.is_empty() { 0.0 } else { g[i] };
+        let pick_w = |i: usize| if w.is_empty() { 0.0 } else { w[i] };
+        Ok(Self {
+            max_abs,
+            max_rel,
+            worst_abs_at: unravel(abs_i, dims),
+            worst_rel_at: unravel(rel_i, dims),
+            worst_abs_values: (pick(abs_i), pick_w(abs_i)),
+            max_want,
+        })
+    }
+}
+
+impl std::fmt::Display for TensorDiff {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "max |ours - golden| = {:.3e} at {:?} ({:.6e} vs {:.6e}), max rel {:.3e} at {:?}, max|golden| {:.3e}",
+            self.max_abs,
+            self.worst_abs_at,
+            self.worst_abs_values.0,
+            self.worst_abs_values.1,
+            self.max_rel,
+            self.worst_rel_at,
+            self.max_want
+        )
+    }
+}
+
+/// Max |got - want| over all elements ([`TensorDiff`]: fails on shape
+/// mismatch and on any non-finite value).
+pub fn max_diff(what: &str, got: &Tensor, want: &Tensor) -> anyhow::Result<f64> {
+    Ok(TensorDiff::between(what, got, want)?.max_abs)
+}
+
+/// Max-abs difference check; prints the measured figures so test logs record them.
 pub fn assert_close(what: &str, got: &Tensor, want: &Tensor, atol: f64) -> anyhow::Result<f64> {
-    let diff = max_diff(what, got, want)?;
-    eprintln!("{what}: max |ours - golden| = {diff:.3e} (atol {atol:.1e})");
+    let d = TensorDiff::between(what, got, want)?;
+    eprintln!("{what}: {d} (atol {atol:.1e})");
     anyhow::ensure!(
-        diff <= atol,
-        "{what}: max abs diff {diff:.3e} > atol {atol:.1e}"
+        d.max_abs <= atol,
+        "{what}: max abs diff {:.3e} > atol {atol:.1e} ({d})",
+        d.max_abs
     );
-    Ok(diff)
+    Ok(d.max_abs)
 }
 
 /// [`assert_close`] with the tolerance of the run's dtype ([`atol`]).
@@ -290,15 +455,15 @@ pub fn assert_parity_in(
         return assert_close(what, got, want, atol);
     }
     let what = format!("{what} [{}]", dtype_name(dtype));
-    let diff = max_diff(&what, got, want)?;
-    let m = max_abs(want)?;
+    let d = TensorDiff::between(&what, got, want)?;
+    let (diff, m) = (d.max_abs, d.max_want);
     eprintln!(
-        "{what}: max |ours - golden| = {diff:.3e} (atol {atol:.1e}); max|golden| = {m:.3e}, ratio {:.2e}",
+        "{what}: {d} (atol {atol:.1e}); ratio to max|golden| {:.2e}",
         diff / m.max(f64::MIN_POSITIVE)
     );
     anyhow::ensure!(
         diff <= atol,
-        "{what}: max abs diff {diff:.3e} > atol {atol:.1e}"
+        "{what}: max abs diff {diff:.3e} > atol {atol:.1e} ({d})"
     );
     Ok(diff)
 }
@@ -308,4 +473,108 @@ pub fn assert_exact_i64(what: &str, got: &[i64], want: &Tensor) -> anyhow::Resul
     let w = want.flatten_all()?.to_dtype(DType::I64)?.to_vec1::<i64>()?;
     anyhow::ensure!(got == w.as_slice(), "{what}: {got:?} != golden {w:?}");
     Ok(())
+}
+
+// ------------------------------------------------------------------------------------------
+// Kernel property tests: an op against a reference composition over a sweep of shapes
+// ------------------------------------------------------------------------------------------
+
+/// Sizes a tiled or blocked kernel tends to get wrong, for one dimension with
+/// tile (block, vector) width `tile`: 1, small primes, `tile - 1`, `tile`,
+/// `tile + 1` and `2·tile + 3` (a full tile, a partial one and an odd tail).
+/// Sorted, without duplicates or zeros.
+pub fn sweep_sizes(tile: usize) -> Vec<usize> {
+    let mut v = vec![
+        1,
+        2,
+        3,
+        7,
+        13,
+        tile.saturating_sub(1),
+        tile,
+        tile + 1,
+        2 * tile + 3,
+    ];
+    v.retain(|&n| n > 0);
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
+/// Deterministic inputs for a sweep: values in [-1, 1) from a fixed linear
+/// congruential sequence seeded by `seed`, in `dtype` on `device` (the same
+/// on every machine, unlike `Tensor::randn`).
+pub fn sweep_input(
+    shape: &[usize],
+    seed: u64,
+    dtype: DType,
+    device: &Device,
+) -> anyhow::Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    let values: Vec<f32> = (0..n)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect();
+    Ok(Tensor::from_vec(values, shape, device)?.to_dtype(dtype)?)
+}
+
+/// Checks an op against a reference over every `shape` × `dtype`.
+///
+/// `case(shape, dtype)` builds the inputs (e.g. with [`sweep_input`]) and
+/// returns `(ours, reference)`: the op under test in `dtype` and the plain
+/// candle composition it replaces (computed in f32 or f64 for a trustworthy
+/// reference). Each result is compared with [`TensorDiff`] (NaN/infinity
+/// fail) against `rel_tol(dtype) × max|reference|` (at least 1e-30), and a
+/// failure names the shape and dtype. Returns the worst relative-to-max
+/// error per dtype, for the test log.
+///
+/// ```ignore
+/// let shapes: Vec<Vec<usize>> = common::sweep_sizes(16)
+///     .into_iter()
+///     .map(|c| vec![2, c, 5, 7])
+///     .collect();
+/// common::kernel_sweep("group_norm", &shapes, &[DType::F32, DType::F16],
+///     |dt| if dt == DType::F32 { 1e-5 } else { 4e-3 },
+///     |shape, dtype| {
+///         let x = common::sweep_input(shape, 1, dtype, &Device::Cpu)?;
+///         Ok((my_kernel(&x)?, plain_candle(&x.to_dtype(DType::F32)?)?))
+///     })?;
+/// ```
+pub fn kernel_sweep(
+    what: &str,
+    shapes: &[Vec<usize>],
+    dtypes: &[DType],
+    rel_tol: impl Fn(DType) -> f64,
+    mut case: impl FnMut(&[usize], DType) -> anyhow::Result<(Tensor, Tensor)>,
+) -> anyhow::Result<Vec<(DType, f64)>> {
+    anyhow::ensure!(
+        !shapes.is_empty() && !dtypes.is_empty(),
+        "{what}: empty sweep"
+    );
+    let mut worst = Vec::new();
+    for &dtype in dtypes {
+        let mut worst_ratio = 0f64;
+        for shape in shapes {
+            let label = format!("{what} {shape:?} {}", dtype_name(dtype));
+            let (got, want) = case(shape, dtype).map_err(|e| e.context(label.clone()))?;
+            let d = TensorDiff::between(&label, &got, &want)?;
+            let atol = (rel_tol(dtype) * d.max_want).max(1e-30);
+            anyhow::ensure!(d.max_abs <= atol, "{label}: {d} > atol {atol:.1e}");
+            worst_ratio = worst_ratio.max(d.max_abs / d.max_want.max(f64::MIN_POSITIVE));
+        }
+        eprintln!(
+            "{what} [{}]: {} shapes, worst |diff| / max|ref| = {worst_ratio:.2e}",
+            dtype_name(dtype),
+            shapes.len()
+        );
+        worst.push((dtype, worst_ratio));
+    }
+    Ok(worst)
 }
