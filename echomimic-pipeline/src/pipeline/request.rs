@@ -20,8 +20,9 @@ pub const DEFAULT_SIZE: u32 = 512;
 pub const DEFAULT_MAX_FRAMES: usize = 1200;
 /// Seed of the official scripts.
 pub const DEFAULT_SEED: i64 = 420;
-/// Frames per second of the official scripts.
-pub const DEFAULT_FPS: f64 = 24.0;
+/// Frames per second of the official scripts (defined with the audio windows
+/// it decides, [`crate::audio::DEFAULT_FPS`]).
+pub use crate::audio::DEFAULT_FPS;
 /// Frames per denoising window (`context_frames`).
 pub const DEFAULT_CONTEXT_FRAMES: usize = 12;
 /// Frames shared by neighbouring windows (`context_overlap`).
