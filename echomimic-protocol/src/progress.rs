@@ -1,4 +1,5 @@
-//! Progress events published on the progress channel (guide §3.2).
+//! Progress events published on the progress channel (usage guide §3.2,
+//! `docs/worker-usage-guide.zh.md`).
 //!
 //! One JSON object per message:
 //!
@@ -167,7 +168,7 @@ impl fmt::Display for ErrorCode {
     }
 }
 
-/// One progress event (the default, guide §3.2 schema).
+/// One progress event (the default schema: usage guide §3.2).
 ///
 /// Build events with [`ProgressEvent::stage`], [`ProgressEvent::completed`] and
 /// [`ProgressEvent::failed`], which keep `video_file_id` on `completed` only and

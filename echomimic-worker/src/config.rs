@@ -173,7 +173,8 @@ impl ModelArgs {
 /// Progress event schema.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, ValueEnum, Default)]
 pub enum EventSchema {
-    /// The usage guide's §3.2 events (`status`, `progress`, `failed` + `code`).
+    /// The events of the usage guide (`docs/worker-usage-guide.zh.md` §3.2): `status`,
+    /// `progress`, `failed` + `code`.
     #[default]
     Default,
     /// The EchoMe webapp's events (`status: "progress"` + integer `percentage`, `error`), plus

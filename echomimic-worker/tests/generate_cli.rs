@@ -178,7 +178,7 @@ fn generate_reproduces_the_golden_video_and_frames() -> anyhow::Result<()> {
         );
     }
     // The MP4 exists and holds the frames the audio needs (the writer drops
-    // the trailing extra frames, spec §9.17).
+    // the trailing extra frames, docs/model.md M11).
     let frames = g["video_length"].to_dtype(DType::I64)?.to_scalar::<i64>()? as u64;
     assert!(out.video.path.is_file());
     assert!(out.video.frames_written >= 1 && out.video.frames_written <= frames);

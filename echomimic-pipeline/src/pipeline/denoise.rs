@@ -1,5 +1,5 @@
 //! The sampling loop: context windows, window averaging, classifier-free
-//! guidance and DDIM (spec §7 steps 6-7).
+//! guidance and DDIM (docs/model.md M6).
 //!
 //! [`Denoiser::step`] is one iteration of the reference's `for t_i, t in
 //! enumerate(timesteps)` loop. It is public so that each step can be checked
@@ -178,7 +178,7 @@ impl<'a> Denoiser<'a> {
     ///
     /// The accumulators stay in the latents' dtype, as the reference's do.
     /// The acc pipeline's v → x̂₀ → v conversion of each prediction is an
-    /// exact identity and is skipped (spec §9.21).
+    /// exact identity and is skipped (docs/model.md M9).
     pub fn step(
         &self,
         step: usize,

@@ -1,6 +1,6 @@
 //! The EchoMimic v1 audio-to-video pipeline (`Audio2VideoPipeline` of
 //! BadToBest/EchoMimic @ 76cdab1, `infer_audio2vid.py` and
-//! `infer_audio2vid_acc.py`; spec §7).
+//! `infer_audio2vid_acc.py`; docs/model.md M1-M7).
 //!
 //! [`EchoMimicPipeline`] loads every network once (from an official
 //! `pretrained_weights/` folder or a prompt yaml) and then serves any number
@@ -25,16 +25,16 @@
 //! Deviations from the reference, on purpose:
 //!
 //! * the normal pipeline with `cfg <= 1` sums overlapping window predictions
-//!   without dividing by their count (a bug, spec §9.20); here they are
+//!   without dividing by their count (a bug, docs/model.md M8); here they are
 //!   always averaged, as the acc pipeline does;
 //! * the acc pipeline's v → x̂₀ → v round trip is an exact identity and is
-//!   skipped (spec §9.21);
+//!   skipped (docs/model.md M9);
 //! * with f16/bf16 weights the seeded noise is drawn in f32 and cast (the
-//!   exact f16 stream of torch 2.2 is unverified, spec §9.15); f32 noise
+//!   exact f16 stream of torch 2.2 is unverified, docs/model.md M10); f32 noise
 //!   matches `torch.randn` to 4e-7.
 //!
-//! The frame count comes from the audio (about `fps × seconds + 2`, spec
-//! §5.3). When `L` is smaller, the video is cut and
+//! The frame count comes from the audio (about `fps × seconds + 2`,
+//! docs/model.md M3). When `L` is smaller, the video is cut and
 //! [`GenerateReport::truncated`] says so.
 //!
 //! # Example

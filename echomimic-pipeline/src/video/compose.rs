@@ -23,7 +23,7 @@ pub enum OutputGeometry {
 }
 
 /// Pastes generated frames back into the original photo (the EchoMe worker's
-/// output, spec §10), without a visible seam.
+/// output, docs/model.md M13), without a visible seam.
 ///
 /// * Each frame is resized to the crop rectangle with a **bicubic**
 ///   (Catmull-Rom, a = -0.5) filter, which is PIL's `BICUBIC`, the filter the

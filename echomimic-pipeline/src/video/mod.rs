@@ -28,7 +28,7 @@
 //!
 //! # Length
 //!
-//! The model yields a couple of frames more than the audio lasts (spec §9.17).
+//! The model yields a couple of frames more than the audio lasts (docs/model.md M11).
 //! The writer keeps exactly `ceil(audio_duration * fps)` frames: the extra
 //! trailing frames are dropped as they arrive (counted in
 //! [`VideoReport::frames_dropped_for_trim`]) and speech is never cut. If fewer
@@ -46,7 +46,7 @@
 //! [`OutputGeometry::Crop`] writes the `W x H` generated crop as is (what
 //! EchoMimic's own script does). [`OutputGeometry::PasteBack`] pastes every
 //! frame back into the original photo at the face crop rectangle with a
-//! feathered edge (what the EchoMe worker did, spec §10); the worker's default
+//! feathered edge (what the EchoMe worker did, docs/model.md M13); the worker's default
 //! is paste-back ([`GeometryMode::default`]). Odd output sizes are made even by
 //! **cropping** the last column and/or row (no invented pixels; the rest of the
 //! picture keeps its exact position).
