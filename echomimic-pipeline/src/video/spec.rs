@@ -259,7 +259,7 @@ impl fmt::Display for GeometryMode {
 /// ffmpeg backend settings.
 #[derive(Clone, Debug, PartialEq)]
 pub struct FfmpegSettings {
-    /// The program; `None` = [`FFMPEG_ENV`] or `ffmpeg` on `PATH`.
+    /// The program; `None` = [`FFMPEG_ENV`](super::FFMPEG_ENV) or `ffmpeg` on `PATH`.
     pub binary: Option<PathBuf>,
     /// libx264 constant rate factor (0-51, lower is better; 18 is visually
     /// near-lossless, the PyAV default the reference used is 23).
@@ -303,12 +303,12 @@ impl Default for BuiltinSettings {
     }
 }
 
-/// Everything [`VideoWriter::create`] needs.
+/// Everything [`VideoWriter::create`](super::VideoWriter::create) needs.
 #[derive(Clone, Debug)]
 pub struct VideoSpec {
-    /// Width of the frames given to [`VideoWriter::write_frame`].
+    /// Width of the frames given to [`VideoWriter::write_frame`](super::VideoWriter::write_frame).
     pub width: u32,
-    /// Height of the frames given to [`VideoWriter::write_frame`].
+    /// Height of the frames given to [`VideoWriter::write_frame`](super::VideoWriter::write_frame).
     pub height: u32,
     /// Frames per second (fractional rates such as 30000/1001 are fine).
     pub fps: f64,
