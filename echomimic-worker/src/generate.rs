@@ -61,15 +61,20 @@ use crate::config::ModelArgs;
 
 /// Arguments of `echomimic-worker generate`.
 #[derive(Debug, Clone, clap::Args)]
-#[command(group(
-    clap::ArgGroup::new("weights_source")
-        .args(["config", "weights"])
-        .required(true)
-        .multiple(false)
-))]
+#[command(
+    group(
+        clap::ArgGroup::new("weights_source")
+            .args(["config", "weights"])
+            .required(true)
+            .multiple(false)
+    ),
+    // `generate` names its weights on the command line: PRETRAINED_WEIGHTS_DIR (a `serve`
+    // setting) must not count as a `--weights` that conflicts with `--config`.
+    mut_arg("weights", |a| a.env(None::<&str>))
+)]
 pub struct GenerateArgs {
     /// The model options, shared with `serve`. `generate` needs one of `--config` and
-    /// `--weights`.
+    /// `--weights`, given on the command line.
     #[command(flatten)]
     pub model: ModelArgs,
     /// Reference portrait (PNG, JPEG, WebP, BMP, GIF).
