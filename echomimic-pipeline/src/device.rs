@@ -7,8 +7,14 @@
 //! * `cpu` always works;
 //! * `cuda` / `cuda:N` must work: a build without the `cuda` feature, or a
 //!   machine where the GPU cannot be opened, is an error ([`PipelineError::Device`]);
-//! * `auto` takes CUDA device 0 when the build has CUDA support and the device
-//!   opens, and otherwise runs on the CPU, saying why in the returned note.
+//! * `auto` takes the default CUDA device when the build has CUDA support and
+//!   the device opens, and otherwise runs on the CPU, saying why in the
+//!   returned note.
+//!
+//! "The default CUDA device" (bare `cuda`, and `auto`) is device 0 for
+//! [`select_device`]; a caller that owns a GPU index (the worker's `--gpu-id`)
+//! passes it to [`select_device_for`]. This is the one place where `auto` and
+//! bare `cuda` are resolved.
 //!
 //! A binary built with the `cuda` feature links the CUDA driver library
 //! (`libcuda.so.1`) and the CUDA 13 runtime libraries at load time (candle
@@ -31,9 +37,13 @@ use crate::error::{PipelineError, Result};
 pub enum DeviceChoice {
     /// The CPU.
     Cpu,
+    /// `cuda` without an ordinal: the caller's default CUDA device (see
+    /// [`select_device_for`]); failing to open it is an error.
+    DefaultCuda,
     /// The CUDA device with this ordinal; failing to open it is an error.
     Cuda(usize),
-    /// CUDA device 0 when this build and this machine can use it, else the CPU.
+    /// The default CUDA device when this build and this machine can use it,
+    /// else the CPU.
     #[default]
     Auto,
 }
@@ -41,7 +51,7 @@ pub enum DeviceChoice {
 impl FromStr for DeviceChoice {
     type Err = PipelineError;
 
-    /// Parses `cpu`, `cuda` (= `cuda:0`), `cuda:N` and `auto`, ignoring case
+    /// Parses `cpu`, `cuda` (the default CUDA device), `cuda:N` and `auto`, ignoring case
     /// and surrounding blanks.
     fn from_str(s: &str) -> Result<Self> {
         let t = s.trim().to_ascii_lowercase();
@@ -53,7 +63,7 @@ impl FromStr for DeviceChoice {
         match t.as_str() {
             "cpu" => Ok(Self::Cpu),
             "auto" => Ok(Self::Auto),
-            "cuda" => Ok(Self::Cuda(0)),
+            "cuda" => Ok(Self::DefaultCuda),
             _ => match t.strip_prefix("cuda:") {
                 Some(n) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => n
                     .parse::<usize>()
@@ -70,6 +80,7 @@ impl fmt::Display for DeviceChoice {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Cpu => f.write_str("cpu"),
+            Self::DefaultCuda => f.write_str("cuda"),
             Self::Cuda(n) => write!(f, "cuda:{n}"),
             Self::Auto => f.write_str("auto"),
         }
@@ -81,31 +92,24 @@ pub const fn cuda_compiled() -> bool {
     cfg!(feature = "cuda")
 }
 
-/// Opens the device `choice` names.
+/// Opens the device `choice` names, with CUDA device 0 as the default CUDA
+/// device ([`select_device_for`] with `0`).
+pub fn select_device(choice: DeviceChoice) -> Result<(Device, String)> {
+    select_device_for(choice, 0)
+}
+
+/// Opens the device `choice` names; bare `cuda` and `auto` mean CUDA device
+/// `default_cuda`.
 ///
 /// Returns the device and a one-line note for the log saying what was chosen
 /// and, for [`DeviceChoice::Auto`], why the CPU was used when it was. An
 /// explicit CUDA choice that cannot be honoured is an error, never a silent
 /// fallback.
-pub fn select_device(choice: DeviceChoice) -> Result<(Device, String)> {
+pub fn select_device_for(choice: DeviceChoice, default_cuda: usize) -> Result<(Device, String)> {
     match choice {
         DeviceChoice::Cpu => Ok((Device::Cpu, "running on the CPU".to_string())),
-        DeviceChoice::Cuda(ordinal) => {
-            if !cuda_compiled() {
-                return Err(PipelineError::Device {
-                    requested: choice.to_string(),
-                    reason: "this build has no CUDA support (build with `--features cuda`)"
-                        .to_string(),
-                    source: None,
-                });
-            }
-            let device = Device::new_cuda(ordinal).map_err(|e| PipelineError::Device {
-                requested: choice.to_string(),
-                reason: "the CUDA device could not be opened".to_string(),
-                source: Some(Box::new(e)),
-            })?;
-            Ok((device, format!("running on CUDA device {ordinal}")))
-        }
+        DeviceChoice::DefaultCuda => open_cuda(default_cuda),
+        DeviceChoice::Cuda(ordinal) => open_cuda(ordinal),
         DeviceChoice::Auto => {
             if !cuda_compiled() {
                 return Ok((
@@ -113,15 +117,31 @@ pub fn select_device(choice: DeviceChoice) -> Result<(Device, String)> {
                     "running on the CPU (this build has no CUDA support)".to_string(),
                 ));
             }
-            match Device::new_cuda(0) {
-                Ok(device) => Ok((device, "running on CUDA device 0".to_string())),
+            match Device::new_cuda(default_cuda) {
+                Ok(device) => Ok((device, format!("running on CUDA device {default_cuda}"))),
                 Err(e) => Ok((
                     Device::Cpu,
-                    format!("no usable CUDA device ({e}); falling back to the CPU"),
+                    format!("no usable CUDA device {default_cuda} ({e}); falling back to the CPU"),
                 )),
             }
         }
     }
+}
+
+fn open_cuda(ordinal: usize) -> Result<(Device, String)> {
+    if !cuda_compiled() {
+        return Err(PipelineError::Device {
+            requested: format!("cuda:{ordinal}"),
+            reason: "this build has no CUDA support (build with `--features cuda`)".to_string(),
+            source: None,
+        });
+    }
+    let device = Device::new_cuda(ordinal).map_err(|e| PipelineError::Device {
+        requested: format!("cuda:{ordinal}"),
+        reason: "the CUDA device could not be opened".to_string(),
+        source: Some(Box::new(e)),
+    })?;
+    Ok((device, format!("running on CUDA device {ordinal}")))
 }
 
 /// Short name of a device for logs and reports: `cpu`, `cuda:0`, `metal:0`.
@@ -168,7 +188,7 @@ mod tests {
             ("cpu", DeviceChoice::Cpu),
             (" CPU ", DeviceChoice::Cpu),
             ("auto", DeviceChoice::Auto),
-            ("cuda", DeviceChoice::Cuda(0)),
+            ("cuda", DeviceChoice::DefaultCuda),
             ("CUDA:0", DeviceChoice::Cuda(0)),
             ("cuda:1", DeviceChoice::Cuda(1)),
             ("cuda:12", DeviceChoice::Cuda(12)),
@@ -204,7 +224,12 @@ mod tests {
 
     #[test]
     fn device_choice_display_round_trips() {
-        for c in [DeviceChoice::Cpu, DeviceChoice::Cuda(3), DeviceChoice::Auto] {
+        for c in [
+            DeviceChoice::Cpu,
+            DeviceChoice::DefaultCuda,
+            DeviceChoice::Cuda(3),
+            DeviceChoice::Auto,
+        ] {
             assert_eq!(c.to_string().parse::<DeviceChoice>().unwrap(), c);
         }
         assert_eq!(DeviceChoice::default(), DeviceChoice::Auto);

@@ -1,7 +1,7 @@
 //! Reference-photo preparation: decode, detect the face, build the face mask, crop
 //! and resize (EchoMimic v1 `infer_audio2vid.py`, "face musk prepare" block).
 //!
-//! The steps, all reproduced from the reference code (spec §6):
+//! The steps, all reproduced from the reference code (docs/model.md M4, M12):
 //!
 //! 1. **Decode** ([`load_image`], [`decode_image`]): PNG, JPEG, WebP, BMP, and the first
 //!    frame of a GIF. The EXIF orientation is applied, as `cv2.imread` does. Like

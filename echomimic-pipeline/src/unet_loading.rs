@@ -1,4 +1,4 @@
-//! Loading both UNets from the official files, unchanged (spec §2.6).
+//! Loading both UNets from the official files, unchanged (docs/model.md M1).
 //!
 //! * Reference UNet: `reference_unet.pth`, strict — every tensor the network
 //!   needs must be present and the file must hold nothing else (the

@@ -1,7 +1,8 @@
 //! The legacy progress schema of the EchoMe webapp (opt-in on the worker).
 //!
 //! The original Python worker, and the EchoMe webapp that consumes it, use a vocabulary that
-//! differs from the guide's §3.2 (the guide's own §5.2 client example checks these names too):
+//! differs from the usage guide's §3.2 (`docs/worker-usage-guide.zh.md`; the guide's own §5.2
+//! client example checks these names too):
 //!
 //! ```json
 //! {"task_id":"t","session_id":"s","status":"processing","message":"…"}

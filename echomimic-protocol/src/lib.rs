@@ -10,6 +10,7 @@
 //! Without features it depends only on `serde` and `serde_json`.
 #![deny(missing_docs)]
 
+mod decode;
 pub mod error;
 pub mod keys;
 pub mod legacy;

@@ -1,4 +1,5 @@
-//! Progress events published on the progress channel (guide §3.2).
+//! Progress events published on the progress channel (usage guide §3.2,
+//! `docs/worker-usage-guide.zh.md`).
 //!
 //! One JSON object per message:
 //!
@@ -15,16 +16,15 @@
 //! (`completed` or `failed`) is published per task outcome.
 //!
 //! Decoding is tolerant: unknown fields are ignored, an unknown `status` becomes
-//! [`Status::Unknown`], an unknown `code` becomes [`ErrorCode::Unknown`]. [`ProgressEvent::parse_any`]
-//! also understands the legacy EchoMe schema (see [`crate::legacy`]).
+//! [`Status::Unknown`], an unknown `code` becomes [`ErrorCode::Unknown`].
+//!
+//! This module holds the types only and imports nothing of this crate; reading them off the wire
+//! ([`ProgressEvent::from_json`], and [`ProgressEvent::parse_any`], which also understands the
+//! legacy EchoMe schema of [`crate::legacy`]) lives in `decode.rs`.
 
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
-
-use crate::error::{ProtocolError, RawExcerpt};
-use crate::legacy::LegacyEvent;
 
 /// The `status` field of a progress event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -173,7 +173,7 @@ impl fmt::Display for ErrorCode {
     }
 }
 
-/// One progress event (the default, guide §3.2 schema).
+/// One progress event (the default schema: usage guide §3.2).
 ///
 /// Build events with [`ProgressEvent::stage`], [`ProgressEvent::completed`] and
 /// [`ProgressEvent::failed`], which keep `video_file_id` on `completed` only and
@@ -286,50 +286,12 @@ impl ProgressEvent {
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).unwrap_or_default()
     }
-
-    /// Decodes an event in the default schema.
-    pub fn from_json(raw: &[u8]) -> Result<Self, ProtocolError> {
-        serde_json::from_slice(raw).map_err(|source| ProtocolError::Decode {
-            what: "progress event",
-            source,
-            raw: RawExcerpt::new(raw),
-        })
-    }
-
-    /// Decodes an event in either schema: the default one or the legacy EchoMe one
-    /// (`status` `"progress"` with `percentage`, `"error"` instead of `"failed"`),
-    /// normalised with [`LegacyEvent::into_event`].
-    ///
-    /// A message is taken as legacy when its `status` is `"progress"` or `"error"`, or when it
-    /// carries `percentage` but no `progress`.
-    pub fn parse_any(raw: &[u8]) -> Result<Self, ProtocolError> {
-        let decode_err = |source| ProtocolError::Decode {
-            what: "progress event",
-            source,
-            raw: RawExcerpt::new(raw),
-        };
-        let value: Value = serde_json::from_slice(raw).map_err(decode_err)?;
-        let is_legacy = match &value {
-            Value::Object(obj) => {
-                matches!(
-                    obj.get("status").and_then(Value::as_str),
-                    Some("progress" | "error")
-                ) || (obj.contains_key("percentage") && !obj.contains_key("progress"))
-            }
-            _ => false,
-        };
-        if is_legacy {
-            let legacy: LegacyEvent = serde_json::from_value(value).map_err(decode_err)?;
-            Ok(legacy.into_event())
-        } else {
-            serde_json::from_value(value).map_err(decode_err)
-        }
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
 
     #[test]
     fn wire_names_match_serde() {

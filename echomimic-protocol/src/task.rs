@@ -1,4 +1,5 @@
-//! The task a client pushes onto a worker queue (guide §5.1).
+//! The task a client pushes onto a worker queue (usage guide §5.1,
+//! `docs/worker-usage-guide.zh.md`).
 //!
 //! ```json
 //! {"task_id": "t-1", "session_id": "s-1",

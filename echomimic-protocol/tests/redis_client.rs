@@ -3,69 +3,36 @@
 //! its keys. When no Redis answers, each test prints why and returns, unless
 //! `ECHOMIMIC_REQUIRE_REDIS` is set (CI sets it), in which case it fails.
 
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use echomimic_protocol::client::{self, FollowOptions};
 use echomimic_protocol::{
     keys, ErrorCode, LegacyEvent, ProgressEvent, ProtocolError, Stage, Status, Task, WorkerState,
 };
+use echomimic_testkit::redis::{Cleanup, TestRedis};
 use redis::Commands;
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
-fn redis_url() -> String {
-    std::env::var("ECHOMIMIC_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/11".into())
-}
+/// Database 11 by default (the worker's tests use 12), `ECHOMIMIC_TEST_REDIS_URL` to point
+/// elsewhere.
+const TEST_REDIS: TestRedis = TestRedis {
+    env_var: "ECHOMIMIC_TEST_REDIS_URL",
+    default_url: "redis://127.0.0.1:6379/11",
+};
 
 /// A client and a fresh connection, or `None` (with a message) when no Redis answers.
 fn redis() -> Option<(redis::Client, redis::Connection)> {
-    let url = redis_url();
-    let client = match redis::Client::open(url.as_str()) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("SKIPPED: bad redis url {url}: {e}");
-            return None;
-        }
-    };
-    match client.get_connection_with_timeout(Duration::from_secs(2)) {
-        Ok(con) => Some((client, con)),
-        Err(e) => {
-            assert!(
-                std::env::var_os("ECHOMIMIC_REQUIRE_REDIS").is_none(),
-                "ECHOMIMIC_REQUIRE_REDIS is set but no Redis answers at {url}: {e}"
-            );
-            eprintln!("SKIPPED: no Redis answers at {url}: {e}");
-            None
-        }
-    }
+    let client = TEST_REDIS.client()?;
+    let con = client
+        .get_connection_with_timeout(Duration::from_secs(2))
+        .expect("Redis answered a moment ago");
+    Some((client, con))
 }
 
 /// A name unique to this test run and call.
 fn unique(what: &str) -> String {
-    static N: AtomicU32 = AtomicU32::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    format!(
-        "emtest-{what}-{}-{nanos}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
-/// Deletes the given keys when dropped (also on panic).
-struct Cleanup(redis::Client, Vec<String>);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        if let Ok(mut con) = self.0.get_connection() {
-            for k in &self.1 {
-                let _: Result<(), _> = con.del(k);
-            }
-        }
-    }
+    echomimic_testkit::redis::unique("emtest", what)
 }
 
 fn task(id: &str) -> Task {
@@ -113,7 +80,7 @@ fn submit_task_pushes_in_order_and_clears_stale_keys() -> TestResult {
     let queue = unique("queue");
     let t1 = task(&unique("task"));
     let t2 = task(&unique("task"));
-    let _cleanup = Cleanup(
+    let _cleanup = Cleanup::new(
         client.clone(),
         vec![
             queue.clone(),
@@ -146,7 +113,7 @@ fn submit_task_rejects_an_invalid_task_and_pushes_nothing() -> TestResult {
         return Ok(());
     };
     let queue = unique("queue");
-    let _cleanup = Cleanup(client, vec![queue.clone()]);
+    let _cleanup = Cleanup::new(client, vec![queue.clone()]);
     let mut bad = task(&unique("task"));
     bad.audio_id = "http://example.invalid/a.wav".into();
     let err = client::submit_task(&mut con, &queue, &bad).unwrap_err();
@@ -238,7 +205,7 @@ fn late_follower_gets_the_persisted_result_at_once() -> TestResult {
         return Ok(());
     };
     let id = unique("task");
-    let _cleanup = Cleanup(
+    let _cleanup = Cleanup::new(
         client.clone(),
         vec![keys::task_result(&id), keys::latest_event(&id)],
     );
@@ -266,7 +233,7 @@ fn follower_on_the_wrong_channel_still_finishes_by_rechecking() -> TestResult {
         return Ok(());
     };
     let id = unique("task");
-    let _cleanup = Cleanup(client.clone(), vec![keys::task_result(&id)]);
+    let _cleanup = Cleanup::new(client.clone(), vec![keys::task_result(&id)]);
     let writer = {
         let client = client.clone();
         let id = id.clone();
@@ -297,7 +264,7 @@ fn follow_task_times_out_with_the_last_event() -> TestResult {
         return Ok(());
     };
     let id = unique("task");
-    let _cleanup = Cleanup(client.clone(), vec![keys::latest_event(&id)]);
+    let _cleanup = Cleanup::new(client.clone(), vec![keys::latest_event(&id)]);
     let latest = ProgressEvent::stage(&id, "s", Stage::Inference, 33.0, "stuck");
     let _: () = con.set(keys::latest_event(&id), latest.to_json())?;
     let opts = FollowOptions {
@@ -329,7 +296,7 @@ fn worker_state_is_read_from_gpu_status() -> TestResult {
     };
     // High GPU ids that no real worker uses, in the test database.
     let gpu = 900_000 + (std::process::id() % 50_000);
-    let _cleanup = Cleanup(client, vec![keys::gpu_status(gpu)]);
+    let _cleanup = Cleanup::new(client, vec![keys::gpu_status(gpu)]);
     assert_eq!(client::read_worker_state(&mut con, gpu)?, None);
     let _: () = con.set(keys::gpu_status(gpu), "busy")?;
     assert_eq!(

@@ -57,7 +57,8 @@ fn without(field: &str) -> String {
 
 // ---------------------------------------------------------------- guide examples
 
-/// Guide §5.2: the task dict built by the Python example, as `json.dumps` writes it.
+/// Usage guide (`docs/worker-usage-guide.zh.md`) §5.2: the task dict built by the Python
+/// example, as `json.dumps` writes it.
 #[test]
 fn guide_python_example_task_parses() -> TestResult {
     let raw = format!(

@@ -1,6 +1,7 @@
 //! Client and compatible server for the temp-file HTTP API used by the EchoMimic worker.
 //!
-//! The worker downloads its inputs and uploads its output video through this API (guide §4):
+//! The worker downloads its inputs and uploads its output video through this API (usage guide
+//! §4, `docs/worker-usage-guide.zh.md`):
 //! `POST /api/tempfile/upload` (multipart field `file`) answers
 //! `{"success":true,"file_id","file_type","original_name"}`, and
 //! `GET /api/tempfile/download/{file_id}` returns the bytes.

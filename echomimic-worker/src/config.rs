@@ -8,88 +8,49 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use candle_core::{DType, Device};
 use clap::{Args, ValueEnum};
+use echomimic_pipeline::device::DeviceChoice;
+use echomimic_pipeline::pipeline::{
+    DEFAULT_CONTEXT_FRAMES, DEFAULT_CONTEXT_OVERLAP, DEFAULT_FPS, DEFAULT_SIZE,
+};
+use echomimic_pipeline::PipelineError;
 use echomimic_protocol::{keys, Schema};
 use echomimic_tempfile::{RetryPolicy, Token};
 
 use crate::error::WorkerError;
 
-/// Which EchoMimic v1 weights are served.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, ValueEnum)]
-pub enum Variant {
-    /// `denoising_unet.pth` + `motion_module.pth`, classifier-free guidance (25 steps, cfg 2.5).
-    Normal,
-    /// `denoising_unet_acc.pth` + `motion_module_acc.pth`, distilled (6 steps, cfg 1.0).
-    Acc,
-}
+pub use echomimic_pipeline::pipeline::{ModelSource, Variant};
+pub use echomimic_pipeline::video::{EncoderBackend, GeometryMode};
 
-impl Variant {
-    /// Default denoising steps of the variant (guide: "usually 25"; the accelerated script: 6).
-    pub fn default_steps(self) -> u32 {
-        match self {
-            Variant::Normal => 25,
-            Variant::Acc => 6,
-        }
-    }
-
-    /// Default guidance scale (guide: "usually 2.5"; the accelerated weights run without CFG).
-    pub fn default_cfg(self) -> f64 {
-        match self {
-            Variant::Normal => 2.5,
-            Variant::Acc => 1.0,
-        }
-    }
-
-    /// The variant a set of weights implies: a prompt yaml naming `denoising_unet_acc.pth`
-    /// is accelerated; a weights folder is accelerated when `denoising_unet_acc.pth` and
-    /// `motion_module_acc.pth` are both there (the EchoMe worker's choice, about 10× less
-    /// compute), else normal.
-    pub fn detect(source: &ModelSource) -> Variant {
-        match source {
-            ModelSource::Prompt(path) => {
-                let text = std::fs::read_to_string(path).unwrap_or_default();
-                let acc = text.lines().any(|l| {
-                    let l = l.trim_start();
-                    l.starts_with("denoising_unet_path") && l.contains("_acc")
-                });
-                if acc {
-                    Variant::Acc
-                } else {
-                    Variant::Normal
-                }
-            }
-            ModelSource::WeightsDir(dir) => {
-                if dir.join("denoising_unet_acc.pth").is_file()
-                    && dir.join("motion_module_acc.pth").is_file()
-                {
-                    Variant::Acc
-                } else {
-                    Variant::Normal
-                }
-            }
-        }
+/// Denoising steps a served task gets when neither the task nor `--steps` names them: 25 for the
+/// normal weights, 6 for the accelerated ones.
+///
+/// This is the one place where `serve` and `generate` differ on purpose. `generate` and the
+/// library ([`Variant::default_steps`]) follow the official scripts, 30 steps, so that a local
+/// run reproduces the reference. The service follows the usage guide ("usually 25"): tasks wait
+/// in a queue for one GPU, and 25 DDIM steps cost a sixth less GPU time than 30 for a change that
+/// is hard to see. The guidance scale (2.5 / 1.0) is the same for both
+/// ([`Variant::default_cfg`]).
+pub fn serve_default_steps(variant: Variant) -> u32 {
+    match variant {
+        Variant::Normal => 25,
+        Variant::Accelerated => 6,
     }
 }
 
-impl fmt::Display for Variant {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Variant::Normal => "normal",
-            Variant::Acc => "acc",
-        })
-    }
+/// A clap value parser for the library's option types (they parse with [`std::str::FromStr`]
+/// and name the accepted values in their error).
+fn parse<T: std::str::FromStr<Err = PipelineError>>(s: &str) -> Result<T, String> {
+    s.parse().map_err(|e: PipelineError| e.to_string())
 }
 
-/// Where the model files come from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ModelSource {
-    /// A prompt yaml (`configs/prompts/animation*.yaml`) naming every file.
-    Prompt(PathBuf),
-    /// A folder in the official `pretrained_weights/` layout.
-    WeightsDir(PathBuf),
+fn parse_dtype(s: &str) -> Result<DType, String> {
+    echomimic_pipeline::device::parse_dtype(s).map_err(|e| e.to_string())
 }
 
-/// Model options shared by `serve` and `generate`.
+/// Model options shared by `serve` and `generate`: the one definition of each flag, its default
+/// and its parsing (the values themselves are the library's types).
 #[derive(Debug, Clone, Args)]
 pub struct ModelArgs {
     /// Prompt yaml naming the weight files (e.g. `configs/prompts/animation_acc.yaml`);
@@ -97,57 +58,81 @@ pub struct ModelArgs {
     /// yaml's folder and its parents. Takes precedence over `--weights`.
     #[arg(long, value_name = "PROMPT.yaml")]
     pub config: Option<PathBuf>,
-    /// Folder in the official EchoMimic layout (Hugging Face `BadToBest/EchoMimic`).
-    #[arg(
-        long,
-        env = "PRETRAINED_WEIGHTS_DIR",
-        default_value = "pretrained_weights",
-        value_name = "DIR"
-    )]
-    pub weights: PathBuf,
+    /// Folder in the official EchoMimic layout (Hugging Face `BadToBest/EchoMimic`)
+    /// [default: pretrained_weights].
+    #[arg(long, env = "PRETRAINED_WEIGHTS_DIR", value_name = "DIR")]
+    pub weights: Option<PathBuf>,
     /// Width of the generated frames in pixels (a multiple of 8).
-    #[arg(short = 'W', long, default_value_t = 512)]
+    #[arg(short = 'W', long, default_value_t = DEFAULT_SIZE)]
     pub width: u32,
     /// Height of the generated frames in pixels (a multiple of 8).
-    #[arg(short = 'H', long, default_value_t = 512)]
+    #[arg(short = 'H', long, default_value_t = DEFAULT_SIZE)]
     pub height: u32,
     /// Frames per second of the video (the audio is cut into one window per frame).
-    #[arg(long, default_value_t = 24.0)]
+    #[arg(long, default_value_t = DEFAULT_FPS)]
     pub fps: f64,
     /// Frames per context window of the sampler.
-    #[arg(long, default_value_t = 12)]
+    #[arg(long, default_value_t = DEFAULT_CONTEXT_FRAMES)]
     pub context_frames: usize,
     /// Frames shared by neighbouring context windows.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = DEFAULT_CONTEXT_OVERLAP)]
     pub context_overlap: usize,
-    /// Normal (CFG, 25 steps) or accelerated (6 steps, cfg 1.0) weights. Default: the
+    /// `normal` (CFG) or `acc` (accelerated: 6 steps, cfg 1.0) weights. Default: the
     /// accelerated ones when the prompt yaml names `denoising_unet_acc.pth` or the weights
-    /// folder has `denoising_unet_acc.pth` and `motion_module_acc.pth`, else normal.
-    #[arg(long, value_enum)]
+    /// folder has `denoising_unet_acc.pth` and `motion_module_acc.pth`, else normal. With
+    /// `--config` the yaml names the files; `--variant` then only sets the step/cfg defaults.
+    #[arg(long, value_parser = parse::<Variant>)]
     pub variant: Option<Variant>,
-    /// Compute device: `cpu`, `cuda`, `cuda:N` or `auto` (CUDA when available). For `serve`,
-    /// `cuda` means `cuda:GPU_ID`.
-    #[arg(long, default_value = "auto")]
-    pub device: String,
-    /// Compute precision: f32, f16 or bf16. Default: f32 on the CPU; on CUDA the prompt yaml's
-    /// `weight_dtype` (f16 for a weights folder, as the official scripts run).
-    #[arg(long)]
-    pub dtype: Option<String>,
+    /// Compute device: `cpu`, `cuda`, `cuda:N` or `auto` (CUDA when this build and machine can
+    /// use it, else the CPU). Bare `cuda` and `auto` mean CUDA device 0 for `generate` and
+    /// `cuda:GPU_ID` for `serve`.
+    #[arg(long, default_value = "auto", value_parser = parse::<DeviceChoice>)]
+    pub device: DeviceChoice,
+    /// Compute precision: `f32`, `f16` or `bf16`. Default: f32 on the CPU; on CUDA the prompt
+    /// yaml's `weight_dtype` (f16 for a weights folder, as the official scripts run).
+    #[arg(long, value_parser = parse_dtype)]
+    pub dtype: Option<DType>,
 }
 
 impl ModelArgs {
-    /// Where the weights come from.
+    /// The weights folder: `--weights`, else `pretrained_weights`.
+    pub fn weights_dir(&self) -> PathBuf {
+        self.weights
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("pretrained_weights"))
+    }
+
+    /// Where the weights come from (`--config` wins over `--weights`).
     pub fn source(&self) -> ModelSource {
         match &self.config {
-            Some(p) => ModelSource::Prompt(p.clone()),
-            None => ModelSource::WeightsDir(self.weights.clone()),
+            Some(p) => ModelSource::PromptYaml(p.clone()),
+            None => ModelSource::WeightsDir {
+                dir: self.weights_dir(),
+                variant: self.variant,
+            },
         }
     }
 
-    /// The variant: `--variant`, else detected from the files.
-    pub fn variant(&self) -> Variant {
-        self.variant
-            .unwrap_or_else(|| Variant::detect(&self.source()))
+    /// The variant whose defaults apply: `--variant`, else the one the weights are
+    /// ([`ModelSource::variant`]).
+    pub fn variant(&self) -> Result<Variant, WorkerError> {
+        match self.variant {
+            Some(v) => Ok(v),
+            None => self
+                .source()
+                .variant()
+                .map_err(|e| WorkerError::Config(format!("cannot tell the model variant: {e}"))),
+        }
+    }
+
+    /// Opens the device (`--device`; bare `cuda` and `auto` mean CUDA device `default_cuda`)
+    /// and logs the choice.
+    pub fn open_device(&self, default_cuda: usize) -> Result<Device, WorkerError> {
+        let (device, note) =
+            echomimic_pipeline::device::select_device_for(self.device, default_cuda)
+                .map_err(|e| WorkerError::Config(format!("--device {}: {e}", self.device)))?;
+        tracing::info!("{note}");
+        Ok(device)
     }
 
     /// Checks sizes and rates.
@@ -171,10 +156,10 @@ impl ModelArgs {
             ));
         }
         match self.source() {
-            ModelSource::Prompt(p) if !p.is_file() => {
+            ModelSource::PromptYaml(p) if !p.is_file() => {
                 bad(format!("--config {}: no such file", p.display()))
             }
-            ModelSource::WeightsDir(d) if !d.is_dir() => bad(format!(
+            ModelSource::WeightsDir { dir: d, .. } if !d.is_dir() => bad(format!(
                 "weights folder {} does not exist; download the official weights with \
                  `huggingface-cli download BadToBest/EchoMimic --local-dir pretrained_weights` \
                  or pass --weights DIR / --config PROMPT.yaml",
@@ -185,34 +170,11 @@ impl ModelArgs {
     }
 }
 
-/// Output geometry of the video.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, ValueEnum, Default)]
-pub enum Geometry {
-    /// The generated W×H face crop, as EchoMimic's own script writes it.
-    Crop,
-    /// The generated face pasted back into the original photo with a feathered edge (the
-    /// EchoMe worker's output: the user sees their own photo, animated). Output size = photo
-    /// size, made even.
-    #[default]
-    PasteBack,
-}
-
-/// Video encoder selection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, ValueEnum, Default)]
-pub enum Encoder {
-    /// ffmpeg when it is installed (H.264 High + AAC), else the built-in encoder, with a warning.
-    #[default]
-    Auto,
-    /// The `ffmpeg` program; the worker refuses to start without it.
-    Ffmpeg,
-    /// The built-in encoder (OpenH264 + Opus), no external program.
-    Builtin,
-}
-
 /// Progress event schema.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, ValueEnum, Default)]
 pub enum EventSchema {
-    /// The usage guide's §3.2 events (`status`, `progress`, `failed` + `code`).
+    /// The events of the usage guide (`docs/worker-usage-guide.zh.md` §3.2): `status`,
+    /// `progress`, `failed` + `code`.
     #[default]
     Default,
     /// The EchoMe webapp's events (`status: "progress"` + integer `percentage`, `error`), plus
@@ -349,7 +311,8 @@ pub struct ServeArgs {
     /// Pub/Sub channel of progress events.
     #[arg(long = "channel", env = "PROGRESS_CHANNEL", default_value = keys::DEFAULT_PROGRESS_CHANNEL)]
     pub channel: String,
-    /// Default denoising steps for tasks without `steps` (default: 25 normal, 6 acc).
+    /// Default denoising steps for tasks without `steps` (default: 25 normal, 6 acc; see
+    /// [`serve_default_steps`] for why not 30 as in `generate`).
     #[arg(long, env = "ECHOMIMIC_STEPS")]
     pub steps: Option<u32>,
     /// Default guidance scale for tasks without `cfg` (default: 2.5 normal, 1.0 acc).
@@ -375,11 +338,11 @@ pub struct ServeArgs {
     pub schema: EventSchema,
     /// Output geometry: `paste-back` (the face animated inside the original photo, as the EchoMe
     /// worker delivered it) or `crop` (the W×H face crop).
-    #[arg(long, env = "ECHOMIMIC_OUTPUT_GEOMETRY", value_enum, default_value_t)]
-    pub geometry: Geometry,
+    #[arg(long, env = "ECHOMIMIC_OUTPUT_GEOMETRY", default_value_t, value_parser = parse::<GeometryMode>)]
+    pub geometry: GeometryMode,
     /// Video encoder: `auto` (ffmpeg if installed, else built-in), `ffmpeg` or `builtin`.
-    #[arg(long, env = "ECHOMIMIC_ENCODER", value_enum, default_value_t)]
-    pub encoder: Encoder,
+    #[arg(long, env = "ECHOMIMIC_ENCODER", default_value_t, value_parser = parse::<EncoderBackend>)]
+    pub encoder: EncoderBackend,
     /// Seconds `task_progress:{task_id}` (the latest event) is kept.
     #[arg(long, default_value_t = keys::EVENT_TTL_SECS)]
     pub event_ttl_secs: u64,
@@ -450,9 +413,9 @@ pub struct WorkerConfig {
     /// Event schema.
     pub schema: Schema,
     /// Output geometry.
-    pub geometry: Geometry,
+    pub geometry: GeometryMode,
     /// Encoder choice.
-    pub encoder: Encoder,
+    pub encoder: EncoderBackend,
     /// TTL of `task_progress:{id}`.
     pub event_ttl: Duration,
     /// TTL of `task_result:{id}`.
@@ -526,8 +489,8 @@ impl ServeArgs {
     /// Validates the flags into a [`WorkerConfig`]; `Err(Config)` names the flag at fault.
     pub fn into_config(self) -> Result<WorkerConfig, WorkerError> {
         self.model.validate()?;
-        let variant = self.model.variant();
-        let steps = self.steps.unwrap_or_else(|| variant.default_steps());
+        let variant = self.model.variant()?;
+        let steps = self.steps.unwrap_or_else(|| serve_default_steps(variant));
         if !echomimic_protocol::task::STEPS_RANGE.contains(&steps) {
             return Err(WorkerError::Config(format!(
                 "--steps {steps}: must be in 1..=100"
@@ -689,7 +652,7 @@ mod tests {
         assert_eq!((cfg.model.width, cfg.model.height), (512, 512));
         assert_eq!(cfg.defaults.fps, 24.0);
         assert_eq!(cfg.max_attempts, 2);
-        assert_eq!(cfg.geometry, Geometry::PasteBack);
+        assert_eq!(cfg.geometry, GeometryMode::PasteBack);
         assert_eq!(cfg.heartbeat_interval(), Duration::from_secs(10));
 
         let cli = Cli::parse_from(["x", "--weights", &weights_dir(), "--variant", "acc"]);
@@ -722,15 +685,36 @@ mod tests {
     #[test]
     fn variant_detection() {
         let dir = tempfile::tempdir().unwrap();
-        let detect = || Variant::detect(&ModelSource::WeightsDir(dir.path().into()));
-        assert_eq!(detect(), Variant::Normal);
+        let args = |extra: &[&str]| {
+            let mut argv = vec!["x", "--weights", dir.path().to_str().unwrap()];
+            argv.extend_from_slice(extra);
+            Cli::parse_from(argv).serve.model
+        };
+        assert_eq!(args(&[]).variant().unwrap(), Variant::Normal);
         std::fs::write(dir.path().join("denoising_unet.pth"), b"x").unwrap();
         std::fs::write(dir.path().join("denoising_unet_acc.pth"), b"x").unwrap();
-        assert_eq!(detect(), Variant::Normal);
+        assert_eq!(args(&[]).variant().unwrap(), Variant::Normal);
         std::fs::write(dir.path().join("motion_module_acc.pth"), b"x").unwrap();
-        assert_eq!(detect(), Variant::Acc);
-        let yaml = dir.path().join("p.yaml");
-        std::fs::write(&yaml, "denoising_unet_path: ./w/denoising_unet_acc.pth\n").unwrap();
-        assert_eq!(Variant::detect(&ModelSource::Prompt(yaml)), Variant::Acc);
+        assert_eq!(args(&[]).variant().unwrap(), Variant::Accelerated);
+        assert_eq!(
+            args(&["--variant", "normal"]).variant().unwrap(),
+            Variant::Normal
+        );
+        let yaml = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../testdata/golden/public/configs/prompts/animation_tiny.yaml"
+        );
+        let from_yaml = Cli::parse_from(["x", "--config", yaml]).serve.model;
+        assert_eq!(from_yaml.variant().unwrap(), Variant::Normal);
+    }
+
+    #[test]
+    fn serve_and_generate_differ_only_in_the_normal_step_count() {
+        assert_eq!(serve_default_steps(Variant::Normal), 25);
+        assert_eq!(Variant::Normal.default_steps(), 30);
+        assert_eq!(
+            serve_default_steps(Variant::Accelerated) as usize,
+            Variant::Accelerated.default_steps()
+        );
     }
 }

@@ -8,7 +8,7 @@
 //!   and handing each decoded frame to a sink as soon as it exists (so the video is never held
 //!   in memory).
 //!
-//! [`crate::pipeline_engine::PipelineEngine`] is the real EchoMimic implementation;
+//! [`pipeline::PipelineEngine`] is the real EchoMimic implementation;
 //! [`fake::FakeEngine`] is a deterministic stand-in for tests of the service itself.
 
 use std::path::{Path, PathBuf};
@@ -20,6 +20,7 @@ use crate::error::WorkerError;
 use crate::progress::EngineProgress;
 
 pub mod fake;
+pub mod pipeline;
 
 /// Generation settings of one task, after the worker's defaults and the protocol's bounds.
 #[derive(Debug, Clone, PartialEq)]

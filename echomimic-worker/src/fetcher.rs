@@ -18,25 +18,13 @@ use echomimic_tempfile::TempfileClient;
 use crate::config::TaskDefaults;
 use crate::engine::{GenParams, Inputs, Prepared, Preparer};
 use crate::error::{InputKind, WorkerError};
+use crate::handoff::Job;
 use crate::job::{resolve_params, Claim, Policy, TaskEvents, Timings};
 use crate::progress::{DOWNLOAD_AUDIO, DOWNLOAD_START, FACE_START, INFERENCE_START};
 use crate::redis_link::{is_connection_error, sleep_unless, RedisLink};
 use crate::reporter::ReporterHandle;
-use crate::service::Shared;
+use crate::state::Shared;
 use crate::store::Keys;
-
-/// A task ready for the GPU.
-pub(crate) struct Job<D> {
-    pub(crate) claim: Claim,
-    pub(crate) task: Task,
-    pub(crate) params: GenParams,
-    pub(crate) prepared: Prepared<D>,
-    pub(crate) events: TaskEvents,
-    /// The task's private temp folder; removed when the job is dropped.
-    pub(crate) dir: tempfile::TempDir,
-    pub(crate) timings: Timings,
-    pub(crate) ready_at: Instant,
-}
 
 /// Everything the fetcher needs.
 pub(crate) struct Fetcher<P: Preparer> {

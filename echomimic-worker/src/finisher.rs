@@ -6,14 +6,14 @@ use std::time::Instant;
 
 use crossbeam_channel::Receiver;
 use echomimic_pipeline::video::{
-    AudioInput, EncoderBackend, OutputGeometry, PasteBack, VideoReport, VideoSpec, VideoWriter,
+    AudioInput, EncoderBackend, GeometryMode, OutputGeometry, PasteBack, VideoReport, VideoSpec,
+    VideoWriter,
 };
 use echomimic_protocol::Stage;
 use echomimic_tempfile::TempfileClient;
 
-use crate::config::Geometry;
 use crate::error::WorkerError;
-use crate::inference::{FinishJob, RunDone};
+use crate::handoff::{FinishJob, RunDone};
 use crate::job::{Policy, Timings};
 use crate::progress::{MERGE_START, UPLOAD_START};
 use crate::reporter::ReporterHandle;
@@ -22,7 +22,7 @@ pub(crate) struct Finisher {
     pub(crate) http: TempfileClient,
     pub(crate) reporter: ReporterHandle,
     pub(crate) policy: Policy,
-    pub(crate) geometry: Geometry,
+    pub(crate) geometry: GeometryMode,
     pub(crate) encoder: EncoderBackend,
     pub(crate) frame_size: (u32, u32),
 }
@@ -30,15 +30,15 @@ pub(crate) struct Finisher {
 impl Finisher {
     pub(crate) fn run(self, jobs: Receiver<FinishJob>) {
         for job in jobs.iter() {
-            self.one(job);
+            self.finish(job);
         }
     }
 
     fn writer(&self, job: &FinishJob) -> Result<VideoWriter, WorkerError> {
         let (w, h) = self.frame_size;
         let geometry = match self.geometry {
-            Geometry::Crop => OutputGeometry::Crop,
-            Geometry::PasteBack => OutputGeometry::PasteBack(
+            GeometryMode::Crop => OutputGeometry::Crop,
+            GeometryMode::PasteBack => OutputGeometry::PasteBack(
                 PasteBack::new(job.photo.clone(), job.crop).map_err(WorkerError::Encode)?,
             ),
         };
@@ -49,75 +49,45 @@ impl Finisher {
         VideoWriter::create(job.dir.path().join("video.mp4"), &spec).map_err(WorkerError::Encode)
     }
 
-    fn one(&self, job: FinishJob) {
+    /// Finishes one task and records its outcome: `completed`, or what the first error means
+    /// ([`Policy::after_error`]: a cancelled run is released, others retried or failed).
+    fn finish(&self, mut job: FinishJob) {
         let span = tracing::info_span!("task", task_id = %job.task.task_id, claim = %job.claim.id);
         let _enter = span.enter();
-        let mut writer = self.writer(&job);
-        let mut encode_error = None;
-        for frame in job.frames_rx.iter() {
-            let Ok(w) = writer.as_mut() else { break };
-            if let Err(e) = w.write_frame(&frame) {
-                encode_error = Some(WorkerError::Encode(e));
-                break;
-            }
-        }
-        let writer = match writer {
-            Ok(w) if encode_error.is_none() => Some(w),
-            Ok(_) => None,
-            Err(e) => {
-                encode_error = Some(e);
-                None
+        let record = match self.deliver(&mut job) {
+            Ok(Delivered { file_id, message }) => self
+                .policy
+                .completed(&job.claim, &job.task, &file_id, message),
+            Err(err) => {
+                match &err {
+                    WorkerError::Cancelled => tracing::info!("stopped by shutdown; task requeued"),
+                    _ => tracing::warn!(error = %err, code = %err.failure().code, "task failed"),
+                }
+                let ids = Some((job.task.task_id.as_str(), job.task.session_id.as_str()));
+                self.policy.after_error(&job.claim, ids, &err)
             }
         };
-        // The engine sees a closed sink if we stopped early.
-        let FinishJob {
-            claim,
-            task,
-            params: _,
-            photo: _,
-            crop: _,
-            mux_audio: _,
-            audio_secs,
-            notes,
-            dir,
-            mut timings,
-            frames_rx,
-            done_rx,
-        } = job;
-        drop(frames_rx);
-        let ids = Some((task.task_id.as_str(), task.session_id.as_str()));
-        let Ok(RunDone {
+        self.reporter.outcome(record);
+        // The task's temp folder goes with `job`, after the outcome is on its way.
+    }
+
+    /// Encodes the frames as they come, waits for the end of the run, muxes and uploads.
+    fn deliver(&self, job: &mut FinishJob) -> Result<Delivered, WorkerError> {
+        let writer = self.encode_frames(job);
+        let RunDone {
             result,
             mut events,
             inference,
-        }) = done_rx.recv()
-        else {
-            let err = WorkerError::Internal("the inference thread stopped mid-task".into());
-            self.reporter
-                .outcome(self.policy.after_error(&claim, ids, &err));
-            return;
-        };
-        timings.inference = inference;
-        let summary = match (result, encode_error) {
-            (Err(WorkerError::Cancelled), _) => {
-                tracing::info!("stopped by shutdown; task requeued");
-                self.reporter.outcome(self.policy.released(&claim));
-                return;
-            }
-            // The encoder's failure is the cause when both failed.
-            (_, Some(enc)) | (Err(enc), None) => {
-                tracing::warn!(error = %enc, code = %enc.failure().code, "task failed");
-                self.reporter
-                    .outcome(self.policy.after_error(&claim, ids, &enc));
-                return;
-            }
-            (Ok(summary), None) => summary,
-        };
-        let Some(writer) = writer else {
-            let err = WorkerError::Internal("video writer missing".into());
-            self.reporter
-                .outcome(self.policy.after_error(&claim, ids, &err));
-            return;
+        } = job
+            .done_rx
+            .recv()
+            .map_err(|_| WorkerError::Internal("the inference thread stopped mid-task".into()))?;
+        job.timings.inference = inference;
+        // The encoder's failure is the cause when both failed (a cancelled run is just that).
+        let (summary, writer) = match (result, writer) {
+            (Err(WorkerError::Cancelled), _) => return Err(WorkerError::Cancelled),
+            (_, Err(enc)) | (Err(enc), Ok(_)) => return Err(enc),
+            (Ok(summary), Ok(writer)) => (summary, writer),
         };
         events.stage(
             Stage::MergingAudio,
@@ -128,39 +98,51 @@ impl Finisher {
             ),
         );
         let t = Instant::now();
-        let report = match writer.finish() {
-            Ok(r) => r,
-            Err(e) => {
-                let err = WorkerError::Encode(e);
-                tracing::warn!(error = %err, "muxing failed");
-                self.reporter
-                    .outcome(self.policy.after_error(&claim, ids, &err));
-                return;
-            }
-        };
-        timings.encode = t.elapsed();
+        let report = writer.finish().map_err(WorkerError::Encode)?;
+        job.timings.encode = t.elapsed();
         events.stage(Stage::Uploading, UPLOAD_START, "uploading the video");
         let t = Instant::now();
-        let name = format!("echomimic_{}.mp4", task.task_id);
-        let uploaded = match self.http.upload_file_as(&report.path, &name) {
-            Ok(u) => u,
-            Err(e) => {
-                let err = WorkerError::Upload(e);
-                tracing::warn!(error = %err, "upload failed");
-                self.reporter
-                    .outcome(self.policy.after_error(&claim, ids, &err));
-                return;
-            }
-        };
-        timings.upload = t.elapsed();
-        let message = completed_message(&report, audio_secs, &notes);
-        log_timings(&timings, &report, claim.claimed_at.elapsed().as_secs_f64());
-        self.reporter.outcome(
-            self.policy
-                .completed(&claim, &task, &uploaded.file_id, message),
+        let name = format!("echomimic_{}.mp4", job.task.task_id);
+        let uploaded = self
+            .http
+            .upload_file_as(&report.path, &name)
+            .map_err(WorkerError::Upload)?;
+        job.timings.upload = t.elapsed();
+        log_timings(
+            &job.timings,
+            &report,
+            job.claim.claimed_at.elapsed().as_secs_f64(),
         );
-        drop(dir);
+        Ok(Delivered {
+            file_id: uploaded.file_id,
+            message: completed_message(&report, job.audio_secs, &job.notes),
+        })
     }
+
+    /// Writes the frames into the video as they arrive, until the engine's last frame or the
+    /// first encoding error; then closes the frame channel (so a still running engine sees a
+    /// closed sink).
+    fn encode_frames(&self, job: &mut FinishJob) -> Result<VideoWriter, WorkerError> {
+        let mut writer = self.writer(job);
+        for frame in job.frames_rx.iter() {
+            let Ok(w) = writer.as_mut() else { break };
+            if let Err(e) = w.write_frame(&frame) {
+                writer = Err(WorkerError::Encode(e));
+                break;
+            }
+        }
+        drop(std::mem::replace(
+            &mut job.frames_rx,
+            crossbeam_channel::never(),
+        ));
+        writer
+    }
+}
+
+/// A finished task: the uploaded video and the `completed` message.
+struct Delivered {
+    file_id: String,
+    message: String,
 }
 
 fn completed_message(report: &VideoReport, audio_secs: f64, notes: &[String]) -> String {

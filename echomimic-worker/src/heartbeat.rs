@@ -14,7 +14,7 @@ use echomimic_protocol::WorkerState;
 
 use crate::error::WorkerError;
 use crate::redis_link::{is_connection_error, RedisLink};
-use crate::service::Shared;
+use crate::state::Shared;
 use crate::store::{Beat, Keys};
 
 pub(crate) fn run(

@@ -7,49 +7,24 @@
 //! records the outcome. A panic inside the engine is caught and treated as a model failure.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender};
-use echomimic_protocol::{Stage, Task};
-use image::RgbImage;
+use echomimic_protocol::Stage;
 
-use crate::engine::{Engine, GenParams, Prepared, RunContext, RunSummary, SinkClosed};
+use crate::engine::{Engine, Prepared, RunContext, SinkClosed};
 use crate::error::WorkerError;
-use crate::fetcher::Job;
-use crate::job::{Claim, Policy, TaskEvents, Timings};
+use crate::handoff::{FinishJob, Job, RunDone};
+use crate::job::Policy;
 use crate::progress::{
     inference_message, inference_progress, EngineProgress, Eta, INFERENCE_START,
 };
 use crate::reporter::ReporterHandle;
-use crate::service::Shared;
+use crate::state::Shared;
 
 /// Frames buffered between the engine and the encoder.
 const FRAME_QUEUE: usize = 8;
-
-/// What the finisher gets for one task.
-pub(crate) struct FinishJob {
-    pub(crate) claim: Claim,
-    pub(crate) task: Task,
-    pub(crate) params: GenParams,
-    pub(crate) photo: RgbImage,
-    pub(crate) crop: [u32; 4],
-    pub(crate) mux_audio: PathBuf,
-    pub(crate) audio_secs: f64,
-    pub(crate) notes: Vec<String>,
-    pub(crate) dir: tempfile::TempDir,
-    pub(crate) timings: Timings,
-    pub(crate) frames_rx: Receiver<Vec<u8>>,
-    pub(crate) done_rx: Receiver<RunDone>,
-}
-
-/// The end of one engine run.
-pub(crate) struct RunDone {
-    pub(crate) result: Result<RunSummary, WorkerError>,
-    pub(crate) events: TaskEvents,
-    pub(crate) inference: Duration,
-}
 
 pub(crate) struct Inference<E: Engine> {
     pub(crate) engine: E,
@@ -61,11 +36,11 @@ pub(crate) struct Inference<E: Engine> {
 impl<E: Engine> Inference<E> {
     pub(crate) fn run(mut self, jobs: Receiver<Job<E::Data>>, finish: Sender<FinishJob>) {
         for job in jobs.iter() {
-            self.one(job, &finish);
+            self.run_task(job, &finish);
         }
     }
 
-    fn one(&mut self, job: Job<E::Data>, finish: &Sender<FinishJob>) {
+    fn run_task(&mut self, job: Job<E::Data>, finish: &Sender<FinishJob>) {
         let Job {
             claim,
             task,

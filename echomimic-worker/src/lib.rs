@@ -6,7 +6,7 @@
 //! * [`service::Worker`]: the threads (fetcher, inference, finisher, reporter, heartbeat),
 //!   start-up (lease, model, recovery) and shutdown (grace period, requeue).
 //! * [`engine`]: the inference boundary ([`engine::Engine`], [`engine::Preparer`]), with the
-//!   real model in [`pipeline_engine`] and a stand-in in [`engine::fake`].
+//!   real model in [`engine::pipeline`] and a stand-in in [`engine::fake`].
 //! * [`error`]: errors and the one mapping to wire codes and retry decisions.
 //! * [`progress`]: stage bands, per-UNet-call progress and the ETA.
 //! * [`store`]: the Redis scripts (lease, heartbeat, idempotent outcome recording).
@@ -28,16 +28,20 @@ pub mod error;
 mod fetcher;
 mod finisher;
 pub mod generate;
+mod handoff;
 mod heartbeat;
 mod inference;
 mod job;
-pub mod pipeline_engine;
 pub mod progress;
 mod redis_link;
 mod reporter;
 pub mod service;
+pub mod shutdown;
+mod state;
 pub mod store;
 
 pub use config::{ServeArgs, WorkerConfig};
 pub use error::WorkerError;
-pub use service::{ShutdownHandle, ShutdownLevel, Stats, Worker};
+pub use service::Worker;
+pub use shutdown::{ShutdownHandle, ShutdownLevel};
+pub use state::Stats;

@@ -8,8 +8,8 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
+use echomimic_worker::engine::pipeline::PipelineEngine;
 use echomimic_worker::generate::{self, GenerateArgs};
-use echomimic_worker::pipeline_engine::PipelineEngine;
 use echomimic_worker::{ServeArgs, ShutdownHandle, ShutdownLevel, Worker, WorkerError};
 use signal_hook::consts::{SIGINT, SIGTERM};
 

@@ -18,7 +18,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError, TrySen
 use echomimic_protocol::ProgressEvent;
 
 use crate::redis_link::{is_connection_error, RedisLink};
-use crate::service::Shared;
+use crate::state::Shared;
 use crate::store::{Keys, OutcomeRecord};
 
 /// Capacity of the reporter's channel.

@@ -178,7 +178,7 @@ fn generate_reproduces_the_golden_video_and_frames() -> anyhow::Result<()> {
         );
     }
     // The MP4 exists and holds the frames the audio needs (the writer drops
-    // the trailing extra frames, spec §9.17).
+    // the trailing extra frames, docs/model.md M11).
     let frames = g["video_length"].to_dtype(DType::I64)?.to_scalar::<i64>()? as u64;
     assert!(out.video.path.is_file());
     assert!(out.video.frames_written >= 1 && out.video.frames_written <= frames);
@@ -307,13 +307,19 @@ fn flags_parse_as_documented() -> anyhow::Result<()> {
         .concat(),
     )?;
     let a = cli.args;
-    assert_eq!((a.width, a.height, a.length, a.seed), (256, 320, 48, -1));
     assert_eq!(
-        a.variant,
+        (a.model.width, a.model.height, a.length, a.seed),
+        (256, 320, 48, -1)
+    );
+    assert_eq!(
+        a.model.variant,
         Some(echomimic_pipeline::pipeline::Variant::Accelerated)
     );
-    assert_eq!(a.device, echomimic_pipeline::device::DeviceChoice::Cuda(1));
-    assert_eq!(a.dtype, Some(DType::F16));
+    assert_eq!(
+        a.model.device,
+        echomimic_pipeline::device::DeviceChoice::Cuda(1)
+    );
+    assert_eq!(a.model.dtype, Some(DType::F16));
     assert_eq!(
         (a.steps, a.cfg),
         (None, None),
@@ -322,13 +328,13 @@ fn flags_parse_as_documented() -> anyhow::Result<()> {
     let defaults = Cli::try_parse_from([&base[..], &["--weights", "w"]].concat())?.args;
     assert_eq!(
         (
-            defaults.width,
-            defaults.height,
+            defaults.model.width,
+            defaults.model.height,
             defaults.length,
             defaults.seed,
-            defaults.fps,
-            defaults.context_frames,
-            defaults.context_overlap
+            defaults.model.fps,
+            defaults.model.context_frames,
+            defaults.model.context_overlap
         ),
         (512, 512, 1200, 420, 24.0, 12, 3)
     );

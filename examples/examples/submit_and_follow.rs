@@ -1,4 +1,5 @@
-//! Does what the usage guide's Python example (§5.2) does, with the public API of
+//! Does what the usage guide's Python example (`docs/worker-usage-guide.zh.md` §5.2) does,
+//! with the public API of
 //! `echomimic-protocol` and `echomimic-tempfile`: upload a portrait and a speech file to the
 //! temp-file API, push a task onto the worker's queue, print its progress, and print the
 //! download URL of the finished video.

@@ -17,6 +17,11 @@ use candle_core::Tensor;
 
 use crate::error::{PipelineError, Result};
 
+/// Frames per second when the caller gives none: the official scripts' and the
+/// EchoMe worker's 24. The one definition; [`crate::pipeline::DEFAULT_FPS`] and
+/// [`crate::video::DEFAULT_FPS`] re-export it.
+pub const DEFAULT_FPS: f64 = 24.0;
+
 /// Whisper feature rows per second (the encoder halves the 100 Hz mel rate).
 pub const FEATURE_RATE: f64 = 50.0;
 /// Feature rows taken before the centre row (`audio_feat_length[0] * 2`).

@@ -24,8 +24,36 @@ use symphonia::core::io::{MediaSource, MediaSourceStream};
 use symphonia::core::meta::MetadataOptions;
 use symphonia::core::probe::Hint;
 
-use super::AudioLimits;
 use crate::error::{AudioError, PipelineError, Result};
+
+/// Limits applied to audio inputs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AudioLimits {
+    /// Longest accepted input in seconds (default 600 s = 10 min). Decoding
+    /// stops as soon as it is exceeded.
+    pub max_seconds: f64,
+    /// An input whose 16 kHz int16 waveform peaks at or below this amplitude
+    /// (full scale 1.0) is rejected as silent. Default 1e-3, i.e. −60 dBFS or
+    /// 32 int16 steps: far below any usable speech recording, above dither
+    /// and codec noise on digital silence.
+    pub silence_peak: f32,
+}
+
+impl AudioLimits {
+    /// Default [`max_seconds`](Self::max_seconds).
+    pub const DEFAULT_MAX_SECONDS: f64 = 600.0;
+    /// Default [`silence_peak`](Self::silence_peak).
+    pub const DEFAULT_SILENCE_PEAK: f32 = 1e-3;
+}
+
+impl Default for AudioLimits {
+    fn default() -> Self {
+        Self {
+            max_seconds: Self::DEFAULT_MAX_SECONDS,
+            silence_peak: Self::DEFAULT_SILENCE_PEAK,
+        }
+    }
+}
 
 /// Lowest native sample rate accepted, in Hz.
 pub const MIN_SAMPLE_RATE: u32 = 4_000;

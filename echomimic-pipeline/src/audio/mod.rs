@@ -20,11 +20,12 @@ mod mel;
 mod resample;
 
 pub use chunks::{
-    audio_frame_count, chunk_feature_indices, whisper_chunks, whisper_chunks_up_to, FEATURE_RATE,
-    MAX_FPS, ROWS_PER_FRAME,
+    audio_frame_count, chunk_feature_indices, whisper_chunks, whisper_chunks_up_to, DEFAULT_FPS,
+    FEATURE_RATE, MAX_FPS, ROWS_PER_FRAME,
 };
 pub use decode::{
-    decode_bytes, decode_file, DecodedAudio, MAX_CHANNELS, MAX_SAMPLE_RATE, MIN_SAMPLE_RATE,
+    decode_bytes, decode_file, AudioLimits, DecodedAudio, MAX_CHANNELS, MAX_SAMPLE_RATE,
+    MIN_SAMPLE_RATE,
 };
 pub use features::{read_model_dimensions, AudioFeatureExtractor};
 pub use mel::{
@@ -35,35 +36,6 @@ pub use resample::{quantize_s16, resample_to_16k, resampled_len, WHISPER_SAMPLE_
 use std::path::Path;
 
 use crate::error::{AudioError, Result};
-
-/// Limits applied to audio inputs.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct AudioLimits {
-    /// Longest accepted input in seconds (default 600 s = 10 min). Decoding
-    /// stops as soon as it is exceeded.
-    pub max_seconds: f64,
-    /// An input whose 16 kHz int16 waveform peaks at or below this amplitude
-    /// (full scale 1.0) is rejected as silent. Default 1e-3, i.e. −60 dBFS or
-    /// 32 int16 steps: far below any usable speech recording, above dither
-    /// and codec noise on digital silence.
-    pub silence_peak: f32,
-}
-
-impl AudioLimits {
-    /// Default [`max_seconds`](Self::max_seconds).
-    pub const DEFAULT_MAX_SECONDS: f64 = 600.0;
-    /// Default [`silence_peak`](Self::silence_peak).
-    pub const DEFAULT_SILENCE_PEAK: f32 = 1e-3;
-}
-
-impl Default for AudioLimits {
-    fn default() -> Self {
-        Self {
-            max_seconds: Self::DEFAULT_MAX_SECONDS,
-            silence_peak: Self::DEFAULT_SILENCE_PEAK,
-        }
-    }
-}
 
 /// Down-mixes, resamples to 16 kHz and quantises to the int16 grid, as the
 /// reference's `ffmpeg -f s16le -ac 1 -ar 16000` plus `/ 32768` does, then

@@ -8,6 +8,7 @@ pub mod motion_module;
 pub mod mtcnn;
 pub mod resnet;
 pub mod transformer_2d;
+pub mod transformer_3d;
 pub mod unet_2d_blocks;
 pub mod unet_2d_condition;
 pub mod unet_3d;

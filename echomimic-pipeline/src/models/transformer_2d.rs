@@ -1,8 +1,8 @@
-//! Spatial transformer wrappers (`attentions.N` of the UNet blocks).
+//! Spatial transformer wrappers (`attentions.N` of the UNet blocks), and the
+//! parts they share with [`super::transformer_3d`].
 //!
 //! Mirrors EchoMimic's `src/models/transformer_2d.py` (`Transformer2DModel`,
-//! reference UNet) and `src/models/transformer_3d.py` (`Transformer3DModel`,
-//! denoising UNet, applied per frame), BadToBest/EchoMimic @ 76cdab1:
+//! reference UNet), BadToBest/EchoMimic @ 76cdab1:
 //! `GroupNorm(groups, eps 1e-6) → proj_in → transformer block → proj_out →
 //! + input`. `proj_in`/`proj_out` are 1×1 convs, or linears when the config
 //! says `use_linear_projection`.
@@ -14,7 +14,7 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
 
-use super::attention::{Bank, BasicTransformerBlock, PreparedBank, TemporalBasicTransformerBlock};
+use super::attention::{Bank, BasicTransformerBlock};
 
 /// GroupNorm eps of the spatial transformers (hard-coded in the reference).
 pub const TRANSFORMER_NORM_EPS: f64 = 1e-6;
@@ -36,13 +36,13 @@ pub struct TransformerConfig {
 
 /// `proj_in` / `proj_out`: a 1×1 conv on the image or a linear on the tokens.
 #[derive(Debug, Clone)]
-enum Projection {
+pub(super) enum Projection {
     Conv(Conv2d),
     Linear(Linear),
 }
 
 impl Projection {
-    fn new(vb: VarBuilder<'_>, channels: usize, linear: bool) -> Result<Self> {
+    pub(super) fn new(vb: VarBuilder<'_>, channels: usize, linear: bool) -> Result<Self> {
         Ok(if linear {
             Self::Linear(candle_nn::linear(channels, channels, vb)?)
         } else {
@@ -57,7 +57,7 @@ impl Projection {
     }
 }
 
-fn group_norm(vb: &VarBuilder<'_>, cfg: &TransformerConfig) -> Result<GroupNorm> {
+pub(super) fn group_norm(vb: &VarBuilder<'_>, cfg: &TransformerConfig) -> Result<GroupNorm> {
     candle_nn::group_norm(
         cfg.groups,
         cfg.channels,
@@ -67,7 +67,7 @@ fn group_norm(vb: &VarBuilder<'_>, cfg: &TransformerConfig) -> Result<GroupNorm>
 }
 
 /// `[N, C, H, W]` → normalised, projected tokens `[N, H·W, C]`.
-fn tokens_in(norm: &GroupNorm, proj_in: &Projection, xs: &Tensor) -> Result<Tensor> {
+pub(super) fn tokens_in(norm: &GroupNorm, proj_in: &Projection, xs: &Tensor) -> Result<Tensor> {
     let (n, c, h, w) = xs.dims4()?;
     let xs = norm.forward(xs)?;
     let to_tokens = |t: &Tensor| t.permute((0, 2, 3, 1))?.reshape((n, h * w, c));
@@ -78,7 +78,11 @@ fn tokens_in(norm: &GroupNorm, proj_in: &Projection, xs: &Tensor) -> Result<Tens
 }
 
 /// Tokens `[N, H·W, C]` → projected image `[N, C, H, W]` plus `residual`.
-fn tokens_out(proj_out: &Projection, tokens: &Tensor, residual: &Tensor) -> Result<Tensor> {
+pub(super) fn tokens_out(
+    proj_out: &Projection,
+    tokens: &Tensor,
+    residual: &Tensor,
+) -> Result<Tensor> {
     let (n, c, h, w) = residual.dims4()?;
     let to_image = |t: &Tensor| t.reshape((n, h, w, c))?.permute((0, 3, 1, 2))?.contiguous();
     let out = match proj_out {
@@ -118,54 +122,6 @@ impl Transformer2DModel {
         let mut h = tokens_in(&self.norm, &self.proj_in, xs)?;
         for block in &self.transformer_blocks {
             h = block.forward(&h, bank)?;
-        }
-        tokens_out(&self.proj_out, &h, xs)
-    }
-}
-
-/// Denoising-UNet spatial transformer (read mode), per frame.
-#[derive(Debug, Clone)]
-pub struct Transformer3DModel {
-    norm: GroupNorm,
-    proj_in: Projection,
-    transformer_blocks: Vec<TemporalBasicTransformerBlock>,
-    proj_out: Projection,
-}
-
-impl Transformer3DModel {
-    /// Loads the transformer at `vb` (one transformer block).
-    pub fn new(vb: VarBuilder<'_>, cfg: &TransformerConfig) -> Result<Self> {
-        let linear = cfg.use_linear_projection;
-        Ok(Self {
-            norm: group_norm(&vb, cfg)?,
-            proj_in: Projection::new(vb.pp("proj_in"), cfg.channels, linear)?,
-            transformer_blocks: vec![TemporalBasicTransformerBlock::new(
-                vb.pp("transformer_blocks").pp(0),
-                cfg.channels,
-                cfg.heads,
-                cfg.cross_attention_dim,
-            )?],
-            proj_out: Projection::new(vb.pp("proj_out"), cfg.channels, linear)?,
-        })
-    }
-
-    /// The reader blocks (for bank preparation).
-    pub fn transformer_blocks(&self) -> &[TemporalBasicTransformerBlock] {
-        &self.transformer_blocks
-    }
-
-    /// `xs`: `[B·F, C, H, W]`; `audio`: `[B·F, N, D]`; the first `uncond_rows`
-    /// rows attend without the bank.
-    pub fn forward(
-        &self,
-        xs: &Tensor,
-        audio: &Tensor,
-        bank: &PreparedBank,
-        uncond_rows: usize,
-    ) -> Result<Tensor> {
-        let mut h = tokens_in(&self.norm, &self.proj_in, xs)?;
-        for block in &self.transformer_blocks {
-            h = block.forward(&h, audio, bank, uncond_rows)?;
         }
         tokens_out(&self.proj_out, &h, xs)
     }

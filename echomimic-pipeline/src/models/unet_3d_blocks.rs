@@ -19,7 +19,7 @@ use candle_nn::VarBuilder;
 use super::attention::{PreparedBank, TemporalBasicTransformerBlock};
 use super::motion_module::VanillaTemporalModule;
 use super::resnet::{Downsample2D, ResnetBlock3D, Upsample2D};
-use super::transformer_2d::Transformer3DModel;
+use super::transformer_3d::Transformer3DModel;
 use super::unet_2d_blocks::{self, cat_skip, upsampler, BlockConfig};
 use crate::config::MotionModuleKwargs;
 

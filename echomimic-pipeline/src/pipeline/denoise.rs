@@ -1,12 +1,12 @@
 //! The sampling loop: context windows, window averaging, classifier-free
-//! guidance and DDIM (spec §7 steps 6-7).
+//! guidance and DDIM (docs/model.md M6).
 //!
 //! [`Denoiser::step`] is one iteration of the reference's `for t_i, t in
 //! enumerate(timesteps)` loop. It is public so that each step can be checked
 //! on its own ("teacher forcing": feed the reference's input latents of a
 //! step, compare its outputs).
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 use crate::context::{coverage, rotate_windows, uniform_windows};
 use crate::error::{PipelineError, Result};
@@ -71,6 +71,11 @@ pub trait DenoiseObserver {
     /// After the call; `output` is the raw v-prediction `[B, C, f, h, w]`
     /// (`B` = 2 with guidance: `[uncond, cond]`).
     fn after_unet(&mut self, _call: &UnetCall<'_>, _output: &Tensor) -> Result<()> {
+        Ok(())
+    }
+
+    /// After step `step` of [`Denoiser::run`].
+    fn after_step(&mut self, _step: usize, _output: &StepOutput) -> Result<()> {
         Ok(())
     }
 }
@@ -142,6 +147,17 @@ impl<'a> Denoiser<'a> {
         self.steps() * self.windows.len()
     }
 
+    /// Every step from `latents` (the initial latents) on; returns the final latents.
+    pub fn run(&self, latents: Tensor, observer: &mut dyn DenoiseObserver) -> Result<Tensor> {
+        let mut latents = latents;
+        for step in 0..self.steps() {
+            let out = self.step(step, &latents, observer)?;
+            observer.after_step(step, &out)?;
+            latents = out.latents;
+        }
+        Ok(latents)
+    }
+
     /// The windows used at `step`: the uniform windows shifted by `2 × step`.
     pub fn windows_at(&self, step: usize) -> Vec<Vec<usize>> {
         rotate_windows(&self.windows, step, self.cond.frames())
@@ -162,7 +178,7 @@ impl<'a> Denoiser<'a> {
     ///
     /// The accumulators stay in the latents' dtype, as the reference's do.
     /// The acc pipeline's v → x̂₀ → v conversion of each prediction is an
-    /// exact identity and is skipped (spec §9.21).
+    /// exact identity and is skipped (docs/model.md M9).
     pub fn step(
         &self,
         step: usize,
@@ -235,7 +251,7 @@ impl<'a> Denoiser<'a> {
         let noise_pred = if guidance {
             let uncond = mean.narrow(0, 0, 1)?;
             let cond = mean.narrow(0, 1, 1)?;
-            (&uncond + super::scale(&(cond - &uncond)?, self.cond.cfg)?)?
+            (&uncond + scale(&(cond - &uncond)?, self.cond.cfg)?)?
         } else {
             mean
         };
@@ -247,4 +263,16 @@ impl<'a> Denoiser<'a> {
             windows,
         })
     }
+}
+
+/// `xs × s` with one rounding per element: half-precision tensors are
+/// scaled in f32 (PyTorch's "opmath") instead of with an f16-rounded factor.
+pub(super) fn scale(xs: &Tensor, s: f64) -> Result<Tensor> {
+    Ok(match xs.dtype() {
+        DType::F16 | DType::BF16 => xs
+            .to_dtype(DType::F32)?
+            .affine(s, 0.0)?
+            .to_dtype(xs.dtype())?,
+        _ => xs.affine(s, 0.0)?,
+    })
 }

@@ -1,6 +1,6 @@
 //! The EchoMimic v1 audio-to-video pipeline (`Audio2VideoPipeline` of
 //! BadToBest/EchoMimic @ 76cdab1, `infer_audio2vid.py` and
-//! `infer_audio2vid_acc.py`; spec §7).
+//! `infer_audio2vid_acc.py`; docs/model.md M1-M7).
 //!
 //! [`EchoMimicPipeline`] loads every network once (from an official
 //! `pretrained_weights/` folder or a prompt yaml) and then serves any number
@@ -25,16 +25,16 @@
 //! Deviations from the reference, on purpose:
 //!
 //! * the normal pipeline with `cfg <= 1` sums overlapping window predictions
-//!   without dividing by their count (a bug, spec §9.20); here they are
+//!   without dividing by their count (a bug, docs/model.md M8); here they are
 //!   always averaged, as the acc pipeline does;
 //! * the acc pipeline's v → x̂₀ → v round trip is an exact identity and is
-//!   skipped (spec §9.21);
+//!   skipped (docs/model.md M9);
 //! * with f16/bf16 weights the seeded noise is drawn in f32 and cast (the
-//!   exact f16 stream of torch 2.2 is unverified, spec §9.15); f32 noise
+//!   exact f16 stream of torch 2.2 is unverified, docs/model.md M10); f32 noise
 //!   matches `torch.randn` to 4e-7.
 //!
-//! The frame count comes from the audio (about `fps × seconds + 2`, spec
-//! §5.3). When `L` is smaller, the video is cut and
+//! The frame count comes from the audio (about `fps × seconds + 2`,
+//! docs/model.md M3). When `L` is smaller, the video is cut and
 //! [`GenerateReport::truncated`] says so.
 //!
 //! # Example
@@ -84,12 +84,13 @@
 
 mod denoise;
 mod dump;
+mod hooks;
 mod progress;
 mod request;
 
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Module, Tensor};
@@ -107,10 +108,13 @@ use crate::models::vae::AutoencoderKL;
 use crate::schedulers::ddim::DDIMScheduler;
 use crate::unet_loading::{base_unet_config, inference_config};
 
+use denoise::scale;
 pub use denoise::{Conditioning, DenoiseObserver, Denoiser, StepOutput, UnetCall};
 #[cfg(feature = "test-support")]
 pub use dump::FrameDiff;
 pub use dump::{TensorDump, VIDEO_FRAME_PREFIX};
+use hooks::RunHooks;
+pub use hooks::TensorHook;
 pub use progress::{FrameSink, Progress, Stage};
 pub use request::{
     FaceGeometry, GenerateReport, GenerateRequest, ReferenceInput, SpeechInput, StageTimings,
@@ -124,9 +128,6 @@ pub const LATENT_SCALE: f64 = 0.18215;
 
 /// The initial noise is clamped to `[-INIT_NOISE_CLAMP, INIT_NOISE_CLAMP]`.
 pub const INIT_NOISE_CLAMP: f64 = 1.5;
-
-/// A hook receiving named intermediate tensors (see [`TensorDump`]).
-pub type TensorHook<'a> = &'a mut dyn FnMut(&str, &Tensor) -> Result<()>;
 
 /// Where the weights come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -149,6 +150,20 @@ pub enum ModelSource {
 }
 
 impl ModelSource {
+    /// The variant these weights are: the one named, else the one detected
+    /// ([`ModelSource::detect_variant`] for a folder, [`Variant::of_prompt`]
+    /// for a prompt yaml, which is read). The one place the variant of a set of
+    /// weights is decided; [`EchoMimicPipeline::load`] and the worker use it.
+    pub fn variant(&self) -> Result<Variant> {
+        match self {
+            Self::WeightsDir {
+                variant: Some(v), ..
+            } => Ok(*v),
+            Self::WeightsDir { dir, variant: None } => Ok(Self::detect_variant(dir)),
+            Self::PromptYaml(path) => Ok(Variant::of_prompt(&PromptConfig::from_file(path)?)),
+        }
+    }
+
     /// The variant [`ModelSource::WeightsDir`] with `variant: None` loads
     /// from `dir`.
     pub fn detect_variant(dir: &Path) -> Variant {
@@ -214,11 +229,11 @@ impl EchoMimicPipeline {
     /// before anything is read.
     pub fn load(source: &ModelSource, device: &Device, dtype: Option<DType>) -> Result<Self> {
         let (prompt, variant) = match source {
-            ModelSource::WeightsDir { dir, variant } => {
+            ModelSource::WeightsDir { dir, .. } => {
                 if !dir.is_dir() {
                     return Err(PipelineError::MissingFile(dir.clone()));
                 }
-                let variant = variant.unwrap_or_else(|| ModelSource::detect_variant(dir));
+                let variant = source.variant()?;
                 (
                     PromptConfig::from_weights_dir(dir, variant == Variant::Accelerated),
                     variant,
@@ -354,7 +369,7 @@ impl EchoMimicPipeline {
         cancel: &AtomicBool,
         frames: &mut dyn FrameSink,
     ) -> Result<GenerateReport> {
-        self.run(request, progress, cancel, frames, Dumper(None))
+        self.run(request, &mut RunHooks::new(progress, cancel, None), frames)
     }
 
     /// [`Self::generate`], also handing every intermediate tensor to `dump`
@@ -369,165 +384,85 @@ impl EchoMimicPipeline {
         frames: &mut dyn FrameSink,
         dump: TensorHook<'_>,
     ) -> Result<GenerateReport> {
-        self.run(request, progress, cancel, frames, Dumper(Some(dump)))
+        self.run(
+            request,
+            &mut RunHooks::new(progress, cancel, Some(dump)),
+            frames,
+        )
     }
 
+    /// The algorithm, top-down. Progress, cancellation and the optional tensor dump are
+    /// [`RunHooks`] around its stages, never statements inside them.
     fn run(
         &self,
         request: &GenerateRequest,
-        progress: &mut dyn FnMut(Progress),
-        cancel: &AtomicBool,
+        hooks: &mut RunHooks<'_, '_>,
         sink: &mut dyn FrameSink,
-        mut dump: Dumper<'_>,
     ) -> Result<GenerateReport> {
         let start = Instant::now();
         let mut timings = StageTimings::default();
         request.validate(self.vae_scale_factor)?;
-        check_cancel(cancel)?;
 
         // 1. face: detect, mask, crop
-        progress(Progress::Stage(Stage::Face));
-        let t = Instant::now();
-        let crop = self.face_crop(request)?;
+        let crop = hooks.stage(Stage::Face, &mut timings.face, |_| self.face_crop(request))?;
         let face_geometry = FaceGeometry {
             image_size: crop.image_size,
             square_rect: crop.square_rect,
         };
-        timings.face = t.elapsed();
-        check_cancel(cancel)?;
 
         // 2. audio: features and per-frame windows, F = min(L, audio frames)
-        progress(Progress::Stage(Stage::AudioFeatures));
-        let t = Instant::now();
-        let tokens = {
-            let wave: Cow<'_, [f32]> = match &request.audio {
-                SpeechInput::File(path) => {
-                    Cow::Owned(audio::load_waveform_16k(path, &request.audio_limits)?)
-                }
-                SpeechInput::Waveform16k(w) => Cow::Borrowed(w),
-            };
-            self.audio_tokens(&wave, request.fps, request.max_frames)?
-        };
-        let frames = tokens.frames();
-        self.check_window(request.context_frames.min(frames))?;
-        let windows = uniform_windows(frames, request.context_frames, request.context_overlap)
-            .map_err(PipelineError::InvalidInput)?
-            .len();
-        progress(Progress::Plan {
-            frames,
-            audio_frames: tokens.audio_frames,
-            unet_calls: windows * request.steps,
-        });
-        dump.emit("video_length", || {
-            Ok(Tensor::new(frames as i64, &Device::Cpu)?)
+        let (tokens, windows) = hooks.stage(Stage::AudioFeatures, &mut timings.audio, |hooks| {
+            let tokens = self.request_audio_tokens(request)?;
+            let frames = tokens.frames();
+            self.check_window(request.context_frames.min(frames))?;
+            let windows = uniform_windows(frames, request.context_frames, request.context_overlap)
+                .map_err(PipelineError::InvalidInput)?
+                .len();
+            hooks.planned(&tokens.tokens, tokens.audio_frames, windows * request.steps)?;
+            Ok((tokens, windows))
         })?;
-        dump.emit("audio_fea_final", || Ok(tokens.tokens.clone()))?;
-        timings.audio = t.elapsed();
-        check_cancel(cancel)?;
+        let (frames, audio_frames) = (tokens.frames(), tokens.audio_frames);
 
-        // 3. reference: noise, face features, reference latents and bank
-        progress(Progress::Stage(Stage::Reference));
-        let t = Instant::now();
+        // 3. reference: initial latents, face features, reference latents and bank
         let seed = request::resolve_seed(request.seed);
-        let noise = match &request.init_noise {
-            Some(noise) => noise.clone(),
-            None => self.seeded_noise(seed, frames, request.width, request.height)?,
-        };
-        let latents = self.initial_latents(&noise, frames, request.width, request.height)?;
-        dump.emit("latents_randn", || Ok(noise.clone()))?;
-        dump.emit("latents_init", || Ok(latents.clone()))?;
-        drop(noise);
-        let mask = crop.mask_tensor(self.dtype, &self.device)?;
-        let face = self.face_features(&mask)?;
-        dump.emit("face_mask_tensor", || Ok(mask.clone()))?;
-        dump.emit("face_locator_out", || Ok(face.clone()))?;
-        let image = crop.reference_image_tensor(self.dtype, &self.device)?;
-        let reference = self.reference_latents(&image)?;
-        dump.emit("ref_image_tensor", || Ok(image.clone()))?;
-        dump.emit("ref_image_latents_unscaled", || {
-            Ok(reference.unscaled.clone())
+        let (latents, cond) = hooks.stage(Stage::Reference, &mut timings.reference, |hooks| {
+            self.prepare_sampling(request, seed, &crop, tokens.tokens, hooks)
         })?;
-        dump.emit("ref_image_latents", || Ok(reference.scaled.clone()))?;
-        check_cancel(cancel)?;
-        let bank = self.reference_bank(&reference.scaled)?;
-        for (path, features) in bank.iter() {
-            dump.emit_named(|| format!("ref_bank.{path}"), || Ok(features.clone()))?;
-        }
-        let cond = self.conditioning(&bank, &face, &tokens.tokens, request.cfg)?;
-        drop((bank, tokens.tokens, crop));
-        timings.reference = t.elapsed();
-        check_cancel(cancel)?;
+        drop(crop);
 
         // 4. denoising
-        progress(Progress::Stage(Stage::Denoising));
-        let t = Instant::now();
-        let denoiser = self.denoiser(
-            &cond,
-            request.steps,
-            request.context_frames,
-            request.context_overlap,
-        )?;
-        let timesteps: Vec<i64> = denoiser.timesteps().iter().map(|&t| t as i64).collect();
-        dump.emit("timesteps", || {
-            Ok(Tensor::from_vec(
-                timesteps.clone(),
-                timesteps.len(),
-                &Device::Cpu,
-            )?)
-        })?;
-        let mut observer = RunObserver {
-            progress: &mut *progress,
-            cancel,
-            dump: &mut dump,
-            done: 0,
-            total: denoiser.unet_calls(),
-            steps: denoiser.steps(),
-        };
-        let mut latents = latents;
-        for step in 0..denoiser.steps() {
-            let out = denoiser.step(step, &latents, &mut observer)?;
-            let dump = &mut *observer.dump;
-            dump.emit_named(
-                || format!("step{step}.contexts"),
-                || windows_tensor(&out.windows),
-            )?;
-            dump.emit_named(
-                || format!("step{step}.noise_pred_cfg"),
-                || Ok(out.noise_pred.clone()),
-            )?;
-            dump.emit_named(
-                || format!("step{step}.latents_out"),
-                || Ok(out.latents.clone()),
-            )?;
-            latents = out.latents;
-        }
-        let unet_calls = denoiser.unet_calls();
-        debug_assert_eq!(windows, denoiser.windows_per_step());
-        drop(denoiser);
+        let (latents, unet_calls) =
+            hooks.stage(Stage::Denoising, &mut timings.denoising, |hooks| {
+                let denoiser = self.denoiser(
+                    &cond,
+                    request.steps,
+                    request.context_frames,
+                    request.context_overlap,
+                )?;
+                debug_assert_eq!(windows, denoiser.windows_per_step());
+                hooks.sampling(&denoiser)?;
+                let latents = denoiser.run(latents, hooks)?;
+                Ok((latents, denoiser.unet_calls()))
+            })?;
         drop(cond);
-        timings.denoising = t.elapsed();
 
         // 5. decoding, one frame at a time
-        progress(Progress::Stage(Stage::Decoding));
-        let t = Instant::now();
-        for i in 0..frames {
-            check_cancel(cancel)?;
-            let frame = self.decode_frame(&latents.narrow(2, i, 1)?.squeeze(2)?)?;
-            dump.emit_named(|| format!("{VIDEO_FRAME_PREFIX}{i}"), || Ok(frame.clone()))?;
-            let rgb = frame_to_rgb8(&frame)?;
-            sink.frame(i, &rgb)?;
-            progress(Progress::Frame {
-                done: i + 1,
-                total: frames,
-            });
-        }
-        timings.decoding = t.elapsed();
+        hooks.stage(Stage::Decoding, &mut timings.decoding, |hooks| {
+            for i in 0..frames {
+                hooks.before_frame()?;
+                let frame = self.decode_frame(&latents.narrow(2, i, 1)?.squeeze(2)?)?;
+                hooks.frame_decoded(i, &frame)?;
+                sink.frame(i, &frame_to_rgb8(&frame)?)?;
+                hooks.frame_done(i + 1, frames);
+            }
+            Ok(())
+        })?;
         timings.total = start.elapsed();
 
         Ok(GenerateReport {
             frames,
-            audio_frames: tokens.audio_frames,
-            truncated: frames < tokens.audio_frames,
+            audio_frames,
+            truncated: frames < audio_frames,
             seed,
             injected_noise: request.init_noise.is_some(),
             steps: request.steps,
@@ -537,6 +472,55 @@ impl EchoMimicPipeline {
             face: face_geometry,
             timings,
         })
+    }
+
+    /// Stage 2 for a request: its speech (a file is decoded here) to audio tokens.
+    fn request_audio_tokens(&self, request: &GenerateRequest) -> Result<AudioTokens> {
+        let wave: Cow<'_, [f32]> = match &request.audio {
+            SpeechInput::File(path) => {
+                Cow::Owned(audio::load_waveform_16k(path, &request.audio_limits)?)
+            }
+            SpeechInput::Waveform16k(w) => Cow::Borrowed(w),
+        };
+        self.audio_tokens(&wave, request.fps, request.max_frames)
+    }
+
+    /// Stage 3 for a request: the initial latents and everything the denoising UNet is
+    /// conditioned on. Each intermediate is shown to the hooks once made and dropped as soon
+    /// as it is used.
+    fn prepare_sampling(
+        &self,
+        request: &GenerateRequest,
+        seed: u64,
+        crop: &FaceCrop,
+        audio_tokens: Tensor,
+        hooks: &mut RunHooks<'_, '_>,
+    ) -> Result<(Tensor, Conditioning)> {
+        let (w, h) = (request.width, request.height);
+        let frames = audio_tokens.dims().get(1).copied().unwrap_or(0);
+        let noise = match &request.init_noise {
+            Some(noise) => noise.clone(),
+            None => self.seeded_noise(seed, frames, w, h)?,
+        };
+        let latents = self.initial_latents(&noise, frames, w, h)?;
+        hooks.tensors(&[("latents_randn", &noise), ("latents_init", &latents)])?;
+        drop(noise);
+        let mask = crop.mask_tensor(self.dtype, &self.device)?;
+        let face = self.face_features(&mask)?;
+        let image = crop.reference_image_tensor(self.dtype, &self.device)?;
+        let reference = self.reference_latents(&image)?;
+        hooks.tensors(&[
+            ("face_mask_tensor", &mask),
+            ("face_locator_out", &face),
+            ("ref_image_tensor", &image),
+            ("ref_image_latents_unscaled", &reference.unscaled),
+            ("ref_image_latents", &reference.scaled),
+        ])?;
+        hooks.check_cancel()?;
+        let bank = self.reference_bank(&reference.scaled)?;
+        hooks.bank(&bank)?;
+        let cond = self.conditioning(&bank, &face, &audio_tokens, request.cfg)?;
+        Ok((latents, cond))
     }
 
     /// Stage 1: the face crop of the request (detected, or the prepared one).
@@ -760,90 +744,4 @@ pub fn frame_to_rgb8(frame: &Tensor) -> Result<Vec<u8>> {
     debug_assert_eq!(hwc.len(), h * w * 3);
     // `as` truncates toward zero and saturates, like numpy's cast of [0, 255].
     Ok(hwc.into_iter().map(|v| (v * 255.0) as u8).collect())
-}
-
-/// `xs × s` with one rounding per element: half-precision tensors are
-/// scaled in f32 (PyTorch's "opmath") instead of with an f16-rounded factor.
-pub(super) fn scale(xs: &Tensor, s: f64) -> Result<Tensor> {
-    Ok(match xs.dtype() {
-        DType::F16 | DType::BF16 => xs
-            .to_dtype(DType::F32)?
-            .affine(s, 0.0)?
-            .to_dtype(xs.dtype())?,
-        _ => xs.affine(s, 0.0)?,
-    })
-}
-
-fn check_cancel(cancel: &AtomicBool) -> Result<()> {
-    if cancel.load(Ordering::Relaxed) {
-        Err(PipelineError::Cancelled)
-    } else {
-        Ok(())
-    }
-}
-
-/// `[windows, frames]` frame indices as i64 (golden `step{i}.contexts`).
-fn windows_tensor(windows: &[Vec<usize>]) -> Result<Tensor> {
-    let n = windows.len();
-    let len = windows.first().map_or(0, Vec::len);
-    let flat: Vec<i64> = windows.iter().flatten().map(|&i| i as i64).collect();
-    Ok(Tensor::from_vec(flat, (n, len), &Device::Cpu)?)
-}
-
-/// The optional tensor hook; tensors and names are only built when it is set.
-struct Dumper<'a>(Option<TensorHook<'a>>);
-
-impl Dumper<'_> {
-    fn emit(&mut self, name: &str, tensor: impl FnOnce() -> Result<Tensor>) -> Result<()> {
-        match self.0.as_mut() {
-            Some(hook) => hook(name, &tensor()?),
-            None => Ok(()),
-        }
-    }
-
-    fn emit_named(
-        &mut self,
-        name: impl FnOnce() -> String,
-        tensor: impl FnOnce() -> Result<Tensor>,
-    ) -> Result<()> {
-        match self.0.as_mut() {
-            Some(hook) => hook(&name(), &tensor()?),
-            None => Ok(()),
-        }
-    }
-}
-
-/// Progress, cancellation and the step-0 window dump around UNet calls.
-struct RunObserver<'a, 'd> {
-    progress: &'a mut dyn FnMut(Progress),
-    cancel: &'a AtomicBool,
-    dump: &'a mut Dumper<'d>,
-    done: usize,
-    total: usize,
-    steps: usize,
-}
-
-impl DenoiseObserver for RunObserver<'_, '_> {
-    fn before_unet(&mut self, _call: &UnetCall<'_>) -> Result<()> {
-        check_cancel(self.cancel)
-    }
-
-    fn after_unet(&mut self, call: &UnetCall<'_>, output: &Tensor) -> Result<()> {
-        if call.step == 0 {
-            self.dump.emit_named(
-                || format!("step0.window{}.unet_out", call.window),
-                || Ok(output.clone()),
-            )?;
-        }
-        self.done += 1;
-        (self.progress)(Progress::UnetCall {
-            step: call.step,
-            steps: self.steps,
-            window: call.window,
-            windows: call.windows,
-            done: self.done,
-            total: self.total,
-        });
-        Ok(())
-    }
 }

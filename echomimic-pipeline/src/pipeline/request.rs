@@ -20,8 +20,9 @@ pub const DEFAULT_SIZE: u32 = 512;
 pub const DEFAULT_MAX_FRAMES: usize = 1200;
 /// Seed of the official scripts.
 pub const DEFAULT_SEED: i64 = 420;
-/// Frames per second of the official scripts.
-pub const DEFAULT_FPS: f64 = 24.0;
+/// Frames per second of the official scripts (defined with the audio windows
+/// it decides, [`crate::audio::DEFAULT_FPS`]).
+pub use crate::audio::DEFAULT_FPS;
 /// Frames per denoising window (`context_frames`).
 pub const DEFAULT_CONTEXT_FRAMES: usize = 12;
 /// Frames shared by neighbouring windows (`context_overlap`).
@@ -31,7 +32,7 @@ pub const RANDOM_SEED_RANGE: std::ops::RangeInclusive<u64> = 100..=1_000_000;
 
 /// Which weights and which sampler defaults.
 ///
-/// Both variants run the same algorithm (spec §7); they differ in the UNet
+/// Both variants run the same algorithm (docs/model.md M2); they differ in the UNet
 /// weights (`denoising_unet[_acc].pth`, `motion_module[_acc].pth`) and in the
 /// defaults of `infer_audio2vid.py` / `infer_audio2vid_acc.py`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -316,7 +317,7 @@ pub struct StageTimings {
 pub struct GenerateReport {
     /// Frames produced and handed to the sink (`min(L, audio_frames)`).
     pub frames: usize,
-    /// Frames the audio drives (about `fps × seconds + 2`, spec §5.3).
+    /// Frames the audio drives (about `fps × seconds + 2`, docs/model.md M3).
     pub audio_frames: usize,
     /// True when `max_frames` (`L`) cut the video short of the audio.
     pub truncated: bool,

@@ -16,7 +16,7 @@
 //!   binaries Cisco distributes, not a build from source; deployments that
 //!   care should use the ffmpeg backend or obtain their own licence.
 //!
-//! [`BuiltinSettings::bits_per_pixel`]: super::BuiltinSettings::bits_per_pixel
+//! [`BuiltinSettings::bits_per_pixel`]: super::spec::BuiltinSettings::bits_per_pixel
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -32,7 +32,7 @@ use openh264::{OpenH264API, Timestamp};
 use opus_rs::{Application, OpusEncoder};
 use rubato::{FftFixedIn, Resampler};
 
-use super::{Pcm, SinkSummary, VideoSpec};
+use super::spec::{Pcm, SinkSummary, VideoSpec};
 use crate::error::{PipelineError, Result};
 
 /// Opus always runs at 48 kHz inside MP4.

@@ -6,11 +6,24 @@ use std::fmt;
 use image::imageops::{self, FilterType};
 use image::{ImageBuffer, Rgb, RgbImage};
 
-use super::OutputGeometry;
 use crate::error::{PipelineError, Result};
 
+/// Largest accepted output side in pixels.
+pub(super) const MAX_SIDE: u32 = 8192;
+
+/// What the output frames look like.
+#[derive(Clone, Debug, Default)]
+pub enum OutputGeometry {
+    /// The generated frames as they are (an odd side loses its last pixel).
+    #[default]
+    Crop,
+    /// Each frame resized into the crop rectangle of the original photo and
+    /// blended in with a feathered edge; output = photo size made even.
+    PasteBack(PasteBack),
+}
+
 /// Pastes generated frames back into the original photo (the EchoMe worker's
-/// output, spec §10), without a visible seam.
+/// output, docs/model.md M13), without a visible seam.
 ///
 /// * Each frame is resized to the crop rectangle with a **bicubic**
 ///   (Catmull-Rom, a = -0.5) filter, which is PIL's `BICUBIC`, the filter the
@@ -51,10 +64,9 @@ impl PasteBack {
     /// `rect = [x0, y0, x1, y1]`.
     pub fn new(photo: RgbImage, rect: [u32; 4]) -> Result<Self> {
         let (w, h) = photo.dimensions();
-        if w < 2 || h < 2 || w > super::MAX_SIDE || h > super::MAX_SIDE {
+        if w < 2 || h < 2 || w > MAX_SIDE || h > MAX_SIDE {
             return Err(PipelineError::InvalidInput(format!(
-                "paste-back photo is {w}x{h}, each side must be in 2..={}",
-                super::MAX_SIDE
+                "paste-back photo is {w}x{h}, each side must be in 2..={MAX_SIDE}"
             )));
         }
         let [x0, y0, x1, y1] = rect;
@@ -69,7 +81,7 @@ impl PasteBack {
                 "paste-back rectangle {rect:?} lies outside the {ew}x{eh} output"
             )));
         }
-        if x1 - x0 > 4 * super::MAX_SIDE || y1 - y0 > 4 * super::MAX_SIDE {
+        if x1 - x0 > 4 * MAX_SIDE || y1 - y0 > 4 * MAX_SIDE {
             return Err(PipelineError::InvalidInput(format!(
                 "paste-back rectangle {rect:?} is unreasonably large"
             )));

@@ -9,7 +9,7 @@ use std::process::{Child, ChildStderr, ChildStdin, Command, ExitStatus, Stdio};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::{fps_rational, SinkSummary, VideoSpec};
+use super::spec::{fps_rational, SinkSummary, VideoSpec};
 use crate::error::{AudioError, PipelineError, Result};
 
 /// Environment variable naming the ffmpeg program (default: `ffmpeg` on `PATH`).
@@ -409,7 +409,7 @@ impl Drop for FfmpegSink {
 }
 
 /// Writes samples to a float WAV next to the output for ffmpeg to read.
-fn write_temp_wav(pcm: &super::Pcm, folder: &Path) -> Result<tempfile::TempPath> {
+fn write_temp_wav(pcm: &super::spec::Pcm, folder: &Path) -> Result<tempfile::TempPath> {
     let temp = tempfile::Builder::new()
         .prefix(".echomimic-audio.")
         .suffix(".wav")

@@ -28,7 +28,7 @@
 //!
 //! # Length
 //!
-//! The model yields a couple of frames more than the audio lasts (spec §9.17).
+//! The model yields a couple of frames more than the audio lasts (docs/model.md M11).
 //! The writer keeps exactly `ceil(audio_duration * fps)` frames: the extra
 //! trailing frames are dropped as they arrive (counted in
 //! [`VideoReport::frames_dropped_for_trim`]) and speech is never cut. If fewer
@@ -46,7 +46,7 @@
 //! [`OutputGeometry::Crop`] writes the `W x H` generated crop as is (what
 //! EchoMimic's own script does). [`OutputGeometry::PasteBack`] pastes every
 //! frame back into the original photo at the face crop rectangle with a
-//! feathered edge (what the EchoMe worker did, spec §10); the worker's default
+//! feathered edge (what the EchoMe worker did, docs/model.md M13); the worker's default
 //! is paste-back ([`GeometryMode::default`]). Odd output sizes are made even by
 //! **cropping** the last column and/or row (no invented pixels; the rest of the
 //! picture keeps its exact position).
@@ -54,6 +54,7 @@
 mod compose;
 mod ffmpeg;
 mod probe;
+mod spec;
 
 #[cfg(feature = "builtin-encoder")]
 mod builtin;
@@ -61,385 +62,26 @@ mod builtin;
 use std::fmt;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 
-use crate::error::{AudioError, PipelineError, Result};
+use crate::error::{PipelineError, Result};
 
-pub use compose::PasteBack;
+pub use compose::{OutputGeometry, PasteBack};
 pub use ffmpeg::{probe_ffmpeg, resolve_ffmpeg, FfmpegInfo, FFMPEG_ENV};
 pub use probe::{probe_mp4, Mp4Info, Mp4Track, TrackKind};
+pub use spec::{
+    AudioInput, BuiltinSettings, EncoderBackend, EncoderKind, FfmpegSettings, GeometryMode, Pcm,
+    VideoSpec,
+};
 
-use compose::FrameShaper;
+use compose::{FrameShaper, MAX_SIDE};
+use spec::SinkSummary;
 
-/// Frame rate used when the request does not give one (the EchoMe worker's).
-pub const DEFAULT_FPS: f64 = 24.0;
+/// Frame rate used when the request does not give one (defined with the audio
+/// windows it decides, [`crate::audio::DEFAULT_FPS`]).
+pub use crate::audio::DEFAULT_FPS;
 
 /// Largest accepted frame rate.
 const MAX_FPS: f64 = 240.0;
-
-/// Largest accepted output side in pixels.
-const MAX_SIDE: u32 = 8192;
-
-/// Decoded audio samples.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Pcm {
-    samples: Vec<f32>,
-    channels: u16,
-    sample_rate: u32,
-}
-
-impl Pcm {
-    /// Interleaved `f32` samples in `[-1, 1]`, `channels` per frame, at
-    /// `sample_rate` Hz.
-    pub fn new(samples: Vec<f32>, channels: u16, sample_rate: u32) -> Result<Self> {
-        if channels == 0 {
-            return Err(PipelineError::InvalidInput(
-                "pcm audio needs at least one channel".into(),
-            ));
-        }
-        if sample_rate == 0 {
-            return Err(PipelineError::InvalidInput(
-                "pcm audio sample rate must be positive".into(),
-            ));
-        }
-        if !samples.len().is_multiple_of(usize::from(channels)) {
-            return Err(PipelineError::InvalidInput(format!(
-                "pcm audio has {} samples, not a multiple of its {channels} channels",
-                samples.len()
-            )));
-        }
-        if samples.is_empty() {
-            return Err(AudioError::Empty.into());
-        }
-        if let Some(bad) = samples.iter().find(|s| !s.is_finite()) {
-            return Err(AudioError::Corrupt(format!(
-                "pcm audio holds a non-finite sample ({bad})"
-            ))
-            .into());
-        }
-        Ok(Self {
-            samples,
-            channels,
-            sample_rate,
-        })
-    }
-
-    /// Reads a WAV file (any integer or float sample format hound knows).
-    pub fn read_wav(path: &Path) -> Result<Self> {
-        if !path.exists() {
-            return Err(PipelineError::MissingFile(path.to_path_buf()));
-        }
-        let corrupt = |e: hound::Error| {
-            PipelineError::Audio(AudioError::Corrupt(format!("{}: {e}", path.display())))
-        };
-        let mut reader = hound::WavReader::open(path).map_err(corrupt)?;
-        let spec = reader.spec();
-        let samples: Vec<f32> = match spec.sample_format {
-            hound::SampleFormat::Float => reader
-                .samples::<f32>()
-                .collect::<std::result::Result<_, _>>()
-                .map_err(corrupt)?,
-            hound::SampleFormat::Int => {
-                let scale = 1.0 / (1u64 << (spec.bits_per_sample - 1)) as f32;
-                reader
-                    .samples::<i32>()
-                    .map(|s| s.map(|v| v as f32 * scale))
-                    .collect::<std::result::Result<_, _>>()
-                    .map_err(corrupt)?
-            }
-        };
-        Self::new(samples, spec.channels, spec.sample_rate)
-    }
-
-    /// Interleaved samples.
-    pub fn samples(&self) -> &[f32] {
-        &self.samples
-    }
-
-    /// Channel count.
-    pub fn channels(&self) -> u16 {
-        self.channels
-    }
-
-    /// Sample rate in Hz.
-    pub fn sample_rate(&self) -> u32 {
-        self.sample_rate
-    }
-
-    /// Samples per channel.
-    pub fn frames(&self) -> usize {
-        self.samples.len() / usize::from(self.channels)
-    }
-
-    /// Duration in seconds.
-    pub fn duration_s(&self) -> f64 {
-        self.frames() as f64 / f64::from(self.sample_rate)
-    }
-}
-
-/// The speech to mux in: a file, its decoded samples, or both.
-///
-/// * The ffmpeg backend reads `file` itself (any format ffmpeg knows, at its
-///   native quality); with only `pcm` it writes a temporary WAV for ffmpeg.
-/// * The built-in backend encodes `pcm`; with only `file` it can read WAV
-///   files itself (other formats must be decoded by the caller).
-/// * The duration that decides the frame count comes from `pcm` when present,
-///   otherwise from decoding `file`.
-#[derive(Clone, Debug, Default)]
-pub struct AudioInput {
-    /// Audio file path.
-    pub file: Option<PathBuf>,
-    /// Decoded samples at their native rate.
-    pub pcm: Option<Pcm>,
-}
-
-impl AudioInput {
-    /// Audio from a file.
-    pub fn file(path: impl Into<PathBuf>) -> Self {
-        Self {
-            file: Some(path.into()),
-            pcm: None,
-        }
-    }
-
-    /// Audio from decoded samples.
-    pub fn pcm(pcm: Pcm) -> Self {
-        Self {
-            file: None,
-            pcm: Some(pcm),
-        }
-    }
-
-    /// Adds the decoded samples of the same audio.
-    pub fn with_pcm(mut self, pcm: Pcm) -> Self {
-        self.pcm = Some(pcm);
-        self
-    }
-
-    /// Adds the file the samples came from.
-    pub fn with_file(mut self, path: impl Into<PathBuf>) -> Self {
-        self.file = Some(path.into());
-        self
-    }
-}
-
-/// Which encoder to use (configuration value: `auto`, `ffmpeg`, `builtin`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub enum EncoderBackend {
-    /// ffmpeg when it probes OK, otherwise the built-in encoder.
-    #[default]
-    Auto,
-    /// The `ffmpeg` program (H.264 High + AAC-LC); an error when it is absent.
-    Ffmpeg,
-    /// The built-in encoder (H.264 Constrained Baseline + Opus).
-    Builtin,
-}
-
-impl FromStr for EncoderBackend {
-    type Err = PipelineError;
-
-    fn from_str(s: &str) -> Result<Self> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "auto" => Ok(Self::Auto),
-            "ffmpeg" => Ok(Self::Ffmpeg),
-            "builtin" | "built-in" => Ok(Self::Builtin),
-            other => Err(PipelineError::InvalidInput(format!(
-                "unknown encoder backend `{other}` (expected auto, ffmpeg or builtin)"
-            ))),
-        }
-    }
-}
-
-impl fmt::Display for EncoderBackend {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Auto => "auto",
-            Self::Ffmpeg => "ffmpeg",
-            Self::Builtin => "builtin",
-        })
-    }
-}
-
-/// The encoder that actually wrote a file.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum EncoderKind {
-    /// The `ffmpeg` program: libx264 + AAC.
-    Ffmpeg,
-    /// OpenH264 + Opus + muxide.
-    Builtin,
-}
-
-impl fmt::Display for EncoderKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Ffmpeg => "ffmpeg",
-            Self::Builtin => "builtin",
-        })
-    }
-}
-
-/// Output geometry as a configuration value (`crop` or `paste-back`).
-///
-/// The default is [`GeometryMode::PasteBack`]: users see their own photo with
-/// the face animated, as the EchoMe worker delivered it. `Crop` is EchoMimic's
-/// own output (the square face crop).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub enum GeometryMode {
-    /// The generated `W x H` crop.
-    Crop,
-    /// The generated frames pasted back into the original photo.
-    #[default]
-    PasteBack,
-}
-
-impl FromStr for GeometryMode {
-    type Err = PipelineError;
-
-    fn from_str(s: &str) -> Result<Self> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "crop" => Ok(Self::Crop),
-            "paste-back" | "paste_back" | "pasteback" => Ok(Self::PasteBack),
-            other => Err(PipelineError::InvalidInput(format!(
-                "unknown output geometry `{other}` (expected crop or paste-back)"
-            ))),
-        }
-    }
-}
-
-impl fmt::Display for GeometryMode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Crop => "crop",
-            Self::PasteBack => "paste-back",
-        })
-    }
-}
-
-/// What the output frames look like.
-#[derive(Clone, Debug, Default)]
-pub enum OutputGeometry {
-    /// The generated frames as they are (an odd side loses its last pixel).
-    #[default]
-    Crop,
-    /// Each frame resized into the crop rectangle of the original photo and
-    /// blended in with a feathered edge; output = photo size made even.
-    PasteBack(PasteBack),
-}
-
-/// ffmpeg backend settings.
-#[derive(Clone, Debug, PartialEq)]
-pub struct FfmpegSettings {
-    /// The program; `None` = [`FFMPEG_ENV`] or `ffmpeg` on `PATH`.
-    pub binary: Option<PathBuf>,
-    /// libx264 constant rate factor (0-51, lower is better; 18 is visually
-    /// near-lossless, the PyAV default the reference used is 23).
-    pub crf: u8,
-    /// libx264 preset (`ultrafast` ... `veryslow`).
-    pub preset: String,
-    /// AAC bit rate in kbit/s.
-    pub audio_bitrate_kbps: u32,
-}
-
-impl Default for FfmpegSettings {
-    fn default() -> Self {
-        Self {
-            binary: None,
-            crf: 18,
-            preset: "medium".into(),
-            audio_bitrate_kbps: 128,
-        }
-    }
-}
-
-/// Built-in backend settings.
-#[derive(Clone, Debug, PartialEq)]
-pub struct BuiltinSettings {
-    /// Target video bit rate as bits per pixel per frame (the bit rate is
-    /// `bits_per_pixel * width * height * fps`).
-    pub bits_per_pixel: f32,
-    /// Seconds between key frames (seeking granularity).
-    pub keyframe_interval_s: f64,
-    /// Opus bit rate per channel in kbit/s.
-    pub audio_bitrate_kbps_per_channel: u32,
-}
-
-impl Default for BuiltinSettings {
-    fn default() -> Self {
-        Self {
-            bits_per_pixel: 0.2,
-            keyframe_interval_s: 2.0,
-            audio_bitrate_kbps_per_channel: 64,
-        }
-    }
-}
-
-/// Everything [`VideoWriter::create`] needs.
-#[derive(Clone, Debug)]
-pub struct VideoSpec {
-    /// Width of the frames given to [`VideoWriter::write_frame`].
-    pub width: u32,
-    /// Height of the frames given to [`VideoWriter::write_frame`].
-    pub height: u32,
-    /// Frames per second (fractional rates such as 30000/1001 are fine).
-    pub fps: f64,
-    /// The speech to mux in (required: silent videos are not produced).
-    pub audio: AudioInput,
-    /// Encoder choice.
-    pub backend: EncoderBackend,
-    /// Output geometry.
-    pub geometry: OutputGeometry,
-    /// ffmpeg settings.
-    pub ffmpeg: FfmpegSettings,
-    /// Built-in encoder settings.
-    pub builtin: BuiltinSettings,
-}
-
-impl VideoSpec {
-    /// `width x height` frames at [`DEFAULT_FPS`], automatic backend, crop
-    /// geometry.
-    pub fn new(width: u32, height: u32, audio: AudioInput) -> Self {
-        Self {
-            width,
-            height,
-            fps: DEFAULT_FPS,
-            audio,
-            backend: EncoderBackend::Auto,
-            geometry: OutputGeometry::Crop,
-            ffmpeg: FfmpegSettings::default(),
-            builtin: BuiltinSettings::default(),
-        }
-    }
-
-    /// Sets the frame rate.
-    pub fn with_fps(mut self, fps: f64) -> Self {
-        self.fps = fps;
-        self
-    }
-
-    /// Sets the encoder choice.
-    pub fn with_backend(mut self, backend: EncoderBackend) -> Self {
-        self.backend = backend;
-        self
-    }
-
-    /// Sets the output geometry.
-    pub fn with_geometry(mut self, geometry: OutputGeometry) -> Self {
-        self.geometry = geometry;
-        self
-    }
-
-    /// Sets the ffmpeg settings.
-    pub fn with_ffmpeg(mut self, ffmpeg: FfmpegSettings) -> Self {
-        self.ffmpeg = ffmpeg;
-        self
-    }
-
-    /// Sets the built-in encoder settings.
-    pub fn with_builtin(mut self, builtin: BuiltinSettings) -> Self {
-        self.builtin = builtin;
-        self
-    }
-}
 
 /// What [`VideoWriter::finish`] produced.
 #[derive(Clone, Debug, PartialEq)]
@@ -497,12 +139,6 @@ enum Sink {
     Ffmpeg(ffmpeg::FfmpegSink),
     #[cfg(feature = "builtin-encoder")]
     Builtin(Box<builtin::BuiltinSink>),
-}
-
-/// What a backend reports once its file is complete.
-struct SinkSummary {
-    video_codec: String,
-    audio_codec: String,
 }
 
 impl Sink {
@@ -774,13 +410,22 @@ fn validate_spec(spec: &VideoSpec) -> Result<()> {
 }
 
 fn choose_backend(spec: &VideoSpec) -> Result<EncoderKind> {
-    match spec.backend {
+    resolve_backend(spec.backend, spec.ffmpeg.binary.as_deref())
+}
+
+/// The encoder `choice` comes to on this machine: the one place where `auto` is
+/// decided (ffmpeg when it probes OK, else the built-in encoder, with a
+/// warning). `ffmpeg` is the binary to probe (`None`: [`resolve_ffmpeg`]'s
+/// search). Errors when the chosen encoder is not usable. A caller that writes
+/// many videos (the worker) resolves once at start and passes the result on.
+pub fn resolve_backend(choice: EncoderBackend, ffmpeg: Option<&Path>) -> Result<EncoderKind> {
+    match choice {
         EncoderBackend::Ffmpeg => {
-            probe_ffmpeg(spec.ffmpeg.binary.as_deref())?;
+            probe_ffmpeg(ffmpeg)?;
             Ok(EncoderKind::Ffmpeg)
         }
         EncoderBackend::Builtin => builtin_available().map(|()| EncoderKind::Builtin),
-        EncoderBackend::Auto => match probe_ffmpeg(spec.ffmpeg.binary.as_deref()) {
+        EncoderBackend::Auto => match probe_ffmpeg(ffmpeg) {
             Ok(info) => {
                 tracing::info!(ffmpeg = %info.binary.display(), version = %info.version, "video backend: ffmpeg");
                 Ok(EncoderKind::Ffmpeg)
@@ -790,7 +435,7 @@ fn choose_backend(spec: &VideoSpec) -> Result<EncoderKind> {
                     return Err(e);
                 }
                 tracing::warn!(
-                    "video backend: built-in (H.264 Constrained Baseline + Opus) because ffmpeg is unusable: {e}"
+                    "ffmpeg is not usable ({e}): videos are encoded with the built-in encoder (H.264 Constrained Baseline + Opus audio); install ffmpeg for H.264 High + AAC"
                 );
                 Ok(EncoderKind::Builtin)
             }
@@ -865,20 +510,9 @@ fn verify_output(
     Ok(())
 }
 
-/// `(numerator, denominator)` of a frame rate: exact for integer rates and the
-/// NTSC family (`N*1000/1001`), otherwise to 1/1000 fps.
-pub(crate) fn fps_rational(fps: f64) -> (u64, u64) {
-    for den in [1u64, 1001, 100, 1000] {
-        let num = fps * den as f64;
-        if (num - num.round()).abs() < 1e-4 {
-            return (num.round() as u64, den);
-        }
-    }
-    ((fps * 1000.0).round() as u64, 1000)
-}
-
 #[cfg(test)]
 mod tests {
+    use super::spec::fps_rational;
     use super::*;
 
     #[test]

@@ -18,23 +18,21 @@
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 
-use candle_core::Device;
 use echomimic_pipeline::audio::{self, AudioLimits};
-use echomimic_pipeline::device::{self, DeviceChoice};
 use echomimic_pipeline::face::{
     self, FaceCrop, FaceCropOptions, FaceDetector, FaceQuirks, ImageLimits,
 };
 use echomimic_pipeline::models::mtcnn::Detection;
 use echomimic_pipeline::pipeline::{
-    self as pl, EchoMimicPipeline, GenerateRequest, Progress, ReferenceInput, SpeechInput, Stage,
+    EchoMimicPipeline, GenerateRequest, Progress, ReferenceInput, SpeechInput, Stage,
 };
 use echomimic_pipeline::PipelineError;
 
-use crate::config::{ModelArgs, ModelSource, Variant};
-use crate::engine::{
+use super::{
     plan_frames, write_wav_cut, Engine, GenParams, Inputs, Prepared, Preparer, RunContext,
     RunSummary,
 };
+use crate::config::ModelArgs;
 use crate::error::{InputKind, WorkerError};
 use crate::progress::EngineProgress;
 
@@ -141,58 +139,11 @@ impl Preparer for PipelinePreparer {
     }
 }
 
-/// Opens the device `--device` names: `cpu`, `cuda` (= `cuda:{gpu_id}`), `cuda:N`, or `auto`
-/// (CUDA device `gpu_id` when this build has CUDA support and it opens, else the CPU, saying
-/// why in the log). An explicit CUDA device that cannot be used is an error, never a silent
-/// fallback.
-pub fn select_device(spec: &str, gpu_id: usize) -> Result<Device, WorkerError> {
-    let bad = |e: PipelineError| WorkerError::Config(format!("--device {spec}: {e}"));
-    let choice = match spec.trim().to_ascii_lowercase().as_str() {
-        "cuda" => DeviceChoice::Cuda(gpu_id),
-        "auto" if !device::cuda_compiled() => DeviceChoice::Cpu,
-        "auto" => match device::select_device(DeviceChoice::Cuda(gpu_id)) {
-            Ok((d, note)) => {
-                tracing::info!("{note}");
-                return Ok(d);
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "no usable CUDA device {gpu_id}: running on the CPU");
-                DeviceChoice::Cpu
-            }
-        },
-        other => other.parse::<DeviceChoice>().map_err(bad)?,
-    };
-    let (d, note) = device::select_device(choice).map_err(bad)?;
-    tracing::info!("{note}");
-    Ok(d)
-}
-
-impl From<Variant> for pl::Variant {
-    fn from(v: Variant) -> pl::Variant {
-        match v {
-            Variant::Normal => pl::Variant::Normal,
-            Variant::Acc => pl::Variant::Accelerated,
-        }
-    }
-}
-
-/// Loads the pipeline described by the model options.
+/// Loads the pipeline described by the model options; bare `cuda` and `auto` mean CUDA device
+/// `gpu_id`.
 pub fn load_pipeline(model: &ModelArgs, gpu_id: u32) -> Result<EchoMimicPipeline, WorkerError> {
-    let device = select_device(&model.device, gpu_id as usize)?;
-    let dtype = model
-        .dtype
-        .as_deref()
-        .map(device::parse_dtype)
-        .transpose()
-        .map_err(|e| WorkerError::Config(format!("--dtype: {e}")))?;
-    let source = match model.source() {
-        ModelSource::Prompt(path) => pl::ModelSource::PromptYaml(path),
-        ModelSource::WeightsDir(dir) => pl::ModelSource::WeightsDir {
-            dir,
-            variant: Some(model.variant().into()),
-        },
-    };
-    EchoMimicPipeline::load(&source, &device, dtype).map_err(WorkerError::ModelLoad)
+    let device = model.open_device(gpu_id as usize)?;
+    EchoMimicPipeline::load(&model.source(), &device, model.dtype).map_err(WorkerError::ModelLoad)
 }
 
 /// The EchoMimic model behind the worker's [`Engine`] trait.
@@ -283,7 +234,7 @@ impl Engine for PipelineEngine {
             self.context_frames,
             self.context_overlap,
             self.pipeline.dtype(),
-            device::device_label(self.pipeline.device())
+            echomimic_pipeline::device::device_label(self.pipeline.device())
         )
     }
 
@@ -405,15 +356,26 @@ mod tests {
 
     #[test]
     fn device_names() {
-        assert!(select_device("cpu", 3).unwrap().is_cpu());
-        assert!(select_device("auto", 0).is_ok());
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            model: ModelArgs,
+        }
+        let model = |device: &str| Cli::try_parse_from(["x", "--device", device]).map(|c| c.model);
+        assert!(model("cpu").unwrap().open_device(3).unwrap().is_cpu());
+        assert!(model("auto").unwrap().open_device(0).is_ok());
         for bad in ["tpu", "cuda:x"] {
-            let e = select_device(bad, 0).unwrap_err().to_string();
+            let e = model(bad).err().unwrap().to_string();
             assert!(e.contains("--device"), "{e}");
         }
-        if !device::cuda_compiled() {
-            assert!(select_device("auto", 5).unwrap().is_cpu());
-            let e = select_device("cuda", 5).unwrap_err().to_string();
+        if !echomimic_pipeline::device::cuda_compiled() {
+            assert!(model("auto").unwrap().open_device(5).unwrap().is_cpu());
+            let e = model("cuda")
+                .unwrap()
+                .open_device(5)
+                .unwrap_err()
+                .to_string();
             assert!(e.contains("cuda:5") && e.contains("CUDA support"), "{e}");
         }
     }

@@ -1,0 +1,232 @@
+//! The state the worker's threads share ([`Shared`]) and the counters it keeps ([`Stats`]).
+//!
+//! Every thread holds an `Arc<Shared>`; none of them holds another thread's type. This module
+//! sits below all of them: it imports only the leaf modules [`crate::shutdown`],
+//! [`crate::error`] and [`crate::store`] (none of which import anything of this crate).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use crossbeam_channel::Sender;
+
+use crate::error::WorkerError;
+use crate::shutdown::{ShutdownHandle, ShutdownLevel};
+use crate::store::{OutcomeKind, OutcomeRecord, Recorded};
+
+/// Counters of a worker's outcomes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Items claimed.
+    pub claimed: u64,
+    /// `completed` recorded.
+    pub completed: u64,
+    /// `failed` recorded (each also dead-lettered).
+    pub failed: u64,
+    /// Dead-lettered without an event (no usable task id).
+    pub dead_lettered: u64,
+    /// Requeued for another attempt.
+    pub retried: u64,
+    /// Requeued uncounted because the worker was stopping.
+    pub released: u64,
+    /// Leftovers of a previous run found at start-up.
+    pub recovered: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    claimed: AtomicU64,
+    completed: AtomicU64,
+    failed: AtomicU64,
+    dead_lettered: AtomicU64,
+    retried: AtomicU64,
+    released: AtomicU64,
+    recovered: AtomicU64,
+}
+
+/// State shared by the worker's threads.
+pub(crate) struct Shared {
+    shutdown: ShutdownHandle,
+    /// `worker_lease:{gpu}`, for error messages.
+    lease_key: String,
+    /// The engine's cancel flag.
+    pub(crate) cancel: AtomicBool,
+    ready: AtomicBool,
+    inflight: AtomicUsize,
+    heartbeat_stop: AtomicBool,
+    reporter_deadline: Mutex<Option<Instant>>,
+    fatal: Mutex<Option<WorkerError>>,
+    /// Wakes the heartbeat thread (busy/idle changes, shutdown).
+    wake: Sender<()>,
+    counters: Counters,
+}
+
+impl Shared {
+    /// The state of a worker that is starting: not ready, nothing in flight.
+    pub(crate) fn new(shutdown: ShutdownHandle, lease_key: String, wake: Sender<()>) -> Self {
+        Shared {
+            shutdown,
+            lease_key,
+            cancel: AtomicBool::new(false),
+            ready: AtomicBool::new(false),
+            inflight: AtomicUsize::new(0),
+            heartbeat_stop: AtomicBool::new(false),
+            reporter_deadline: Mutex::new(None),
+            fatal: Mutex::new(None),
+            wake,
+            counters: Counters::default(),
+        }
+    }
+
+    /// The worker's stop handle.
+    pub(crate) fn shutdown(&self) -> &ShutdownHandle {
+        &self.shutdown
+    }
+
+    /// No more claims.
+    pub(crate) fn stopping(&self) -> bool {
+        self.shutdown.level() >= ShutdownLevel::Graceful
+    }
+
+    /// The running task must stop.
+    pub(crate) fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::SeqCst)
+    }
+
+    /// Cancels the running task (between two UNet calls).
+    pub(crate) fn cancel_task(&self) {
+        self.cancel.store(true, Ordering::SeqCst);
+    }
+
+    pub(crate) fn ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+
+    /// Start-up is over: the heartbeat reports `idle`/`busy` from now on.
+    pub(crate) fn set_ready(&self) {
+        self.ready.store(true, Ordering::SeqCst);
+        self.wake_heartbeat();
+    }
+
+    pub(crate) fn inflight(&self) -> usize {
+        self.inflight.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn wake_heartbeat(&self) {
+        let _ = self.wake.try_send(());
+    }
+
+    /// A claim was made: busy until its outcome is recorded.
+    pub(crate) fn claimed(&self) {
+        self.counters.claimed.fetch_add(1, Ordering::Relaxed);
+        if self.inflight.fetch_add(1, Ordering::SeqCst) == 0 {
+            self.wake_heartbeat();
+        }
+    }
+
+    /// A leftover of a previous run was dealt with at start-up.
+    pub(crate) fn recovered(&self) {
+        self.counters.recovered.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn settle(&self) {
+        let prev = self
+            .inflight
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .unwrap_or(0);
+        if prev == 1 {
+            self.wake_heartbeat();
+        }
+    }
+
+    /// Called by the reporter once an outcome is in Redis.
+    pub(crate) fn outcome_recorded(&self, record: &OutcomeRecord, recorded: Recorded) {
+        if recorded == Recorded::LeaseLost {
+            tracing::error!(claim = %record.claim_id, "outcome not recorded: another worker holds the lease");
+            self.fatal(WorkerError::LeaseLost {
+                key: self.lease_key.clone(),
+                owner: None,
+            });
+            self.settle();
+            return;
+        }
+        let c = &self.counters;
+        let counter = match record.what {
+            OutcomeKind::Completed => &c.completed,
+            OutcomeKind::Failed => &c.failed,
+            OutcomeKind::DeadLettered => &c.dead_lettered,
+            OutcomeKind::Retried => &c.retried,
+            OutcomeKind::Released => &c.released,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        let task_id = record.event.as_ref().map(|e| e.task_id.as_str());
+        tracing::info!(
+            claim = %record.claim_id,
+            task_id = task_id.unwrap_or("-"),
+            outcome = record.what.as_str(),
+            code = record.event.as_ref().and_then(|e| e.code).map(|c| c.as_str()).unwrap_or("-"),
+            "outcome recorded"
+        );
+        self.settle();
+    }
+
+    /// Called by the reporter when Redis refused an outcome for good.
+    pub(crate) fn outcome_abandoned(&self, _record: &OutcomeRecord) {
+        self.settle();
+    }
+
+    /// A condition that ends the worker (lease lost).
+    pub(crate) fn fatal(&self, e: WorkerError) {
+        if let Ok(mut f) = self.fatal.lock() {
+            if f.is_none() {
+                *f = Some(e);
+            }
+        }
+        self.cancel_task();
+        self.shutdown.stop_now();
+    }
+
+    /// The error that ended the worker, if one did.
+    pub(crate) fn take_fatal(&self) -> Option<WorkerError> {
+        self.fatal.lock().ok().and_then(|mut f| f.take())
+    }
+
+    /// From `deadline` on, the reporter gives up on an unreachable Redis.
+    pub(crate) fn set_reporter_deadline(&self, deadline: Instant) {
+        if let Ok(mut d) = self.reporter_deadline.lock() {
+            *d = Some(deadline);
+        }
+    }
+
+    pub(crate) fn reporter_gives_up(&self) -> bool {
+        self.reporter_deadline
+            .lock()
+            .ok()
+            .and_then(|d| *d)
+            .is_some_and(|d| Instant::now() >= d)
+    }
+
+    /// Tells the heartbeat to release its keys and end.
+    pub(crate) fn stop_heartbeat(&self) {
+        self.heartbeat_stop.store(true, Ordering::SeqCst);
+        self.wake_heartbeat();
+    }
+
+    pub(crate) fn heartbeat_should_stop(&self) -> bool {
+        self.heartbeat_stop.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn stats(&self) -> Stats {
+        let c = &self.counters;
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Stats {
+            claimed: l(&c.claimed),
+            completed: l(&c.completed),
+            failed: l(&c.failed),
+            dead_lettered: l(&c.dead_lettered),
+            retried: l(&c.retried),
+            released: l(&c.released),
+            recovered: l(&c.recovered),
+        }
+    }
+}
