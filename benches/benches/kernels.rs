@@ -9,7 +9,7 @@
 //! ```
 //!
 //! Each round times the composition then the kernels (one call each, after
-//! one untimed warm-up call of each); the figures are the best of the rounds
+//! one untimed warm-up call of each unless `--no-warmup`); the figures are the best of the rounds
 //! and `ratio` = kernels / composition. A JSON line per part goes to stdout.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
@@ -49,6 +49,9 @@ struct Args {
     /// kernels), e.g. under a profiler.
     #[arg(long)]
     only: Option<Side>,
+    /// Skip the untimed warm-up round (the 512² VAE decode, full-size UNets).
+    #[arg(long)]
+    no_warmup: bool,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq)]
@@ -64,7 +67,8 @@ fn compare(
 ) -> anyhow::Result<(f64, f64, f32)> {
     let mut best = [f64::INFINITY; 2];
     let mut outs: [Option<Tensor>; 2] = [None, None];
-    for round in 0..=a.rounds {
+    let first = usize::from(a.no_warmup);
+    for round in first..=a.rounds {
         for (i, on) in [false, true].into_iter().enumerate() {
             if a.only.is_some_and(|s| (s == Side::On) != on) {
                 continue;
