@@ -114,6 +114,7 @@ impl Attention {
     /// `xs`: `[N, Lq, C]`; `context`: `[N, Lk, D]` or `None` for
     /// self-attention. Returns `[N, Lq, C]`.
     pub fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+        let _span = tracing::trace_span!("attention").entered();
         let q = self.query(xs)?;
         let (k, v) = self.key_value(context.unwrap_or(xs))?;
         self.attend(&q, &k, &v)
@@ -188,6 +189,7 @@ impl FeedForward {
 
 impl Module for FeedForward {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let _span = tracing::trace_span!("feed_forward").entered();
         self.net_2.forward(&self.net_0.forward(xs)?)
     }
 }
@@ -335,6 +337,7 @@ impl BasicTransformerBlock {
 
     /// `xs`: `[N, L, C]`. Records `norm1(xs)` in `bank` under [`Self::path`].
     pub fn forward(&self, xs: &Tensor, bank: &mut Bank) -> Result<Tensor> {
+        let _span = tracing::trace_span!("transformer_block").entered();
         // 1. n = norm1(h); bank ← n
         let n = self.norm1.forward(xs)?;
         bank.insert(self.path.clone(), n.clone());
@@ -425,6 +428,7 @@ impl TemporalBasicTransformerBlock {
         bank: &PreparedBank,
         uncond_rows: usize,
     ) -> Result<Tensor> {
+        let _span = tracing::trace_span!("temporal_transformer_block").entered();
         // 1. n = norm1(h)
         let n = self.norm1.forward(xs)?;
         // 2. reference attention: q from n, k/v from [n, bank] for the

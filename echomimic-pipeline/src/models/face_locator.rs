@@ -20,6 +20,8 @@ use std::path::Path;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
 
+use crate::kernels;
+
 use crate::error::{PipelineError, Result};
 use crate::weights::Checkpoint;
 
@@ -181,13 +183,13 @@ impl Module for FaceLocator {
             .permute((0, 2, 1, 3, 4))?
             .reshape((b * f, c, h, w))?;
         // 1. conv_in -> SiLU.
-        let mut xs = self.conv_in.forward(&xs)?.silu()?;
+        let mut xs = kernels::conv2d(&self.conv_in, &xs)?.silu()?;
         // 2. blocks, each followed by SiLU.
         for block in &self.blocks {
-            xs = block.forward(&xs)?.silu()?;
+            xs = kernels::conv2d(block, &xs)?.silu()?;
         }
         // 3. conv_out, no activation.
-        let xs = self.conv_out.forward(&xs)?;
+        let xs = kernels::conv2d(&self.conv_out, &xs)?;
         // 4. deflate: (b*f, c', h', w') -> (b, c', f, h', w').
         let (_, c2, h2, w2) = xs.dims4()?;
         xs.reshape((b, f, c2, h2, w2))?

@@ -21,10 +21,11 @@
 //! Layout: `[B·F, C, H, W]` in and out, batch-major rows `b·F + f`.
 
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{GroupNorm, Linear, VarBuilder};
+use candle_nn::{Linear, VarBuilder};
 
 use super::attention::{Attention, FeedForward, LayerNorm, LAYER_NORM_EPS};
 use crate::config::MotionModuleKwargs;
+use crate::kernels::{self, GroupNorm};
 
 /// GroupNorm groups of the motion module: the Python default argument
 /// `norm_num_groups=32`, never overridden (independent of the UNet config).
@@ -145,6 +146,7 @@ impl VersatileAttention {
 
     /// `xs`: `[B·F, L, d]` → `[B·F, L, d]`, attending over the F frames.
     pub fn forward(&self, xs: &Tensor, frames: usize) -> Result<Tensor> {
+        let _span = tracing::trace_span!("motion_attention").entered();
         let (bf, l, d) = xs.dims3()?;
         if frames == 0 || bf % frames != 0 {
             candle_core::bail!("{bf} rows are not a whole number of {frames}-frame videos");
@@ -235,7 +237,7 @@ impl TemporalTransformer3DModel {
             })
             .collect::<Result<_>>()?;
         Ok(Self {
-            norm: candle_nn::group_norm(
+            norm: kernels::group_norm(
                 MOTION_NORM_GROUPS,
                 channels,
                 MOTION_NORM_EPS,
@@ -249,6 +251,7 @@ impl TemporalTransformer3DModel {
 
     /// `xs`: `[B·F, C, H, W]` → `[B·F, C, H, W]`.
     pub fn forward(&self, xs: &Tensor, frames: usize) -> Result<Tensor> {
+        let _span = tracing::trace_span!("motion_module").entered();
         let (bf, c, h, w) = xs.dims4()?;
         // 1. GroupNorm per frame, to tokens, proj_in
         let tokens = self

@@ -15,7 +15,9 @@
 //! 3D samplers are the 2D ones.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
+
+use crate::kernels::{self, GroupNorm};
 
 /// Sizes of a resnet block.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -80,13 +82,13 @@ impl ResnetBlock2D {
             None
         };
         Ok(Self {
-            norm1: candle_nn::group_norm(cfg.groups, c_in, cfg.eps, vb.pp("norm1"))?,
+            norm1: kernels::group_norm(cfg.groups, c_in, cfg.eps, vb.pp("norm1"))?,
             conv1: conv3x3(vb.pp("conv1"), c_in, c_out, 1, 1)?,
             time_emb_proj: cfg
                 .temb_channels
                 .map(|t| candle_nn::linear(t, c_out, vb.pp("time_emb_proj")))
                 .transpose()?,
-            norm2: candle_nn::group_norm(cfg.groups, c_out, cfg.eps, vb.pp("norm2"))?,
+            norm2: kernels::group_norm(cfg.groups, c_out, cfg.eps, vb.pp("norm2"))?,
             conv2: conv3x3(vb.pp("conv2"), c_out, c_out, 1, 1)?,
             conv_shortcut,
             output_scale_factor: cfg.output_scale_factor,
@@ -97,17 +99,18 @@ impl ResnetBlock2D {
     /// or `[N, T]`, and `None` exactly when the block has no `time_emb_proj`.
     /// Returns `[N, C_out, H, W]`.
     pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        self.forward_with_norm(xs, temb, &|gn: &GroupNorm, x: &Tensor| gn.forward(x))
+        self.forward_with_norm(xs, temb, &|gn: &GroupNorm, x: &Tensor| gn.forward_silu(x))
     }
 
     fn forward_with_norm(
         &self,
         xs: &Tensor,
         temb: Option<&Tensor>,
-        norm: &dyn Fn(&GroupNorm, &Tensor) -> Result<Tensor>,
+        norm_silu: &dyn Fn(&GroupNorm, &Tensor) -> Result<Tensor>,
     ) -> Result<Tensor> {
+        let _span = tracing::trace_span!("resnet").entered();
         // 1. norm1 → SiLU → conv1
-        let mut h = self.conv1.forward(&norm(&self.norm1, xs)?.silu()?)?;
+        let mut h = kernels::conv2d(&self.conv1, &norm_silu(&self.norm1, xs)?)?;
         // 2. + time_emb_proj(SiLU(temb)), broadcast over rows and space
         match (&self.time_emb_proj, temb) {
             (Some(proj), Some(temb)) => {
@@ -120,10 +123,10 @@ impl ResnetBlock2D {
             (None, Some(_)) => candle_core::bail!("this resnet block has no time embedding"),
         }
         // 3. norm2 → SiLU → (dropout) → conv2
-        let h = self.conv2.forward(&norm(&self.norm2, &h)?.silu()?)?;
+        let h = kernels::conv2d(&self.conv2, &norm_silu(&self.norm2, &h)?)?;
         // 4. residual (1×1 shortcut when the width changes), output scale
         let residual = match &self.conv_shortcut {
-            Some(conv) => conv.forward(xs)?,
+            Some(conv) => kernels::conv2d(conv, xs)?,
             None => xs.clone(),
         };
         let out = (residual + h)?;
@@ -184,7 +187,7 @@ impl ResnetBlock3D {
         } else {
             self.block
                 .forward_with_norm(xs, Some(temb), &|gn: &GroupNorm, x: &Tensor| {
-                    group_norm_across_frames(gn, x, frames)
+                    group_norm_across_frames(gn, x, frames)?.silu()
                 })
         }
     }
@@ -211,11 +214,12 @@ impl Downsample2D {
 
 impl Module for Downsample2D {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let _span = tracing::trace_span!("downsample").entered();
         if self.padding == 0 {
             let xs = xs.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?;
-            self.conv.forward(&xs)
+            kernels::conv2d(&self.conv, &xs)
         } else {
-            self.conv.forward(xs)
+            kernels::conv2d(&self.conv, xs)
         }
     }
 }
@@ -239,9 +243,14 @@ impl Upsample2D {
     /// `xs`: `[N, C, H, W]`. `output_size` is `(H', W')` when the UNet input
     /// is not a multiple of the total down factor (the skip's size), else 2×.
     pub fn forward(&self, xs: &Tensor, output_size: Option<(usize, usize)>) -> Result<Tensor> {
+        let _span = tracing::trace_span!("upsample").entered();
         let (_, _, h, w) = xs.dims4()?;
         let (oh, ow) = output_size.unwrap_or((2 * h, 2 * w));
-        self.conv.forward(&xs.upsample_nearest2d(oh, ow)?)
+        if (oh, ow) == (2 * h, 2 * w) {
+            kernels::upsample_nearest2x_conv2d(&self.conv, xs)
+        } else {
+            kernels::conv2d(&self.conv, &xs.upsample_nearest2d(oh, ow)?)
+        }
     }
 }
 
@@ -256,7 +265,6 @@ mod tests {
         let gn = GroupNorm::new(
             Tensor::ones(4, DType::F32, &dev)?,
             Tensor::zeros(4, DType::F32, &dev)?,
-            4,
             2,
             1e-6,
         )?;

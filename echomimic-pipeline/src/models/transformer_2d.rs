@@ -12,7 +12,9 @@
 //! row-major `(y, x)`.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
+
+use crate::kernels::{self, GroupNorm};
 
 use super::attention::{Bank, BasicTransformerBlock};
 
@@ -58,7 +60,7 @@ impl Projection {
 }
 
 pub(super) fn group_norm(vb: &VarBuilder<'_>, cfg: &TransformerConfig) -> Result<GroupNorm> {
-    candle_nn::group_norm(
+    kernels::group_norm(
         cfg.groups,
         cfg.channels,
         TRANSFORMER_NORM_EPS,
@@ -72,7 +74,7 @@ pub(super) fn tokens_in(norm: &GroupNorm, proj_in: &Projection, xs: &Tensor) -> 
     let xs = norm.forward(xs)?;
     let to_tokens = |t: &Tensor| t.permute((0, 2, 3, 1))?.reshape((n, h * w, c));
     match proj_in {
-        Projection::Conv(conv) => to_tokens(&conv.forward(&xs)?),
+        Projection::Conv(conv) => to_tokens(&kernels::conv2d(conv, &xs)?),
         Projection::Linear(lin) => lin.forward(&to_tokens(&xs)?),
     }
 }
@@ -86,7 +88,7 @@ pub(super) fn tokens_out(
     let (n, c, h, w) = residual.dims4()?;
     let to_image = |t: &Tensor| t.reshape((n, h, w, c))?.permute((0, 3, 1, 2))?.contiguous();
     let out = match proj_out {
-        Projection::Conv(conv) => conv.forward(&to_image(tokens)?)?,
+        Projection::Conv(conv) => kernels::conv2d(conv, &to_image(tokens)?)?,
         Projection::Linear(lin) => to_image(&lin.forward(tokens)?)?,
     };
     out + residual
@@ -119,6 +121,7 @@ impl Transformer2DModel {
 
     /// `xs`: `[N, C, H, W]`; every block records its `norm1` output in `bank`.
     pub fn forward(&self, xs: &Tensor, bank: &mut Bank) -> Result<Tensor> {
+        let _span = tracing::trace_span!("transformer_2d").entered();
         let mut h = tokens_in(&self.norm, &self.proj_in, xs)?;
         for block in &self.transformer_blocks {
             h = block.forward(&h, bank)?;

@@ -10,7 +10,9 @@
 //! Layout: `[B·F, C, H, W]` in and out.
 
 use candle_core::{Result, Tensor};
-use candle_nn::{GroupNorm, VarBuilder};
+use candle_nn::VarBuilder;
+
+use crate::kernels::GroupNorm;
 
 use super::attention::{PreparedBank, TemporalBasicTransformerBlock};
 use super::transformer_2d::{group_norm, tokens_in, tokens_out, Projection, TransformerConfig};
@@ -55,6 +57,7 @@ impl Transformer3DModel {
         bank: &PreparedBank,
         uncond_rows: usize,
     ) -> Result<Tensor> {
+        let _span = tracing::trace_span!("transformer_3d").entered();
         let mut h = tokens_in(&self.norm, &self.proj_in, xs)?;
         for block in &self.transformer_blocks {
             h = block.forward(&h, audio, bank, uncond_rows)?;

@@ -161,6 +161,7 @@ impl DownBlock2D {
         temb: &Tensor,
         bank: &mut Bank,
     ) -> Result<(Tensor, Vec<Tensor>)> {
+        let _span = tracing::trace_span!("down_block_2d").entered();
         let mut h = xs.clone();
         let mut skips = Vec::with_capacity(self.resnets.len() + 1);
         for (i, resnet) in self.resnets.iter().enumerate() {
@@ -228,6 +229,7 @@ impl UNetMidBlock2DCrossAttn {
 
     /// `xs`: `[N, C, H, W]`.
     pub fn forward(&self, xs: &Tensor, temb: &Tensor, bank: &mut Bank) -> Result<Tensor> {
+        let _span = tracing::trace_span!("mid_block_2d").entered();
         let mut h = self.resnets[0].forward(xs, Some(temb))?;
         for (attn, resnet) in self.attentions.iter().zip(&self.resnets[1..]) {
             h = attn.forward(&h, bank)?;
@@ -274,6 +276,7 @@ impl UpBlock2D {
         upsample_size: Option<(usize, usize)>,
         bank: &mut Bank,
     ) -> Result<Tensor> {
+        let _span = tracing::trace_span!("up_block_2d").entered();
         let mut h = xs.clone();
         for (i, resnet) in self.resnets.iter().enumerate() {
             h = layer(

@@ -207,7 +207,7 @@ impl UNet2DConditionModel {
             .forward(timestep, sample.dtype(), sample.device())?;
         let emb = self.time_embedding.forward(&t_emb)?;
         // 2. pre-process
-        let mut h = self.conv_in.forward(&sample)?;
+        let mut h = crate::kernels::conv2d(&self.conv_in, &sample)?;
         let mut skips = vec![h.clone()];
         // 3. down
         for block in &self.down_blocks {

@@ -16,7 +16,7 @@
 //! `b·F + f`, so inflated convs and GroupNorms are plain 2D ones.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
+use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
 
 use super::attention::{Bank, BankRounding, PreparedBank, TemporalBasicTransformerBlock};
 use super::embeddings::{TimestepEmbedding, Timesteps};
@@ -29,6 +29,7 @@ use super::unet_3d_blocks::{
     Block3DConfig, Conditioning, DownBlock3D, UNetMidBlock3DCrossAttn, UpBlock3D,
 };
 use crate::config::{DownBlockType, UNet2DConditionConfig, UnetAdditionalKwargs, UpBlockType};
+use crate::kernels::{self, GroupNorm};
 
 /// The only motion module type of the reference code.
 const VANILLA: &str = "Vanilla";
@@ -113,7 +114,7 @@ impl UNet3DConditionModel {
             let cross_attention = matches!(ty, UpBlockType::CrossAttnUpBlock);
             up_blocks.push(UpBlock3D::new(vb, &bcfg, cross_attention)?);
         }
-        let conv_norm_out = candle_nn::group_norm(
+        let conv_norm_out = kernels::group_norm(
             cfg.norm_num_groups,
             boc[0],
             cfg.norm_eps,
@@ -236,7 +237,7 @@ impl UNet3DConditionModel {
             frames,
         };
         // 2. conv_in, + face features (before the first skip)
-        let mut xs = self.conv_in.forward(&xs)?;
+        let mut xs = kernels::conv2d(&self.conv_in, &xs)?;
         if let Some(face) = face {
             xs = xs.add(&face_rows(face, b, frames)?.to_dtype(xs.dtype())?)?;
         }
@@ -258,11 +259,11 @@ impl UNet3DConditionModel {
         }
         // 6. post-process: GroupNorm (per frame when inflated), SiLU, conv_out
         let xs = if self.use_inflated_groupnorm {
-            self.conv_norm_out.forward(&xs)?
+            self.conv_norm_out.forward_silu(&xs)?
         } else {
-            group_norm_across_frames(&self.conv_norm_out, &xs, frames)?
+            group_norm_across_frames(&self.conv_norm_out, &xs, frames)?.silu()?
         };
-        let xs = self.conv_out.forward(&xs.silu()?)?;
+        let xs = kernels::conv2d(&self.conv_out, &xs)?;
         from_rows(&xs, b, frames)
     }
 }

@@ -163,6 +163,7 @@ impl DownBlock3D {
 
     /// Returns the output and the skips it adds.
     pub fn forward(&self, xs: &Tensor, cond: &Conditioning<'_>) -> Result<(Tensor, Vec<Tensor>)> {
+        let _span = tracing::trace_span!("down_block_3d").entered();
         let mut h = xs.clone();
         let mut skips = Vec::with_capacity(self.resnets.len() + 1);
         for (i, resnet) in self.resnets.iter().enumerate() {
@@ -211,6 +212,7 @@ impl UNetMidBlock3DCrossAttn {
 
     /// `xs`: `[B·F, C, H, W]`.
     pub fn forward(&self, xs: &Tensor, cond: &Conditioning<'_>) -> Result<Tensor> {
+        let _span = tracing::trace_span!("mid_block_3d").entered();
         let mut h = self.resnets[0].forward(xs, cond.temb, cond.frames)?;
         for (i, (attn, resnet)) in self.attentions.iter().zip(&self.resnets[1..]).enumerate() {
             h = attn.forward(&h, cond.audio, cond.bank, cond.uncond_rows)?;
@@ -265,6 +267,7 @@ impl UpBlock3D {
         cond: &Conditioning<'_>,
         upsample_size: Option<(usize, usize)>,
     ) -> Result<Tensor> {
+        let _span = tracing::trace_span!("up_block_3d").entered();
         let mut h = xs.clone();
         for (i, resnet) in self.resnets.iter().enumerate() {
             let input = cat_skip(&h, skips)?;

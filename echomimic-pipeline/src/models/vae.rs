@@ -24,11 +24,12 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
 
 use super::resnet::{Downsample2D, ResnetBlock2D, ResnetBlock2DConfig, Upsample2D};
 use crate::config::{read_json, AutoencoderKLConfig};
 use crate::error::{PipelineError, Result};
+use crate::kernels::{self, GroupNorm};
 use crate::weights::Checkpoint;
 
 /// GroupNorm epsilon of every VAE norm (`resnet_eps=1e-6` in `vae.py`).
@@ -102,7 +103,7 @@ fn group_norm(
     groups: usize,
     channels: usize,
 ) -> candle_core::Result<GroupNorm> {
-    candle_nn::group_norm(groups, channels, VAE_NORM_EPS, vb)
+    kernels::group_norm(groups, channels, VAE_NORM_EPS, vb)
 }
 
 /// `ResnetBlock2D` without a time embedding (`temb_channels=None`), eps 1e-6.
@@ -159,6 +160,7 @@ impl Attention {
 
 impl Module for Attention {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let _span = tracing::trace_span!("vae_attention").entered();
         let (b, c, h, w) = xs.dims4()?;
         // 1. group norm, then (b, c, h, w) -> (b, h*w, c).
         let tokens = self
@@ -362,7 +364,7 @@ impl Encoder {
 impl Module for Encoder {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         // 1. conv_in.
-        let mut xs = self.conv_in.forward(xs)?;
+        let mut xs = kernels::conv2d(&self.conv_in, xs)?;
         // 2. down blocks.
         for block in &self.down_blocks {
             xs = block.forward(&xs)?;
@@ -370,8 +372,7 @@ impl Module for Encoder {
         // 3. mid block.
         let xs = self.mid_block.forward(&xs)?;
         // 4. post-process: norm -> SiLU -> conv_out.
-        self.conv_out
-            .forward(&self.conv_norm_out.forward(&xs)?.silu()?)
+        kernels::conv2d(&self.conv_out, &self.conv_norm_out.forward_silu(&xs)?)
     }
 }
 
@@ -418,7 +419,7 @@ impl Decoder {
 impl Module for Decoder {
     fn forward(&self, z: &Tensor) -> candle_core::Result<Tensor> {
         // 1. conv_in.
-        let xs = self.conv_in.forward(z)?;
+        let xs = kernels::conv2d(&self.conv_in, z)?;
         // 2. mid block.
         let mut xs = self.mid_block.forward(&xs)?;
         // 3. up blocks.
@@ -426,8 +427,7 @@ impl Module for Decoder {
             xs = block.forward(&xs)?;
         }
         // 4. post-process: norm -> SiLU -> conv_out.
-        self.conv_out
-            .forward(&self.conv_norm_out.forward(&xs)?.silu()?)
+        kernels::conv2d(&self.conv_out, &self.conv_norm_out.forward_silu(&xs)?)
     }
 }
 
@@ -552,7 +552,7 @@ impl AutoencoderKL {
         }
         // 1. encoder, 2. quant_conv.
         let h = self.encoder.forward(&xs.to_dtype(self.dtype)?)?;
-        let moments = self.quant_conv.forward(&h)?;
+        let moments = kernels::conv2d(&self.quant_conv, &h)?;
         // 3. split into mean and log-variance (clamped).
         let lc = self.config.latent_channels;
         let mean = moments.narrow(1, 0, lc)?.contiguous()?;
@@ -575,7 +575,7 @@ impl AutoencoderKL {
             );
         }
         // 1. post_quant_conv, 2. decoder.
-        let z = self.post_quant_conv.forward(&z.to_dtype(self.dtype)?)?;
+        let z = kernels::conv2d(&self.post_quant_conv, &z.to_dtype(self.dtype)?)?;
         self.decoder.forward(&z)
     }
 }

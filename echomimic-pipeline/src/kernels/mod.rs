@@ -1,0 +1,94 @@
+//! CPU kernels for the hot operations of the networks, and the one place that
+//! decides when they are used.
+//!
+//! Each kernel is a candle custom op with a CPU f32 implementation (one file
+//! per kernel); every other device and dtype takes the plain composition of
+//! candle ops it replaces, so CUDA keeps candle's (cuDNN/cuBLAS) path. The
+//! networks call the functions below instead of `Module::forward` on the
+//! layers concerned, and nothing else in the crate looks at the device to
+//! pick an implementation.
+//!
+//! Threads: the kernels run on rayon's global pool (the one candle's CPU
+//! backend uses), so `RAYON_NUM_THREADS` bounds them like the rest of candle.
+
+mod conv2d;
+mod group_norm;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_nn::Conv2d;
+
+use conv2d::{BandedConv2d, ConvGeometry};
+pub use group_norm::{group_norm, GroupNorm};
+
+static ENABLED: AtomicBool = AtomicBool::new(true);
+
+/// Turns the CPU kernels on (the default) or off for the whole process; off,
+/// every op takes the plain candle composition. For benchmarks that compare
+/// both paths in one process, and for bisecting a numerical difference.
+pub fn set_enabled(enabled: bool) {
+    ENABLED.store(enabled, Ordering::Relaxed);
+}
+
+/// Whether the CPU kernels apply to `xs` (enabled, CPU device, f32).
+fn use_cpu_kernel(xs: &Tensor) -> bool {
+    ENABLED.load(Ordering::Relaxed)
+        && matches!(xs.device(), Device::Cpu)
+        && xs.dtype() == DType::F32
+}
+
+/// `conv.forward(xs)`, through the banded CPU kernel (3×3 and other spatial
+/// kernels) or a plain matmul (1×1, stride 1, no padding) on the CPU in f32.
+pub fn conv2d(conv: &Conv2d, xs: &Tensor) -> Result<Tensor> {
+    conv2d_upsampled(conv, xs, 1)
+}
+
+/// `conv.forward(xs.upsample_nearest2d(2h, 2w))` without materialising the
+/// upsampled input on the CPU in f32 (diffusers `Upsample2D`).
+pub fn upsample_nearest2x_conv2d(conv: &Conv2d, xs: &Tensor) -> Result<Tensor> {
+    conv2d_upsampled(conv, xs, 2)
+}
+
+fn conv2d_upsampled(conv: &Conv2d, xs: &Tensor, upsample: usize) -> Result<Tensor> {
+    let cfg = conv.config();
+    let weight = conv.weight();
+    let (c_out, c_in_k, k_h, k_w) = weight.dims4()?;
+    let _span = tracing::trace_span!("conv2d", k = k_h, c_in = c_in_k, c_out).entered();
+    let fast = use_cpu_kernel(xs) && weight.dtype() == DType::F32;
+    if !fast || cfg.groups != 1 || cfg.dilation != 1 {
+        let xs = if upsample == 1 {
+            xs.clone()
+        } else {
+            let (_, _, h, w) = xs.dims4()?;
+            xs.upsample_nearest2d(h * upsample, w * upsample)?
+        };
+        return conv.forward(&xs);
+    }
+    let (n, c_in, h, w) = xs.dims4()?;
+    if k_h == 1 && k_w == 1 && cfg.stride == 1 && cfg.padding == 0 && upsample == 1 {
+        // A 1×1 convolution is `[c_out, c_in] · [c_in, h·w]` per image.
+        let ys = weight
+            .reshape((c_out, c_in_k))?
+            .broadcast_matmul(&xs.contiguous()?.reshape((n, c_in, h * w))?)?
+            .reshape((n, c_out, h, w))?;
+        return match conv.bias() {
+            Some(b) => ys.broadcast_add(&b.reshape((1, c_out, 1, 1))?),
+            None => Ok(ys),
+        };
+    }
+    let op = BandedConv2d {
+        geometry: ConvGeometry {
+            c_in: c_in_k,
+            c_out,
+            k_h,
+            k_w,
+            stride: cfg.stride,
+            padding: cfg.padding,
+            upsample,
+        },
+        weight: weight.reshape((c_out, c_in_k * k_h * k_w))?.contiguous()?,
+        bias: conv.bias().map(|b| b.to_vec1::<f32>()).transpose()?,
+    };
+    xs.contiguous()?.apply_op1_no_bwd(&op)
+}

@@ -1,0 +1,199 @@
+//! The CPU kernels of `echomimic_pipeline::kernels` against the plain candle
+//! composition they replace, over a sweep of shapes (odd and prime sizes,
+//! band boundaries, channel counts that divide nothing, stride 2, padding 0
+//! and 1, batches > 1). Every comparison fails on any NaN/Inf and reports the
+//! largest absolute and relative difference.
+
+use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_nn::{Conv2d, Conv2dConfig};
+use echomimic_pipeline::kernels;
+
+/// Largest |a − b| and |a − b| / max(|b|, 1e-3); errors on a shape mismatch
+/// or a non-finite value on either side.
+fn compare(got: &Tensor, want: &Tensor) -> Result<(f32, f32)> {
+    if got.dims() != want.dims() {
+        candle_core::bail!("shape {:?} != {:?}", got.dims(), want.dims());
+    }
+    let g = got.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let w = want.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let (mut abs, mut rel) = (0f32, 0f32);
+    for (i, (a, b)) in g.iter().zip(&w).enumerate() {
+        if !a.is_finite() || !b.is_finite() {
+            candle_core::bail!("non-finite value at {i}: got {a}, want {b}");
+        }
+        let d = (a - b).abs();
+        abs = abs.max(d);
+        rel = rel.max(d / b.abs().max(1e-3));
+    }
+    Ok((abs, rel))
+}
+
+fn random_conv(
+    c_in: usize,
+    c_out: usize,
+    k: usize,
+    cfg: Conv2dConfig,
+    bias: bool,
+) -> Result<Conv2d> {
+    let dev = Device::Cpu;
+    let scale = 1.0 / ((c_in * k * k) as f32).sqrt();
+    let weight = (Tensor::randn(0f32, 1., (c_out, c_in, k, k), &dev)? * scale as f64)?;
+    let bias = bias
+        .then(|| Tensor::randn(0f32, 1., c_out, &dev))
+        .transpose()?;
+    Ok(Conv2d::new(weight, bias, cfg))
+}
+
+/// (batch, c_in, c_out, h, w, kernel, stride, padding, bias)
+type ConvCase = (usize, usize, usize, usize, usize, usize, usize, usize, bool);
+
+#[test]
+fn conv2d_matches_candle_over_a_sweep_of_shapes() -> Result<()> {
+    let cases: &[ConvCase] = &[
+        (1, 3, 5, 7, 7, 3, 1, 1, true),
+        (2, 4, 8, 8, 8, 3, 1, 1, true),
+        (3, 7, 11, 13, 5, 3, 1, 1, false),
+        (1, 13, 17, 1, 1, 3, 1, 1, true),
+        (2, 5, 3, 9, 10, 3, 2, 1, true),
+        (1, 6, 6, 11, 11, 3, 2, 0, true),
+        (2, 3, 4, 6, 9, 3, 1, 0, true),
+        (1, 2, 3, 5, 5, 2, 1, 0, true),
+        (1, 4, 4, 7, 8, 5, 1, 2, true),
+        (2, 9, 7, 6, 5, 1, 1, 0, true),
+        (1, 9, 7, 6, 5, 1, 2, 0, false),
+        // A band is 2 Mi patch elements: at c_in 128 and width 130 a band is
+        // 14 rows, so 31 rows end on a partial band (tile ± 1 around 28).
+        (1, 128, 8, 31, 130, 3, 1, 1, true),
+        (1, 128, 8, 29, 130, 3, 1, 1, true),
+        (1, 128, 3, 15, 130, 3, 2, 1, true),
+    ];
+    for &(n, c_in, c_out, h, w, k, stride, padding, bias) in cases {
+        let cfg = Conv2dConfig {
+            padding,
+            stride,
+            ..Default::default()
+        };
+        let conv = random_conv(c_in, c_out, k, cfg, bias)?;
+        let xs = Tensor::randn(0f32, 1., (n, c_in, h, w), &Device::Cpu)?;
+        let want = conv.forward(&xs)?;
+        let got = kernels::conv2d(&conv, &xs)?;
+        let (abs, rel) = compare(&got, &want)?;
+        let case = format!("n{n} c{c_in}->{c_out} {h}x{w} k{k} s{stride} p{padding}");
+        assert!(abs < 1e-4, "{case}: max abs {abs:e}, max rel {rel:e}");
+        // A non-contiguous input (a transposed view) gives the same result.
+        let xt = xs.transpose(2, 3)?.contiguous()?.transpose(2, 3)?;
+        let (abs, _) = compare(&kernels::conv2d(&conv, &xt)?, &want)?;
+        assert!(abs < 1e-4, "{case} (strided input): max abs {abs:e}");
+    }
+    Ok(())
+}
+
+#[test]
+fn upsample_then_conv_matches_candle() -> Result<()> {
+    for &(n, c, h, w) in &[(1, 3, 4, 4), (2, 5, 3, 7), (1, 16, 9, 2), (3, 4, 1, 1)] {
+        let cfg = Conv2dConfig {
+            padding: 1,
+            ..Default::default()
+        };
+        let conv = random_conv(c, c + 1, 3, cfg, true)?;
+        let xs = Tensor::randn(0f32, 1., (n, c, h, w), &Device::Cpu)?;
+        let want = conv.forward(&xs.upsample_nearest2d(2 * h, 2 * w)?)?;
+        let got = kernels::upsample_nearest2x_conv2d(&conv, &xs)?;
+        let (abs, rel) = compare(&got, &want)?;
+        assert!(
+            abs < 1e-4,
+            "n{n} c{c} {h}x{w}: max abs {abs:e}, max rel {rel:e}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn conv2d_other_dtypes_take_candles_path() -> Result<()> {
+    // f16/bf16 are not implemented by the CPU kernel: the decision point must
+    // hand them to candle (not error, not silently compute in another dtype).
+    let cfg = Conv2dConfig {
+        padding: 1,
+        ..Default::default()
+    };
+    let conv32 = random_conv(4, 6, 3, cfg, true)?;
+    let xs = Tensor::randn(0f32, 1., (2, 4, 5, 6), &Device::Cpu)?;
+    // f16 (candle's CPU matmul, and so its CPU conv, has no bf16).
+    let dtype = DType::F16;
+    let conv = Conv2d::new(
+        conv32.weight().to_dtype(dtype)?,
+        conv32.bias().map(|b| b.to_dtype(dtype)).transpose()?,
+        cfg,
+    );
+    let got = kernels::conv2d(&conv, &xs.to_dtype(dtype)?)?;
+    assert_eq!(got.dtype(), dtype);
+    let (abs, _) = compare(&got, &conv32.forward(&xs)?)?;
+    assert!(abs < 0.1, "{dtype:?}: max abs {abs:e}");
+    Ok(())
+}
+
+fn random_group_norm(
+    c: usize,
+    groups: usize,
+) -> Result<(kernels::GroupNorm, candle_nn::GroupNorm)> {
+    let dev = Device::Cpu;
+    let weight = Tensor::randn(1f32, 0.5, c, &dev)?;
+    let bias = Tensor::randn(0f32, 0.5, c, &dev)?;
+    Ok((
+        kernels::GroupNorm::new(weight.clone(), bias.clone(), groups, 1e-6)?,
+        candle_nn::GroupNorm::new(weight, bias, c, groups, 1e-6)?,
+    ))
+}
+
+#[test]
+fn group_norm_and_silu_match_candle_nn() -> Result<()> {
+    // (dims, groups, offset added to the input: a large mean tests the
+    // cancellation in the variance)
+    let cases: &[(&[usize], usize, f64)] = &[
+        (&[1, 4, 3, 3], 2, 0.0),
+        (&[2, 6, 5, 7], 3, 0.0),
+        (&[3, 32, 1, 1], 32, 0.0),
+        (&[1, 9, 13], 3, 0.0),
+        (&[2, 8, 17, 19], 4, 100.0),
+        (&[1, 64, 41, 53], 32, -3.0),
+        (&[1, 2, 4099], 1, 0.5),
+    ];
+    for &(dims, groups, offset) in cases {
+        let (ours, candle) = random_group_norm(dims[1], groups)?;
+        let xs = (Tensor::randn(0f32, 1., dims, &Device::Cpu)? + offset)?;
+        let want = candle.forward(&xs)?;
+        let (abs, rel) = compare(&ours.forward(&xs)?, &want)?;
+        assert!(
+            abs < 1e-4,
+            "{dims:?}/{groups}+{offset}: max abs {abs:e}, max rel {rel:e}"
+        );
+        let (abs, rel) = compare(&ours.forward_silu(&xs)?, &want.silu()?)?;
+        assert!(
+            abs < 1e-4,
+            "{dims:?}/{groups}+{offset} silu: max abs {abs:e}, max rel {rel:e}"
+        );
+        // A strided view of the same values gives the same result.
+        let xt = xs.transpose(1, 2)?.contiguous()?.transpose(1, 2)?;
+        let (abs, _) = compare(&ours.forward(&xt)?, &want)?;
+        assert!(abs < 1e-4, "{dims:?} strided: max abs {abs:e}");
+    }
+    Ok(())
+}
+
+#[test]
+fn group_norm_half_precision_takes_candles_path() -> Result<()> {
+    let dev = Device::Cpu;
+    let weight = Tensor::randn(1f32, 0.5, 8, &dev)?;
+    let bias = Tensor::randn(0f32, 0.5, 8, &dev)?;
+    let candle = candle_nn::GroupNorm::new(weight.clone(), bias.clone(), 8, 4, 1e-6)?;
+    let xs = Tensor::randn(0f32, 1., (2, 8, 5, 5), &dev)?;
+    let want = candle.forward(&xs)?.silu()?;
+    for dtype in [DType::F16, DType::BF16] {
+        let gn = kernels::GroupNorm::new(weight.to_dtype(dtype)?, bias.to_dtype(dtype)?, 4, 1e-6)?;
+        let got = gn.forward_silu(&xs.to_dtype(dtype)?)?;
+        assert_eq!(got.dtype(), dtype);
+        let (abs, _) = compare(&got, &want)?;
+        assert!(abs < 0.05, "{dtype:?}: max abs {abs:e}");
+    }
+    Ok(())
+}
