@@ -110,6 +110,10 @@ pub struct GenerateArgs {
     /// Video encoder: `auto` (ffmpeg when available), `ffmpeg` or `builtin`.
     #[arg(long, default_value = "auto", value_parser = parse_encoder)]
     pub encoder: EncoderBackend,
+    /// Write the wall time of each part in seconds (load, face, audio,
+    /// reference, denoising, decoding, pipeline, write) to this JSON file.
+    #[arg(long, value_name = "FILE")]
+    pub timings_json: Option<PathBuf>,
 }
 
 fn parse_encoder(s: &str) -> Result<EncoderBackend, String> {
@@ -156,9 +160,13 @@ pub fn run_with_cancel(
         writer,
         dump,
     } = generate_video(args, &pipeline, &request, &speech.decoded, cancel)?;
+    let finish = Instant::now();
     let video = writer
         .finish()
         .with_context(|| format!("writing {}", args.output.display()))?;
+    if let Some(path) = &args.timings_json {
+        write_timings(path, &report, load_time, finish.elapsed())?;
+    }
     let dump_path = match (dump, &args.dump_tensors) {
         (Some(dump), Some(path)) => {
             dump.save(path)
@@ -425,6 +433,30 @@ fn check_output_folder(path: &Path) -> anyhow::Result<()> {
     );
     anyhow::ensure!(!path.is_dir(), "{} is a folder", path.display());
     Ok(())
+}
+
+/// `--timings-json`: seconds per part, plus the frame and UNet-call counts.
+fn write_timings(
+    path: &Path,
+    report: &GenerateReport,
+    load: Duration,
+    write: Duration,
+) -> anyhow::Result<()> {
+    let t = &report.timings;
+    let json = serde_json::json!({
+        "load": load.as_secs_f64(),
+        "face": t.face.as_secs_f64(),
+        "audio": t.audio.as_secs_f64(),
+        "reference": t.reference.as_secs_f64(),
+        "denoising": t.denoising.as_secs_f64(),
+        "decoding": t.decoding.as_secs_f64(),
+        "pipeline": t.total.as_secs_f64(),
+        "write": write.as_secs_f64(),
+        "frames": report.frames,
+        "unet_calls": report.unet_calls,
+    });
+    std::fs::write(path, format!("{json:#}\n"))
+        .with_context(|| format!("writing --timings-json {}", path.display()))
 }
 
 /// The pre-clamp noise `latents_randn` of a safetensors file.

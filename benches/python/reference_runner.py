@@ -1,0 +1,274 @@
+"""One generation with the official EchoMimic v1 pipeline, timed per part.
+
+Drives `Audio2VideoPipeline` the way the official `infer_audio2vid.py` does
+(MTCNN face detection, mask and crop, the pipeline call, the video written
+with the official `save_videos_grid`), on the CPU in float32, and writes the
+wall time of each part as JSON. Used by `scripts/bench-vs-reference.sh`;
+the reference code must already carry the two CPU patches (the script applies
+them to its own copy).
+
+    python reference_runner.py --reference-dir DIR --config PROMPT.yaml \
+        --image PHOTO --audio SPEECH --output OUT.mp4 --timings-json T.json \
+        [-W 128 -H 128 -L 16 --steps 3 --cfg 2.5 --context-frames 8 ...]
+
+Relative paths in the prompt yaml are read from the working directory, as the
+official script reads them.
+
+Parts (the same boundaries as `echomimic-worker generate --timings-json`):
+  import     Python imports of torch/diffusers/the reference code
+  load       building every network and loading its weights
+  face       photo read, MTCNN detect, mask, crop and resize
+  audio      Whisper features and per-frame windows (`audio2feat`,
+             `feature2chunks`), from the audio file
+  reference  initial noise, face locator, VAE encode of the reference and
+             the reference UNet (everything between the audio and the first
+             denoising-UNet call)
+  denoising  first denoising-UNet call to the end of the DDIM loop
+  decoding   latent interpolation and VAE decode of every frame
+  write      the frames to an MP4 (`save_videos_grid`, libx264, no audio:
+             the official script's later moviepy re-encode with the audio is
+             left out, which only flatters the reference)
+  total      from the first line of this script to the written video
+"""
+
+import time
+
+T_START = time.perf_counter()
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--reference-dir", required=True,
+                   help="EchoMimic checkout (with the CPU patches applied)")
+    p.add_argument("--config", required=True, help="prompt yaml naming the weights")
+    p.add_argument("--image", required=True)
+    p.add_argument("--audio", required=True)
+    p.add_argument("--output", required=True, help="MP4 to write")
+    p.add_argument("--timings-json", required=True)
+    p.add_argument("-W", type=int, default=512)
+    p.add_argument("-H", type=int, default=512)
+    p.add_argument("-L", type=int, default=1200)
+    p.add_argument("--seed", type=int, default=420)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--cfg", type=float, default=2.5)
+    p.add_argument("--fps", type=int, default=24)
+    p.add_argument("--context-frames", type=int, default=12)
+    p.add_argument("--context-overlap", type=int, default=3)
+    p.add_argument("--facemusk-dilation-ratio", type=float, default=0.1)
+    p.add_argument("--facecrop-dilation-ratio", type=float, default=0.5)
+    p.add_argument("--threads", type=int, default=2)
+    return p.parse_args()
+
+
+ARGS = parse_args()
+sys.path.insert(0, os.path.abspath(ARGS.reference_dir))
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from diffusers import AutoencoderKL, DDIMScheduler  # noqa: E402
+from facenet_pytorch import MTCNN  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from src.models.face_locator import FaceLocator  # noqa: E402
+from src.models.unet_2d_condition import UNet2DConditionModel  # noqa: E402
+from src.models.unet_3d_echo import EchoUNet3DConditionModel  # noqa: E402
+from src.models.whisper.audio2feature import load_audio_model  # noqa: E402
+from src.pipelines.pipeline_echo_mimic import Audio2VideoPipeline  # noqa: E402
+from src.utils.util import crop_and_pad, save_videos_grid  # noqa: E402
+
+T_IMPORTED = time.perf_counter()
+
+
+def select_face(det_bboxes, probs):
+    """The official script's choice: the largest box with probability > 0.8."""
+    if det_bboxes is None or probs is None:
+        return None
+    kept = [b for b, p in zip(det_bboxes, probs) if p > 0.8]
+    if not kept:
+        return None
+    return sorted(kept, key=lambda b: (b[3] - b[1]) * (b[2] - b[0]), reverse=True)[0]
+
+
+def face_locator_from(state):
+    """A FaceLocator shaped like its checkpoint (the official script hard-codes
+    the released widths; the tiny test weights have their own)."""
+    widths = [state["conv_in.weight"].shape[0]]
+    i = 1
+    while f"blocks.{i}.weight" in state:
+        widths.append(state[f"blocks.{i}.weight"].shape[0])
+        i += 2
+    return FaceLocator(
+        state["conv_out.weight"].shape[0],
+        conditioning_channels=state["conv_in.weight"].shape[1],
+        block_out_channels=tuple(widths),
+    )
+
+
+def load(config_path, device, dtype):
+    config = OmegaConf.load(config_path)
+
+    def path(p):  # relative to the working directory, as the official script reads them
+        return os.path.abspath(p)
+
+    infer_config = OmegaConf.load(path(config.inference_config))
+    vae = AutoencoderKL.from_pretrained(path(config.pretrained_vae_path)).to(device, dtype=dtype)
+    reference_unet = UNet2DConditionModel.from_pretrained(
+        path(config.pretrained_base_model_path), subfolder="unet"
+    ).to(dtype=dtype, device=device)
+    reference_unet.load_state_dict(torch.load(path(config.reference_unet_path), map_location="cpu"))
+    denoising_unet = EchoUNet3DConditionModel.from_pretrained_2d(
+        path(config.pretrained_base_model_path),
+        path(config.motion_module_path),
+        subfolder="unet",
+        unet_additional_kwargs=infer_config.unet_additional_kwargs,
+    ).to(dtype=dtype, device=device)
+    denoising_unet.load_state_dict(
+        torch.load(path(config.denoising_unet_path), map_location="cpu"), strict=False
+    )
+    locator_state = torch.load(path(config.face_locator_path), map_location="cpu")
+    face_locator = face_locator_from(locator_state).to(dtype=dtype, device=device)
+    face_locator.load_state_dict(locator_state)
+    audio_processor = load_audio_model(model_path=path(config.audio_model_path), device=device)
+    face_detector = MTCNN(image_size=320, margin=0, min_face_size=20, thresholds=[0.6, 0.7, 0.7],
+                          factor=0.709, post_process=True, device=device)
+    scheduler = DDIMScheduler(**OmegaConf.to_container(infer_config.noise_scheduler_kwargs))
+    pipe = Audio2VideoPipeline(
+        vae=vae,
+        reference_unet=reference_unet,
+        denoising_unet=denoising_unet,
+        audio_guider=audio_processor,
+        face_locator=face_locator,
+        scheduler=scheduler,
+    ).to(device, dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, face_detector
+
+
+def face_inputs(args, face_detector, dtype, device):
+    """Mask and crop exactly as infer_audio2vid.py computes them."""
+    face_img = cv2.imread(args.image)
+    if face_img is None:
+        raise SystemExit(f"cannot read {args.image}")
+    face_mask = np.zeros((face_img.shape[0], face_img.shape[1])).astype("uint8")
+    det_bboxes, probs = face_detector.detect(face_img)
+    select_bbox = select_face(det_bboxes, probs)
+    if select_bbox is None:
+        face_mask[:, :] = 255
+    else:
+        xyxy = np.round(select_bbox[:4]).astype("int")
+        rb, re, cb, ce = xyxy[1], xyxy[3], xyxy[0], xyxy[2]
+        r_pad = int((re - rb) * args.facemusk_dilation_ratio)
+        c_pad = int((ce - cb) * args.facemusk_dilation_ratio)
+        face_mask[rb - r_pad: re + r_pad, cb - c_pad: ce + c_pad] = 255
+        r_pad_crop = int((re - rb) * args.facecrop_dilation_ratio)
+        c_pad_crop = int((ce - cb) * args.facecrop_dilation_ratio)
+        # the official rect, including its c_pad_crop on the bottom edge
+        crop_rect = [max(0, cb - c_pad_crop), max(0, rb - r_pad_crop),
+                     min(ce + c_pad_crop, face_img.shape[1]),
+                     min(re + c_pad_crop, face_img.shape[0])]
+        face_img, _ = crop_and_pad(face_img, crop_rect)
+        face_mask, _ = crop_and_pad(face_mask, crop_rect)
+        face_img = cv2.resize(face_img, (args.W, args.H))
+        face_mask = cv2.resize(face_mask, (args.W, args.H))
+    ref_image_pil = Image.fromarray(face_img[:, :, [2, 1, 0]])
+    mask = torch.Tensor(face_mask).to(dtype=dtype, device=device)
+    return ref_image_pil, mask.unsqueeze(0).unsqueeze(0).unsqueeze(0) / 255.0
+
+
+class Marks:
+    """Timestamps taken by wrappers around the pipeline's own callables."""
+
+    def __init__(self, pipe):
+        self.t = {}
+        self.unet_calls = 0
+        guider = pipe.audio_guider
+        audio2feat, feature2chunks = guider.audio2feat, guider.feature2chunks
+
+        def timed_audio2feat(*a, **k):
+            self.t.setdefault("audio_start", time.perf_counter())
+            return audio2feat(*a, **k)
+
+        def timed_feature2chunks(*a, **k):
+            out = feature2chunks(*a, **k)
+            self.t["audio_end"] = time.perf_counter()
+            return out
+
+        guider.audio2feat, guider.feature2chunks = timed_audio2feat, timed_feature2chunks
+
+        def before_unet(_module, _inputs):
+            self.t.setdefault("denoising_start", time.perf_counter())
+            self.unet_calls += 1
+
+        pipe.denoising_unet.register_forward_pre_hook(before_unet)
+        interpolate, decode = pipe.interpolate_latents, pipe.decode_latents
+
+        def timed_interpolate(*a, **k):
+            self.t["denoising_end"] = time.perf_counter()
+            return interpolate(*a, **k)
+
+        def timed_decode(*a, **k):
+            self.t.setdefault("denoising_end", time.perf_counter())
+            out = decode(*a, **k)
+            self.t["decoding_end"] = time.perf_counter()
+            return out
+
+        pipe.interpolate_latents, pipe.decode_latents = timed_interpolate, timed_decode
+
+
+def main(args):
+    torch.set_num_threads(args.threads)
+    device, dtype = "cpu", torch.float32
+    t = time.perf_counter()
+    pipe, face_detector = load(args.config, device, dtype)
+    t_loaded = time.perf_counter()
+    ref_image_pil, face_mask = face_inputs(args, face_detector, dtype, device)
+    t_face = time.perf_counter()
+    marks = Marks(pipe)
+    with torch.no_grad():
+        video = pipe(
+            ref_image_pil,
+            args.audio,
+            face_mask,
+            args.W,
+            args.H,
+            args.L,
+            args.steps,
+            args.cfg,
+            generator=torch.manual_seed(args.seed),
+            audio_sample_rate=16000,
+            context_frames=args.context_frames,
+            fps=args.fps,
+            context_overlap=args.context_overlap,
+        ).videos
+    t_pipe = time.perf_counter()
+    save_videos_grid(video, os.path.abspath(args.output), n_rows=1, fps=args.fps)
+    t_end = time.perf_counter()
+    m = marks.t
+    timings = {
+        "import": T_IMPORTED - T_START,
+        "load": t_loaded - t,
+        "face": t_face - t_loaded,
+        "audio": m["audio_end"] - m["audio_start"],
+        "reference": m["denoising_start"] - m["audio_end"],
+        "denoising": m["denoising_end"] - m["denoising_start"],
+        "decoding": m["decoding_end"] - m["denoising_end"],
+        "pipeline": t_pipe - t_face,
+        "write": t_end - t_pipe,
+        "total": t_end - T_START,
+        "frames": int(video.shape[2]),
+        "unet_calls": marks.unet_calls,
+        "threads": torch.get_num_threads(),
+    }
+    with open(args.timings_json, "w") as f:
+        json.dump(timings, f, indent=1)
+
+
+if __name__ == "__main__":
+    main(ARGS)
