@@ -108,22 +108,249 @@ pub struct PNet {
     prelu3: PReLU,
     conv4_1: Conv2d,
     conv4_2: Conv2d,
+    /// The same weights laid out for [`PNet::forward_planes`].
+    planes: PNetPlanes,
+}
+
+/// Output pixels per matrix product in [`PlaneConv::forward`]: the unfolded
+/// input tile (`cin * k * k` rows) stays within a few MiB.
+const PLANE_CONV_TILE: usize = 4096;
+
+/// A stride-1, unpadded convolution on the CPU as matrix products: each tile of
+/// output rows unfolds its input windows (whole row slices, `(c, ky, kx)` order as
+/// the weight) into a `(cin k k, pixels)` matrix, multiplied by the `(cout, cin k k)`
+/// weight, plus the bias.
+#[derive(Debug, Clone)]
+struct PlaneConv {
+    weight: Tensor,
+    bias: Vec<f32>,
+    cin: usize,
+    cout: usize,
+    k: usize,
+}
+
+impl PlaneConv {
+    fn new(conv: &Conv2d) -> Result<Self> {
+        let w = conv
+            .weight()
+            .to_device(&Device::Cpu)?
+            .to_dtype(DType::F32)?;
+        let (cout, cin, kh, kw) = w.dims4()?;
+        if kh != kw {
+            candle_core::bail!("P-Net convolutions are square, got {kh}x{kw}");
+        }
+        let bias = match conv.bias() {
+            Some(b) => b.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.to_vec1()?,
+            None => vec![0.0; cout],
+        };
+        Ok(Self {
+            weight: w.reshape((cout, cin * kh * kw))?.contiguous()?,
+            bias,
+            cin,
+            cout,
+            k: kh,
+        })
+    }
+
+    /// Two convolutions with the same input stacked into one (`conv4_1` and `conv4_2`).
+    fn stack(a: &Self, b: &Self) -> Result<Self> {
+        Ok(Self {
+            weight: Tensor::cat(&[&a.weight, &b.weight], 0)?,
+            bias: [a.bias.as_slice(), b.bias.as_slice()].concat(),
+            cin: a.cin,
+            cout: a.cout + b.cout,
+            k: a.k,
+        })
+    }
+
+    /// `(cin, h, w)` -> `(cout, h - k + 1, w - k + 1)`.
+    fn forward(&self, x: &[f32], h: usize, w: usize) -> Result<(Vec<f32>, usize, usize)> {
+        let (cin, cout, k) = (self.cin, self.cout, self.k);
+        if h < k || w < k || x.len() != cin * h * w {
+            candle_core::bail!("P-Net convolution: {} values for {cin}x{h}x{w}", x.len());
+        }
+        let (oh, ow) = (h + 1 - k, w + 1 - k);
+        let rows_per_tile = (PLANE_CONV_TILE / ow).max(1);
+        let mut out = vec![0f32; cout * oh * ow];
+        let mut y0 = 0;
+        while y0 < oh {
+            let y1 = (y0 + rows_per_tile).min(oh);
+            let n = (y1 - y0) * ow;
+            let mut cols = Vec::with_capacity(cin * k * k * n);
+            for c in 0..cin {
+                let plane = &x[c * h * w..(c + 1) * h * w];
+                for ky in 0..k {
+                    for kx in 0..k {
+                        for y in y0..y1 {
+                            let start = (y + ky) * w + kx;
+                            cols.extend_from_slice(&plane[start..start + ow]);
+                        }
+                    }
+                }
+            }
+            let cols = Tensor::from_vec(cols, (cin * k * k, n), &Device::Cpu)?;
+            let prod = self.weight.matmul(&cols)?.flatten_all()?.to_vec1::<f32>()?;
+            for (co, (src, &b)) in prod.chunks_exact(n).zip(&self.bias).enumerate() {
+                let dst = &mut out[co * oh * ow + y0 * ow..][..n];
+                for (d, &v) in dst.iter_mut().zip(src) {
+                    *d = v + b;
+                }
+            }
+            y0 = y1;
+        }
+        Ok((out, oh, ow))
+    }
+}
+
+/// candle's `PReLU` (`max(x, 0) + min(x, 0) * a`, one `a` per channel) in place on
+/// `(c, plane)` values.
+fn prelu_planes(xs: &mut [f32], alpha: &[f32]) {
+    let plane = xs.len() / alpha.len().max(1);
+    for (chunk, &a) in xs.chunks_exact_mut(plane.max(1)).zip(alpha) {
+        for v in chunk {
+            *v = v.max(0.0) + v.min(0.0) * a;
+        }
+    }
+}
+
+/// [`max_pool2d_ceil`] on `(c, h, w)` planes.
+fn max_pool_ceil_planes(
+    xs: &[f32],
+    c: usize,
+    h: usize,
+    w: usize,
+    k: usize,
+    s: usize,
+) -> (Vec<f32>, usize, usize) {
+    let out = |n: usize| {
+        let mut o = (n.saturating_sub(k)).div_ceil(s) + 1;
+        if (o - 1) * s >= n {
+            o -= 1;
+        }
+        o
+    };
+    let (oh, ow) = (out(h), out(w));
+    let mut ys = vec![f32::NEG_INFINITY; c * oh * ow];
+    for ci in 0..c {
+        let src = &xs[ci * h * w..(ci + 1) * h * w];
+        let dst = &mut ys[ci * oh * ow..(ci + 1) * oh * ow];
+        for oy in 0..oh {
+            let rows = oy * s..(oy * s + k).min(h);
+            for ox in 0..ow {
+                let (x0, x1) = (ox * s, (ox * s + k).min(w));
+                let mut m = f32::NEG_INFINITY;
+                for y in rows.clone() {
+                    for &v in &src[y * w + x0..y * w + x1] {
+                        m = m.max(v);
+                    }
+                }
+                dst[oy * ow + ox] = m;
+            }
+        }
+    }
+    (ys, oh, ow)
+}
+
+/// The P-Net weights as [`PlaneConv`]s and PReLU slopes, for [`PNet::forward_planes`].
+#[derive(Debug, Clone)]
+struct PNetPlanes {
+    conv1: PlaneConv,
+    prelu1: Vec<f32>,
+    conv2: PlaneConv,
+    prelu2: Vec<f32>,
+    conv3: PlaneConv,
+    prelu3: Vec<f32>,
+    /// `conv4_1` (2 class logits) stacked over `conv4_2` (4 box offsets).
+    heads: PlaneConv,
+}
+
+impl PNetPlanes {
+    fn new(convs: [&Conv2d; 5], prelus: [&PReLU; 3]) -> Result<Self> {
+        let alpha = |p: &PReLU| -> Result<Vec<f32>> {
+            p.weight()
+                .to_device(&Device::Cpu)?
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1()
+        };
+        let [c1, c2, c3, c41, c42] = convs;
+        Ok(Self {
+            conv1: PlaneConv::new(c1)?,
+            prelu1: alpha(prelus[0])?,
+            conv2: PlaneConv::new(c2)?,
+            prelu2: alpha(prelus[1])?,
+            conv3: PlaneConv::new(c3)?,
+            prelu3: alpha(prelus[2])?,
+            heads: PlaneConv::stack(&PlaneConv::new(c41)?, &PlaneConv::new(c42)?)?,
+        })
+    }
 }
 
 impl PNet {
     /// Loads `conv1..conv4_2` and `prelu1..3` from `vb` (prefix `pnet`).
     pub fn new(vb: VarBuilder<'_>) -> Result<Self> {
         let c = Default::default();
+        let conv1 = conv2d(3, 10, 3, c, vb.pp("conv1"))?;
+        let prelu1 = prelu(Some(10), vb.pp("prelu1"))?;
+        let conv2 = conv2d(10, 16, 3, c, vb.pp("conv2"))?;
+        let prelu2 = prelu(Some(16), vb.pp("prelu2"))?;
+        let conv3 = conv2d(16, 32, 3, c, vb.pp("conv3"))?;
+        let prelu3 = prelu(Some(32), vb.pp("prelu3"))?;
+        let conv4_1 = conv2d(32, 2, 1, c, vb.pp("conv4_1"))?;
+        let conv4_2 = conv2d(32, 4, 1, c, vb.pp("conv4_2"))?;
+        let planes = PNetPlanes::new(
+            [&conv1, &conv2, &conv3, &conv4_1, &conv4_2],
+            [&prelu1, &prelu2, &prelu3],
+        )?;
         Ok(Self {
-            conv1: conv2d(3, 10, 3, c, vb.pp("conv1"))?,
-            prelu1: prelu(Some(10), vb.pp("prelu1"))?,
-            conv2: conv2d(10, 16, 3, c, vb.pp("conv2"))?,
-            prelu2: prelu(Some(16), vb.pp("prelu2"))?,
-            conv3: conv2d(16, 32, 3, c, vb.pp("conv3"))?,
-            prelu3: prelu(Some(32), vb.pp("prelu3"))?,
-            conv4_1: conv2d(32, 2, 1, c, vb.pp("conv4_1"))?,
-            conv4_2: conv2d(32, 4, 1, c, vb.pp("conv4_2"))?,
+            conv1,
+            prelu1,
+            conv2,
+            prelu2,
+            conv3,
+            prelu3,
+            conv4_1,
+            conv4_2,
+            planes,
         })
+    }
+
+    /// [`PNet::forward`] for one `(3, h, w)` image given as CPU values, computed on
+    /// the CPU with plain loops around matrix products (candle's general
+    /// convolution and element-wise ops make several passes and temporaries per
+    /// layer). Returns (box regression `(4, h', w')`, probabilities `(2, h', w')`,
+    /// `h'`, `w'`); the values agree with [`PNet::forward`] to rounding.
+    pub fn forward_planes(
+        &self,
+        xs: &[f32],
+        h: usize,
+        w: usize,
+    ) -> Result<(Vec<f32>, Vec<f32>, usize, usize)> {
+        let p = &self.planes;
+        // 1. conv1 -> prelu1 -> pool1 (2, 2, ceil)
+        let (mut x, h1, w1) = p.conv1.forward(xs, h, w)?;
+        prelu_planes(&mut x, &p.prelu1);
+        let (x, h1, w1) = max_pool_ceil_planes(&x, p.conv1.cout, h1, w1, 2, 2);
+        // 2. conv2 -> prelu2 -> conv3 -> prelu3
+        let (mut x, h2, w2) = p.conv2.forward(&x, h1, w1)?;
+        prelu_planes(&mut x, &p.prelu2);
+        let (mut x, h3, w3) = p.conv3.forward(&x, h2, w2)?;
+        prelu_planes(&mut x, &p.prelu3);
+        // 3. heads: softmax over the two classes (candle's: max, exp, sum, divide),
+        //    and the box regression
+        let (heads, oh, ow) = p.heads.forward(&x, h3, w3)?;
+        let n = oh * ow;
+        let (logits, reg) = heads.split_at(2 * n);
+        let mut prob = vec![0f32; 2 * n];
+        for i in 0..n {
+            let (a, b) = (logits[i], logits[n + i]);
+            let m = a.max(b);
+            let (ea, eb) = ((a - m).exp(), (b - m).exp());
+            let den = ea + eb;
+            prob[i] = ea / den;
+            prob[n + i] = eb / den;
+        }
+        Ok((reg.to_vec(), prob, oh, ow))
     }
 
     /// `(b, 3, h, w)` -> (box regression `(b, 4, h', w')`, softmax probabilities
@@ -382,9 +609,14 @@ fn end_index(a: usize, b: usize, c: usize) -> usize {
 /// facenet `imresample` = `F.interpolate(mode="area")` = PyTorch's CPU
 /// `adaptive_avg_pool2d` on the `f32` image, applied to the region `rows x cols`.
 ///
-/// Returns `(3, out_h, out_w)` planar values (not normalised). Each output is the
-/// `f32` sum of its window taken row by row, then divided by the window height and
-/// then by its width, exactly as PyTorch does, so results are bit-identical.
+/// Returns `(3, out_h, out_w)` planar values (not normalised), bit-identical to
+/// PyTorch's. PyTorch sums each window's `f32` pixel values row by row, then divides
+/// by the window height and then by its width. The pixels are integers in 0..=255, so
+/// while a window holds fewer than 2^24 / 255 pixels every partial sum is an integer
+/// that `f32` holds exactly, and the sum does not depend on the order: it is taken
+/// here with integers, separably (rows of the window first, into a running row, then
+/// across its columns), which reads each image row once per output row instead of
+/// once per output pixel. Larger windows (only on huge images) take PyTorch's order.
 pub fn imresample_area(
     image: &ImageHwc<'_>,
     rows: std::ops::Range<usize>,
@@ -393,18 +625,67 @@ pub fn imresample_area(
     out_w: usize,
 ) -> Vec<f32> {
     let (in_h, in_w) = (rows.len(), cols.len());
-    let stride = image.width * 3;
     let mut out = vec![0f32; 3 * out_h * out_w];
     if in_h == 0 || in_w == 0 || out_h == 0 || out_w == 0 {
         return out;
     }
+    let windows = |n_out: usize, n_in: usize| -> Vec<(usize, usize)> {
+        (0..n_out)
+            .map(|o| (start_index(o, n_out, n_in), end_index(o, n_out, n_in)))
+            .collect()
+    };
+    let row_windows = windows(out_h, in_h);
+    let col_windows = windows(out_w, in_w);
+    let widest = |w: &[(usize, usize)]| w.iter().map(|&(a, b)| b - a).max().unwrap_or(0);
+    let window_pixels = widest(&row_windows) * widest(&col_windows);
+    if window_pixels * 255 >= 1 << 24 {
+        area_in_pytorch_order(image, &rows, &cols, &row_windows, &col_windows, &mut out);
+        return out;
+    }
+    let stride = image.width * 3;
     let plane = out_h * out_w;
-    let col_windows: Vec<(usize, usize)> = (0..out_w)
-        .map(|ow| (start_index(ow, out_w, in_w), end_index(ow, out_w, in_w)))
-        .collect();
-    for oh in 0..out_h {
-        let ih0 = start_index(oh, out_h, in_h);
-        let ih1 = end_index(oh, out_h, in_h);
+    let mut running = vec![0u32; in_w * 3];
+    for (oh, &(ih0, ih1)) in row_windows.iter().enumerate() {
+        let kh = (ih1 - ih0) as f32;
+        running.fill(0);
+        for ih in ih0..ih1 {
+            let start = (rows.start + ih) * stride + cols.start * 3;
+            let row = &image.data[start..start + in_w * 3];
+            for (acc, &p) in running.iter_mut().zip(row) {
+                *acc += u32::from(p);
+            }
+        }
+        for (ow, &(iw0, iw1)) in col_windows.iter().enumerate() {
+            let kw = (iw1 - iw0) as f32;
+            let mut sum = [0u32; 3];
+            for px in running[iw0 * 3..iw1 * 3].chunks_exact(3) {
+                sum[0] += px[0];
+                sum[1] += px[1];
+                sum[2] += px[2];
+            }
+            for (c, &s) in sum.iter().enumerate() {
+                // exact: s < 2^24
+                out[c * plane + oh * out_w + ow] = s as f32 / kh / kw;
+            }
+        }
+    }
+    out
+}
+
+/// [`imresample_area`] with PyTorch's summation order (`f32`, row by row), for
+/// windows whose sums `f32` cannot hold exactly.
+fn area_in_pytorch_order(
+    image: &ImageHwc<'_>,
+    rows: &std::ops::Range<usize>,
+    cols: &std::ops::Range<usize>,
+    row_windows: &[(usize, usize)],
+    col_windows: &[(usize, usize)],
+    out: &mut [f32],
+) {
+    let stride = image.width * 3;
+    let out_w = col_windows.len();
+    let plane = row_windows.len() * out_w;
+    for (oh, &(ih0, ih1)) in row_windows.iter().enumerate() {
         let kh = (ih1 - ih0) as f32;
         for (ow, &(iw0, iw1)) in col_windows.iter().enumerate() {
             let kw = (iw1 - iw0) as f32;
@@ -423,7 +704,6 @@ pub fn imresample_area(
             }
         }
     }
-    out
 }
 
 /// `(x - 127.5) * 0.0078125`, the MTCNN input normalisation, in place.
@@ -650,22 +930,19 @@ impl Mtcnn {
         while r0 < oh {
             let r1 = (r0 + rows_per_strip).min(oh);
             let (i0, i1) = (2 * r0, (2 * r1 + 10).min(h));
-            let xs = if i0 == 0 && i1 == h {
-                Tensor::from_slice(data, (1, 3, h, w), &self.device)?
+            let strip: std::borrow::Cow<'_, [f32]> = if i0 == 0 && i1 == h {
+                std::borrow::Cow::Borrowed(data)
             } else {
                 let mut strip = Vec::with_capacity(3 * (i1 - i0) * w);
                 for c in 0..3 {
                     strip.extend_from_slice(&data[c * h * w + i0 * w..c * h * w + i1 * w]);
                 }
-                Tensor::from_vec(strip, (1, 3, i1 - i0, w), &self.device)?
+                std::borrow::Cow::Owned(strip)
             };
-            let (r, p) = self.pnet.forward(&xs)?;
-            let (_, _, sh, sw) = r.dims4()?;
+            let (r, p, sh, sw) = self.pnet.forward_planes(&strip, i1 - i0, w)?;
             if sh != r1 - r0 || sw != ow {
                 candle_core::bail!("P-Net strip gave {sh}x{sw}, expected {}x{ow}", r1 - r0);
             }
-            let r = r.flatten_all()?.to_vec1::<f32>()?;
-            let p = p.flatten_all()?.to_vec1::<f32>()?;
             let n = (r1 - r0) * ow;
             for c in 0..4 {
                 reg[c * oh * ow + r0 * ow..][..n].copy_from_slice(&r[c * n..(c + 1) * n]);
@@ -705,23 +982,41 @@ impl Mtcnn {
         Ok((Some(xs), kept))
     }
 
+    /// The cascade of facenet's `detect_face` followed by `MTCNN.detect`'s sort.
     fn detect_impl(
         &self,
         image: &ImageHwc<'_>,
         mut trace: Option<&mut MtcnnTrace>,
     ) -> Result<Vec<Detection>> {
-        let (h, w) = (image.height, image.width);
-        let [thr_p, thr_r, thr_o] = self.cfg.thresholds;
-        let to_cpu = |t: &Tensor| t.to_device(&Device::Cpu);
-
-        // 1. scale pyramid
-        let scales = pyramid_scales(h, w, self.cfg.min_face_size, self.cfg.factor);
+        let scales = pyramid_scales(
+            image.height,
+            image.width,
+            self.cfg.min_face_size,
+            self.cfg.factor,
+        );
         if let Some(t) = trace.as_deref_mut() {
             t.scales = scales.clone();
         }
+        let stage1 = self.pnet_stage(image, &scales, trace.as_deref_mut())?;
+        let boxes = merge_scales(&stage1);
+        if let Some(t) = trace.as_deref_mut() {
+            t.pnet_candidates = boxes.len();
+        }
+        let boxes = self.rnet_stage(image, boxes, trace.as_deref_mut())?;
+        let dets = self.onet_stage(image, boxes, trace)?;
+        Ok(largest_first(dets))
+    }
 
-        // 2. P-Net on every scale: candidates above thresholds[0], NMS 0.5 per scale
-        let mut stage1: Vec<Candidate> = Vec::new();
+    /// P-Net on every pyramid level: candidates above `thresholds[0]`, NMS 0.5 per
+    /// level, concatenated in level order.
+    fn pnet_stage(
+        &self,
+        image: &ImageHwc<'_>,
+        scales: &[f64],
+        mut trace: Option<&mut MtcnnTrace>,
+    ) -> Result<Vec<Candidate>> {
+        let (h, w) = (image.height, image.width);
+        let mut stage1 = Vec::new();
         for (si, &scale) in scales.iter().enumerate() {
             let hs = (h as f64 * scale + 1.0) as usize;
             let ws = (w as f64 * scale + 1.0) as usize;
@@ -737,31 +1032,7 @@ impl Mtcnn {
                     t.pnet_last_reg = Some(Tensor::from_slice(&reg, (1, 4, oh, ow), &Device::Cpu)?);
                 }
             }
-            // generateBoundingBox: row-major scan of the face-probability map
-            let scale_f = scale as f32;
-            let plane = oh * ow;
-            let mut cands = Vec::new();
-            for y in 0..oh {
-                for x in 0..ow {
-                    let i = y * ow + x;
-                    let score = prob[plane + i];
-                    if score >= thr_p {
-                        let (bx, by) = (x as f32, y as f32);
-                        let q1 = |v: f32| ((PNET_STRIDE * v + 1.0) / scale_f).floor();
-                        let q2 = |v: f32| ((PNET_STRIDE * v + PNET_CELL) / scale_f).floor();
-                        cands.push(Candidate {
-                            bbox: [q1(bx), q1(by), q2(bx), q2(by)],
-                            score,
-                            reg: [
-                                reg[i],
-                                reg[plane + i],
-                                reg[2 * plane + i],
-                                reg[3 * plane + i],
-                            ],
-                        });
-                    }
-                }
-            }
+            let cands = bounding_boxes(&prob, &reg, (oh, ow), scale, self.cfg.thresholds[0]);
             let boxes: Vec<[f32; 4]> = cands.iter().map(|c| c.bbox).collect();
             let scores: Vec<f32> = cands.iter().map(|c| c.score).collect();
             stage1.extend(
@@ -770,118 +1041,171 @@ impl Mtcnn {
                     .map(|i| cands[i]),
             );
         }
-
-        // 3. NMS 0.7 across scales, P-Net regression (box size without +1), squaring
-        let boxes: Vec<[f32; 4]> = stage1.iter().map(|c| c.bbox).collect();
-        let scores: Vec<f32> = stage1.iter().map(|c| c.score).collect();
-        let pick = nms_torchvision(&boxes, &scores, PNET_CROSS_SCALE_NMS);
-        let mut boxes: Vec<[f32; 4]> = pick
-            .iter()
-            .map(|&i| {
-                let Candidate {
-                    bbox: b, reg: r, ..
-                } = stage1[i];
-                let regw = b[2] - b[0];
-                let regh = b[3] - b[1];
-                rerec([
-                    b[0] + r[0] * regw,
-                    b[1] + r[1] * regh,
-                    b[2] + r[2] * regw,
-                    b[3] + r[3] * regh,
-                ])
-            })
-            .collect();
-        if let Some(t) = trace.as_deref_mut() {
-            t.pnet_candidates = boxes.len();
-        }
-
-        // 4. R-Net on 24x24 crops: threshold, NMS 0.7, regression, squaring
-        if !boxes.is_empty() {
-            let (xs, kept) = self.crop_batch(image, &boxes, RNET_SIZE)?;
-            boxes = kept.iter().map(|&k| boxes[k]).collect();
-            if let Some(xs) = xs {
-                let (reg, prob) = self.rnet.forward(&xs)?;
-                let (reg, prob) = (to_cpu(&reg)?, to_cpu(&prob)?);
-                let reg_v = reg.to_vec2::<f32>()?;
-                let prob_v = prob.to_vec2::<f32>()?;
-                if let Some(t) = trace.as_deref_mut() {
-                    t.rnet_input = Some(to_cpu(&xs)?);
-                    t.rnet_prob = Some(prob);
-                    t.rnet_reg = Some(reg);
-                }
-                let mut cands = Vec::new();
-                for (k, b) in boxes.iter().enumerate() {
-                    let score = prob_v[k][1];
-                    if score > thr_r {
-                        let r = &reg_v[k];
-                        cands.push(Candidate {
-                            bbox: *b,
-                            score,
-                            reg: [r[0], r[1], r[2], r[3]],
-                        });
-                    }
-                }
-                let bx: Vec<[f32; 4]> = cands.iter().map(|c| c.bbox).collect();
-                let sc: Vec<f32> = cands.iter().map(|c| c.score).collect();
-                boxes = nms_torchvision(&bx, &sc, RNET_NMS)
-                    .into_iter()
-                    .map(|i| rerec(bbreg(cands[i].bbox, cands[i].reg)))
-                    .collect();
-            }
-        }
-
-        // 5. O-Net on 48x48 crops: threshold, landmarks, regression, 'Min' NMS 0.7
-        let mut dets: Vec<Detection> = Vec::new();
-        if !boxes.is_empty() {
-            let (xs, kept) = self.crop_batch(image, &boxes, ONET_SIZE)?;
-            boxes = kept.iter().map(|&k| boxes[k]).collect();
-            if let Some(xs) = xs {
-                let (reg, points, prob) = self.onet.forward(&xs)?;
-                let (reg, points, prob) = (to_cpu(&reg)?, to_cpu(&points)?, to_cpu(&prob)?);
-                let reg_v = reg.to_vec2::<f32>()?;
-                let pts_v = points.to_vec2::<f32>()?;
-                let prob_v = prob.to_vec2::<f32>()?;
-                if let Some(t) = trace {
-                    t.onet_input = Some(to_cpu(&xs)?);
-                    t.onet_prob = Some(prob);
-                    t.onet_reg = Some(reg);
-                    t.onet_landmarks = Some(points);
-                }
-                let mut cands = Vec::new();
-                for (k, b) in boxes.iter().enumerate() {
-                    let score = prob_v[k][1];
-                    if score > thr_o {
-                        // landmarks relative to the box before regression, +1 sizes
-                        let w_i = b[2] - b[0] + 1.0;
-                        let h_i = b[3] - b[1] + 1.0;
-                        let p = &pts_v[k];
-                        let mut landmarks = [[0f32; 2]; 5];
-                        for (j, l) in landmarks.iter_mut().enumerate() {
-                            *l = [w_i * p[j] + b[0] - 1.0, h_i * p[j + 5] + b[1] - 1.0];
-                        }
-                        let r = &reg_v[k];
-                        cands.push(Detection {
-                            bbox: bbreg(*b, [r[0], r[1], r[2], r[3]]),
-                            prob: score,
-                            landmarks,
-                        });
-                    }
-                }
-                let bx: Vec<[f32; 4]> = cands.iter().map(|c| c.bbox).collect();
-                let sc: Vec<f32> = cands.iter().map(|c| c.prob).collect();
-                dets = nms_min(&bx, &sc, ONET_NMS_MIN)
-                    .into_iter()
-                    .map(|i| cands[i])
-                    .collect();
-            }
-        }
-
-        // 6. MTCNN.detect: largest area first, np.argsort(area)[::-1]
-        let areas: Vec<f32> = dets.iter().map(Detection::area).collect();
-        let mut order: Vec<usize> = (0..dets.len()).collect();
-        order.sort_by(|&a, &b| areas[a].total_cmp(&areas[b]));
-        Ok(order.into_iter().rev().map(|i| dets[i]).collect())
+        Ok(stage1)
     }
+
+    /// R-Net on 24x24 crops of `boxes`: threshold, NMS 0.7, regression, squaring.
+    fn rnet_stage(
+        &self,
+        image: &ImageHwc<'_>,
+        boxes: Vec<[f32; 4]>,
+        trace: Option<&mut MtcnnTrace>,
+    ) -> Result<Vec<[f32; 4]>> {
+        if boxes.is_empty() {
+            return Ok(boxes);
+        }
+        let (xs, kept) = self.crop_batch(image, &boxes, RNET_SIZE)?;
+        let boxes: Vec<[f32; 4]> = kept.iter().map(|&k| boxes[k]).collect();
+        let Some(xs) = xs else {
+            return Ok(boxes);
+        };
+        let (reg, prob) = self.rnet.forward(&xs)?;
+        let (reg, prob) = (reg.to_device(&Device::Cpu)?, prob.to_device(&Device::Cpu)?);
+        let reg_v = reg.to_vec2::<f32>()?;
+        let prob_v = prob.to_vec2::<f32>()?;
+        if let Some(t) = trace {
+            t.rnet_input = Some(xs.to_device(&Device::Cpu)?);
+            t.rnet_prob = Some(prob);
+            t.rnet_reg = Some(reg);
+        }
+        let mut cands = Vec::new();
+        for (k, b) in boxes.iter().enumerate() {
+            let score = prob_v[k][1];
+            if score > self.cfg.thresholds[1] {
+                let r = &reg_v[k];
+                cands.push(Candidate {
+                    bbox: *b,
+                    score,
+                    reg: [r[0], r[1], r[2], r[3]],
+                });
+            }
+        }
+        let bx: Vec<[f32; 4]> = cands.iter().map(|c| c.bbox).collect();
+        let sc: Vec<f32> = cands.iter().map(|c| c.score).collect();
+        Ok(nms_torchvision(&bx, &sc, RNET_NMS)
+            .into_iter()
+            .map(|i| rerec(bbreg(cands[i].bbox, cands[i].reg)))
+            .collect())
+    }
+
+    /// O-Net on 48x48 crops of `boxes`: threshold, landmarks, regression, 'Min' NMS 0.7.
+    fn onet_stage(
+        &self,
+        image: &ImageHwc<'_>,
+        boxes: Vec<[f32; 4]>,
+        trace: Option<&mut MtcnnTrace>,
+    ) -> Result<Vec<Detection>> {
+        if boxes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (xs, kept) = self.crop_batch(image, &boxes, ONET_SIZE)?;
+        let Some(xs) = xs else {
+            return Ok(Vec::new());
+        };
+        let boxes: Vec<[f32; 4]> = kept.iter().map(|&k| boxes[k]).collect();
+        let (reg, points, prob) = self.onet.forward(&xs)?;
+        let cpu = |t: &Tensor| t.to_device(&Device::Cpu);
+        let (reg, points, prob) = (cpu(&reg)?, cpu(&points)?, cpu(&prob)?);
+        let reg_v = reg.to_vec2::<f32>()?;
+        let pts_v = points.to_vec2::<f32>()?;
+        let prob_v = prob.to_vec2::<f32>()?;
+        if let Some(t) = trace {
+            t.onet_input = Some(cpu(&xs)?);
+            t.onet_prob = Some(prob);
+            t.onet_reg = Some(reg);
+            t.onet_landmarks = Some(points);
+        }
+        let mut cands = Vec::new();
+        for (k, b) in boxes.iter().enumerate() {
+            let score = prob_v[k][1];
+            if score > self.cfg.thresholds[2] {
+                // landmarks relative to the box before regression, +1 sizes
+                let w_i = b[2] - b[0] + 1.0;
+                let h_i = b[3] - b[1] + 1.0;
+                let p = &pts_v[k];
+                let mut landmarks = [[0f32; 2]; 5];
+                for (j, l) in landmarks.iter_mut().enumerate() {
+                    *l = [w_i * p[j] + b[0] - 1.0, h_i * p[j + 5] + b[1] - 1.0];
+                }
+                let r = &reg_v[k];
+                cands.push(Detection {
+                    bbox: bbreg(*b, [r[0], r[1], r[2], r[3]]),
+                    prob: score,
+                    landmarks,
+                });
+            }
+        }
+        let bx: Vec<[f32; 4]> = cands.iter().map(|c| c.bbox).collect();
+        let sc: Vec<f32> = cands.iter().map(|c| c.prob).collect();
+        Ok(nms_min(&bx, &sc, ONET_NMS_MIN)
+            .into_iter()
+            .map(|i| cands[i])
+            .collect())
+    }
+}
+
+/// facenet `generateBoundingBox`: a row-major scan of the face-probability plane
+/// (`prob[1]`) of one level; cells scoring at least `threshold` become boxes in
+/// photo pixels, with their regression.
+fn bounding_boxes(
+    prob: &[f32],
+    reg: &[f32],
+    (oh, ow): (usize, usize),
+    scale: f64,
+    threshold: f32,
+) -> Vec<Candidate> {
+    let scale_f = scale as f32;
+    let plane = oh * ow;
+    let q1 = |v: f32| ((PNET_STRIDE * v + 1.0) / scale_f).floor();
+    let q2 = |v: f32| ((PNET_STRIDE * v + PNET_CELL) / scale_f).floor();
+    let mut cands = Vec::new();
+    for (i, &score) in prob[plane..2 * plane].iter().enumerate() {
+        if score >= threshold {
+            let (bx, by) = ((i % ow) as f32, (i / ow) as f32);
+            cands.push(Candidate {
+                bbox: [q1(bx), q1(by), q2(bx), q2(by)],
+                score,
+                reg: [
+                    reg[i],
+                    reg[plane + i],
+                    reg[2 * plane + i],
+                    reg[3 * plane + i],
+                ],
+            });
+        }
+    }
+    cands
+}
+
+/// NMS 0.7 across the levels, then the P-Net regression (box size without `+1`) and
+/// squaring.
+fn merge_scales(stage1: &[Candidate]) -> Vec<[f32; 4]> {
+    let boxes: Vec<[f32; 4]> = stage1.iter().map(|c| c.bbox).collect();
+    let scores: Vec<f32> = stage1.iter().map(|c| c.score).collect();
+    nms_torchvision(&boxes, &scores, PNET_CROSS_SCALE_NMS)
+        .into_iter()
+        .map(|i| {
+            let Candidate {
+                bbox: b, reg: r, ..
+            } = stage1[i];
+            let regw = b[2] - b[0];
+            let regh = b[3] - b[1];
+            rerec([
+                b[0] + r[0] * regw,
+                b[1] + r[1] * regh,
+                b[2] + r[2] * regw,
+                b[3] + r[3] * regh,
+            ])
+        })
+        .collect()
+}
+
+/// `MTCNN.detect`'s order: largest area first (`np.argsort(area)[::-1]`).
+fn largest_first(dets: Vec<Detection>) -> Vec<Detection> {
+    let areas: Vec<f32> = dets.iter().map(Detection::area).collect();
+    let mut order: Vec<usize> = (0..dets.len()).collect();
+    order.sort_by(|&a, &b| areas[a].total_cmp(&areas[b]));
+    order.into_iter().rev().map(|i| dets[i]).collect()
 }
 
 /// `f32` is the only dtype the detector runs in (the released weights are `f32`).
@@ -932,6 +1256,87 @@ mod tests {
         // sub-region: row 1, cols 1..3 -> 1x1
         let out = imresample_area(&img, 1..2, 1..3, 1, 1);
         assert_eq!(out[0], (40.0 + 50.0) / 1.0 / 2.0);
+        Ok(())
+    }
+
+    #[test]
+    fn pnet_planes_agree_with_the_candle_forward() -> Result<()> {
+        let vm = candle_nn::VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+        let pnet = PNet::new(vb)?;
+        // PReLU slopes start at 0.25 for every channel; make them differ
+        for (name, var) in vm.data().lock().expect("varmap").iter() {
+            if name.contains("prelu") {
+                let n = var.elem_count();
+                var.set(&Tensor::arange(0f32, n as f32, &Device::Cpu)?.affine(-0.1, 0.3)?)?;
+            }
+        }
+        let pnet = PNet {
+            planes: PNetPlanes::new(
+                [
+                    &pnet.conv1,
+                    &pnet.conv2,
+                    &pnet.conv3,
+                    &pnet.conv4_1,
+                    &pnet.conv4_2,
+                ],
+                [&pnet.prelu1, &pnet.prelu2, &pnet.prelu3],
+            )?,
+            ..pnet
+        };
+        let (h, w) = (37, 41);
+        let xs = Tensor::randn(0f32, 1.0, (1, 3, h, w), &Device::Cpu)?;
+        let (reg, prob) = pnet.forward(&xs)?;
+        let (r, p, oh, ow) = pnet.forward_planes(&xs.flatten_all()?.to_vec1()?, h, w)?;
+        assert_eq!((oh, ow), (reg.dim(2)?, reg.dim(3)?));
+        let max_diff = |a: &Tensor, b: &[f32]| -> Result<f32> {
+            let a = a.flatten_all()?.to_vec1::<f32>()?;
+            assert_eq!(a.len(), b.len());
+            Ok(a.iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0, f32::max))
+        };
+        // the matrix products sum in another order than candle's convolution
+        let (dr, dp) = (max_diff(&reg, &r)?, max_diff(&prob, &p)?);
+        assert!(dr < 1e-5 && dp < 1e-5, "reg {dr:e}, prob {dp:e}");
+        Ok(())
+    }
+
+    #[test]
+    fn integer_area_resample_is_bit_identical_to_pytorch_order() -> Result<()> {
+        // an LCG fills a 37x53 image; down-, up- and mixed resampling of sub-regions
+        let (h, w) = (37, 53);
+        let mut state = 12345u32;
+        let data: Vec<u8> = (0..h * w * 3)
+            .map(|_| {
+                state = state.wrapping_mul(1_103_515_245).wrapping_add(12345);
+                (state >> 16) as u8
+            })
+            .collect();
+        let img = ImageHwc::new(&data, h, w)?;
+        for (rows, cols, oh, ow) in [
+            (0..h, 0..w, 22, 31),
+            (0..h, 0..w, 5, 3),
+            (3..30, 7..50, 48, 48),
+            (10..12, 0..w, 24, 7),
+            (0..1, 0..1, 2, 2),
+        ] {
+            let fast = imresample_area(&img, rows.clone(), cols.clone(), oh, ow);
+            let windows = |n_out: usize, n_in: usize| -> Vec<(usize, usize)> {
+                (0..n_out)
+                    .map(|o| (start_index(o, n_out, n_in), end_index(o, n_out, n_in)))
+                    .collect()
+            };
+            let mut slow = vec![0f32; 3 * oh * ow];
+            let (rw, cw) = (windows(oh, rows.len()), windows(ow, cols.len()));
+            area_in_pytorch_order(&img, &rows, &cols, &rw, &cw, &mut slow);
+            let same = fast
+                .iter()
+                .zip(&slow)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{rows:?} x {cols:?} -> {oh}x{ow}");
+        }
         Ok(())
     }
 
