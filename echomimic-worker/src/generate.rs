@@ -210,12 +210,12 @@ pub fn run_with_cancel(
         pipeline.dtype(),
     );
 
-    // 2. audio, decoded once: the 16 kHz waveform for the model, the
-    //    native samples for the video
+    // 2. audio: the native samples for the video, and the 16 kHz waveform for
+    //    the model (through the reference's own ffmpeg call when ffmpeg runs)
     let limits = AudioLimits::default();
     let decoded = audio::decode_file(&args.audio, &limits)
         .with_context(|| format!("reading {}", args.audio.display()))?;
-    let waveform = audio::to_whisper_waveform(&decoded, &limits)
+    let waveform = audio::load_waveform_16k(&args.audio, &limits)
         .with_context(|| format!("checking {}", args.audio.display()))?;
 
     // 3. request
