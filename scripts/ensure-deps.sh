@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Makes sure the programs and services the tests and the demo need are present
-# on a fresh Debian/Ubuntu machine: a Redis server answering on
+# on a fresh Debian/Ubuntu machine: cmake and nasm (building libjpeg-turbo), a Redis server answering on
 # $REDIS_HOST:$REDIS_PORT (default 127.0.0.1:6379), ffmpeg/ffprobe (the
 # production encoder path and the probes of the media tests), Chromium (the
 # browser playback test) and cargo-nextest. Idempotent: only installs or starts
@@ -27,15 +27,20 @@ apt_install() {
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "$@" >/dev/null
 }
 
-want_redis=1 want_ffmpeg=1 want_chromium=1 want_nextest=1
+want_redis=1 want_ffmpeg=1 want_chromium=1 want_nextest=1 want_build=1
 for arg in "$@"; do
   case "$arg" in
     --no-chromium) want_chromium=0 ;;
     --no-nextest) want_nextest=0 ;;
-    --only-runtime) want_chromium=0; want_nextest=0 ;;
+    --only-runtime) want_chromium=0; want_nextest=0; want_build=0 ;;
     *) log "unknown option $arg"; exit 2 ;;
   esac
 done
+
+# cmake and nasm build libjpeg-turbo from source (the turbojpeg crate: OpenCV-exact JPEG pixels).
+if [ "$want_build" = 1 ] && ! { command -v cmake >/dev/null && command -v nasm >/dev/null; }; then
+  apt_install cmake nasm
+fi
 
 if [ "$want_ffmpeg" = 1 ] && ! { command -v ffmpeg >/dev/null && command -v ffprobe >/dev/null; }; then
   apt_install ffmpeg
