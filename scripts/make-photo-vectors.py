@@ -1,13 +1,13 @@
 #!/usr/bin/env python3
-"""Makes testdata/inputs/jpeg: JPEG variants of a real photo and what OpenCV decodes from them.
+"""Makes testdata/inputs/photos: JPEG and PNG variants of a real photo and what OpenCV decodes.
 
 Run once with the reference's pinned packages (opencv-python 4.11, Pillow):
-    python scripts/make-jpeg-vectors.py
+    python scripts/make-photo-vectors.py
 Writes small JPEGs cut from testdata/inputs/echomimic_a.png (a real portrait, a JPEG) in the
 variants people send (baseline/progressive, 4:2:0/4:2:2/4:4:4, grey, CMYK, EXIF-rotated, odd
-sizes) and expected.json: for each, the shape and an FNV-1a 64 fingerprint of the RGB bytes
+sizes; PNG 16-bit, alpha, palette, grey) and expected.json: for each, the shape and an FNV-1a 64 fingerprint of the RGB bytes
 cv2.imread(path, IMREAD_COLOR) returns (BGR swapped to RGB). CI checks ours against it with no
-Python (echomimic-pipeline/tests/jpeg_opencv.rs).
+Python (echomimic-pipeline/tests/photo_opencv.rs).
 """
 import io
 import json
@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 root = pathlib.Path(__file__).resolve().parent.parent
-out = root / "testdata/inputs/jpeg"
+out = root / "testdata/inputs/photos"
 out.mkdir(parents=True, exist_ok=True)
 src = root / "testdata/inputs/echomimic_a.png"
 
@@ -44,6 +44,21 @@ for name, (img, params) in variants.items():
 
 rgb = Image.fromarray(face[:, :, ::-1].copy())
 rgb.convert("CMYK").save(out / "cmyk.jpg", quality=90)
+# PNG as people send it: 16-bit, alpha, palette (with transparency), grey, grey + alpha
+# (128x128, to keep the lossless files small).
+tile = face[100:228, 64:192]
+tile_rgb = Image.fromarray(tile[:, :, ::-1].copy())
+face16 = (tile.astype(np.uint16) * 257 + np.arange(tile.shape[1], dtype=np.uint16)[None, :, None])
+cv2.imwrite(str(out / "rgb16.png"), face16)
+bgra = np.dstack([tile, np.linspace(0, 255, tile.shape[1], dtype=np.uint8)[None, :].repeat(tile.shape[0], 0)])
+cv2.imwrite(str(out / "rgba.png"), bgra)
+pal = tile_rgb.convert("P", palette=Image.ADAPTIVE, colors=64)
+pal.save(out / "palette.png", transparency=0)
+tile_rgb.convert("L").save(out / "grey.png")
+grey16 = (cv2.cvtColor(tile, cv2.COLOR_BGR2GRAY).astype(np.uint16) * 257)
+cv2.imwrite(str(out / "grey16.png"), grey16)
+tile_rgb.convert("LA").save(out / "grey_alpha.png")
+
 exif = Image.Exif()
 exif[0x0112] = 6  # orientation: rotate 90° clockwise to display
 rgb.save(out / "exif_rotate_90.jpg", quality=88, exif=exif.tobytes())
@@ -58,7 +73,7 @@ def fnv1a64(data: bytes) -> str:
 
 
 expected = {}
-files = sorted(p.name for p in out.glob("*.jpg"))
+files = sorted(p.name for p in out.iterdir() if p.suffix in (".jpg", ".png"))
 for name in files + ["../echomimic_a.png"]:
     img = cv2.imread(str(out / name), cv2.IMREAD_COLOR)[:, :, ::-1]
     data = np.ascontiguousarray(img).tobytes()

@@ -1,9 +1,10 @@
 //! Photos decode to exactly the pixels the reference's `cv2.imread(path, IMREAD_COLOR)` gives.
 //!
-//! `testdata/inputs/jpeg/` holds JPEG variants cut from a real portrait (baseline and
-//! progressive, 4:2:0 / 4:2:2 / 4:4:4, grey, CMYK, EXIF-rotated, odd sizes) and, in
+//! `testdata/inputs/photos/` holds JPEG and PNG variants cut from a real portrait (baseline and
+//! progressive, 4:2:0 / 4:2:2 / 4:4:4, grey, CMYK, EXIF-rotated, odd sizes; PNG 16-bit, alpha,
+//! palette, grey) and, in
 //! `expected.json`, a fingerprint of OpenCV 4.11's decode of each, made once by
-//! `scripts/make-jpeg-vectors.py`; the reference's own sample `echomimic_a.png` (a JPEG) is
+//! `scripts/make-photo-vectors.py`; the reference's own sample `echomimic_a.png` (a JPEG) is
 //! checked too. No Python needed here.
 
 use std::path::{Path, PathBuf};
@@ -25,14 +26,14 @@ fn fnv1a64(data: &[u8]) -> String {
 }
 
 #[test]
-fn jpeg_pixels_equal_opencv_imread() -> anyhow::Result<()> {
-    let dir = inputs().join("jpeg");
+fn photo_pixels_equal_opencv_imread() -> anyhow::Result<()> {
+    let dir = inputs().join("photos");
     let expected: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json"))?)?;
     let images = expected["images"]
         .as_object()
         .ok_or_else(|| anyhow::anyhow!("expected.json has no images"))?;
-    anyhow::ensure!(images.len() >= 9, "{} images", images.len());
+    anyhow::ensure!(images.len() >= 15, "{} images", images.len());
     let mut failures = Vec::new();
     for (name, want) in images {
         let img = face::load_image(dir.join(name), &ImageLimits::default())?;
