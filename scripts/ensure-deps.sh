@@ -27,18 +27,19 @@ apt_install() {
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "$@" >/dev/null
 }
 
-want_redis=1 want_ffmpeg=1 want_chromium=1 want_nextest=1 want_build=1
+want_redis=1 want_ffmpeg=1 want_chromium=1 want_nextest=1
 for arg in "$@"; do
   case "$arg" in
     --no-chromium) want_chromium=0 ;;
     --no-nextest) want_nextest=0 ;;
-    --only-runtime) want_chromium=0; want_nextest=0; want_build=0 ;;
+    --only-runtime) want_chromium=0; want_nextest=0 ;;
     *) log "unknown option $arg"; exit 2 ;;
   esac
 done
 
-# cmake and nasm build libjpeg-turbo from source (the turbojpeg crate: OpenCV-exact JPEG pixels).
-if [ "$want_build" = 1 ] && ! { command -v cmake >/dev/null && command -v nasm >/dev/null; }; then
+# cmake (and nasm, for its SIMD code) build libjpeg-turbo from source: the turbojpeg crate,
+# OpenCV-exact JPEG pixels. Needed by every build, the demo's included.
+if ! { command -v cmake >/dev/null && command -v nasm >/dev/null; }; then
   apt_install cmake nasm
 fi
 

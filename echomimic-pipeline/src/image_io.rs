@@ -2,11 +2,11 @@
 //!
 //! OpenCV decodes JPEG with libjpeg-turbo's defaults: the accurate integer IDCT
 //! (`JDCT_ISLOW`) and "fancy" (triangle-filter) chroma upsampling. The `turbojpeg` crate
-//! builds the same library from source (cmake + nasm), and its defaults are those, so
-//! the pixels equal OpenCV 4.11's bit for bit on baseline and progressive, 4:2:0, 4:2:2 and
-//! 4:4:4 photos (checked on the reference's sample photos and re-encoded variants; see
-//! `tests/face_inputs.rs`). Other decoders (`zune-jpeg`, used by the `image` crate) round
-//! differently and were measured up to 3/255 away on 3.5 % of a real portrait's pixels.
+//! builds the same library from source (cmake; nasm for its SIMD code, which gives the same
+//! pixels as its C code) and its defaults are those, so the pixels equal OpenCV 4.11's bit for
+//! bit on baseline and progressive, 4:2:0, 4:2:2 and 4:4:4, grey, CMYK and EXIF-rotated photos
+//! (`tests/photo_opencv.rs`). Other decoders (`zune-jpeg`, behind the `image` crate) round
+//! differently and land a unit or a few away on some pixels.
 //!
 //! CMYK and YCCK JPEGs (rare outside print workflows) are decoded to libjpeg-turbo's CMYK
 //! output and converted with OpenCV's own CMYK → BGR formula (`c' = k − ((255 − c)·k >> 8)`,
