@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Makes sure the programs and services the tests and the demo need are present
-# on a fresh Debian/Ubuntu machine: a Redis server answering on
+# on a fresh Debian/Ubuntu machine: cmake and nasm (building libjpeg-turbo), a Redis server answering on
 # $REDIS_HOST:$REDIS_PORT (default 127.0.0.1:6379), ffmpeg/ffprobe (the
 # production encoder path and the probes of the media tests), Chromium (the
 # browser playback test) and cargo-nextest. Idempotent: only installs or starts
@@ -36,6 +36,12 @@ for arg in "$@"; do
     *) log "unknown option $arg"; exit 2 ;;
   esac
 done
+
+# cmake (and nasm, for its SIMD code) build libjpeg-turbo from source: the turbojpeg crate,
+# OpenCV-exact JPEG pixels. Needed by every build, the demo's included.
+if ! { command -v cmake >/dev/null && command -v nasm >/dev/null; }; then
+  apt_install cmake nasm
+fi
 
 if [ "$want_ffmpeg" = 1 ] && ! { command -v ffmpeg >/dev/null && command -v ffprobe >/dev/null; }; then
   apt_install ffmpeg

@@ -7,8 +7,8 @@
 //!    frame of a GIF. The EXIF orientation is applied, as `cv2.imread` does. Like
 //!    `cv2.imread(path)` (`IMREAD_COLOR`), alpha is dropped without compositing, grey is
 //!    replicated to three channels and 16-bit samples keep their high byte
-//!    (libpng `png_set_strip_16`). JPEG pixels come from `zune-jpeg`, not libjpeg-turbo, so
-//!    they can differ from OpenCV's by a unit here and there; PNG is bit-exact. (Standard
+//!    (libpng `png_set_strip_16`). JPEG is decoded by libjpeg-turbo with OpenCV's settings
+//!    ([`crate::image_io`]), so JPEG and PNG pixels are bit-exact. (Standard
 //!    OpenCV builds cannot read GIF at all; decoding the first frame is our choice.)
 //! 2. **Detect** with [`Mtcnn`] and the reference's parameters. EchoMimic hands the
 //!    OpenCV **BGR** array to facenet, which expects RGB; the detector therefore sees
@@ -138,7 +138,16 @@ pub fn decode_image(bytes: &[u8], limits: &ImageLimits) -> Result<RgbImage> {
     let orientation = decoder
         .orientation()
         .unwrap_or(image::metadata::Orientation::NoTransforms);
-    let mut img = DynamicImage::from_decoder(decoder).map_err(corrupt)?;
+    let mut img = if format == ImageFormat::Jpeg {
+        // libjpeg-turbo, as OpenCV (see `crate::image_io`).
+        drop(decoder);
+        DynamicImage::ImageRgb8(
+            crate::image_io::decode_jpeg_like_opencv(bytes)
+                .map_err(|e| image_err(format!("cannot decode the {format:?} image: {e}")))?,
+        )
+    } else {
+        DynamicImage::from_decoder(decoder).map_err(corrupt)?
+    };
     img.apply_orientation(orientation);
     Ok(to_rgb8_like_opencv(img))
 }

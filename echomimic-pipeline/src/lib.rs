@@ -11,6 +11,7 @@ pub mod context;
 pub mod device;
 pub mod error;
 pub mod face;
+pub mod image_io;
 pub mod kernels;
 pub mod models;
 pub mod ops;

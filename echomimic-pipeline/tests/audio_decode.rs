@@ -419,17 +419,161 @@ fn silent_short_long_and_unsupported_inputs_are_typed_errors() -> anyhow::Result
         audio::load_waveform_16k(&long, &limits)?;
     }
 
+    // The same typed errors on the built-in path (no ffmpeg).
+    let builtin = |path: &Path, limits: &AudioLimits| -> anyhow::Result<AudioError> {
+        match audio::load_waveform_16k_with(path, limits, None) {
+            Ok(_) => anyhow::bail!("{} decoded without error", path.display()),
+            Err(e) => audio_err(e),
+        }
+    };
+    let err = builtin(&silent, &limits)?;
+    anyhow::ensure!(matches!(err, AudioError::Silent { .. }), "{err:?}");
+    let err = builtin(&short, &limits)?;
+    anyhow::ensure!(matches!(err, AudioError::TooShort { .. }), "{err:?}");
+
+    // Garbage under an audio name: ffmpeg refuses it, the built-in decoders type the error.
+    let garbage = fx.dir.path().join("garbage.mp3");
+    std::fs::write(
+        &garbage,
+        b"this is not audio at all, just some text".repeat(50),
+    )?;
+    let err = audio_err(audio::load_waveform_16k(&garbage, &limits).unwrap_err())?;
+    anyhow::ensure!(
+        matches!(err, AudioError::Unsupported(_) | AudioError::Corrupt(_)),
+        "{err:?}"
+    );
+
+    // A voice note needs ffmpeg: without it the error says so.
     let opus = fx.encode(
         &["-f", "lavfi", "-i", "sine=f=440:r=48000", "-t", "1"],
         "speech.opus",
         &["-c:a", "libopus"],
     )?;
-    let err = audio_err(audio::load_waveform_16k(&opus, &limits).unwrap_err())?;
-    anyhow::ensure!(matches!(err, AudioError::Unsupported(_)), "{err:?}");
-    eprintln!("opus: {err}");
+    audio::load_waveform_16k(&opus, &limits)?;
+    let err = audio_err(audio::decode_file_with(&opus, &limits, None).unwrap_err())?;
+    anyhow::ensure!(
+        matches!(&err, AudioError::Unsupported(m) if m.contains("ffmpeg")),
+        "{err:?}"
+    );
+    eprintln!("opus without ffmpeg: {err}");
+    let err = audio_err(
+        audio::decode_file_with(&opus, &strict_1s(), Some(Path::new("ffmpeg"))).unwrap_err(),
+    )?;
+    anyhow::ensure!(matches!(err, AudioError::TooLong { .. }), "{err:?}");
 
     let missing = audio::load_waveform_16k(fx.dir.path().join("absent.mp3"), &limits).unwrap_err();
     anyhow::ensure!(matches!(missing, PipelineError::Io { .. }), "{missing:?}");
+    Ok(())
+}
+
+fn strict_1s() -> AudioLimits {
+    AudioLimits {
+        max_seconds: 0.5,
+        ..AudioLimits::default()
+    }
+}
+
+/// With ffmpeg present the 16 kHz waveform is the reference's command's output bit for bit,
+/// for every input rate, mono and stereo, lossless and lossy.
+#[test]
+fn ffmpeg_path_equals_the_reference_command() -> anyhow::Result<()> {
+    let fx = Fixtures::new()?;
+    let speech = golden_speech();
+    let speech = speech.to_str().context("path")?;
+    let limits = AudioLimits::default();
+    for rate in [8_000u32, 22_050, 24_000, 44_100, 48_000] {
+        for channels in [1u32, 2] {
+            // Speech at `rate` plus a faint noise floor (content up to the new Nyquist); the
+            // second channel, when there is one, is independent noise.
+            let graph = format!(
+                "[0:a]aresample={rate}[s];anoisesrc=d=1.5:c=pink:r={rate}:a=0.02:seed=3[n];\
+                 [s][n]amix=inputs=2:normalize=0[m];\
+                 anoisesrc=d=1.5:c=white:r={rate}:a=0.1:seed=9[w];\
+                 {}",
+                if channels == 2 {
+                    "[m][w]amerge=inputs=2[o]"
+                } else {
+                    "[m][w]amix=inputs=2:normalize=0[o]"
+                }
+            );
+            for (ext, codec) in [("wav", "pcm_s16le"), ("mp3", "libmp3lame")] {
+                let path = fx.encode(
+                    &["-i", speech, "-filter_complex", &graph, "-map", "[o]"],
+                    &format!("s_{rate}_{channels}.{ext}"),
+                    &["-c:a", codec],
+                )?;
+                let ours = to_i32(&audio::load_waveform_16k(&path, &limits)?);
+                let reference = ffmpeg_load_audio(&path)?;
+                anyhow::ensure!(
+                    ours == reference,
+                    "{rate} Hz x{channels} {ext}: {:?}",
+                    diff(&ours, &reference)
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Formats only ffmpeg decodes (voice notes and the like) decode at their native rate exactly
+/// as ffmpeg does, and their 16 kHz waveform is the reference's.
+#[test]
+fn voice_notes_and_other_formats_decode_through_ffmpeg() -> anyhow::Result<()> {
+    let fx = Fixtures::new()?;
+    let speech = golden_speech();
+    let speech = speech.to_str().context("path")?;
+    let limits = AudioLimits::default();
+    let cases: &[(&str, &[&str], &[&str])] = &[
+        (
+            "voice.ogg",
+            &["-i", speech],
+            &["-c:a", "libopus", "-b:a", "24k"],
+        ),
+        (
+            "voice.opus",
+            &["-i", speech],
+            &["-c:a", "libopus", "-ac", "2"],
+        ),
+        ("recording.webm", &["-i", speech], &["-c:a", "libopus"]),
+        (
+            "speech.wma",
+            &["-i", speech],
+            &["-c:a", "wmav2", "-ar", "44100"],
+        ),
+        (
+            // The audio track of a phone-style video (Matroska with a video track).
+            "clip.mkv",
+            &[
+                "-i",
+                speech,
+                "-f",
+                "lavfi",
+                "-i",
+                "testsrc=size=64x64:rate=10",
+                "-shortest",
+            ],
+            &["-c:v", "mpeg4", "-c:a", "libvorbis"],
+        ),
+    ];
+    for (name, input, opts) in cases {
+        let path = fx.encode(input, name, opts)?;
+        let decoded = audio::decode_file(&path, &limits).with_context(|| name.to_string())?;
+        let native = ffmpeg_native_f32(&path)?;
+        anyhow::ensure!(decoded.samples == native, "{name}: native samples differ");
+        let ours = to_i32(&audio::load_waveform_16k(&path, &limits)?);
+        anyhow::ensure!(ours == ffmpeg_load_audio(&path)?, "{name}: 16 kHz differs");
+        let err = audio_err(audio::decode_file_with(&path, &limits, None).unwrap_err())?;
+        anyhow::ensure!(
+            matches!(err, AudioError::Unsupported(_) | AudioError::Corrupt(_)),
+            "{name}: {err:?}"
+        );
+        eprintln!(
+            "{name}: {} Hz x{}, {:.2} s",
+            decoded.sample_rate,
+            decoded.channels,
+            decoded.duration_seconds()
+        );
+    }
     Ok(())
 }
 

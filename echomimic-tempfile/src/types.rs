@@ -1,7 +1,7 @@
 //! Wire types of the temp-file API and the table of accepted formats.
 //!
 //! Accepted extensions (case-insensitive) and the content each must have (checked on the first
-//! bytes of the upload, so a renamed file is refused):
+//! bytes of the upload):
 //!
 //! | type | extension | Content-Type | content |
 //! |---|---|---|---|
@@ -15,12 +15,26 @@
 //! | audio | aac | audio/aac | ADTS frame header, `ADIF`, or ID3 tag |
 //! | audio | m4a | audio/mp4 | ISO base media (ftyp/moov/mdat… box) |
 //! | audio | flac | audio/flac | `fLaC` or ID3 tag |
+//! | audio | opus | audio/ogg | `OggS` (voice notes) |
+//! | audio | weba | audio/webm | EBML header (browser recordings) |
+//! | audio | amr | audio/amr | `#!AMR` |
+//! | audio | wma | audio/x-ms-wma | ASF header GUID |
 //! | video | mp4, mov, m4v | video/mp4, video/quicktime, video/x-m4v | ISO base media |
 //! | video | avi | video/x-msvideo | RIFF….AVI |
 //! | video | wmv | video/x-ms-wmv | ASF header GUID |
 //! | video | flv | video/x-flv | `FLV` |
 //! | video | mpeg, mpg | video/mpeg | MPEG-PS/ES start code or MPEG-TS sync bytes |
 //! | video | webm, mkv | video/webm, video/x-matroska | EBML header |
+//!
+//! Misnamed files (what [`recognise_content`] decides): people rename files and apps save them
+//! under the wrong extension (a JPEG named `.png`, a WAV named `.mp3`). An upload is accepted when
+//! its content is the format its extension names, or else any accepted format **of the same
+//! kind** (image content under an image name, audio under an audio name, video under a video
+//! name); it is then stored and served under its true type: the true `Content-Type` on download,
+//! `file_type` of that kind, while `original_name` (and the download's `Content-Disposition`)
+//! keep the name as sent, extension included. Content that is no accepted format of the name's
+//! kind (text named `.png`, an executable named `.wav`, a video named `.png`) is refused, and so
+//! are HEIC/HEIF and AVIF photos, with a message naming the format and asking for a JPEG or PNG.
 
 use serde::{Deserialize, Serialize};
 
@@ -31,7 +45,7 @@ use serde::{Deserialize, Serialize};
 pub enum FileType {
     /// png, jpg, jpeg, gif, webp
     Image,
-    /// mp3, wav, ogg, aac, m4a, flac
+    /// mp3, wav, ogg, aac, m4a, flac, opus, weba, amr, wma
     Audio,
     /// mp4, avi, mov, wmv, flv, mpeg, mpg, m4v, webm, mkv
     Video,
@@ -78,6 +92,7 @@ enum Signature {
     MpegPs,
     MpegTs,
     Ebml,
+    Amr,
 }
 
 struct Format {
@@ -155,6 +170,30 @@ const FORMATS: &[Format] = &[
         file_type: FileType::Audio,
         content_type: "audio/flac",
         signatures: &[S::Flac, S::Id3],
+    },
+    Format {
+        ext: "opus",
+        file_type: FileType::Audio,
+        content_type: "audio/ogg",
+        signatures: &[S::Ogg],
+    },
+    Format {
+        ext: "weba",
+        file_type: FileType::Audio,
+        content_type: "audio/webm",
+        signatures: &[S::Ebml],
+    },
+    Format {
+        ext: "amr",
+        file_type: FileType::Audio,
+        content_type: "audio/amr",
+        signatures: &[S::Amr],
+    },
+    Format {
+        ext: "wma",
+        file_type: FileType::Audio,
+        content_type: "audio/x-ms-wma",
+        signatures: &[S::Asf],
     },
     Format {
         ext: "mp4",
@@ -247,15 +286,123 @@ pub fn extension_of(name: &str) -> Option<String> {
 }
 
 /// True when `head` (the first bytes of a file, up to [`SNIFF_BYTES`]) looks like a file of
-/// extension `ext`. False for extensions that are not accepted.
+/// extension `ext` itself. False for extensions that are not accepted.
 pub fn content_matches_extension(ext: &str, head: &[u8]) -> bool {
-    let Some(format) = format(ext) else {
-        return false;
-    };
+    format(ext).is_some_and(|f| format_matches(f, head))
+}
+
+fn format_matches(format: &Format, head: &[u8]) -> bool {
     format
         .signatures
         .iter()
         .any(|s| signature_matches(*s, head))
+}
+
+/// The format an upload was recognised as (see the module docs on misnamed files).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Recognised {
+    /// The canonical extension of the true format, e.g. `jpg` for a JPEG named `.png`.
+    pub ext: &'static str,
+    /// Its kind (always the kind the name says).
+    pub file_type: FileType,
+    /// The `Content-Type` it is served with.
+    pub content_type: &'static str,
+    /// True when the content is not the format the name's extension says.
+    pub renamed: bool,
+}
+
+/// Why [`recognise_content`] refused an upload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ContentRefusal {
+    /// The extension is not an accepted one.
+    ExtensionNotAllowed,
+    /// A photo format we do not decode: `"HEIC/HEIF"` or `"AVIF"`.
+    UnsupportedPhoto(&'static str),
+    /// The content is no accepted format of the kind the name says.
+    NotOfItsKind(FileType),
+}
+
+impl std::fmt::Display for ContentRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ContentRefusal::ExtensionNotAllowed => f.write_str("the file type is not allowed"),
+            ContentRefusal::UnsupportedPhoto(format) => write!(
+                f,
+                "the content is a {format} photo, which is not accepted: convert it to JPEG or PNG \
+                 first (on an iPhone, Settings > Camera > Formats > Most Compatible saves JPEG)"
+            ),
+            ContentRefusal::NotOfItsKind(kind) => {
+                let (kind, list) = match kind {
+                    FileType::Image => ("image", kinds_list(FileType::Image)),
+                    FileType::Audio => ("audio", kinds_list(FileType::Audio)),
+                    FileType::Video => ("video", kinds_list(FileType::Video)),
+                    FileType::Other => ("other", String::new()),
+                };
+                write!(
+                    f,
+                    "the content is not an accepted {kind} format ({list}); the file type is \
+                     checked by content, not only by name"
+                )
+            }
+        }
+    }
+}
+
+fn kinds_list(kind: FileType) -> String {
+    let mut v: Vec<&str> = Vec::new();
+    for f in FORMATS.iter().filter(|f| f.file_type == kind) {
+        if !v.contains(&f.content_type) {
+            v.push(f.content_type);
+        }
+    }
+    v.join(", ")
+}
+
+/// Decides what an upload named with extension `ext` whose content starts with `head` (up to
+/// [`SNIFF_BYTES`]) is: the named format when the content is that, else the first accepted format
+/// of the same kind the content is (in the table's order), else a refusal. HEIC/HEIF and AVIF
+/// photos are refused whatever the name.
+pub fn recognise_content(ext: &str, head: &[u8]) -> Result<Recognised, ContentRefusal> {
+    let named = format(ext).ok_or(ContentRefusal::ExtensionNotAllowed)?;
+    if let Some(photo) = heif_family(head) {
+        return Err(ContentRefusal::UnsupportedPhoto(photo));
+    }
+    let recognised = |f: &'static Format, renamed| Recognised {
+        ext: f.ext,
+        file_type: f.file_type,
+        content_type: f.content_type,
+        renamed,
+    };
+    if format_matches(named, head) {
+        return Ok(recognised(named, false));
+    }
+    FORMATS
+        .iter()
+        .find(|f| f.file_type == named.file_type && format_matches(f, head))
+        .map(|f| recognised(f, true))
+        .ok_or(ContentRefusal::NotOfItsKind(named.file_type))
+}
+
+/// `Some("HEIC/HEIF")` or `Some("AVIF")` when `h` is an ISO base media file whose major or
+/// compatible brands say it is a HEIF still image or an AVIF one.
+fn heif_family(h: &[u8]) -> Option<&'static str> {
+    if h.get(4..8) != Some(b"ftyp") {
+        return None;
+    }
+    let size = u32::from_be_bytes(h.get(0..4)?.try_into().ok()?) as usize;
+    let end = size.clamp(16, h.len().max(16)).min(h.len());
+    let mut brands = vec![h.get(8..12)?];
+    brands.extend(h.get(16..end).unwrap_or(&[]).chunks_exact(4));
+    let is = |list: &[&[u8]]| brands.iter().any(|b| list.contains(b));
+    if is(&[b"avif", b"avis"]) {
+        Some("AVIF")
+    } else if is(&[
+        b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1",
+    ]) {
+        Some("HEIC/HEIF")
+    } else {
+        None
+    }
 }
 
 fn signature_matches(sig: Signature, h: &[u8]) -> bool {
@@ -300,6 +447,7 @@ fn signature_matches(sig: Signature, h: &[u8]) -> bool {
         S::MpegPs => at(0, b"\x00\x00\x01\xba") || at(0, b"\x00\x00\x01\xb3"),
         S::MpegTs => h.len() > 188 && h[0] == 0x47 && h[188] == 0x47,
         S::Ebml => at(0, b"\x1a\x45\xdf\xa3"),
+        S::Amr => at(0, b"#!AMR"),
     }
 }
 
@@ -342,7 +490,7 @@ mod tests {
             assert_ne!(content_type_for_extension(ext), "application/octet-stream");
             assert!(file_type_for_extension(&ext.to_uppercase()).is_some());
         }
-        assert_eq!(allowed_extensions().count(), 21);
+        assert_eq!(allowed_extensions().count(), 25);
         assert_eq!(file_type_for_extension("exe"), None);
         assert_eq!(file_type_for_extension("svg"), None);
     }
@@ -386,5 +534,62 @@ mod tests {
         ts[0] = 0x47;
         ts[188] = 0x47;
         assert!(content_matches_extension("mpg", &ts));
+        assert!(content_matches_extension("amr", b"#!AMR\n"));
+        assert!(content_matches_extension("opus", b"OggS\0\x02"));
+    }
+
+    #[test]
+    fn misnamed_files_are_recognised_within_their_kind() {
+        let jpeg = b"\xff\xd8\xff\xe0\0\x10JFIF";
+        let r = recognise_content("png", jpeg).unwrap();
+        assert_eq!(
+            (r.ext, r.content_type, r.renamed),
+            ("jpg", "image/jpeg", true)
+        );
+        assert_eq!(r.file_type, FileType::Image);
+        let r = recognise_content("jpeg", jpeg).unwrap();
+        assert_eq!((r.ext, r.renamed), ("jpeg", false));
+        let wav = b"RIFF\x24\0\0\0WAVEfmt ";
+        let r = recognise_content("mp3", wav).unwrap();
+        assert_eq!(
+            (r.ext, r.content_type, r.renamed),
+            ("wav", "audio/wav", true)
+        );
+        // An MP4 under an audio name is audio (m4a), under a video name video.
+        let mp4 = b"\0\0\0\x20ftypisom\0\0\x02\0isomiso2";
+        assert_eq!(
+            recognise_content("wav", mp4).unwrap().content_type,
+            "audio/mp4"
+        );
+        assert_eq!(
+            recognise_content("mov", mp4).unwrap().content_type,
+            "video/quicktime"
+        );
+        // Other kinds and unknown content stay refused.
+        assert_eq!(
+            recognise_content("png", wav),
+            Err(ContentRefusal::NotOfItsKind(FileType::Image))
+        );
+        assert_eq!(
+            recognise_content("wav", b"MZ\x90\0"),
+            Err(ContentRefusal::NotOfItsKind(FileType::Audio))
+        );
+        assert_eq!(
+            recognise_content("exe", jpeg),
+            Err(ContentRefusal::ExtensionNotAllowed)
+        );
+        let heic = b"\0\0\0\x18ftypheic\0\0\0\0mif1heic";
+        assert_eq!(
+            recognise_content("jpg", heic),
+            Err(ContentRefusal::UnsupportedPhoto("HEIC/HEIF"))
+        );
+        let avif = b"\0\0\0\x1cftypavif\0\0\0\0avifmif1miaf";
+        assert_eq!(
+            recognise_content("png", avif),
+            Err(ContentRefusal::UnsupportedPhoto("AVIF"))
+        );
+        assert!(ContentRefusal::UnsupportedPhoto("AVIF")
+            .to_string()
+            .contains("JPEG or PNG"));
     }
 }

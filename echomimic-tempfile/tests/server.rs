@@ -146,9 +146,24 @@ fn bad_extension_and_content_mismatch_are_400() -> TestResult {
         (b"evil.exe", b"MZ\x90\0", "not allowed"),
         (b"page.html", b"<html>", "not allowed"),
         (b"noext", &jpeg, "no extension"),
-        (b"photo.png", &jpeg, "not a .png file"),
-        (b"speech.wav", b"plain text, not audio", "not a .wav file"),
+        (b"photo.png", b"plain text, not an image", "not a .png file"),
+        (
+            b"speech.wav",
+            b"MZ\x90\0\x03\0\0\0\x04\0",
+            "not a .wav file",
+        ),
+        (b"speech.mp3", &jpeg, "not an accepted audio format"),
         (b"clip.mp4", &jpeg, "not a .mp4 file"),
+        (
+            b"iphone.jpg",
+            b"\0\0\0\x18ftypheic\0\0\0\0mif1heic",
+            "HEIC/HEIF photo",
+        ),
+        (
+            b"photo.png",
+            b"\0\0\0\x1cftypavif\0\0\0\0avifmif1miaf",
+            "AVIF photo, which is not accepted: convert it to JPEG or PNG",
+        ),
         (b"empty.png", b"", "empty"),
     ];
     for (name, content, needle) in cases {
@@ -165,7 +180,7 @@ fn bad_extension_and_content_mismatch_are_400() -> TestResult {
     assert_eq!(files_under(&dir.path().join("s")), Vec::<String>::new());
     // The client surfaces the server's message.
     let src = dir.path().join("fake.png");
-    std::fs::write(&src, &jpeg)?;
+    std::fs::write(&src, b"plain text")?;
     match client(&server).upload_file(&src).unwrap_err() {
         TempfileError::Status {
             status: 400,
@@ -173,6 +188,48 @@ fn bad_extension_and_content_mismatch_are_400() -> TestResult {
             ..
         } => assert!(message.contains("not a .png file")),
         other => panic!("unexpected {other}"),
+    }
+    Ok(())
+}
+
+/// A file whose content is another accepted format of the kind its name says is stored and
+/// served under its true type, with the name kept as sent. `echomimic_a.png` is the
+/// reference's own sample photo, a JPEG named `.png`.
+#[test]
+fn misnamed_files_are_served_under_their_true_type() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let server = start(&dir.path().join("s"), |_| {});
+    let c = client(&server);
+    let photo = std::fs::read(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/inputs/echomimic_a.png"),
+    )?;
+    let wav = b"RIFF\x24\0\0\0WAVEfmt \x10\0\0\0\x01\0\x01\0".to_vec();
+    let cases: &[(&str, &[u8], FileType, &str)] = &[
+        ("a.png", &photo, FileType::Image, "image/jpeg"),
+        ("speech.mp3", &wav, FileType::Audio, "audio/wav"),
+        ("voice.ogg", &wav, FileType::Audio, "audio/wav"),
+    ];
+    for (name, content, file_type, content_type) in cases {
+        let src = dir.path().join("upload.bin");
+        std::fs::write(&src, content)?;
+        let up = c.upload_file_as(&src, name)?;
+        assert_eq!(up.original_name, *name);
+        assert_eq!(up.file_type, *file_type);
+        let r = raw(
+            server.addr(),
+            format!(
+                "GET /api/tempfile/download/{} HTTP/1.1\r\nHost: t\r\n\r\n",
+                up.file_id
+            )
+            .as_bytes(),
+        );
+        assert_eq!(r.status, 200, "{name}");
+        assert_eq!(r.header("content-type"), Some(*content_type), "{name}");
+        assert_eq!(
+            r.header("content-disposition"),
+            Some(format!("attachment; filename=\"{name}\"").as_str())
+        );
+        assert_eq!(r.body, *content, "{name}");
     }
     Ok(())
 }

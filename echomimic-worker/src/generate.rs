@@ -235,7 +235,8 @@ impl Speech {
         let limits = AudioLimits::default();
         let decoded = audio::decode_file(path, &limits)
             .with_context(|| format!("reading {}", path.display()))?;
-        let waveform = audio::to_whisper_waveform(&decoded, &limits)
+        // the model's waveform through the reference's own ffmpeg call when ffmpeg runs
+        let waveform = audio::load_waveform_16k(path, &limits)
             .with_context(|| format!("checking {}", path.display()))?;
         Ok(Speech {
             decoded,

@@ -265,6 +265,33 @@ fn a_short_frame_limit_cuts_video_and_audio() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A voice note (Opus in Ogg, as messaging apps send) drives a video: decoded through ffmpeg.
+#[test]
+fn a_voice_note_drives_a_video() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut cmd = golden_command(dir.path(), &[])?;
+    let a = cmd.iter().position(|a| a == "--audio").unwrap() + 1;
+    let note = dir.path().join("voice-note.ogg");
+    let status = std::process::Command::new("ffmpeg")
+        .args(["-hide_banner", "-loglevel", "error", "-nostdin", "-y", "-i"])
+        .arg(&cmd[a])
+        .args(["-c:a", "libopus", "-b:a", "24k"])
+        .arg(&note)
+        .status()?;
+    anyhow::ensure!(status.success(), "ffmpeg could not make the voice note");
+    cmd[a] = note.display().to_string();
+    let l = cmd.iter().position(|a| a == "-L").unwrap() + 1;
+    cmd[l] = "6".into();
+    let steps = cmd.iter().position(|a| a == "--steps").unwrap() + 1;
+    cmd[steps] = "1".into();
+    let out = run(&cmd)?;
+    assert_eq!(out.report.frames, 6);
+    assert_eq!(out.video.frames_written, 6);
+    assert!(out.video.audio_duration_s > 0.0);
+    assert!(dir.path().join("out.mp4").metadata()?.len() > 0);
+    Ok(())
+}
+
 #[test]
 fn flags_parse_as_documented() -> anyhow::Result<()> {
     let base = [

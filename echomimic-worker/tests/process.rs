@@ -159,6 +159,43 @@ fn binary_serves_the_tiny_model_end_to_end() -> TestResult {
     Ok(())
 }
 
+/// A voice note (Opus in Ogg) uploaded under a wrong name (`.mp3`, as apps do) is served as
+/// `audio/ogg` by the temp-file server and drives a video: the worker decodes it with ffmpeg.
+#[test]
+fn a_misnamed_voice_note_drives_a_video() -> TestResult {
+    let Some(world) = World::new() else {
+        return Ok(());
+    };
+    let note = world.dir.path().join("note.ogg");
+    let status = Command::new("ffmpeg")
+        .args(["-hide_banner", "-loglevel", "error", "-nostdin", "-y", "-i"])
+        .arg(speech())
+        .args(["-c:a", "libopus", "-b:a", "24k"])
+        .arg(&note)
+        .status()?;
+    assert!(status.success(), "ffmpeg could not make the voice note");
+    let audio_id = world.http.upload_file_as(&note, "voice note.mp3")?.file_id;
+    let rec = world.recorder();
+    let mut worker = WorkerProc::start(&world, &[]);
+    worker.wait_ready(&world, Duration::from_secs(120));
+    let mut task = quick_task(&world, &unique("voice"));
+    task.audio_id = audio_id;
+    world.submit(&task);
+    let done = rec.wait_terminal(&task.task_id, Duration::from_secs(180));
+    assert_eq!(
+        done.status,
+        Status::Completed,
+        "{done:?}\n{}",
+        worker.log_text()
+    );
+    let video = world.fetch_video(done.video_file_id.as_deref().unwrap());
+    assert_eq!(video.frames, Some(12));
+    assert_eq!(video.audio_codec.as_deref(), Some("aac"));
+    worker.signal("TERM");
+    assert!(worker.wait_exit(Duration::from_secs(30)).success());
+    Ok(())
+}
+
 #[test]
 fn kill_9_mid_inference_then_restart_completes_exactly_once() -> TestResult {
     let Some(world) = World::new() else {

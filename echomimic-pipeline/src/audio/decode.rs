@@ -5,8 +5,10 @@
 //!   bogus length, ...) fall back to symphonia.
 //! * Everything else goes through symphonia 0.5: MP3, AAC (ADTS or in MP4/M4A),
 //!   Apple Lossless (ALAC in MP4/M4A), Ogg Vorbis, FLAC, and PCM in WAV. Opus
-//!   (symphonia 0.5 has no Opus decoder), WMA and video containers other than
-//!   MP4 are not supported and fail with [`AudioError::Unsupported`].
+//!   (symphonia 0.5 has no Opus decoder), AMR, WMA and video containers other
+//!   than MP4 are not built in: [`super::decode_file`] reads them through
+//!   ffmpeg (`super::ffmpeg`) when it is installed, else they fail with
+//!   [`AudioError::Unsupported`].
 //!
 //! Nothing here panics on hostile input: decoder errors become [`AudioError`]s,
 //! and as a last line of defence a panic inside a third-party decoder is caught
@@ -105,12 +107,12 @@ impl DecodedAudio {
     }
 }
 
-/// Decodes an audio file at its native rate.
+/// Decodes an audio file at its native rate with the built-in decoders only (see
+/// [`super::decode_file`] for the ffmpeg fallback).
 ///
 /// Fails with [`PipelineError::Io`] when the file cannot be opened, and with
 /// [`PipelineError::Audio`] when its content is unusable (see [`decode_bytes`]).
-pub fn decode_file(path: impl AsRef<Path>, limits: &AudioLimits) -> Result<DecodedAudio> {
-    let path = path.as_ref();
+pub(crate) fn decode_file_builtin(path: &Path, limits: &AudioLimits) -> Result<DecodedAudio> {
     let mut file = File::open(path).map_err(|e| PipelineError::io(path, e))?;
     let mut head = [0u8; 12];
     let n = read_head(&mut file, &mut head).map_err(|e| PipelineError::io(path, e))?;

@@ -9,6 +9,15 @@
 //!      ──whisper_chunks(fps)──▶ [frames, 10·(L+1), D]
 //! ```
 //!
+//! Decoders: with the `ffmpeg` program installed ([`crate::video::FFMPEG_ENV`] or `ffmpeg` on
+//! `PATH`), [`load_waveform_16k`] runs the reference's own ffmpeg call, so the 16 kHz waveform
+//! equals the reference's bit for bit for every format and input rate, and [`decode_file`] falls
+//! back to ffmpeg for what the built-in decoders lack (Opus voice notes in Ogg or WebM, AMR, WMA,
+//! the audio track of MKV/AVI/…). Without ffmpeg the built-in decoders (hound, symphonia) and
+//! [`resample_to_16k`] are used: 16 kHz mono 16-bit input is still bit-exact, other rates and
+//! lossy codecs then differ slightly from the reference (a few int16 steps, see
+//! [`resample_to_16k`]), and formats beyond the built-in ones are [`AudioError::Unsupported`].
+//!
 //! Validation is typed ([`AudioError`]): empty, corrupt, unsupported, longer
 //! than [`AudioLimits::max_seconds`], shorter than 20 ms (no feature row), or
 //! silent (peak at or below [`AudioLimits::silence_peak`]).
@@ -16,6 +25,7 @@
 mod chunks;
 mod decode;
 mod features;
+mod ffmpeg;
 mod mel;
 mod resample;
 
@@ -24,8 +34,7 @@ pub use chunks::{
     FEATURE_RATE, MAX_FPS, ROWS_PER_FRAME,
 };
 pub use decode::{
-    decode_bytes, decode_file, AudioLimits, DecodedAudio, MAX_CHANNELS, MAX_SAMPLE_RATE,
-    MIN_SAMPLE_RATE,
+    decode_bytes, AudioLimits, DecodedAudio, MAX_CHANNELS, MAX_SAMPLE_RATE, MIN_SAMPLE_RATE,
 };
 pub use features::{read_model_dimensions, AudioFeatureExtractor};
 pub use mel::{
@@ -35,7 +44,8 @@ pub use resample::{quantize_s16, resample_to_16k, resampled_len, WHISPER_SAMPLE_
 
 use std::path::Path;
 
-use crate::error::{AudioError, Result};
+use crate::error::{AudioError, PipelineError, Result};
+use ffmpeg::FfmpegFailure;
 
 /// Down-mixes, resamples to 16 kHz and quantises to the int16 grid, as the
 /// reference's `ffmpeg -f s16le -ac 1 -ar 16000` plus `/ 32768` does, then
@@ -65,6 +75,14 @@ pub fn to_whisper_waveform(
     let mono = decoded.to_mono();
     let mut wave = resample_to_16k(&mono, decoded.sample_rate)?;
     quantize_s16(&mut wave);
+    validate_waveform(wave, limits)
+}
+
+/// The checks every 16 kHz waveform passes, whichever decoder made it: too short, silent.
+fn validate_waveform(wave: Vec<f32>, limits: &AudioLimits) -> Result<Vec<f32>, AudioError> {
+    if wave.is_empty() {
+        return Err(AudioError::Empty);
+    }
     if wave.len() < MIN_SAMPLES {
         return Err(AudioError::TooShort {
             seconds: wave.len() as f64 / f64::from(WHISPER_SAMPLE_RATE),
@@ -78,15 +96,92 @@ pub fn to_whisper_waveform(
     Ok(wave)
 }
 
-/// Decodes a file and returns its validated 16 kHz mono waveform
-/// ([`decode_file`] then [`to_whisper_waveform`]).
+/// The ffmpeg program used by [`decode_file`] and [`load_waveform_16k`]:
+/// [`crate::video::FFMPEG_ENV`] if set, else `ffmpeg` on `PATH` (absent = built-in decoders).
+pub fn default_ffmpeg() -> std::path::PathBuf {
+    crate::video::resolve_ffmpeg(None)
+}
+
+/// Decodes an audio file at its native rate: the built-in decoders, and ffmpeg
+/// ([`default_ffmpeg`]) for the formats they do not support. See [`decode_file_with`].
+pub fn decode_file(path: impl AsRef<Path>, limits: &AudioLimits) -> Result<DecodedAudio> {
+    decode_file_with(path, limits, Some(&default_ffmpeg()))
+}
+
+/// Decodes an audio file at its native rate with the built-in decoders (WAV, MP3, AAC/M4A,
+/// ALAC, FLAC, Ogg Vorbis); when they report [`AudioError::Unsupported`] or
+/// [`AudioError::Corrupt`] and `ffmpeg` is given and runs, with ffmpeg (anything it decodes: Opus, AMR, WMA, WebM, the audio track of a
+/// video, ...). Limits and errors are the same on both paths ([`AudioError::TooLong`] stops the
+/// decode early); when ffmpeg fails too the built-in error is returned, and without a runnable
+/// ffmpeg an unsupported error says that ffmpeg would read the format.
+pub fn decode_file_with(
+    path: impl AsRef<Path>,
+    limits: &AudioLimits,
+    ffmpeg: Option<&Path>,
+) -> Result<DecodedAudio> {
+    let path = path.as_ref();
+    match decode::decode_file_builtin(path, limits) {
+        Err(PipelineError::Audio(
+            builtin @ (AudioError::Unsupported(_) | AudioError::Corrupt(_)),
+        )) => {
+            let failure = match ffmpeg {
+                Some(program) => match ffmpeg::ffmpeg_decode_native(program, path, limits) {
+                    Ok(audio) => return Ok(audio),
+                    Err(f) => f,
+                },
+                None => FfmpegFailure::NotRunnable(std::io::ErrorKind::NotFound.into()),
+            };
+            Err(failure.combine(builtin).into())
+        }
+        other => other,
+    }
+}
+
+/// Decodes a file and returns its validated 16 kHz mono waveform, as the reference does: with
+/// ffmpeg ([`default_ffmpeg`]) when it runs, else the built-in path. See
+/// [`load_waveform_16k_with`].
 pub fn load_waveform_16k(path: impl AsRef<Path>, limits: &AudioLimits) -> Result<Vec<f32>> {
-    let decoded = decode_file(path, limits)?;
+    load_waveform_16k_with(path, limits, Some(&default_ffmpeg()))
+}
+
+/// Decodes a file and returns its validated 16 kHz mono waveform.
+///
+/// With `ffmpeg` given and runnable this is the reference's own call (`ffmpeg -i FILE -f s16le
+/// -ac 1 -ar 16000 -`, int16 / 32768), bit-exact for every format and rate. Without it (or when
+/// ffmpeg fails on the file) [`decode_file_with`] then [`to_whisper_waveform`]: bit-exact for
+/// 16 kHz mono 16-bit, within a few int16 steps otherwise. Both paths give the same typed
+/// errors (too long, too short, silent, corrupt, unsupported).
+pub fn load_waveform_16k_with(
+    path: impl AsRef<Path>,
+    limits: &AudioLimits,
+    ffmpeg: Option<&Path>,
+) -> Result<Vec<f32>> {
+    let path = path.as_ref();
+    let failure = match ffmpeg {
+        Some(program) => match ffmpeg::ffmpeg_waveform_16k(program, path, limits) {
+            Ok(wave) => return Ok(validate_waveform(wave, limits)?),
+            Err(FfmpegFailure::Audio(e)) => return Err(e.into()),
+            Err(f) => Some(f),
+        },
+        None => None,
+    };
+    // ffmpeg absent, or it could not read the file: the built-in decoders give the typed
+    // error (or, rarely, read what ffmpeg refused).
+    let decoded = match decode::decode_file_builtin(path, limits) {
+        Ok(d) => d,
+        Err(PipelineError::Audio(e)) => {
+            let f = failure
+                .unwrap_or_else(|| FfmpegFailure::NotRunnable(std::io::ErrorKind::NotFound.into()));
+            return Err(f.combine(e).into());
+        }
+        Err(e) => return Err(e),
+    };
     Ok(to_whisper_waveform(&decoded, limits)?)
 }
 
-/// Decodes in-memory file bytes and returns the validated 16 kHz mono
-/// waveform ([`decode_bytes`] then [`to_whisper_waveform`]).
+/// Decodes in-memory file bytes with the built-in decoders and returns the validated 16 kHz
+/// mono waveform ([`decode_bytes`] then [`to_whisper_waveform`]; no ffmpeg: write the bytes to
+/// a file and use [`load_waveform_16k`] for the reference's exact path).
 pub fn waveform_16k_from_bytes(
     bytes: &[u8],
     ext_hint: Option<&str>,

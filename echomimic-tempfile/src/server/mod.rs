@@ -3,7 +3,7 @@
 //! | request | answer |
 //! |---|---|
 //! | `POST /api/tempfile/upload`, multipart field `file` | 200 `{"success":true,"file_id","file_type","original_name","size","expires_at"}` |
-//! | `GET`/`HEAD /api/tempfile/download/{id}` | the bytes; `Content-Type` from the extension, `Content-Disposition: attachment` with the original name (RFC 6266/8187 for non-ASCII), single `Range: bytes=` → 206 or 416 |
+//! | `GET`/`HEAD /api/tempfile/download/{id}` | the bytes; `Content-Type` of the true format, `Content-Disposition: attachment` with the original name (RFC 6266/8187 for non-ASCII), single `Range: bytes=` → 206 or 416 |
 //! | `DELETE /api/tempfile/delete/{id}` | 200 `{"success":true,"message"}` or 404 |
 //! | `POST /api/tempfile/batch-delete`, `{"file_ids":[…]}` | 200 `{"success":true,"deleted_count":n}` |
 //! | `GET /health` | 200 `{"success":true,"files":n}` |
@@ -19,7 +19,9 @@
 //! Beyond the original: files and their metadata persist across restarts; files expire after
 //! [`ServerConfig::expiry`] (checked on every access and swept every
 //! [`ServerConfig::sweep_interval`]); uploads are streamed to disk and stopped as soon as they
-//! pass the size limit; the content is checked against the extension (see [`crate::types`]);
+//! pass the size limit; the content is checked (a misnamed file is accepted when its content is
+//! an accepted format of the kind its name says, and served under its true type; see
+//! [`crate::types`]);
 //! ids are random UUID v4 and the stored file is named by its id only. Without tokens nothing
 //! needs credentials, as in the original: then bind to loopback (the default) or put it behind a
 //! proxy.
@@ -43,8 +45,7 @@ use uuid::Uuid;
 use crate::auth::{AccessTokens, LinkCheck, Token};
 use crate::error::TempfileError;
 use crate::types::{
-    content_matches_extension, content_type_for_extension, extension_of, file_type_for_extension,
-    SNIFF_BYTES,
+    extension_of, file_type_for_extension, recognise_content, ContentRefusal, SNIFF_BYTES,
 };
 use http::{parse_range, Body, Framing, Head, HeadError, Payload, RangeRequest, Response};
 use multipart::{boundary_from_content_type, Multipart, MultipartError};
@@ -774,20 +775,26 @@ fn upload_inner(
     if size == 0 {
         return Err(client("the file is empty"));
     }
-    if !content_matches_extension(&ext, &head_bytes) {
-        return Err(UploadFailure::Client(
-            400,
-            format!("the content is not a .{ext} file (file type is checked by content, not only by name)"),
-        ));
+    let recognised = recognise_content(&ext, &head_bytes).map_err(|refusal| {
+        let message = match refusal {
+            ContentRefusal::NotOfItsKind(_) => {
+                format!("the content is not a .{ext} file: {refusal}")
+            }
+            other => other.to_string(),
+        };
+        UploadFailure::Client(400, message)
+    })?;
+    if recognised.renamed {
+        tracing::info!(name = %name, true_type = recognised.content_type, "misnamed upload accepted under its true type");
     }
     let meta = shared
         .store
         .commit(
             pending,
             name,
-            ext.clone(),
+            recognised.ext.to_owned(),
             file_type,
-            content_type_for_extension(&ext),
+            recognised.content_type,
             size,
         )
         .map_err(|e| UploadFailure::Server(format!("cannot store the upload: {e}")))?;

@@ -109,8 +109,9 @@ impl Preparer for PipelinePreparer {
             ..AudioLimits::default()
         };
         let decoded = audio::decode_file(inputs.audio, &limits).map_err(input(InputKind::Audio))?;
-        let waveform_16k = audio::to_whisper_waveform(&decoded, &limits)
-            .map_err(|e| input(InputKind::Audio)(e.into()))?;
+        // The model's waveform through the reference's own ffmpeg call when ffmpeg runs.
+        let waveform_16k =
+            audio::load_waveform_16k(inputs.audio, &limits).map_err(input(InputKind::Audio))?;
         let secs = decoded.duration_seconds();
         // 3. frames, and the audio that goes into the video
         let plan = plan_frames(secs, params.fps, params.frames_num);
