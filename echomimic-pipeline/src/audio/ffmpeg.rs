@@ -15,9 +15,9 @@ use std::io::{self, Read};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
+use super::decode::AudioLimits;
 use super::decode::{DecodedAudio, MAX_CHANNELS, MAX_SAMPLE_RATE, MIN_SAMPLE_RATE};
 use super::resample::WHISPER_SAMPLE_RATE;
-use super::decode::AudioLimits;
 use crate::error::AudioError;
 
 /// Why an ffmpeg run gave no audio.
