@@ -11,6 +11,7 @@ pub mod context;
 pub mod device;
 pub mod error;
 pub mod face;
+pub mod ffmpeg_program;
 pub mod image_io;
 pub mod kernels;
 pub mod models;

@@ -99,7 +99,7 @@ fn validate_waveform(wave: Vec<f32>, limits: &AudioLimits) -> Result<Vec<f32>, A
 /// The ffmpeg program used by [`decode_file`] and [`load_waveform_16k`]:
 /// [`crate::video::FFMPEG_ENV`] if set, else `ffmpeg` on `PATH` (absent = built-in decoders).
 pub fn default_ffmpeg() -> std::path::PathBuf {
-    crate::video::resolve_ffmpeg(None)
+    crate::ffmpeg_program::resolve_ffmpeg(None)
 }
 
 /// Decodes an audio file at its native rate: the built-in decoders, and ffmpeg

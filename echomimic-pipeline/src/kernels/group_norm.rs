@@ -77,7 +77,7 @@ impl GroupNorm {
                 self.weight.dims1()?
             );
         }
-        if super::use_cpu_kernel(xs) && self.weight.dtype() == DType::F32 {
+        if super::switch::use_cpu_kernel(xs) && self.weight.dtype() == DType::F32 {
             let op = FusedGroupNorm {
                 groups: self.groups,
                 eps: self.eps,

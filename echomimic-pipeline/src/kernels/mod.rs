@@ -13,30 +13,15 @@
 
 mod conv2d;
 mod group_norm;
+mod switch;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-
-use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::Conv2d;
 
 use conv2d::{BandedConv2d, ConvGeometry};
 pub use group_norm::{group_norm, GroupNorm};
-
-static ENABLED: AtomicBool = AtomicBool::new(true);
-
-/// Turns the CPU kernels on (the default) or off for the whole process; off,
-/// every op takes the plain candle composition. For benchmarks that compare
-/// both paths in one process, and for bisecting a numerical difference.
-pub fn set_enabled(enabled: bool) {
-    ENABLED.store(enabled, Ordering::Relaxed);
-}
-
-/// Whether the CPU kernels apply to `xs` (enabled, CPU device, f32).
-fn use_cpu_kernel(xs: &Tensor) -> bool {
-    ENABLED.load(Ordering::Relaxed)
-        && matches!(xs.device(), Device::Cpu)
-        && xs.dtype() == DType::F32
-}
+pub use switch::set_enabled;
+use switch::use_cpu_kernel;
 
 /// `conv.forward(xs)`, through the banded CPU kernel (3×3 and other spatial
 /// kernels) or a plain matmul (1×1, stride 1, no padding) on the CPU in f32.

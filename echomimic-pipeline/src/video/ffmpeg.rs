@@ -12,8 +12,7 @@ use std::time::{Duration, Instant};
 use super::spec::{fps_rational, SinkSummary, VideoSpec};
 use crate::error::{AudioError, PipelineError, Result};
 
-/// Environment variable naming the ffmpeg program (default: `ffmpeg` on `PATH`).
-pub const FFMPEG_ENV: &str = "ECHOMIMIC_FFMPEG";
+pub use crate::ffmpeg_program::{resolve_ffmpeg, FFMPEG_ENV};
 
 /// How many of ffmpeg's last stderr lines an error message carries.
 const STDERR_LINES: usize = 12;
@@ -25,17 +24,6 @@ pub struct FfmpegInfo {
     pub binary: PathBuf,
     /// First line of `ffmpeg -version`, e.g. `ffmpeg version 5.1.6-0+deb12u1`.
     pub version: String,
-}
-
-/// The ffmpeg program to run: `explicit`, else [`FFMPEG_ENV`], else `ffmpeg`.
-pub fn resolve_ffmpeg(explicit: Option<&Path>) -> PathBuf {
-    if let Some(p) = explicit {
-        return p.to_path_buf();
-    }
-    match std::env::var_os(FFMPEG_ENV) {
-        Some(p) if !p.is_empty() => PathBuf::from(p),
-        _ => PathBuf::from("ffmpeg"),
-    }
 }
 
 /// Checks that ffmpeg runs and has the `libx264` and `aac` encoders. The worker
