@@ -99,8 +99,14 @@ fn stop(mut child: Child, stderr: std::thread::JoinHandle<String>) {
     let _ = stderr.join();
 }
 
-/// Waits for the child; `Err` with ffmpeg's last stderr line when it failed.
-fn finish(mut child: Child, stderr: std::thread::JoinHandle<String>) -> Result<(), FfmpegFailure> {
+/// Waits for the child; `Err` with ffmpeg's last stderr line when it failed, where the input's
+/// path is cut to its file name (the message may reach a client: it must not reveal the
+/// caller's folders).
+fn finish(
+    mut child: Child,
+    stderr: std::thread::JoinHandle<String>,
+    input: &Path,
+) -> Result<(), FfmpegFailure> {
     let status = child
         .wait()
         .map_err(|e| FfmpegFailure::Failed(format!("waiting for ffmpeg: {e}")))?;
@@ -113,6 +119,11 @@ fn finish(mut child: Child, stderr: std::thread::JoinHandle<String>) -> Result<(
         .map(str::trim)
         .rfind(|l| !l.is_empty())
         .unwrap_or("no message");
+    let name = input
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "input".into());
+    let last = last.replace(&input.display().to_string(), &name);
     Err(FfmpegFailure::Failed(format!("{last} ({status})")))
 }
 
@@ -186,7 +197,7 @@ pub(crate) fn ffmpeg_waveform_16k(
         }
     }
     drop(out);
-    finish(child, stderr)?;
+    finish(child, stderr, input)?;
     Ok(wave)
 }
 
@@ -208,14 +219,14 @@ pub(crate) fn ffmpeg_decode_native(
     drop(out);
     match result {
         Ok(audio) => {
-            finish(child, stderr)?;
+            finish(child, stderr, input)?;
             Ok(audio)
         }
         Err(e) => {
             // A stream that ended early is ffmpeg's failure: report its message.
             let ended = matches!(e, FfmpegFailure::Failed(_));
             if ended {
-                finish(child, stderr)?;
+                finish(child, stderr, input)?;
             } else {
                 stop(child, stderr);
             }
@@ -360,5 +371,28 @@ mod tests {
             read_f32_wav_stream(&mut &b"OggS"[..], &limits),
             Err(FfmpegFailure::Failed(_))
         ));
+    }
+
+    #[test]
+    fn an_ffmpeg_failure_names_the_file_but_not_its_folder() {
+        let ffmpeg = super::super::default_ffmpeg();
+        if std::process::Command::new(&ffmpeg)
+            .arg("-version")
+            .output()
+            .is_err()
+        {
+            eprintln!("SKIPPED: ffmpeg is not installed");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let page = dir.path().join("audio.bin");
+        std::fs::write(&page, b"<!doctype html><html><body>Sign in</body></html>").unwrap();
+        let err = match ffmpeg_waveform_16k(&ffmpeg, &page, &AudioLimits::default()) {
+            Err(FfmpegFailure::Failed(m)) => m,
+            other => panic!("{:?}", other.map(|w| w.len())),
+        };
+        let folder = dir.path().display().to_string();
+        assert!(!err.contains(&folder), "{err}");
+        assert!(err.contains("audio.bin"), "{err}");
     }
 }
