@@ -171,6 +171,13 @@ pub enum TaskProblem {
         /// The accepted range, e.g. "1..=100".
         range: &'static str,
     },
+    /// The whole queue item is larger than the worker accepts; it was not parsed.
+    ItemTooLarge {
+        /// Its length in bytes.
+        len: usize,
+        /// The limit in bytes.
+        max: usize,
+    },
 }
 
 impl fmt::Display for TaskProblem {
@@ -207,6 +214,10 @@ impl fmt::Display for TaskProblem {
                 value,
                 range,
             } => write!(f, "field `{field}` is {value}, outside the accepted range {range}"),
+            TaskProblem::ItemTooLarge { len, max } => write!(
+                f,
+                "queue item is {len} bytes, larger than the {max} bytes a task may take; it was not parsed"
+            ),
         }
     }
 }
@@ -271,9 +282,10 @@ impl InvalidTask {
             | TaskProblem::BadIdChar { field, .. }
             | TaskProblem::NotAnInteger { field, .. }
             | TaskProblem::OutOfRange { field, .. } => Some(field),
-            TaskProblem::NotUtf8 | TaskProblem::NotJson(_) | TaskProblem::NotAnObject { .. } => {
-                None
-            }
+            TaskProblem::NotUtf8
+            | TaskProblem::NotJson(_)
+            | TaskProblem::NotAnObject { .. }
+            | TaskProblem::ItemTooLarge { .. } => None,
         }
     }
 }

@@ -67,14 +67,33 @@ pub fn gpu_status(gpu_id: u32) -> String {
     format!("gpu_status:{gpu_id}")
 }
 
+/// The start of every [`processing_list`] key.
+pub const PROCESSING_LIST_PREFIX: &str = "task_processing:";
+
 /// The worker's list of claimed, unfinished queue items: `task_processing:{gpu_id}`.
 pub fn processing_list(gpu_id: u32) -> String {
-    format!("task_processing:{gpu_id}")
+    format!("{PROCESSING_LIST_PREFIX}{gpu_id}")
 }
 
 /// The lease that keeps a second worker off the same GPU id: `worker_lease:{gpu_id}`.
 pub fn worker_lease(gpu_id: u32) -> String {
     format!("worker_lease:{gpu_id}")
+}
+
+/// The claims a worker is working on: `worker_active:{gpu_id}`, a hash of claim id → the raw
+/// item, for the items being downloaded and checked, on the model, or being encoded and
+/// uploaded (not those waiting prepared). When a worker dies, the next one on the gpu id
+/// charges an attempt only to the items found here; the rest of its processing list goes back
+/// to the queue uncounted.
+pub fn worker_active(gpu_id: u32) -> String {
+    format!("worker_active:{gpu_id}")
+}
+
+/// The queue a worker serves: `worker_queue:{gpu_id}` (no expiry), written at start. A worker
+/// sweeping for orphans takes over the processing list of a dead worker (lease expired) only
+/// when it served the same queue, so the items go back where they came from.
+pub fn worker_queue(gpu_id: u32) -> String {
+    format!("worker_queue:{gpu_id}")
 }
 
 /// The last event published for a task: `task_progress:{task_id}`.

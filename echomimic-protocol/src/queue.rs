@@ -15,7 +15,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::error::{InvalidTask, ProtocolError, RawExcerpt};
+use crate::error::{InvalidTask, ProtocolError, RawExcerpt, TaskProblem};
 use crate::progress::ErrorCode;
 use crate::task::Task;
 
@@ -32,6 +32,42 @@ pub struct QueueItem {
     /// `None` when the item is not JSON at all.
     task: Option<Value>,
     envelope: bool,
+    /// Set by [`QueueItem::parse_bounded`] when the item was over the limit (not parsed).
+    too_large: Option<Box<TooLarge>>,
+}
+
+/// What is known of an item over the size limit.
+#[derive(Debug, Clone, PartialEq)]
+struct TooLarge {
+    max: usize,
+    task_id: Option<String>,
+    session_id: Option<String>,
+}
+
+/// The two ids of a task, read by streaming over the item: every other member is skipped
+/// by the parser without being built (no JSON tree, no copy of the big member).
+#[derive(Deserialize)]
+struct Ids {
+    #[serde(default)]
+    task_id: Option<String>,
+    #[serde(default)]
+    session_id: Option<String>,
+}
+
+impl TooLarge {
+    fn scan(raw: &[u8], max: usize) -> Self {
+        let ids: Option<Ids> = serde_json::from_slice(raw).ok();
+        let valid = |id: Option<String>| id.filter(|id| crate::task::is_valid_id(id));
+        let (task_id, session_id) = match ids {
+            Some(ids) => (valid(ids.task_id), valid(ids.session_id)),
+            None => (None, None),
+        };
+        TooLarge {
+            max,
+            task_id,
+            session_id,
+        }
+    }
 }
 
 impl QueueItem {
@@ -53,6 +89,7 @@ impl QueueItem {
                         .map(str::to_owned),
                     task: Some(inner.clone()),
                     envelope: true,
+                    too_large: None,
                 };
             }
         }
@@ -62,7 +99,33 @@ impl QueueItem {
             last_error: None,
             task: value,
             envelope: false,
+            too_large: None,
         }
+    }
+
+    /// Like [`QueueItem::parse`], but an item longer than `max_bytes` is not parsed into a
+    /// JSON tree: only its top-level `task_id` and `session_id` are looked for (streaming,
+    /// other members skipped), so that the client can still get a `failed` event.
+    /// [`QueueItem::task`] then fails with [`TaskProblem::ItemTooLarge`], the item cannot be
+    /// requeued, and its dead letter keeps only the start of it. A worker uses this so that a
+    /// huge item (by mistake or malice) costs one copy of its bytes, never a tree.
+    pub fn parse_bounded(raw: &[u8], max_bytes: usize) -> Self {
+        if raw.len() <= max_bytes {
+            return QueueItem::parse(raw);
+        }
+        QueueItem {
+            raw: raw.to_vec(),
+            attempts: 0,
+            last_error: None,
+            task: None,
+            envelope: false,
+            too_large: Some(Box::new(TooLarge::scan(raw, max_bytes))),
+        }
+    }
+
+    /// True when [`QueueItem::parse_bounded`] refused to parse the item.
+    pub fn is_too_large(&self) -> bool {
+        self.too_large.is_some()
     }
 
     /// The item exactly as it was popped (use it for `LREM` on the processing list).
@@ -87,6 +150,18 @@ impl QueueItem {
 
     /// Validates the task (see [`Task::from_json`]).
     pub fn task(&self) -> Result<Task, InvalidTask> {
+        if let Some(big) = &self.too_large {
+            let problem = TaskProblem::ItemTooLarge {
+                len: self.raw.len(),
+                max: big.max,
+            };
+            return Err(InvalidTask::new(
+                problem,
+                &self.raw,
+                big.task_id.clone(),
+                big.session_id.clone(),
+            ));
+        }
         match (&self.task, self.envelope) {
             (Some(value), true) => Task::from_value(value),
             _ => Task::from_json(&self.raw),
@@ -111,6 +186,11 @@ impl QueueItem {
     pub fn original_payload(&self) -> String {
         match (&self.task, self.envelope) {
             (Some(value), true) => value.to_string(),
+            // Never more than a dead letter keeps (+ one UTF-8 character to cut at).
+            _ if self.too_large.is_some() => {
+                let end = self.raw.len().min(DEAD_LETTER_PAYLOAD_MAX + 4);
+                String::from_utf8_lossy(&self.raw[..end]).into_owned()
+            }
             _ => String::from_utf8_lossy(&self.raw).into_owned(),
         }
     }
@@ -205,6 +285,34 @@ mod tests {
 
     const TASK: &str =
         r#"{"task_id":"t-1","session_id":"s-1","ref_image_id":"img","audio_id":"aud"}"#;
+
+    #[test]
+    fn an_item_over_the_limit_is_not_parsed_and_its_dead_letter_is_cut() {
+        let small = QueueItem::parse_bounded(TASK.as_bytes(), TASK.len());
+        assert!(!small.is_too_large() && small.task().is_ok());
+        let mut big = String::from(
+            r#"{"task_id":"t-9","session_id":"s","ref_image_id":"i","audio_id":"a","x":""#,
+        );
+        big.push_str(&"a".repeat(200_000));
+        big.push_str("\"}");
+        let item = QueueItem::parse_bounded(big.as_bytes(), 1024);
+        assert!(item.is_too_large());
+        let err = item.task().unwrap_err();
+        assert!(matches!(
+            err.problem(),
+            TaskProblem::ItemTooLarge { len, max: 1024 } if *len == big.len()
+        ));
+        assert!(err.to_string().contains("not parsed"), "{err}");
+        assert_eq!(err.task_id(), Some("t-9"), "the ids are still found");
+        assert_eq!(err.session_id(), Some("s"));
+        let no_ids = QueueItem::parse_bounded(&[b'['; 5000], 1024);
+        assert_eq!(no_ids.task().unwrap_err().task_id(), None);
+        assert!(item.requeued("x").is_none());
+        let dl = DeadLetter::new(&item, ErrorCode::InvalidTask, err.to_string(), 0);
+        assert!(dl.payload_truncated);
+        assert_eq!(dl.payload.len(), DEAD_LETTER_PAYLOAD_MAX);
+        assert!(dl.payload.starts_with(r#"{"task_id":"t-9""#));
+    }
 
     #[test]
     fn plain_item_then_two_requeues() {
