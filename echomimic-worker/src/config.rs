@@ -20,6 +20,9 @@ use echomimic_tempfile::{RetryPolicy, Token};
 
 use crate::error::WorkerError;
 
+/// Default of `--max-item-bytes`: 1 MiB, thousands of times a real task.
+pub const DEFAULT_MAX_ITEM_BYTES: usize = 1024 * 1024;
+
 pub use echomimic_pipeline::pipeline::{ModelSource, Variant};
 pub use echomimic_pipeline::video::{EncoderBackend, GeometryMode};
 
@@ -367,6 +370,10 @@ pub struct ServeArgs {
     /// Largest accepted input file in bytes.
     #[arg(long, default_value_t = 100 * 1024 * 1024)]
     pub max_download_bytes: u64,
+    /// Largest accepted queue item in bytes. A larger item is dead-lettered (`invalid_task`)
+    /// without being parsed; a task is a few hundred bytes of JSON.
+    #[arg(long, env = "ECHOMIMIC_MAX_ITEM_BYTES", default_value_t = DEFAULT_MAX_ITEM_BYTES)]
+    pub max_item_bytes: usize,
     /// Longest accepted speech in seconds (longer audio fails with `bad_input`, never silently
     /// truncated).
     #[arg(long, env = "ECHOMIMIC_MAX_AUDIO_SECS", default_value_t = 120.0)]
@@ -385,6 +392,11 @@ pub struct ServeArgs {
     /// current one runs on the GPU. `--prefetch false` claims only when idle.
     #[arg(long, env = "ECHOMIMIC_PREFETCH", default_value_t = true, action = clap::ArgAction::Set)]
     pub prefetch: bool,
+    /// Seconds between two sweeps for orphaned claims: items in this worker's processing list
+    /// that it never received (a claim reply lost), and the processing lists of dead workers
+    /// (lease expired) that served the same queue. 0 turns the sweep off.
+    #[arg(long, env = "ECHOMIMIC_SWEEP_SECS", default_value_t = 30)]
+    pub sweep_secs: u64,
 }
 
 /// The validated worker configuration (built with [`ServeArgs::into_config`]).
@@ -430,6 +442,8 @@ pub struct WorkerConfig {
     pub temp_dir: PathBuf,
     /// Download size cap.
     pub max_download_bytes: u64,
+    /// Queue items longer than this are dead-lettered unparsed.
+    pub max_item_bytes: usize,
     /// Longest accepted audio.
     pub max_audio_secs: f64,
     /// Retry policy of temp-file HTTP requests.
@@ -438,6 +452,8 @@ pub struct WorkerConfig {
     pub http_connect_timeout: Duration,
     /// Whether the next task is prepared during inference.
     pub prefetch: bool,
+    /// Interval of the orphan sweep (`None`: off).
+    pub sweep_interval: Option<Duration>,
     /// `BLMOVE` timeout: how long one claim attempt blocks (and so how fast a stop request is
     /// noticed while idle).
     pub claim_timeout: Duration,
@@ -518,6 +534,11 @@ impl ServeArgs {
                 self.max_audio_secs
             )));
         }
+        if self.max_item_bytes < 256 {
+            return Err(WorkerError::Config(
+                "--max-item-bytes must be at least 256".into(),
+            ));
+        }
         if self.max_download_bytes == 0 {
             return Err(WorkerError::Config(
                 "--max-download-bytes must be positive".into(),
@@ -556,6 +577,7 @@ impl ServeArgs {
             grace: Duration::from_secs(self.grace_secs),
             temp_dir: self.temp_dir.unwrap_or_else(std::env::temp_dir),
             max_download_bytes: self.max_download_bytes,
+            max_item_bytes: self.max_item_bytes,
             max_audio_secs: self.max_audio_secs,
             http_retry: RetryPolicy {
                 max_attempts: self.http_attempts,
@@ -567,6 +589,7 @@ impl ServeArgs {
                 self.http_connect_timeout_secs,
             )?,
             prefetch: self.prefetch,
+            sweep_interval: (self.sweep_secs > 0).then(|| Duration::from_secs(self.sweep_secs)),
             claim_timeout: Duration::from_secs(1),
         })
     }

@@ -24,7 +24,7 @@ use crate::progress::{DOWNLOAD_AUDIO, DOWNLOAD_START, FACE_START, INFERENCE_STAR
 use crate::redis_link::{is_connection_error, sleep_unless, RedisLink};
 use crate::reporter::ReporterHandle;
 use crate::state::Shared;
-use crate::store::Keys;
+use crate::store::{process_alive, Keys};
 
 /// Everything the fetcher needs.
 pub(crate) struct Fetcher<P: Preparer> {
@@ -42,6 +42,42 @@ pub(crate) struct Fetcher<P: Preparer> {
     pub(crate) prefetch: bool,
     pub(crate) claim_timeout: Duration,
     pub(crate) jobs: Sender<Job<P::Data>>,
+}
+
+/// Per-task folders are `{TASK_DIR_PREFIX}{pid}-{claim}-{random}` in the temp folder.
+const TASK_DIR_PREFIX: &str = "echomimic-";
+
+/// Removes the per-task folders that processes no longer alive on this machine left behind
+/// in `temp_dir` (a worker killed mid-task cannot remove its own). Folders of live
+/// processes (other workers sharing the folder) and anything not named like a task folder
+/// are left alone. Returns how many were removed.
+pub(crate) fn sweep_dead_task_dirs(temp_dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(temp_dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(TASK_DIR_PREFIX))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+        if !is_dir || pid == std::process::id() || process_alive(pid) != Some(false) {
+            continue;
+        }
+        match std::fs::remove_dir_all(entry.path()) {
+            Ok(()) => removed += 1,
+            Err(e) => {
+                tracing::warn!(path = %entry.path().display(), error = %e, "cannot remove a dead worker's task folder")
+            }
+        }
+    }
+    removed
 }
 
 /// A file extension for a downloaded file from its `Content-Type` (decoders and ffmpeg look at
@@ -73,19 +109,26 @@ impl<P: Preparer> Fetcher<P> {
             {
                 Ok(Some(raw)) => raw,
                 Ok(None) => continue,
-                Err(e) if is_connection_error(&e) => {
+                Err(e) => {
+                    if !is_connection_error(&e) {
+                        let hint = if format!("{e}")
+                            .to_ascii_lowercase()
+                            .contains("unknown command")
+                        {
+                            " (BLMOVE needs Redis 6.2 or newer)"
+                        } else {
+                            ""
+                        };
+                        tracing::error!(error = %e, queue = %self.keys.queue, "redis refused the claim{hint}; retrying");
+                    }
                     let pause = self.link.pause_after(&e);
                     sleep_unless(pause, || self.shared.stopping());
                     continue;
                 }
-                Err(e) => {
-                    tracing::error!(error = %e, queue = %self.keys.queue, "claiming failed (BLMOVE needs Redis 6.2 or newer)");
-                    sleep_unless(Duration::from_secs(5), || self.shared.stopping());
-                    continue;
-                }
             };
-            self.shared.claimed();
-            let claim = Claim::new(raw);
+            self.shared.claimed(&raw);
+            let claim = self.policy.claim(&raw);
+            drop(raw);
             if self.shared.stopping() {
                 // Claimed while the stop request came in: give it back untouched.
                 self.reporter.outcome(self.policy.released(&claim));
@@ -132,6 +175,8 @@ impl<P: Preparer> Fetcher<P> {
                 .outcome(self.policy.after_error(&claim, ids, &err));
             return;
         }
+        // Worked on from here (a crash now charges this task an attempt) until prepared.
+        self.reporter.active(&claim.id, Some(claim.item.raw()));
         let mut events = TaskEvents::new(&claim, &task, self.reporter.clone());
         events.start(format!(
             "task claimed (attempt {} of {})",
@@ -141,6 +186,7 @@ impl<P: Preparer> Fetcher<P> {
         let params = resolve_params(&task, &self.defaults, self.max_audio_secs);
         match self.prepare(&claim, &task, &params, &mut events) {
             Ok((prepared, dir, timings)) => {
+                self.reporter.active(&claim.id, None);
                 events.stage(
                     Stage::FaceDetecting,
                     INFERENCE_START,
@@ -208,7 +254,11 @@ impl<P: Preparer> Fetcher<P> {
         events: &mut TaskEvents,
     ) -> Result<(Prepared<P::Data>, tempfile::TempDir, Timings), WorkerError> {
         let dir = tempfile::Builder::new()
-            .prefix(&format!("echomimic-{}-", &claim.id[..8]))
+            .prefix(&format!(
+                "{TASK_DIR_PREFIX}{}-{}-",
+                std::process::id(),
+                &claim.id[..8]
+            ))
             .tempdir_in(&self.temp_dir)
             .map_err(|source| WorkerError::Io {
                 op: "create the task folder in",
@@ -278,6 +328,27 @@ impl<P: Preparer> Fetcher<P> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_task_folders_of_dead_processes_are_swept() {
+        let dir = tempfile::tempdir().unwrap();
+        let mk = |name: &str| {
+            let p = dir.path().join(name);
+            std::fs::create_dir(&p).unwrap();
+            std::fs::write(p.join("image.png"), b"x").unwrap();
+            p
+        };
+        let dead = mk("echomimic-999999999-abcdef12-xyz");
+        let mine = mk(&format!("echomimic-{}-abcdef12-xyz", std::process::id()));
+        let other = mk("echomimic-cache");
+        let unrelated = mk("something-999999999");
+        std::fs::write(dir.path().join("echomimic-999999998-file"), b"x").unwrap();
+        assert_eq!(sweep_dead_task_dirs(dir.path()), 1);
+        assert!(!dead.exists());
+        assert!(mine.exists() && other.exists() && unrelated.exists());
+        assert!(dir.path().join("echomimic-999999998-file").exists());
+        assert_eq!(sweep_dead_task_dirs(&dir.path().join("missing")), 0);
+    }
 
     #[test]
     fn extensions_from_content_types() {

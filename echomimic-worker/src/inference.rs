@@ -87,6 +87,9 @@ impl<E: Engine> Inference<E> {
             frames_rx,
             done_rx,
         };
+        // On the model (and then in the finisher) until the outcome clears the mark.
+        self.reporter
+            .active(&fj.claim.id, Some(fj.claim.item.raw()));
         if let Err(e) = finish.send(fj) {
             self.reporter.outcome(self.policy.released(&e.0.claim));
             return;

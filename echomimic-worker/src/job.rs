@@ -25,10 +25,12 @@ pub(crate) struct Claim {
 }
 
 impl Claim {
-    pub(crate) fn new(raw: Vec<u8>) -> Self {
+    /// A claim of `raw`; an item over `max_bytes` is not parsed (see
+    /// [`QueueItem::parse_bounded`]).
+    pub(crate) fn new(raw: &[u8], max_bytes: usize) -> Self {
         Claim {
             id: Arc::from(uuid::Uuid::new_v4().simple().to_string()),
-            item: QueueItem::parse(&raw),
+            item: QueueItem::parse_bounded(raw, max_bytes),
             claimed_at: Instant::now(),
         }
     }
@@ -45,6 +47,8 @@ pub(crate) struct Policy {
     pub(crate) max_attempts: u32,
     pub(crate) gpu_id: u32,
     pub(crate) queue: String,
+    /// Longest queue item parsed (`--max-item-bytes`).
+    pub(crate) max_item_bytes: usize,
 }
 
 fn unix_now() -> u64 {
@@ -55,6 +59,10 @@ fn unix_now() -> u64 {
 }
 
 impl Policy {
+    /// A claim of a raw item, bounded by `max_item_bytes`.
+    pub(crate) fn claim(&self, raw: &[u8]) -> Claim {
+        Claim::new(raw, self.max_item_bytes)
+    }
     /// The video is ready.
     pub(crate) fn completed(
         &self,
@@ -297,6 +305,7 @@ mod tests {
             max_attempts: max,
             gpu_id: 7,
             queue: "q".into(),
+            max_item_bytes: 4096,
         }
     }
 
@@ -307,11 +316,11 @@ mod tests {
     fn retries_then_fails_with_the_errors_code() {
         let p = policy(2);
         let err = WorkerError::Inference(echomimic_pipeline::PipelineError::Media("boom".into()));
-        let first = Claim::new(TASK.as_bytes().to_vec());
+        let first = Claim::new(TASK.as_bytes(), 4096);
         let r = p.after_error(&first, Some(("t-1", "s-1")), &err);
         assert_eq!(r.what, OutcomeKind::Retried);
         assert!(r.event.is_none() && r.dead_letter.is_none());
-        let second = Claim::new(r.requeue.unwrap());
+        let second = Claim::new(&r.requeue.unwrap(), 4096);
         assert_eq!(second.attempt(), 2);
         let r = p.after_error(&second, Some(("t-1", "s-1")), &err);
         assert_eq!(r.what, OutcomeKind::Failed);
@@ -332,7 +341,7 @@ mod tests {
 
     #[test]
     fn shutdown_requeues_the_raw_item_uncounted() {
-        let c = Claim::new(TASK.as_bytes().to_vec());
+        let c = Claim::new(TASK.as_bytes(), 4096);
         let r = policy(2).after_error(&c, Some(("t-1", "s-1")), &WorkerError::Cancelled);
         assert_eq!(r.what, OutcomeKind::Released);
         assert_eq!(r.requeue.as_deref(), Some(TASK.as_bytes()));
@@ -341,10 +350,10 @@ mod tests {
     #[test]
     fn recovery_counts_the_crashed_attempt() {
         let p = policy(2);
-        let c = Claim::new(TASK.as_bytes().to_vec());
+        let c = Claim::new(TASK.as_bytes(), 4096);
         let r = p.recovered(&c);
         assert_eq!(r.what, OutcomeKind::Retried);
-        let again = Claim::new(r.requeue.unwrap());
+        let again = Claim::new(&r.requeue.unwrap(), 4096);
         assert_eq!(again.item.attempts(), 1);
         let r = p.recovered(&again);
         assert_eq!(r.what, OutcomeKind::Failed);
@@ -353,7 +362,7 @@ mod tests {
 
     #[test]
     fn garbage_is_dead_lettered_without_event() {
-        let c = Claim::new(b"\xff not json".to_vec());
+        let c = Claim::new(b"\xff not json", 4096);
         let err = c.item.task().unwrap_err();
         let r = policy(2).invalid(&c, err);
         assert_eq!(r.what, OutcomeKind::DeadLettered);
@@ -365,7 +374,7 @@ mod tests {
     fn invalid_task_with_an_id_gets_a_failed_event() {
         let raw =
             br#"{"task_id":"t-2","session_id":"s-2","ref_image_id":"i","audio_id":"a","steps":0}"#;
-        let c = Claim::new(raw.to_vec());
+        let c = Claim::new(raw, 4096);
         let err = c.item.task().unwrap_err();
         let r = policy(2).invalid(&c, err);
         let e = r.event.unwrap();

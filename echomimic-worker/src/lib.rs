@@ -39,6 +39,7 @@ pub mod service;
 pub mod shutdown;
 mod state;
 pub mod store;
+mod sweeper;
 
 pub use config::{ServeArgs, WorkerConfig};
 pub use error::WorkerError;

@@ -138,9 +138,9 @@ impl RedisLink {
         result
     }
 
-    /// The pause before the next try after a connection-level failure; logs the outage (first
+    /// The pause before the next try after a failure (`e`: what failed); logs it (first
     /// failure, then every 10th).
-    pub(crate) fn pause_after(&mut self, e: &RedisError) -> Duration {
+    pub(crate) fn pause_after(&mut self, e: &dyn std::fmt::Display) -> Duration {
         let pause = self.backoff.next_pause();
         let n = self.backoff.failures();
         if n == 1 || n.is_multiple_of(10) {
@@ -149,7 +149,7 @@ impl RedisLink {
                 error = %e,
                 failures = n,
                 retry_in_ms = pause.as_millis() as u64,
-                "redis unavailable, retrying"
+                "redis did not take the command, retrying"
             );
         }
         pause

@@ -4,9 +4,9 @@
 //! inference thread wait: progress updates are sent with `try_send` and dropped when the channel
 //! is full, and the thread keeps draining the channel into its own queue even while Redis is
 //! unreachable, where a newer progress update of a claim replaces an older one still waiting
-//! ("coalescing"). Stage events and outcomes are never dropped or reordered: they are applied
-//! in the order they were sent, and an outcome is retried (idempotently, see [`crate::store`])
-//! until Redis takes it. Only when the service is stopping and Redis stays away past the
+//! ("coalescing"). Stage events and outcomes are never reordered: they are applied in the
+//! order they were sent, and an outcome is retried (idempotently, see [`crate::store`]) after
+//! any error until Redis takes it. Only when the service is stopping and Redis stays away past the
 //! shutdown deadline does the reporter give up; the unrecorded items then stay in the
 //! processing list and are recovered at the next start.
 
@@ -19,7 +19,7 @@ use echomimic_protocol::ProgressEvent;
 
 use crate::redis_link::{is_connection_error, RedisLink};
 use crate::state::Shared;
-use crate::store::{Keys, OutcomeRecord};
+use crate::store::{Keys, OutcomeRecord, Recorded};
 
 /// Capacity of the reporter's channel.
 const CHANNEL_CAPACITY: usize = 256;
@@ -33,13 +33,19 @@ pub(crate) enum Report {
         /// Delete the task's old `task_result` first (first event of a claim).
         reset_result: bool,
     },
+    /// The claim is being worked on (`Some`: its raw item) or waits (`None`); see
+    /// [`echomimic_protocol::keys::worker_active`].
+    Active {
+        claim: Arc<str>,
+        raw: Option<Arc<[u8]>>,
+    },
     Outcome(Box<OutcomeRecord>),
 }
 
 impl Report {
     fn claim(&self) -> &str {
         match self {
-            Report::Event { claim, .. } => claim,
+            Report::Event { claim, .. } | Report::Active { claim, .. } => claim,
             Report::Outcome(r) => &r.claim_id,
         }
     }
@@ -78,6 +84,17 @@ impl ReporterHandle {
         };
         if self.tx.send(report).is_err() {
             tracing::error!("reporter gone; stage event lost");
+        }
+    }
+
+    /// Marks the claim as worked on (`Some(raw)`) or waiting (`None`).
+    pub(crate) fn active(&self, claim: &Arc<str>, raw: Option<&[u8]>) {
+        let report = Report::Active {
+            claim: claim.clone(),
+            raw: raw.map(Arc::from),
+        };
+        if self.tx.send(report).is_err() {
+            tracing::debug!("reporter gone; active mark dropped");
         }
     }
 
@@ -126,8 +143,44 @@ fn drain(rx: &Receiver<Report>, queue: &mut VecDeque<Report>) -> bool {
     }
 }
 
+/// What became of the report at the head of the queue.
+enum Applied {
+    /// Done with it (written, or dropped on purpose).
+    Done(Option<Recorded>),
+    /// Not yet: wait and try again.
+    Later(String),
+}
+
+fn apply(con: &mut redis::Connection, keys: &Keys, head: &Report) -> redis::RedisResult<Applied> {
+    Ok(match head {
+        Report::Event {
+            event,
+            reset_result,
+            ..
+        } => {
+            if !keys.publish(con, event, *reset_result)? {
+                tracing::debug!(task_id = %event.task_id, "event not published: the lease is not ours");
+            }
+            Applied::Done(None)
+        }
+        Report::Active { claim, raw } => {
+            keys.set_active(con, claim, raw.as_deref())?;
+            Applied::Done(None)
+        }
+        Report::Outcome(record) => match keys.record(con, record)? {
+            Recorded::LeaseMissing => Applied::Later("the lease is missing".into()),
+            r => Applied::Done(Some(r)),
+        },
+    })
+}
+
 /// Runs the reporter until every sender is gone and the queue is empty (or, when stopping,
 /// until Redis has stayed away past the shutdown deadline).
+///
+/// An outcome is retried, with the link's capped backoff, after *any* error (connection
+/// loss, and also replies such as OOM under `maxmemory`, MISCONF, READONLY after a
+/// failover) and while the lease is missing: it is never dropped. Events and active-claim
+/// marks are retried after connection errors only; Redis refusing one drops it.
 pub(crate) fn run(mut link: RedisLink, keys: Keys, rx: Receiver<Report>, shared: Arc<Shared>) {
     let mut queue: VecDeque<Report> = VecDeque::new();
     let mut open = true;
@@ -146,67 +199,57 @@ pub(crate) fn run(mut link: RedisLink, keys: Keys, rx: Receiver<Report>, shared:
             }
             continue;
         };
-        let result = link.run(|con| match head {
-            Report::Event {
-                event,
-                reset_result,
-                ..
-            } => keys.publish(con, event, *reset_result).map(|()| None),
-            Report::Outcome(record) => keys.record(con, record).map(Some),
-        });
-        match result {
-            Ok(recorded) => {
+        let is_outcome = matches!(head, Report::Outcome(_));
+        let why = match link.run(|con| apply(con, &keys, head)) {
+            Ok(Applied::Done(recorded)) => {
                 let done = queue.pop_front();
                 if let (Some(Report::Outcome(record)), Some(recorded)) = (done, recorded) {
                     shared.outcome_recorded(&record, recorded);
                 }
+                continue;
             }
-            Err(e) if is_connection_error(&e) => {
-                if shared.reporter_gives_up() {
-                    let lost: Vec<_> = queue
-                        .iter()
-                        .filter_map(|r| match r {
-                            Report::Outcome(o) => {
-                                Some(format!("{} ({})", o.claim_id, o.what.as_str()))
-                            }
-                            Report::Event { .. } => None,
-                        })
-                        .collect();
-                    tracing::error!(
-                        error = %e,
-                        unrecorded = ?lost,
-                        "redis still unreachable at the shutdown deadline; unrecorded items stay in the processing list and are recovered at the next start"
-                    );
-                    break;
-                }
-                let pause = link.pause_after(&e);
-                let until = Instant::now() + pause;
-                // Keep taking reports while waiting, so senders never block.
-                while open && Instant::now() < until {
-                    match rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
-                        Ok(r) => push(&mut queue, r),
-                        Err(RecvTimeoutError::Timeout) => break,
-                        Err(RecvTimeoutError::Disconnected) => open = false,
-                    }
-                }
-                if !open {
-                    std::thread::sleep(until.saturating_duration_since(Instant::now()));
-                }
+            Ok(Applied::Later(why)) => {
+                // The heartbeat takes a missing lease again (or finds it taken).
+                shared.wake_heartbeat();
+                why
             }
+            Err(e) if is_outcome || is_connection_error(&e) => e.to_string(),
             Err(e) => {
-                // A command error that retrying cannot fix (a bug); do not loop on it.
-                match queue.pop_front() {
-                    Some(Report::Outcome(record)) => {
-                        tracing::error!(error = %e, claim = %record.claim_id, what = record.what.as_str(),
-                            "redis rejected the outcome; the item stays in the processing list");
-                        shared.outcome_abandoned(&record);
-                    }
-                    Some(Report::Event { event, .. }) => {
-                        tracing::error!(error = %e, task_id = %event.task_id, "redis rejected an event")
-                    }
-                    None => {}
+                if let Some(Report::Event { event, .. }) = queue.pop_front() {
+                    tracing::warn!(error = %e, task_id = %event.task_id, "redis refused an event; dropped");
+                } else {
+                    tracing::warn!(error = %e, "redis refused an active-claim mark; dropped");
                 }
+                continue;
             }
+        };
+        if shared.reporter_gives_up() {
+            let lost: Vec<_> = queue
+                .iter()
+                .filter_map(|r| match r {
+                    Report::Outcome(o) => Some(format!("{} ({})", o.claim_id, o.what.as_str())),
+                    _ => None,
+                })
+                .collect();
+            tracing::error!(
+                error = %why,
+                unrecorded = ?lost,
+                "outcomes still not recorded at the shutdown deadline; their items stay in the processing list and are recovered at the next start"
+            );
+            break;
+        }
+        let pause = link.pause_after(&why);
+        let until = Instant::now() + pause;
+        // Keep taking reports while waiting, so senders never block.
+        while open && Instant::now() < until {
+            match rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
+                Ok(r) => push(&mut queue, r),
+                Err(RecvTimeoutError::Timeout) => break,
+                Err(RecvTimeoutError::Disconnected) => open = false,
+            }
+        }
+        if !open {
+            std::thread::sleep(until.saturating_duration_since(Instant::now()));
         }
     }
 }
@@ -228,7 +271,7 @@ mod tests {
     fn progress_of(r: &Report) -> f32 {
         match r {
             Report::Event { event, .. } => event.progress.unwrap_or(-1.0),
-            Report::Outcome(_) => -2.0,
+            Report::Outcome(_) | Report::Active { .. } => -2.0,
         }
     }
 

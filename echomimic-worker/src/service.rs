@@ -11,9 +11,11 @@
 //!  heartbeat: lease + gpu_status every TTL/3 and on busy/idle changes
 //! ```
 //!
-//! Start-up: take the lease (or refuse with [`WorkerError::LeaseHeld`]), start the heartbeat,
-//! load and warm the model, requeue what the processing list still holds from a previous run
-//! (counting an attempt), then serve.
+//! Start-up: sweep task folders of dead processes, take the lease (from a dead predecessor on
+//! this host at once, after waiting out an unrefreshed one, or refuse with
+//! [`WorkerError::LeaseHeld`] when its holder is alive), start the heartbeat, load and warm the
+//! model, requeue what the processing list still holds from a previous run (counting an
+//! attempt for the items that run was working on), then serve.
 //!
 //! Stopping ([`ShutdownHandle::request`]): the first request stops claiming and requeues a
 //! prepared task that has not started; the running task may finish within the grace period,
@@ -33,14 +35,15 @@ use echomimic_tempfile::{ClientConfig, TempfileClient};
 use crate::config::WorkerConfig;
 use crate::engine::Engine;
 use crate::error::WorkerError;
-use crate::fetcher::Fetcher;
+use crate::fetcher::{sweep_dead_task_dirs, Fetcher};
 use crate::finisher::Finisher;
 use crate::inference::Inference;
-use crate::job::{Claim, Policy};
-use crate::redis_link::{RedisLink, RetryEnd};
+use crate::job::Policy;
+use crate::redis_link::{sleep_unless, RedisLink};
 use crate::shutdown::{ShutdownHandle, ShutdownLevel};
 use crate::state::{Shared, Stats};
-use crate::store::{owner_id, Keys, Recorded};
+use crate::store::{host_name, owner_host_pid, owner_id, process_alive, Keys};
+use crate::sweeper::{recover_leftovers, retry_error, Sweeper};
 use crate::{heartbeat, reporter};
 
 /// The encoder, decided once at start by the library's one rule
@@ -76,13 +79,22 @@ impl std::fmt::Debug for Worker {
     }
 }
 
+/// Starts a named thread. A panic in it is recorded in `died` (the first one wins) before the
+/// thread ends, so the supervisor can name the thread that died rather than the ones that
+/// ended after it.
 fn spawn(
     name: &'static str,
+    died: &Arc<Shared>,
     f: impl FnOnce() + Send + 'static,
 ) -> Result<JoinHandle<()>, WorkerError> {
+    let shared = died.clone();
     std::thread::Builder::new()
         .name(format!("echomimic-{name}"))
-        .spawn(f)
+        .spawn(move || {
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).is_err() {
+                shared.thread_died(name);
+            }
+        })
         .map_err(|e| WorkerError::Internal(format!("cannot start the {name} thread: {e}")))
 }
 
@@ -98,7 +110,11 @@ struct Plan {
 impl Plan {
     fn new(config: &WorkerConfig) -> Result<Plan, WorkerError> {
         let encoder = resolve_encoder(config.encoder)?;
-        config.ensure_temp_dir()?;
+        let swept = sweep_dead_task_dirs(config.ensure_temp_dir()?);
+        if swept > 0 {
+            tracing::warn!(folders = swept, temp_dir = %config.temp_dir.display(),
+                "removed task folders left by workers that are gone");
+        }
         let client = config.redis.client()?;
         let http = TempfileClient::with_config(ClientConfig {
             connect_timeout: config.http_connect_timeout,
@@ -113,6 +129,7 @@ impl Plan {
             processing: echomimic_protocol::keys::processing_list(config.gpu_id),
             lease: echomimic_protocol::keys::worker_lease(config.gpu_id),
             status: echomimic_protocol::keys::gpu_status(config.gpu_id),
+            active: echomimic_protocol::keys::worker_active(config.gpu_id),
             channel: config.channel.clone(),
             schema: config.schema,
             lease_ttl: config.lease_ttl,
@@ -124,6 +141,7 @@ impl Plan {
             max_attempts: config.max_attempts,
             gpu_id: config.gpu_id,
             queue: config.queue.clone(),
+            max_item_bytes: config.max_item_bytes,
         };
         Ok(Plan {
             client,
@@ -139,16 +157,14 @@ impl Plan {
     }
 }
 
-/// A start-up Redis command that did not go through: given up because a stop was requested
-/// (a normal stop), or refused by Redis.
-fn startup_error(e: RetryEnd) -> WorkerError {
-    match e {
-        RetryEnd::GaveUp(_) => WorkerError::Cancelled,
-        RetryEnd::Failed(e) => WorkerError::Redis(e),
-    }
-}
-
 /// Step 1 of start-up: the lease (waiting for Redis if it is not up yet).
+///
+/// When another worker's id holds it:
+/// * a holder on this host whose process is gone (a crashed predecessor) is replaced at once;
+/// * otherwise the lease is watched for up to its TTL plus a margin: a live holder refreshes
+///   it (its TTL goes up), and this worker refuses with [`WorkerError::LeaseHeld`]; a dead one
+///   lets it expire, and this worker takes it. So a supervisor's restart right after a crash
+///   serves, and a second live worker on the same gpu id is still refused.
 fn take_lease(
     link: &mut RedisLink,
     keys: &Keys,
@@ -156,15 +172,68 @@ fn take_lease(
     gpu_id: u32,
 ) -> Result<(), WorkerError> {
     let stopped = || shared.shutdown().level() > ShutdownLevel::Running;
-    let taken = link
-        .run_retrying(stopped, |con| keys.acquire_lease(con))
-        .map_err(startup_error)?;
-    taken.map_err(|(owner, ttl_secs)| WorkerError::LeaseHeld {
+    let held = |owner: String, ttl_ms: i64| WorkerError::LeaseHeld {
         gpu_id,
         key: keys.lease.clone(),
         owner,
-        ttl_secs,
-    })
+        ttl_secs: if ttl_ms > 0 {
+            (ttl_ms + 999) / 1000
+        } else {
+            ttl_ms
+        },
+    };
+    // The holder being watched and its TTL at the last look.
+    let mut watched: Option<(String, i64)> = None;
+    let watch_end = Instant::now() + keys.lease_ttl + Duration::from_secs(5);
+    let me = host_name();
+    loop {
+        let taken = link
+            .run_retrying(stopped, |con| keys.acquire_lease(con))
+            .map_err(retry_error)?;
+        if taken.is_ok() {
+            return Ok(());
+        }
+        let (owner, ttl_ms) = link
+            .run_retrying(stopped, |con| keys.lease_state(con))
+            .map_err(retry_error)?;
+        let Some(owner) = owner else {
+            continue; // expired between the two commands
+        };
+        if let Some((host, pid)) = owner_host_pid(&owner) {
+            let dead = host == me && pid != std::process::id() && process_alive(pid) == Some(false);
+            if dead {
+                let took = link
+                    .run_retrying(stopped, |con| keys.take_over_lease(con, &owner))
+                    .map_err(retry_error)?;
+                if took {
+                    tracing::warn!(lease = %keys.lease, previous = %owner, pid,
+                        "took over the lease of a worker that is gone (same host, its process no longer exists)");
+                    return Ok(());
+                }
+                continue;
+            }
+        }
+        if ttl_ms < 0 {
+            // No expiry: not a worker's lease (set by hand?); never waits it out.
+            return Err(held(owner, ttl_ms));
+        }
+        match &watched {
+            Some((prev_owner, prev_ttl)) if *prev_owner == owner && ttl_ms > *prev_ttl + 250 => {
+                return Err(held(owner, ttl_ms)); // refreshed: its worker is alive
+            }
+            Some((prev_owner, _)) if *prev_owner != owner => return Err(held(owner, ttl_ms)),
+            Some(_) => {}
+            None => tracing::warn!(lease = %keys.lease, holder = %owner, ttl_ms,
+                "the lease is held by another worker id; waiting to see whether it is still alive"),
+        }
+        if Instant::now() >= watch_end {
+            return Err(held(owner, ttl_ms));
+        }
+        watched = Some((owner, ttl_ms));
+        if sleep_unless(Duration::from_millis(250), stopped) {
+            return Err(WorkerError::Cancelled);
+        }
+    }
 }
 
 /// Step 2: the model, loaded and warmed up while the heartbeat keeps the lease.
@@ -184,40 +253,6 @@ fn load_engine<E: Engine>(
     Ok(engine)
 }
 
-/// Step 3: what the processing list still holds from a previous run is requeued (counting
-/// the interrupted attempt) or given up.
-fn recover_leftovers(
-    link: &mut RedisLink,
-    plan: &Plan,
-    shared: &Shared,
-) -> Result<(), WorkerError> {
-    let (keys, policy) = (&plan.keys, &plan.policy);
-    let stopped = || shared.shutdown().level() > ShutdownLevel::Running;
-    let leftovers = link
-        .run_retrying(stopped, |con| keys.leftovers(con))
-        .map_err(startup_error)?;
-    for raw in leftovers.into_iter().rev() {
-        let claim = Claim::new(raw);
-        let record = policy.recovered(&claim);
-        tracing::warn!(
-            attempts = claim.item.attempts() + 1,
-            outcome = record.what.as_str(),
-            "found a task interrupted by a previous run"
-        );
-        let recorded = link
-            .run_retrying(stopped, |con| keys.record(con, &record))
-            .map_err(startup_error)?;
-        if recorded == Recorded::LeaseLost {
-            return Err(WorkerError::LeaseLost {
-                key: keys.lease.clone(),
-                owner: None,
-            });
-        }
-        shared.recovered();
-    }
-    Ok(())
-}
-
 fn start_heartbeat(
     plan: &Plan,
     config: &WorkerConfig,
@@ -225,10 +260,10 @@ fn start_heartbeat(
     wake: Receiver<()>,
 ) -> Result<JoinHandle<()>, WorkerError> {
     let link = plan.link("heartbeat", Duration::from_secs(10));
-    let (keys, shared) = (plan.keys.clone(), shared.clone());
+    let (keys, shared_here) = (plan.keys.clone(), shared.clone());
     let interval = config.heartbeat_interval();
-    spawn("heartbeat", move || {
-        heartbeat::run(link, keys, shared, interval, wake)
+    spawn("heartbeat", shared, move || {
+        heartbeat::run(link, keys, shared_here, interval, wake)
     })
 }
 
@@ -239,8 +274,10 @@ fn start_reporter(
     rx: Receiver<reporter::Report>,
 ) -> Result<JoinHandle<()>, WorkerError> {
     let link = RedisLink::new(client.clone(), "reporter", Duration::from_secs(10));
-    let (keys, shared) = (keys.clone(), shared.clone());
-    spawn("reporter", move || reporter::run(link, keys, rx, shared))
+    let (keys, shared_here) = (keys.clone(), shared.clone());
+    spawn("reporter", shared, move || {
+        reporter::run(link, keys, rx, shared_here)
+    })
 }
 
 impl Worker {
@@ -269,7 +306,20 @@ impl Worker {
         };
         worker.heartbeat = Some(start_heartbeat(&plan, &config, &shared, wake_rx)?);
         let engine = load_engine(load, &shared)?;
-        recover_leftovers(&mut link, &plan, &shared)?;
+        // Say which queue this gpu id serves (sweepers of the same queue recover our list if
+        // we die and nobody restarts us), then recover what a previous run left.
+        let queue_key = echomimic_protocol::keys::worker_queue(config.gpu_id);
+        link.run_retrying(
+            || shared.shutdown().level() > ShutdownLevel::Running,
+            |con| {
+                redis::cmd("SET")
+                    .arg(&queue_key)
+                    .arg(&config.queue)
+                    .query::<()>(con)
+            },
+        )
+        .map_err(retry_error)?;
+        recover_leftovers(&mut link, &plan.keys, &plan.policy, &shared)?;
         drop(link);
         worker.serve(engine, plan, &config)?;
         tracing::info!(
@@ -314,7 +364,7 @@ impl Worker {
         };
         self.workers.push((
             "finisher",
-            spawn("finisher", move || finisher.run(finish_rx))?,
+            spawn("finisher", shared, move || finisher.run(finish_rx))?,
         ));
         let preparer = engine.preparer();
         let inference = Inference {
@@ -325,8 +375,21 @@ impl Worker {
         };
         self.workers.push((
             "inference",
-            spawn("inference", move || inference.run(job_rx, finish_tx))?,
+            spawn("inference", shared, move || {
+                inference.run(job_rx, finish_tx)
+            })?,
         ));
+        if let Some(interval) = config.sweep_interval {
+            let sweeper = Sweeper {
+                link: RedisLink::new(client.clone(), "sweep", Duration::from_secs(10)),
+                keys: keys.clone(),
+                policy: policy.clone(),
+                shared: shared.clone(),
+                interval,
+            };
+            self.workers
+                .push(("sweeper", spawn("sweeper", shared, move || sweeper.run())?));
+        }
         let fetcher = Fetcher {
             link: RedisLink::new(
                 client,
@@ -348,7 +411,7 @@ impl Worker {
             jobs: job_tx,
         };
         self.workers
-            .push(("fetcher", spawn("fetcher", move || fetcher.run())?));
+            .push(("fetcher", spawn("fetcher", shared, move || fetcher.run())?));
         shared.set_ready();
         Ok(())
     }
@@ -378,9 +441,26 @@ impl Worker {
         }
     }
 
+    /// A thread that ended while the worker was still running died (a panic: every thread
+    /// loops until a stop is requested). The whole worker stops with an error so that its
+    /// supervisor restarts it; what the dead thread held stays in the processing list and is
+    /// recovered at that start (charged only when it was being worked on).
+    fn check_threads(&self) {
+        if self.shared.shutdown().level() > ShutdownLevel::Running {
+            return;
+        }
+        if let Some(name) = self.shared.died() {
+            tracing::error!(thread = name, "a worker thread died; stopping the worker");
+            self.shared.fatal(WorkerError::Internal(format!(
+                "the {name} thread stopped unexpectedly (a panic); the worker stops so that its supervisor restarts it"
+            )));
+        }
+    }
+
     fn wait(&mut self) {
         // Supervise: cancel the running task when the grace period is over.
         while self.workers.iter().any(|(_, h)| !h.is_finished()) {
+            self.check_threads();
             let shutdown = self.shared.shutdown();
             // After the grace period, cancel once the fetcher has stopped claiming, so the
             // requeued task is not claimed again by this worker's last `BLMOVE`; a second

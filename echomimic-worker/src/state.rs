@@ -29,7 +29,7 @@ pub struct Stats {
     pub retried: u64,
     /// Requeued uncounted because the worker was stopping.
     pub released: u64,
-    /// Leftovers of a previous run found at start-up.
+    /// Leftovers of a previous run found at start-up, and orphans requeued by the sweep.
     pub recovered: u64,
 }
 
@@ -53,7 +53,12 @@ pub(crate) struct Shared {
     pub(crate) cancel: AtomicBool,
     ready: AtomicBool,
     inflight: AtomicUsize,
+    /// The raw items of the claims in flight (a multiset), so a sweep can tell an item in the
+    /// processing list that this worker never received (a `BLMOVE` reply lost) from its own.
+    held: Mutex<Vec<Vec<u8>>>,
     heartbeat_stop: AtomicBool,
+    /// The first thread that panicked.
+    died: Mutex<Option<&'static str>>,
     reporter_deadline: Mutex<Option<Instant>>,
     fatal: Mutex<Option<WorkerError>>,
     /// Wakes the heartbeat thread (busy/idle changes, shutdown).
@@ -70,7 +75,9 @@ impl Shared {
             cancel: AtomicBool::new(false),
             ready: AtomicBool::new(false),
             inflight: AtomicUsize::new(0),
+            held: Mutex::new(Vec::new()),
             heartbeat_stop: AtomicBool::new(false),
+            died: Mutex::new(None),
             reporter_deadline: Mutex::new(None),
             fatal: Mutex::new(None),
             wake,
@@ -116,8 +123,11 @@ impl Shared {
         let _ = self.wake.try_send(());
     }
 
-    /// A claim was made: busy until its outcome is recorded.
-    pub(crate) fn claimed(&self) {
+    /// A claim of `raw` was made: busy until its outcome is recorded.
+    pub(crate) fn claimed(&self, raw: &[u8]) {
+        if let Ok(mut held) = self.held.lock() {
+            held.push(raw.to_vec());
+        }
         self.counters.claimed.fetch_add(1, Ordering::Relaxed);
         if self.inflight.fetch_add(1, Ordering::SeqCst) == 0 {
             self.wake_heartbeat();
@@ -129,7 +139,20 @@ impl Shared {
         self.counters.recovered.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn settle(&self) {
+    /// True while a claim of this exact item is in flight here.
+    pub(crate) fn holds(&self, raw: &[u8]) -> bool {
+        self.held
+            .lock()
+            .map(|held| held.iter().any(|h| h == raw))
+            .unwrap_or(true)
+    }
+
+    fn settle(&self, raw: &[u8]) {
+        if let Ok(mut held) = self.held.lock() {
+            if let Some(i) = held.iter().position(|h| h == raw) {
+                held.swap_remove(i);
+            }
+        }
         let prev = self
             .inflight
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
@@ -147,7 +170,13 @@ impl Shared {
                 key: self.lease_key.clone(),
                 owner: None,
             });
-            self.settle();
+            self.settle(&record.raw);
+            return;
+        }
+        if recorded == Recorded::ClaimGone {
+            tracing::error!(claim = %record.claim_id, outcome = record.what.as_str(),
+                "outcome not recorded: the item is no longer in the processing list (recovered by another worker)");
+            self.settle(&record.raw);
             return;
         }
         let c = &self.counters;
@@ -167,12 +196,7 @@ impl Shared {
             code = record.event.as_ref().and_then(|e| e.code).map(|c| c.as_str()).unwrap_or("-"),
             "outcome recorded"
         );
-        self.settle();
-    }
-
-    /// Called by the reporter when Redis refused an outcome for good.
-    pub(crate) fn outcome_abandoned(&self, _record: &OutcomeRecord) {
-        self.settle();
+        self.settle(&record.raw);
     }
 
     /// A condition that ends the worker (lease lost).
@@ -184,6 +208,18 @@ impl Shared {
         }
         self.cancel_task();
         self.shutdown.stop_now();
+    }
+
+    /// Records that thread `name` panicked (the first one is kept).
+    pub(crate) fn thread_died(&self, name: &'static str) {
+        if let Ok(mut d) = self.died.lock() {
+            d.get_or_insert(name);
+        }
+    }
+
+    /// The first thread that panicked, if one did.
+    pub(crate) fn died(&self) -> Option<&'static str> {
+        self.died.lock().ok().and_then(|d| *d)
     }
 
     /// The error that ended the worker, if one did.

@@ -271,6 +271,98 @@ fn kill_9_mid_inference_then_restart_completes_exactly_once() -> TestResult {
     Ok(())
 }
 
+/// Waits for an event of `task` at position `from` or later whose message contains `text`;
+/// returns its position.
+fn wait_message(
+    rec: &Recorder,
+    task: &Task,
+    text: &str,
+    from: usize,
+    worker: &WorkerProc,
+) -> usize {
+    let end = Instant::now() + Duration::from_secs(120);
+    loop {
+        let found = rec
+            .of(&task.task_id)
+            .iter()
+            .enumerate()
+            .skip(from)
+            .find(|(_, e)| e.message.as_deref().unwrap_or("").contains(text))
+            .map(|(i, _)| i);
+        if let Some(i) = found {
+            return i;
+        }
+        assert!(
+            Instant::now() < end,
+            "no {text:?} for {} from event {from}; log:\n{}",
+            task.task_id,
+            worker.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn kill_9_twice_with_immediate_restarts_charges_only_the_running_task() -> TestResult {
+    let Some(world) = World::new() else {
+        return Ok(());
+    };
+    let rec = world.recorder();
+    // `running` keeps the model busy far longer than the test; `waiting` is prefetched
+    // meanwhile and waits prepared for the model.
+    let mut running = world.task(&unique("running"));
+    running.steps = Some(100);
+    running.cfg = Some(1.0);
+    let waiting = quick_task(&world, &unique("waiting"));
+    let mut worker = WorkerProc::start(&world, &[]);
+    worker.wait_ready(&world, Duration::from_secs(120));
+    world.submit(&running);
+    world.submit(&waiting);
+    let (mut from_running, mut from_waiting) = (0, 0);
+    for _round in 1..=2 {
+        let claimed = wait_message(&rec, &running, "task claimed", from_running, &worker);
+        from_running = wait_message(&rec, &running, "UNet call", claimed, &worker) + 1;
+        from_waiting =
+            wait_message(&rec, &waiting, "waiting for the GPU", from_waiting, &worker) + 1;
+        worker.signal("KILL");
+        worker.wait_exit(Duration::from_secs(10));
+        // Restarted at once, as a supervisor does: the dead process's lease is taken over.
+        // (`gpu_status` still says `busy` from the dead one: watch the new one's log.)
+        worker = WorkerProc::start(&world, &[]);
+        let end = Instant::now() + Duration::from_secs(60);
+        while !worker.log_text().contains("took over the lease") {
+            assert!(Instant::now() < end, "no take-over:\n{}", worker.log_text());
+            assert!(worker.child.try_wait()?.is_none(), "{}", worker.log_text());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    // Two crashes while it ran: the running task is given up; the bystander is not charged.
+    let given_up = rec.wait_terminal(&running.task_id, Duration::from_secs(60));
+    assert_eq!(
+        given_up.code,
+        Some(ErrorCode::AttemptsExhausted),
+        "{given_up:?}"
+    );
+    let done = rec.wait_terminal(&waiting.task_id, Duration::from_secs(120));
+    assert_eq!(
+        done.status,
+        Status::Completed,
+        "{done:?}\n{}",
+        worker.log_text()
+    );
+    let claims: Vec<String> = rec
+        .of(&waiting.task_id)
+        .iter()
+        .filter(|e| e.status == Status::Processing)
+        .filter_map(|e| e.message.clone())
+        .collect();
+    assert_eq!(claims, vec!["task claimed (attempt 1 of 2)"; 3]);
+    assert!(world.processing_items().is_empty());
+    worker.signal("TERM");
+    assert!(worker.wait_exit(Duration::from_secs(30)).success());
+    Ok(())
+}
+
 #[test]
 fn sigterm_while_busy_requeues_without_failed_and_exits_cleanly() -> TestResult {
     let Some(world) = World::new() else {

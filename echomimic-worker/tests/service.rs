@@ -266,9 +266,12 @@ fn a_second_worker_with_the_same_gpu_id_refuses_to_start() -> TestResult {
     let Some(world) = World::new() else {
         return Ok(());
     };
-    let first = start(&world, &[], fake());
+    // Both in this process: the holder cannot be proven dead, so the second one watches the
+    // lease until the first one's heartbeat (every second with a 3 s TTL) refreshes it.
+    let ttl = ["--lease-ttl-secs", "3", "--status-ttl-secs", "3"];
+    let first = start(&world, &ttl, fake());
     let t = Instant::now();
-    let second = Worker::start(world.config(&[]), ShutdownHandle::new(), || Ok(fake()));
+    let second = Worker::start(world.config(&ttl), ShutdownHandle::new(), || Ok(fake()));
     match second {
         Err(WorkerError::LeaseHeld { gpu_id, owner, .. }) => {
             assert_eq!(gpu_id, world.gpu_id);
@@ -366,7 +369,8 @@ fn leftovers_of_a_crashed_run_are_requeued_counting_an_attempt() -> TestResult {
         return Ok(());
     };
     let rec = world.recorder();
-    // A previous run died holding two items: a fresh task, and one on its last attempt.
+    // A previous run died working on two items (one on the model, one being encoded): a
+    // fresh task, and one on its last attempt.
     let fresh = world.task(&unique("crashed"));
     let last = world.task(&unique("crashed-last"));
     world.track_task(&fresh.task_id);
@@ -381,6 +385,9 @@ fn leftovers_of_a_crashed_run_are_requeued_counting_an_attempt() -> TestResult {
     let mut con = world.con();
     let _: u64 = con.rpush(keys::processing_list(world.gpu_id), once.raw())?;
     let _: u64 = con.rpush(keys::processing_list(world.gpu_id), spent.raw())?;
+    let active = keys::worker_active(world.gpu_id);
+    let _: u64 = con.hset(&active, "claim-1", once.raw())?;
+    let _: u64 = con.hset(&active, "claim-2", spent.raw())?;
     let worker = start(
         &world,
         &["--geometry", "crop", "--max-attempts", "2"],

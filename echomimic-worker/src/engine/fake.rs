@@ -4,7 +4,8 @@
 //! error types (undecodable image → `bad_input`, uniform image → `no_face`, non-WAV, empty,
 //! silent or too long audio → `bad_input`), "denoises" with a configurable pause per UNet call
 //! (checking the cancel flag between calls), and emits frames made from the face crop. Test
-//! hooks: [`FakeEngine::with_call_delay`], [`FakeEngine::fail_next_runs`].
+//! hooks: [`FakeEngine::with_call_delay`], [`FakeEngine::fail_next_runs`],
+//! [`FakeEngine::panic_in_next_prepares`].
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -31,6 +32,7 @@ pub struct FakeEngine {
     height: u32,
     call_delay: Duration,
     failing_runs: Arc<AtomicU32>,
+    panicking_prepares: Arc<AtomicU32>,
 }
 
 impl FakeEngine {
@@ -41,6 +43,7 @@ impl FakeEngine {
             height,
             call_delay: Duration::ZERO,
             failing_runs: Arc::new(AtomicU32::new(0)),
+            panicking_prepares: Arc::new(AtomicU32::new(0)),
         }
     }
 
@@ -53,6 +56,12 @@ impl FakeEngine {
     /// Makes the next `n` runs fail with a model error (shared by clones).
     pub fn fail_next_runs(&self, n: u32) {
         self.failing_runs.store(n, Ordering::SeqCst);
+    }
+
+    /// Makes the next `n` preparations panic, killing the thread that prepares (shared by
+    /// clones and preparers): a stand-in for a bug in a decoder.
+    pub fn panic_in_next_prepares(&self, n: u32) {
+        self.panicking_prepares.store(n, Ordering::SeqCst);
     }
 }
 
@@ -68,6 +77,7 @@ pub struct FakeData {
 pub struct FakePreparer {
     width: u32,
     height: u32,
+    panicking: Arc<AtomicU32>,
 }
 
 fn image_error(e: impl std::fmt::Display) -> WorkerError {
@@ -116,6 +126,11 @@ impl Preparer for FakePreparer {
         inputs: &Inputs<'_>,
         params: &GenParams,
     ) -> Result<Prepared<FakeData>, WorkerError> {
+        let panic_now = self
+            .panicking
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        assert!(!panic_now, "injected panic (fake preparer)");
         // 1. photo
         let mut reader = image::ImageReader::open(inputs.image)
             .and_then(|r| r.with_guessed_format())
@@ -200,6 +215,7 @@ impl Engine for FakeEngine {
         FakePreparer {
             width: self.width,
             height: self.height,
+            panicking: self.panicking_prepares.clone(),
         }
     }
 

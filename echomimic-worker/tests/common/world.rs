@@ -259,6 +259,7 @@ impl Drop for World {
             keys::processing_list(self.gpu_id),
             keys::gpu_status(self.gpu_id),
             keys::worker_lease(self.gpu_id),
+            keys::worker_active(self.gpu_id),
         ];
         keys.extend(
             self.extra_keys
