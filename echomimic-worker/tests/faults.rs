@@ -298,12 +298,7 @@ fn only_the_task_that_was_running_is_charged_for_a_crash() -> TestResult {
     assert_eq!(given_up.code, Some(ErrorCode::AttemptsExhausted));
     let done = rec.wait_terminal(&waiting.task_id, Duration::from_secs(60));
     assert_eq!(done.status, Status::Completed, "{done:?}");
-    let claimed: Vec<String> = rec
-        .of(&waiting.task_id)
-        .iter()
-        .filter(|e| e.status == Status::Processing)
-        .filter_map(|e| e.message.clone())
-        .collect();
+    let claimed = rec.claims(&waiting.task_id);
     assert_eq!(claimed, vec!["task claimed (attempt 2 of 2)"]);
     let stats = stop(worker);
     assert_eq!(stats.recovered, 2);
@@ -332,12 +327,7 @@ fn an_item_whose_claim_reply_was_lost_is_requeued_by_the_sweep() -> TestResult {
         .rpush(keys::processing_list(world.gpu_id), task.to_json())?;
     let done = rec.wait_terminal(&task.task_id, Duration::from_secs(30));
     assert_eq!(done.status, Status::Completed, "{done:?}");
-    let claimed: Vec<String> = rec
-        .of(&task.task_id)
-        .iter()
-        .filter(|e| e.status == Status::Processing)
-        .filter_map(|e| e.message.clone())
-        .collect();
+    let claimed = rec.claims(&task.task_id);
     assert_eq!(claimed, vec!["task claimed (attempt 1 of 2)"], "uncounted");
     let stats = stop(worker);
     assert_eq!(stats.recovered, 1, "{stats:?}");
@@ -387,12 +377,7 @@ fn the_claims_of_a_dead_worker_on_the_same_queue_are_requeued_by_the_sweep() -> 
     );
     let done = rec.wait_terminal(&orphan.task_id, Duration::from_secs(30));
     assert_eq!(done.status, Status::Completed, "{done:?}");
-    let claimed: Vec<String> = rec
-        .of(&orphan.task_id)
-        .iter()
-        .filter(|e| e.status == Status::Processing)
-        .filter_map(|e| e.message.clone())
-        .collect();
+    let claimed = rec.claims(&orphan.task_id);
     assert_eq!(
         claimed,
         vec!["task claimed (attempt 2 of 2)"],
@@ -437,12 +422,7 @@ fn a_panicking_thread_stops_the_worker_with_an_error_and_its_task_is_recovered()
     let again = start(&world, &["--geometry", "crop"], FakeEngine::new(W, W));
     let done = rec.wait_terminal(&task.task_id, Duration::from_secs(30));
     assert_eq!(done.status, Status::Completed, "{done:?}");
-    let claimed: Vec<String> = rec
-        .of(&task.task_id)
-        .iter()
-        .filter(|e| e.status == Status::Processing)
-        .filter_map(|e| e.message.clone())
-        .collect();
+    let claimed = rec.claims(&task.task_id);
     assert_eq!(
         claimed,
         vec![

@@ -251,12 +251,7 @@ fn kill_9_mid_inference_then_restart_completes_exactly_once() -> TestResult {
         "{:#?}",
         rec.of(&task.task_id)
     );
-    let attempts: Vec<String> = rec
-        .of(&task.task_id)
-        .iter()
-        .filter(|e| e.status == Status::Processing)
-        .filter_map(|e| e.message.clone())
-        .collect();
+    let attempts = rec.claims(&task.task_id);
     assert_eq!(
         attempts,
         vec![
@@ -350,12 +345,7 @@ fn kill_9_twice_with_immediate_restarts_charges_only_the_running_task() -> TestR
         "{done:?}\n{}",
         worker.log_text()
     );
-    let claims: Vec<String> = rec
-        .of(&waiting.task_id)
-        .iter()
-        .filter(|e| e.status == Status::Processing)
-        .filter_map(|e| e.message.clone())
-        .collect();
+    let claims = rec.claims(&waiting.task_id);
     assert_eq!(claims, vec!["task claimed (attempt 1 of 2)"; 3]);
     assert!(world.processing_items().is_empty());
     worker.signal("TERM");

@@ -91,6 +91,16 @@ impl Recorder {
             .collect()
     }
 
+    /// The messages of `task_id`'s `processing` events, one per claim
+    /// (`task claimed (attempt n of m)`).
+    pub fn claims(&self, task_id: &str) -> Vec<String> {
+        self.of(task_id)
+            .into_iter()
+            .filter(|e| e.status == Status::Processing)
+            .filter_map(|e| e.message)
+            .collect()
+    }
+
     pub fn terminal_count(&self, task_id: &str) -> usize {
         self.of(task_id).iter().filter(|e| e.is_terminal()).count()
     }
