@@ -433,3 +433,42 @@ fn a_panicking_thread_stops_the_worker_with_an_error_and_its_task_is_recovered()
     stop(again);
     Ok(())
 }
+
+#[test]
+fn a_200_response_carrying_html_fails_as_bad_input_without_local_paths() -> TestResult {
+    let Some(mut world) = World::new() else {
+        return Ok(());
+    };
+    // A captive portal or misrouted proxy: every request answers 200 with a sign-in page.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let portal = format!("http://{}", listener.local_addr()?);
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            use std::io::{Read, Write};
+            let mut stream = stream;
+            let mut buf = [0u8; 4096];
+            let _ = stream.read(&mut buf);
+            let body = "<!doctype html><html><body><form>Sign in</form></body></html>";
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    world.stop_server();
+    world.base_url = portal.clone();
+    let rec = world.recorder();
+    let worker = start(&world, &["--geometry", "crop"], FakeEngine::new(W, W));
+    let task = world.task(&unique("portal"));
+    world.submit(&task);
+    let failed = rec.wait_terminal(&task.task_id, Duration::from_secs(30));
+    assert_eq!(failed.status, Status::Failed, "{failed:?}");
+    assert_eq!(failed.code, Some(ErrorCode::BadInput), "{failed:?}");
+    let text = failed.error.unwrap_or_default();
+    let work = world.dir.path().display().to_string();
+    assert!(!text.contains(&work), "the local path leaks: {text}");
+    stop(worker);
+    assert_eq!(rec.terminal_count(&task.task_id), 1);
+    Ok(())
+}
