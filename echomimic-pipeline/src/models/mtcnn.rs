@@ -43,6 +43,11 @@ const PNET_SCALE_NMS: f64 = 0.5;
 const PNET_CROSS_SCALE_NMS: f64 = 0.7;
 const RNET_NMS: f64 = 0.7;
 const ONET_NMS_MIN: f32 = 0.7;
+/// Most P-Net candidates kept per pyramid level, and in all, before NMS (the highest
+/// scores). The reference has no cap; real photos stay far below it (hundreds to a few
+/// thousand), while a large noisy or adversarial image could otherwise feed millions of boxes
+/// to the quadratic NMS and to R-Net.
+pub const MAX_PNET_CANDIDATES: usize = 10_000;
 /// Default for [`Mtcnn::with_pnet_strip_pixels`].
 const PNET_MAX_STRIP_PIXELS: usize = 1 << 20;
 
@@ -721,6 +726,19 @@ struct Candidate {
     reg: [f32; 4],
 }
 
+/// The `max` highest-scoring candidates, in their original order (so NMS breaks ties as
+/// before); all of them when there are no more than `max`.
+fn keep_top(cands: Vec<Candidate>, max: usize) -> Vec<Candidate> {
+    if cands.len() <= max {
+        return cands;
+    }
+    let scores: Vec<f32> = cands.iter().map(|c| c.score).collect();
+    let mut keep = argsort_desc_stable(&scores);
+    keep.truncate(max);
+    keep.sort_unstable();
+    keep.into_iter().map(|i| cands[i]).collect()
+}
+
 /// Indices that sort `keys` descending, ties in index order (torch `sort(stable=True,
 /// descending=True)`).
 fn argsort_desc_stable(keys: &[f32]) -> Vec<usize> {
@@ -997,7 +1015,10 @@ impl Mtcnn {
         if let Some(t) = trace.as_deref_mut() {
             t.scales = scales.clone();
         }
-        let stage1 = self.pnet_stage(image, &scales, trace.as_deref_mut())?;
+        let stage1 = keep_top(
+            self.pnet_stage(image, &scales, trace.as_deref_mut())?,
+            MAX_PNET_CANDIDATES,
+        );
         let boxes = merge_scales(&stage1);
         if let Some(t) = trace.as_deref_mut() {
             t.pnet_candidates = boxes.len();
@@ -1032,7 +1053,10 @@ impl Mtcnn {
                     t.pnet_last_reg = Some(Tensor::from_slice(&reg, (1, 4, oh, ow), &Device::Cpu)?);
                 }
             }
-            let cands = bounding_boxes(&prob, &reg, (oh, ow), scale, self.cfg.thresholds[0]);
+            let cands = keep_top(
+                bounding_boxes(&prob, &reg, (oh, ow), scale, self.cfg.thresholds[0]),
+                MAX_PNET_CANDIDATES,
+            );
             let boxes: Vec<[f32; 4]> = cands.iter().map(|c| c.bbox).collect();
             let scores: Vec<f32> = cands.iter().map(|c| c.score).collect();
             stage1.extend(
@@ -1358,6 +1382,22 @@ mod tests {
         // touching boxes: inter = 1 column with +1 convention
         let boxes = [[0., 0., 9., 9.], [9., 0., 18., 9.]];
         assert_eq!(nms_min(&boxes, &[0.9, 0.8], 0.7), [0, 1]);
+    }
+
+    #[test]
+    fn candidates_over_the_cap_keep_the_best_in_order() {
+        let c = |score: f32| Candidate {
+            bbox: [0.0, 0.0, 1.0, 1.0],
+            score,
+            reg: [0.0; 4],
+        };
+        let cands = vec![c(0.7), c(0.9), c(0.6), c(0.9), c(0.8)];
+        let scores = |v: &[Candidate]| v.iter().map(|c| c.score).collect::<Vec<_>>();
+        assert_eq!(
+            scores(&keep_top(cands.clone(), 5)),
+            [0.7, 0.9, 0.6, 0.9, 0.8]
+        );
+        assert_eq!(scores(&keep_top(cands, 3)), [0.9, 0.9, 0.8]);
     }
 
     #[test]
