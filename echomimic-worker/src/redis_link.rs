@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 use redis::{Connection, RedisError, RedisResult};
 
+use crate::error::WorkerError;
+
 /// Capped exponential backoff with "equal jitter".
 #[derive(Debug, Clone)]
 pub(crate) struct Backoff {
@@ -184,6 +186,17 @@ pub(crate) enum RetryEnd {
     GaveUp(RedisError),
     /// A command error that retrying cannot fix.
     Failed(RedisError),
+}
+
+/// A Redis command of start-up or recovery that did not go through: given up because a stop
+/// was requested (a normal stop), or refused by Redis.
+impl From<RetryEnd> for WorkerError {
+    fn from(e: RetryEnd) -> Self {
+        match e {
+            RetryEnd::GaveUp(_) => WorkerError::Cancelled,
+            RetryEnd::Failed(e) => WorkerError::Redis(e),
+        }
+    }
 }
 
 impl RetryEnd {

@@ -43,7 +43,7 @@ use crate::redis_link::{sleep_unless, RedisLink};
 use crate::shutdown::{ShutdownHandle, ShutdownLevel};
 use crate::state::{Shared, Stats};
 use crate::store::{host_name, owner_host_pid, owner_id, process_alive, Keys};
-use crate::sweeper::{recover_leftovers, retry_error, Sweeper};
+use crate::sweeper::{recover_leftovers, Sweeper};
 use crate::{heartbeat, reporter};
 
 /// The encoder, decided once at start by the library's one rule
@@ -187,24 +187,18 @@ fn take_lease(
     let watch_end = Instant::now() + keys.lease_ttl + Duration::from_secs(5);
     let me = host_name();
     loop {
-        let taken = link
-            .run_retrying(stopped, |con| keys.acquire_lease(con))
-            .map_err(retry_error)?;
+        let taken = link.run_retrying(stopped, |con| keys.acquire_lease(con))?;
         if taken.is_ok() {
             return Ok(());
         }
-        let (owner, ttl_ms) = link
-            .run_retrying(stopped, |con| keys.lease_state(con))
-            .map_err(retry_error)?;
+        let (owner, ttl_ms) = link.run_retrying(stopped, |con| keys.lease_state(con))?;
         let Some(owner) = owner else {
             continue; // expired between the two commands
         };
         if let Some((host, pid)) = owner_host_pid(&owner) {
             let dead = host == me && pid != std::process::id() && process_alive(pid) == Some(false);
             if dead {
-                let took = link
-                    .run_retrying(stopped, |con| keys.take_over_lease(con, &owner))
-                    .map_err(retry_error)?;
+                let took = link.run_retrying(stopped, |con| keys.take_over_lease(con, &owner))?;
                 if took {
                     tracing::warn!(lease = %keys.lease, previous = %owner, pid,
                         "took over the lease of a worker that is gone (same host, its process no longer exists)");
@@ -317,8 +311,7 @@ impl Worker {
                     .arg(&config.queue)
                     .query::<()>(con)
             },
-        )
-        .map_err(retry_error)?;
+        )?;
         recover_leftovers(&mut link, &plan.keys, &plan.policy, &shared)?;
         drop(link);
         worker.serve(engine, plan, &config)?;

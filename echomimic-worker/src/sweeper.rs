@@ -23,7 +23,7 @@ use redis::{Connection, RedisResult};
 
 use crate::error::WorkerError;
 use crate::job::Policy;
-use crate::redis_link::{sleep_unless, RedisLink, RetryEnd};
+use crate::redis_link::{sleep_unless, RedisLink};
 use crate::state::Shared;
 use crate::store::{Keys, Recorded};
 
@@ -34,14 +34,6 @@ pub(crate) struct Sweeper {
     pub(crate) policy: Policy,
     pub(crate) shared: Arc<Shared>,
     pub(crate) interval: Duration,
-}
-
-/// A start-up or sweep Redis command that did not go through.
-pub(crate) fn retry_error(e: RetryEnd) -> WorkerError {
-    match e {
-        RetryEnd::GaveUp(_) => WorkerError::Cancelled,
-        RetryEnd::Failed(e) => WorkerError::Redis(e),
-    }
 }
 
 /// Requeues what `keys.processing` holds from a run that is gone. An item that run was
@@ -55,12 +47,8 @@ pub(crate) fn recover_leftovers(
     shared: &Shared,
 ) -> Result<usize, WorkerError> {
     let stopped = || shared.shutdown().level() > crate::shutdown::ShutdownLevel::Running;
-    let leftovers = link
-        .run_retrying(stopped, |con| keys.leftovers(con))
-        .map_err(retry_error)?;
-    let mut active = link
-        .run_retrying(stopped, |con| keys.take_active(con))
-        .map_err(retry_error)?;
+    let leftovers = link.run_retrying(stopped, |con| keys.leftovers(con))?;
+    let mut active = link.run_retrying(stopped, |con| keys.take_active(con))?;
     let mut done = 0;
     for raw in leftovers.into_iter().rev() {
         let claim = policy.claim(&raw);
@@ -83,9 +71,7 @@ pub(crate) fn recover_leftovers(
             outcome = record.what.as_str(),
             "found a task left by a run that is gone"
         );
-        let recorded = link
-            .run_retrying(stopped, |con| keys.record(con, &record))
-            .map_err(retry_error)?;
+        let recorded = link.run_retrying(stopped, |con| keys.record(con, &record))?;
         match recorded {
             Recorded::LeaseLost | Recorded::LeaseMissing => {
                 return Err(WorkerError::LeaseLost {

@@ -9,23 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use echomimic_protocol::{keys, ErrorCode, QueueItem, Status};
-use echomimic_worker::engine::fake::FakeEngine;
-use echomimic_worker::{ShutdownHandle, Worker};
 use redis::Commands;
-
-const W: u32 = 64;
-
-fn start(world: &World, extra: &[&str], engine: FakeEngine) -> Worker {
-    Worker::start(world.config(extra), ShutdownHandle::new(), move || {
-        Ok(engine)
-    })
-    .expect("worker starts")
-}
-
-fn stop(worker: Worker) -> echomimic_worker::Stats {
-    worker.shutdown_handle().request();
-    worker.join().expect("clean stop")
-}
 
 /// This machine's host name as the worker writes it into its lease.
 fn host() -> String {
@@ -58,13 +42,7 @@ fn an_outcome_refused_for_lack_of_memory_is_recorded_once_memory_is_back() -> Te
     };
     let world = World::with_redis(&redis.url());
     let rec = world.recorder();
-    let engine = FakeEngine::new(W, W).with_call_delay(Duration::from_millis(300));
-    let worker = start(&world, &["--geometry", "crop"], engine);
-    let mut task = world.task(&unique("oom"));
-    task.steps = Some(2);
-    task.cfg = Some(1.0);
-    world.submit(&task);
-    rec.wait_status(&task.task_id, Status::Inference, Duration::from_secs(30));
+    let (worker, task) = start_with_running_task(&world, &rec, &unique("oom"), 2);
     // Redis full: every write that could grow memory is refused with OOM from here on.
     let mut admin = world.con();
     config_set(&mut admin, "maxmemory-policy", "noeviction");
@@ -79,13 +57,7 @@ fn an_outcome_refused_for_lack_of_memory_is_recorded_once_memory_is_back() -> Te
     let done = rec.wait_terminal(&task.task_id, Duration::from_secs(30));
     assert_eq!(done.status, Status::Completed, "{done:?}");
     assert!(world.processing_items().is_empty());
-    let next = world.task(&unique("after-oom"));
-    world.submit(&next);
-    assert_eq!(
-        rec.wait_terminal(&next.task_id, Duration::from_secs(30))
-            .status,
-        Status::Completed
-    );
+    assert_serves_next(&world, &rec, "after-oom");
     let stats = stop(worker);
     assert_eq!(stats.completed, 2, "{stats:?}");
     assert_eq!(rec.terminal_count(&task.task_id), 1);
@@ -100,7 +72,7 @@ fn an_oversized_item_fails_once_unparsed_and_the_worker_keeps_serving() -> TestR
         return Ok(());
     };
     let rec = world.recorder();
-    let worker = start(&world, &["--geometry", "crop"], FakeEngine::new(W, W));
+    let worker = start(&world, &["--geometry", "crop"], fake());
     let id = unique("huge");
     world.track_task(&id);
     // 2 MiB: a valid task padded with one huge member (over the 1 MiB default).
@@ -120,13 +92,7 @@ fn an_oversized_item_fails_once_unparsed_and_the_worker_keeps_serving() -> TestR
         reason.contains("bytes") && reason.contains("not parsed"),
         "{reason}"
     );
-    let good = world.task(&unique("after-huge"));
-    world.submit(&good);
-    assert_eq!(
-        rec.wait_terminal(&good.task_id, Duration::from_secs(30))
-            .status,
-        Status::Completed
-    );
+    assert_serves_next(&world, &rec, "after-huge");
     stop(worker);
     assert_eq!(rec.terminal_count(&id), 1);
     let dead = world.dead_letters();
@@ -146,13 +112,7 @@ fn an_outcome_for_a_claim_recovered_elsewhere_is_not_published() -> TestResult {
         return Ok(());
     };
     let rec = world.recorder();
-    let engine = FakeEngine::new(W, W).with_call_delay(Duration::from_millis(300));
-    let worker = start(&world, &["--geometry", "crop"], engine);
-    let mut task = world.task(&unique("gone"));
-    task.steps = Some(3);
-    task.cfg = Some(1.0);
-    world.submit(&task);
-    rec.wait_status(&task.task_id, Status::Inference, Duration::from_secs(30));
+    let (worker, task) = start_with_running_task(&world, &rec, &unique("gone"), 3);
     // Someone else recovered the claim (as a sweeper does for a worker it believes dead).
     let raw = world.processing_items().pop().expect("claimed");
     let _: i64 = world
@@ -169,13 +129,7 @@ fn an_outcome_for_a_claim_recovered_elsewhere_is_not_published() -> TestResult {
         rec.of(&task.task_id)
     );
     assert!(world.result(&task.task_id).is_none());
-    let next = world.task(&unique("after-gone"));
-    world.submit(&next);
-    assert_eq!(
-        rec.wait_terminal(&next.task_id, Duration::from_secs(30))
-            .status,
-        Status::Completed
-    );
+    assert_serves_next(&world, &rec, "after-gone");
     let stats = stop(worker);
     assert_eq!(stats.completed, 1, "{stats:?}");
     Ok(())
@@ -187,13 +141,7 @@ fn a_lease_deleted_mid_task_is_taken_again_and_the_outcome_recorded() -> TestRes
         return Ok(());
     };
     let rec = world.recorder();
-    let engine = FakeEngine::new(W, W).with_call_delay(Duration::from_millis(300));
-    let worker = start(&world, &["--geometry", "crop"], engine);
-    let mut task = world.task(&unique("no-lease"));
-    task.steps = Some(2);
-    task.cfg = Some(1.0);
-    world.submit(&task);
-    rec.wait_status(&task.task_id, Status::Inference, Duration::from_secs(30));
+    let (worker, task) = start_with_running_task(&world, &rec, &unique("no-lease"), 2);
     // Redis lost the key (a restart without persistence, a FLUSHDB of the wrong database).
     let _: i64 = world.con().del(keys::worker_lease(world.gpu_id))?;
     let done = rec.wait_terminal(&task.task_id, Duration::from_secs(30));
@@ -222,7 +170,7 @@ fn a_restart_takes_over_the_lease_of_a_dead_process_at_once_and_sweeps_its_folde
     let live = work.join(format!("echomimic-{}-abcdef12-xyz", std::process::id()));
     std::fs::create_dir_all(&live)?;
     let t = Instant::now();
-    let worker = start(&world, &["--geometry", "crop"], FakeEngine::new(W, W));
+    let worker = start(&world, &["--geometry", "crop"], fake());
     assert!(
         t.elapsed() < Duration::from_secs(10),
         "did not wait for the lease"
@@ -245,7 +193,7 @@ fn a_restart_waits_out_a_lease_left_on_another_host() -> TestResult {
         2,
     )?;
     let t = Instant::now();
-    let worker = start(&world, &["--geometry", "crop"], FakeEngine::new(W, W));
+    let worker = start(&world, &["--geometry", "crop"], fake());
     let waited = t.elapsed();
     assert!(
         waited >= Duration::from_millis(1000),
@@ -292,7 +240,7 @@ fn only_the_task_that_was_running_is_charged_for_a_crash() -> TestResult {
     let worker = start(
         &world,
         &["--geometry", "crop", "--max-attempts", "2"],
-        FakeEngine::new(W, W),
+        fake(),
     );
     let given_up = rec.wait_terminal(&running.task_id, Duration::from_secs(30));
     assert_eq!(given_up.code, Some(ErrorCode::AttemptsExhausted));
@@ -313,11 +261,7 @@ fn an_item_whose_claim_reply_was_lost_is_requeued_by_the_sweep() -> TestResult {
         return Ok(());
     };
     let rec = world.recorder();
-    let worker = start(
-        &world,
-        &["--geometry", "crop", "--sweep-secs", "1"],
-        FakeEngine::new(W, W),
-    );
+    let worker = start(&world, &["--geometry", "crop", "--sweep-secs", "1"], fake());
     // What a BLMOVE whose reply never arrived leaves: the item in our processing list, and no
     // claim of it in the worker.
     let task = world.task(&unique("lost-reply"));
@@ -370,11 +314,7 @@ fn the_claims_of_a_dead_worker_on_the_same_queue_are_requeued_by_the_sweep() -> 
     let _: () = con.set(keys::worker_queue(foreign), "some-other-queue")?;
     let _: u64 = con.rpush(keys::processing_list(foreign), other.to_json())?;
 
-    let worker = start(
-        &world,
-        &["--geometry", "crop", "--sweep-secs", "1"],
-        FakeEngine::new(W, W),
-    );
+    let worker = start(&world, &["--geometry", "crop", "--sweep-secs", "1"], fake());
     let done = rec.wait_terminal(&orphan.task_id, Duration::from_secs(30));
     assert_eq!(done.status, Status::Completed, "{done:?}");
     let claimed = rec.claims(&orphan.task_id);
@@ -400,7 +340,7 @@ fn a_panicking_thread_stops_the_worker_with_an_error_and_its_task_is_recovered()
         return Ok(());
     };
     let rec = world.recorder();
-    let engine = FakeEngine::new(W, W);
+    let engine = fake();
     engine.panic_in_next_prepares(1);
     let worker = start(&world, &["--geometry", "crop"], engine);
     let task = world.task(&unique("panic"));
@@ -419,7 +359,7 @@ fn a_panicking_thread_stops_the_worker_with_an_error_and_its_task_is_recovered()
     assert_eq!(rec.terminal_count(&task.task_id), 0);
     assert_eq!(world.processing_items().len(), 1, "the task is kept");
     // Its supervisor restarts it: the task, charged one attempt, completes.
-    let again = start(&world, &["--geometry", "crop"], FakeEngine::new(W, W));
+    let again = start(&world, &["--geometry", "crop"], fake());
     let done = rec.wait_terminal(&task.task_id, Duration::from_secs(30));
     assert_eq!(done.status, Status::Completed, "{done:?}");
     let claimed = rec.claims(&task.task_id);
@@ -459,7 +399,7 @@ fn a_200_response_carrying_html_fails_as_bad_input_without_local_paths() -> Test
     world.stop_server();
     world.base_url = portal.clone();
     let rec = world.recorder();
-    let worker = start(&world, &["--geometry", "crop"], FakeEngine::new(W, W));
+    let worker = start(&world, &["--geometry", "crop"], fake());
     let task = world.task(&unique("portal"));
     world.submit(&task);
     let failed = rec.wait_terminal(&task.task_id, Duration::from_secs(30));

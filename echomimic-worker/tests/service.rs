@@ -9,27 +9,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use echomimic_protocol::{keys, ErrorCode, ProgressEvent, QueueItem, Status};
-use echomimic_worker::engine::fake::FakeEngine;
 use echomimic_worker::{ShutdownHandle, Worker, WorkerError};
 use redis::Commands;
-
-const W: u32 = 64;
-
-fn start(world: &World, extra: &[&str], engine: FakeEngine) -> Worker {
-    Worker::start(world.config(extra), ShutdownHandle::new(), move || {
-        Ok(engine)
-    })
-    .expect("worker starts")
-}
-
-fn fake() -> FakeEngine {
-    FakeEngine::new(W, W)
-}
-
-fn stop(worker: Worker) -> echomimic_worker::Stats {
-    worker.shutdown_handle().request();
-    worker.join().expect("clean stop")
-}
 
 #[test]
 fn happy_path_event_sequence_and_playable_video() -> TestResult {

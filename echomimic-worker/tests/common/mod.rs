@@ -7,6 +7,7 @@
 //! * [`world`]: one test's queue, channel and gpu id, a real temp-file server on a loopback
 //!   port with the inputs uploaded, and the committed inputs.
 //! * [`recorder`]: a subscriber keeping every event, and the order rules of a happy task.
+//! * [`in_process`]: the service inside the test process with the fake engine.
 //! * [`worker_proc`]: the worker binary as a child process with the tiny model.
 //! * [`media`]: ffprobe checks and process memory.
 //! * [`bad_inputs`]: the protocol's bad inputs and the failures they must end in.
@@ -17,6 +18,7 @@
 #![allow(dead_code, unused_imports, unreachable_pub)]
 
 pub mod bad_inputs;
+pub mod in_process;
 pub mod media;
 pub mod recorder;
 pub mod redis_server;
@@ -24,6 +26,7 @@ pub mod worker_proc;
 pub mod world;
 
 pub use bad_inputs::*;
+pub use in_process::*;
 pub use media::*;
 pub use recorder::*;
 pub use redis_server::*;
