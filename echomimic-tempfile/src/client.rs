@@ -6,7 +6,10 @@
 //! the destination, resume with a `Range` request after a transient failure, are stopped and
 //! deleted when they pass the caller's size limit, and are renamed into place only when complete.
 //! Uploads are not idempotent: a retry after a lost response may leave an orphan file on the
-//! server, which expires like any other.
+//! server, which expires like any other. Every call, its retries and pauses included, ends by
+//! [`ClientConfig::transfer_deadline`] ([`TempfileError::DeadlineExceeded`]), and a download
+//! given a stop check ([`TempfileClient::download_to_unless`]) ends at the next chunk once it
+//! says stop ([`TempfileError::Cancelled`]).
 //!
 //! With [`ClientConfig::token`] set, every request carries `Authorization: Bearer <token>`; a
 //! `401` is [`TempfileError::Unauthorized`], a configuration error that is never retried.
@@ -14,7 +17,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use rand::Rng;
 use serde::Deserialize;
@@ -89,6 +92,10 @@ pub struct ClientConfig {
     pub response_timeout: Duration,
     /// Retries of transient failures.
     pub retry: RetryPolicy,
+    /// The longest one call may take in all, its retries and the pauses between them included
+    /// (default 10 minutes): a peer that trickles bytes, or answers every attempt slowly,
+    /// ends in [`TempfileError::DeadlineExceeded`] instead of holding the caller forever.
+    pub transfer_deadline: Duration,
     /// Access token sent with every request (`None`: an open server). See [`crate::auth`];
     /// [`Token::from_env`] reads `TEMPFILE_TOKEN`.
     pub token: Option<Token>,
@@ -104,6 +111,7 @@ impl ClientConfig {
             write_timeout: Duration::from_secs(60),
             response_timeout: Duration::from_secs(120),
             retry: RetryPolicy::default(),
+            transfer_deadline: Duration::from_secs(600),
             token: None,
         }
     }
@@ -130,7 +138,29 @@ pub struct TempfileClient {
     base: String,
     agent: ureq::Agent,
     retry: RetryPolicy,
+    transfer_deadline: Duration,
     token: Option<Token>,
+}
+
+/// What every attempt of one download shares.
+#[derive(Clone, Copy)]
+struct DownloadJob<'a> {
+    file_id: &'a str,
+    url: &'a str,
+    /// The partial file the bytes go to.
+    part: &'a Path,
+    max_bytes: u64,
+    stop: &'a dyn Fn() -> bool,
+}
+
+/// The end of one call's time ([`ClientConfig::transfer_deadline`]).
+#[derive(Debug, Clone, Copy)]
+struct Deadline(Instant);
+
+impl Deadline {
+    fn remaining(self) -> Duration {
+        self.0.saturating_duration_since(Instant::now())
+    }
 }
 
 /// Checks a file id before it goes into a URL path: 1–128 of `[A-Za-z0-9._-]`, starting with a
@@ -198,12 +228,22 @@ impl TempfileClient {
                 max_attempts: config.retry.max_attempts.max(1),
                 ..config.retry
             },
+            transfer_deadline: config.transfer_deadline,
             token: config.token,
         })
     }
 
-    /// `Authorization: Bearer <token>` on a request when a token is set.
-    fn authorized<B>(&self, req: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
+    /// `Authorization: Bearer <token>` on a request when a token is set, and the time left of
+    /// the call as the request's overall timeout.
+    fn authorized<B>(
+        &self,
+        req: ureq::RequestBuilder<B>,
+        deadline: Deadline,
+    ) -> ureq::RequestBuilder<B> {
+        let req = req
+            .config()
+            .timeout_global(Some(deadline.remaining().max(Duration::from_millis(1))))
+            .build();
         match &self.token {
             Some(t) => req.header("Authorization", format!("Bearer {}", t.expose())),
             None => req,
@@ -242,18 +282,50 @@ impl TempfileClient {
         ))
     }
 
+    /// Runs `op` (one attempt, given the call's deadline) until it succeeds, fails for good,
+    /// runs out of attempts or of time, or `stop` says so (checked between attempts and
+    /// every 100 ms of a pause).
     fn with_retries<T>(
         &self,
-        what: &str,
-        mut op: impl FnMut() -> Result<T, TempfileError>,
+        what: &'static str,
+        stop: &dyn Fn() -> bool,
+        mut op: impl FnMut(Deadline) -> Result<T, TempfileError>,
     ) -> Result<T, TempfileError> {
+        let deadline = Deadline(Instant::now() + self.transfer_deadline);
+        let out_of_time = |e: &TempfileError| TempfileError::DeadlineExceeded {
+            what,
+            secs: self.transfer_deadline.as_secs(),
+            last: e.to_string(),
+        };
         let mut attempt = 1;
         loop {
-            match op() {
+            if stop() {
+                return Err(TempfileError::Cancelled { what });
+            }
+            match op(deadline) {
+                Err(e) if stop() && e.is_retryable() => {
+                    return Err(TempfileError::Cancelled { what })
+                }
+                Err(e) if e.is_retryable() && deadline.remaining().is_zero() => {
+                    return Err(out_of_time(&e))
+                }
                 Err(e) if e.is_retryable() && attempt < self.retry.max_attempts => {
                     let pause = self.retry.backoff(attempt);
+                    if pause >= deadline.remaining() {
+                        return Err(out_of_time(&e));
+                    }
                     tracing::warn!(error = %e, attempt, pause_ms = pause.as_millis() as u64, "{what} failed, retrying");
-                    std::thread::sleep(pause);
+                    let until = Instant::now() + pause;
+                    while Instant::now() < until {
+                        if stop() {
+                            return Err(TempfileError::Cancelled { what });
+                        }
+                        std::thread::sleep(
+                            until
+                                .saturating_duration_since(Instant::now())
+                                .min(Duration::from_millis(100)),
+                        );
+                    }
                     attempt += 1;
                 }
                 other => return other,
@@ -297,13 +369,13 @@ impl TempfileClient {
         );
         let epilogue = format!("\r\n--{boundary}--\r\n");
         let total = preamble.len() as u64 + size + epilogue.len() as u64;
-        self.with_retries("upload", || {
+        self.with_retries("upload", &never, |deadline| {
             let file = File::open(path).map_err(|e| TempfileError::io("open", path, e))?;
             let body = io::Cursor::new(preamble.clone().into_bytes())
                 .chain(file.take(size))
                 .chain(io::Cursor::new(epilogue.clone().into_bytes()));
             let resp = self
-                .authorized(self.agent.post(&url))
+                .authorized(self.agent.post(&url), deadline)
                 .header(
                     "Content-Type",
                     format!("multipart/form-data; boundary={boundary}"),
@@ -347,6 +419,20 @@ impl TempfileClient {
         dest: &Path,
         max_bytes: u64,
     ) -> Result<Download, TempfileError> {
+        self.download_to_unless(file_id, dest, max_bytes, &never)
+    }
+
+    /// [`download_to`](Self::download_to) that gives up with [`TempfileError::Cancelled`] as
+    /// soon as `stop` returns true: it is asked before each attempt, after every chunk read
+    /// and during the pauses between attempts (a silent peer is still bounded by the read
+    /// timeout and the transfer deadline).
+    pub fn download_to_unless(
+        &self,
+        file_id: &str,
+        dest: &Path,
+        max_bytes: u64,
+        stop: &dyn Fn() -> bool,
+    ) -> Result<Download, TempfileError> {
         let url = self.download_url(file_id)?;
         let part = part_path(dest)?;
         let mut out = OpenOptions::new()
@@ -355,8 +441,15 @@ impl TempfileClient {
             .truncate(true)
             .open(&part)
             .map_err(|e| TempfileError::io("create", &part, e))?;
-        let result = self.with_retries("download", || {
-            self.download_attempt(file_id, &url, &part, &mut out, max_bytes)
+        let job = DownloadJob {
+            file_id,
+            url: &url,
+            part: &part,
+            max_bytes,
+            stop,
+        };
+        let result = self.with_retries("download", stop, |deadline| {
+            self.download_attempt(&job, &mut out, deadline)
         });
         match result {
             Ok(download) => {
@@ -376,17 +469,22 @@ impl TempfileClient {
 
     fn download_attempt(
         &self,
-        file_id: &str,
-        url: &str,
-        part: &Path,
+        job: &DownloadJob<'_>,
         out: &mut File,
-        max_bytes: u64,
+        deadline: Deadline,
     ) -> Result<Download, TempfileError> {
+        let DownloadJob {
+            file_id,
+            url,
+            part,
+            max_bytes,
+            stop,
+        } = *job;
         let have = out
             .metadata()
             .map_err(|e| TempfileError::io("stat", part, e))?
             .len();
-        let mut req = self.authorized(self.agent.get(url));
+        let mut req = self.authorized(self.agent.get(url), deadline);
         if have > 0 {
             req = req.header("Range", format!("bytes={have}-"));
         }
@@ -445,6 +543,9 @@ impl TempfileClient {
             if written > max_bytes {
                 return Err(too_large());
             }
+            if stop() {
+                return Err(TempfileError::Cancelled { what: "download" });
+            }
             out.write_all(&buf[..n])
                 .map_err(|e| TempfileError::io("write", part, e))?;
         }
@@ -458,9 +559,9 @@ impl TempfileClient {
     pub fn delete(&self, file_id: &str) -> Result<(), TempfileError> {
         check_file_id(file_id)?;
         let url = format!("{}/api/tempfile/delete/{file_id}", self.base);
-        self.with_retries("delete", || {
+        self.with_retries("delete", &never, |deadline| {
             let resp = self
-                .authorized(self.agent.delete(&url))
+                .authorized(self.agent.delete(&url), deadline)
                 .call()
                 .map_err(|e| transport("DELETE", &url, e))?;
             let (status, text) = read_small_body("DELETE", &url, resp)?;
@@ -483,9 +584,9 @@ impl TempfileClient {
         }
         let url = format!("{}/api/tempfile/batch-delete", self.base);
         let body = serde_json::json!({ "file_ids": file_ids }).to_string();
-        self.with_retries("batch delete", || {
+        self.with_retries("batch delete", &never, |deadline| {
             let resp = self
-                .authorized(self.agent.post(&url))
+                .authorized(self.agent.post(&url), deadline)
                 .header("Content-Type", "application/json")
                 .send(body.as_str())
                 .map_err(|e| transport("POST", &url, e))?;
@@ -507,6 +608,11 @@ struct UploadReply {
     message: Option<String>,
     #[serde(flatten)]
     file: Option<UploadedFile>,
+}
+
+/// A stop check that never stops.
+fn never() -> bool {
+    false
 }
 
 fn transport(method: &'static str, url: &str, e: ureq::Error) -> TempfileError {

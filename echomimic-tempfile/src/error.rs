@@ -122,6 +122,24 @@ pub enum TempfileError {
     /// never contains the token.
     #[error("invalid access token: {0}")]
     InvalidToken(String),
+    /// A call (all its attempts and the pauses between them) did not finish within the
+    /// client's [`transfer_deadline`](crate::ClientConfig::transfer_deadline). Not retried.
+    #[error("{what} did not finish within {secs} s (the transfer deadline); last error: {last}")]
+    DeadlineExceeded {
+        /// The call, e.g. "download".
+        what: &'static str,
+        /// The deadline in seconds.
+        secs: u64,
+        /// The last attempt's error.
+        last: String,
+    },
+    /// The caller's stop check asked the transfer to stop (a worker shutting down); a partial
+    /// download was deleted. Not retried.
+    #[error("{what} cancelled")]
+    Cancelled {
+        /// The call, e.g. "download".
+        what: &'static str,
+    },
 }
 
 impl TempfileError {

@@ -300,3 +300,109 @@ fn delete_reports_not_found() -> TestResult {
     ));
     Ok(())
 }
+
+/// A peer that answers every connection with headers for a 1 MB file and then one byte every
+/// 100 ms (for at most 30 s): a download from it never ends on its own.
+fn trickling_server() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut stream = stream;
+                let mut buf = [0u8; 4096];
+                let _ = stream.read(&mut buf);
+                let head =
+                    "HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: 1000000\r\n\r\n";
+                if stream.write_all(head.as_bytes()).is_err() {
+                    return;
+                }
+                for _ in 0..300 {
+                    std::thread::sleep(Duration::from_millis(100));
+                    if stream
+                        .write_all(b"x")
+                        .and_then(|()| stream.flush())
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn a_trickling_download_ends_at_the_transfer_deadline_and_leaves_no_file() -> TestResult {
+    let addr = trickling_server();
+    let client = TempfileClient::with_config(ClientConfig {
+        retry: RetryPolicy {
+            max_attempts: 5,
+            initial_backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_millis(100),
+        },
+        transfer_deadline: Duration::from_millis(1500),
+        ..ClientConfig::new(format!("http://{addr}"))
+    })?;
+    let dir = tempfile::tempdir()?;
+    let dest = dir.path().join("photo.png");
+    let t = Instant::now();
+    let err = client
+        .download_to("slow.png", &dest, 10_000_000)
+        .expect_err("the peer never finishes");
+    let took = t.elapsed();
+    assert!(
+        matches!(
+            err,
+            TempfileError::DeadlineExceeded {
+                what: "download",
+                secs: 1,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(!err.is_retryable());
+    assert!(
+        took >= Duration::from_millis(1400) && took < Duration::from_secs(4),
+        "took {took:?}"
+    );
+    assert_eq!(
+        std::fs::read_dir(dir.path())?.count(),
+        0,
+        "no partial file is left"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_stop_check_cancels_a_running_download_at_the_next_chunk() -> TestResult {
+    let addr = trickling_server();
+    let client = TempfileClient::new(format!("http://{addr}"))?;
+    let dir = tempfile::tempdir()?;
+    let dest = dir.path().join("photo.png");
+    let t = Instant::now();
+    let stop = || t.elapsed() >= Duration::from_millis(500);
+    let err = client
+        .download_to_unless("slow.png", &dest, 10_000_000, &stop)
+        .expect_err("cancelled");
+    let took = t.elapsed();
+    assert!(
+        matches!(err, TempfileError::Cancelled { what: "download" }),
+        "{err}"
+    );
+    assert!(!err.is_retryable());
+    assert!(took < Duration::from_millis(1500), "took {took:?}");
+    assert_eq!(
+        std::fs::read_dir(dir.path())?.count(),
+        0,
+        "no partial file is left"
+    );
+    // Asked before the first attempt: nothing is requested at all.
+    let err = client
+        .download_to_unless("slow.png", &dest, 10_000_000, &|| true)
+        .expect_err("cancelled");
+    assert!(matches!(err, TempfileError::Cancelled { .. }), "{err}");
+    Ok(())
+}

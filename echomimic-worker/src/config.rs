@@ -397,6 +397,21 @@ pub struct ServeArgs {
     /// (lease expired) that served the same queue. 0 turns the sweep off.
     #[arg(long, env = "ECHOMIMIC_SWEEP_SECS", default_value_t = 30)]
     pub sweep_secs: u64,
+    /// Seconds the threads get to end after the running task was cancelled (grace period
+    /// over, a second signal, a fatal error). Past it the worker requeues what they still
+    /// hold (a download from a peer that trickles bytes, an upload, a stuck model call) and
+    /// stops without them.
+    #[arg(long, env = "ECHOMIMIC_STOP_TIMEOUT_SECS", default_value_t = 10)]
+    pub stop_timeout_secs: u64,
+    /// Seconds the model may go without progress (one UNet call, one decoded frame) before
+    /// the task is requeued (once; failed if it hangs again) and the worker exits with
+    /// status 5 for its supervisor to restart it. 0 turns the watchdog off. Size it above
+    /// the slowest UNet call of the largest request (CPU runs at full size: minutes).
+    #[arg(long, env = "ECHOMIMIC_WATCHDOG_SECS", default_value_t = 600)]
+    pub watchdog_secs: u64,
+    /// Longest time one temp-file transfer may take, retries and pauses included, in seconds.
+    #[arg(long, env = "ECHOMIMIC_HTTP_DEADLINE_SECS", default_value_t = 600.0)]
+    pub http_deadline_secs: f64,
 }
 
 /// The validated worker configuration (built with [`ServeArgs::into_config`]).
@@ -454,6 +469,12 @@ pub struct WorkerConfig {
     pub prefetch: bool,
     /// Interval of the orphan sweep (`None`: off).
     pub sweep_interval: Option<Duration>,
+    /// How long threads get to end after the running task was cancelled.
+    pub stop_timeout: Duration,
+    /// Longest time without model progress (`None`: no watchdog).
+    pub watchdog: Option<Duration>,
+    /// Overall deadline of one temp-file transfer.
+    pub http_deadline: Duration,
     /// `BLMOVE` timeout: how long one claim attempt blocks (and so how fast a stop request is
     /// noticed while idle).
     pub claim_timeout: Duration,
@@ -590,6 +611,9 @@ impl ServeArgs {
             )?,
             prefetch: self.prefetch,
             sweep_interval: (self.sweep_secs > 0).then(|| Duration::from_secs(self.sweep_secs)),
+            stop_timeout: Duration::from_secs(self.stop_timeout_secs),
+            watchdog: (self.watchdog_secs > 0).then(|| Duration::from_secs(self.watchdog_secs)),
+            http_deadline: fsecs("http-deadline-secs", self.http_deadline_secs)?,
             claim_timeout: Duration::from_secs(1),
         })
     }

@@ -14,7 +14,8 @@
 //! | encoding / muxing failure, local I/O | `internal` | as `inference_failed` |
 //! | upload failed after retries | `upload_failed` | requeued while attempts remain if transient, else `failed` |
 //! | worker crashed while the task ran (found at start-up) | `attempts_exhausted` once the attempts are spent | requeued until then |
-//! | shutdown stopped the task | — | requeued as it was, no event, not counted |
+//! | shutdown stopped the task (also a download cut short by it) | — | requeued as it was, no event, not counted |
+//! | the model made no progress for `--watchdog-secs` | `internal` | requeued once (counted), `failed` + dead letter if it hangs again; the worker exits 5 |
 //!
 //! Redis errors never fail a task: every Redis operation is retried with capped backoff until
 //! Redis answers again (the `redis_link` module).
@@ -138,6 +139,14 @@ pub enum WorkerError {
     /// A bug or an unexpected condition (a thread panicked, a channel closed).
     #[error("internal error: {0}")]
     Internal(String),
+    /// The model made no progress for longer than the watchdog allows (`--watchdog-secs`):
+    /// a hung kernel or driver. The task is requeued once and the worker exits so that its
+    /// supervisor starts a fresh process.
+    #[error("the model made no progress for {secs} s (watchdog); the worker stops so that its supervisor restarts it")]
+    ModelHung {
+        /// Seconds since the last progress.
+        secs: u64,
+    },
 }
 
 /// What to do with a task after an error.
@@ -206,6 +215,7 @@ impl WorkerError {
                 TempfileError::TooLarge { .. } => Failure::new(C::BadInput, Retry::Never),
                 TempfileError::InvalidFileId(_) => Failure::new(C::InvalidTask, Retry::Never),
                 TempfileError::Io { .. } => Failure::new(C::Internal, Retry::Attempts),
+                TempfileError::Cancelled { .. } => Failure::new(C::Internal, Retry::Requeue),
                 _ => Failure::new(C::Unavailable, Retry::Never),
             },
             WorkerError::Input { source, .. } => pipeline_input_failure(source),
@@ -230,6 +240,7 @@ impl WorkerError {
             WorkerError::Redis(_)
             | WorkerError::Io { .. }
             | WorkerError::Internal(_)
+            | WorkerError::ModelHung { .. }
             | WorkerError::ModelLoad(_) => Failure::new(C::Internal, Retry::Attempts),
             WorkerError::LeaseHeld { .. }
             | WorkerError::LeaseLost { .. }
@@ -238,12 +249,14 @@ impl WorkerError {
     }
 
     /// The process exit status for this error: 2 invalid configuration, 3 the gpu id is
-    /// served by another worker, 4 the lease was lost while running, 1 anything else.
+    /// served by another worker, 4 the lease was lost while running, 5 the model hung
+    /// (watchdog), 1 anything else.
     pub fn exit_code(&self) -> u8 {
         match self {
             WorkerError::Config(_) => 2,
             WorkerError::LeaseHeld { .. } => 3,
             WorkerError::LeaseLost { .. } => 4,
+            WorkerError::ModelHung { .. } => 5,
             _ => 1,
         }
     }

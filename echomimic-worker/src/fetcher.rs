@@ -126,8 +126,8 @@ impl<P: Preparer> Fetcher<P> {
                     continue;
                 }
             };
-            self.shared.claimed(&raw);
             let claim = self.policy.claim(&raw);
+            self.shared.claimed(&claim.id, &raw);
             drop(raw);
             if self.shared.stopping() {
                 // Claimed while the stop request came in: give it back untouched.
@@ -224,9 +224,12 @@ impl<P: Preparer> Fetcher<P> {
         stem: &str,
     ) -> Result<PathBuf, WorkerError> {
         let tmp = dir.join(format!("{stem}.download"));
+        // A stop request ends the download at the next chunk: the task would only be
+        // requeued once prepared.
+        let stopping = || self.shared.stopping();
         let got = self
             .http
-            .download_to(file_id, &tmp, self.max_download_bytes)
+            .download_to_unless(file_id, &tmp, self.max_download_bytes, &stopping)
             .map_err(|source| WorkerError::Download {
                 input,
                 file_id: file_id.to_owned(),

@@ -90,16 +90,21 @@ impl<E: Engine> Inference<E> {
         // On the model (and then in the finisher) until the outcome clears the mark.
         self.reporter
             .active(&fj.claim.id, Some(fj.claim.item.raw()));
+        let running = (fj.claim.id.clone(), fj.claim.item.raw().to_vec());
         if let Err(e) = finish.send(fj) {
             self.reporter.outcome(self.policy.released(&e.0.claim));
             return;
         }
         events.stage(Stage::Inference, INFERENCE_START, message);
+        // The watchdog's view: refreshed by every progress report until the run returns.
+        self.shared.model_started(&running.0, &running.1);
         let started = Instant::now();
         let mut eta = Eta::new();
         let mut last_decode_bucket = None;
         let result = {
+            let shared = &self.shared;
             let mut progress = |p: EngineProgress| {
+                shared.model_progress();
                 let message = match p {
                     EngineProgress::Unet { done, total, .. } => {
                         inference_message(&p, eta.update(Instant::now(), done, total))
@@ -136,6 +141,7 @@ impl<E: Engine> Inference<E> {
                 },
             )
         };
+        self.shared.model_done();
         drop(frames_tx);
         let inference = started.elapsed();
         match &result {

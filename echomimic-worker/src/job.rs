@@ -41,6 +41,9 @@ impl Claim {
     }
 }
 
+/// How a requeue reason written by the watchdog starts ([`Policy::hung`]).
+const HUNG: &str = "the model made no progress";
+
 /// Where outcomes go and how many attempts a task gets.
 #[derive(Debug, Clone)]
 pub(crate) struct Policy {
@@ -204,6 +207,32 @@ impl Policy {
             return self.failed(claim, ids, ErrorCode::AttemptsExhausted, err.to_string());
         }
         self.retried(claim, ids, ErrorCode::Internal, reason.into())
+    }
+
+    /// The outcome for the claim the model hung on (the watchdog's): requeued once with the
+    /// attempt counted; failed when its previous attempt hung too (a task that hangs the model
+    /// would otherwise cost a restart per attempt), or when its attempts are spent.
+    pub(crate) fn hung(&self, claim: &Claim, secs: u64) -> OutcomeRecord {
+        let reason = format!("{HUNG} for {secs} s (watchdog)");
+        let (task_id, session_id) = match claim.item.task() {
+            Ok(t) => (t.task_id, t.session_id),
+            Err(invalid) => return self.invalid(claim, invalid),
+        };
+        let ids = Some((task_id.as_str(), session_id.as_str()));
+        let hung_before = claim.item.last_error().is_some_and(|e| e.starts_with(HUNG));
+        if hung_before || claim.attempt() >= self.max_attempts {
+            let error = format!(
+                "{reason}; gave up after {} attempt(s){}",
+                claim.attempt(),
+                if hung_before {
+                    ", the previous one hung too"
+                } else {
+                    ""
+                }
+            );
+            return self.failed(claim, ids, ErrorCode::Internal, error);
+        }
+        self.retried(claim, ids, ErrorCode::Internal, reason)
     }
 
     /// The outcome for a claimed item that is not a valid task.

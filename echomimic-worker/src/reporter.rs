@@ -174,8 +174,8 @@ fn apply(con: &mut redis::Connection, keys: &Keys, head: &Report) -> redis::Redi
     })
 }
 
-/// Runs the reporter until every sender is gone and the queue is empty (or, when stopping,
-/// until Redis has stayed away past the shutdown deadline).
+/// Runs the reporter until every sender is gone (or the supervisor closed it) and the queue
+/// is empty (or, when stopping, until Redis has stayed away past the shutdown deadline).
 ///
 /// An outcome is retried, with the link's capped backoff, after *any* error (connection
 /// loss, and also replies such as OOM under `maxmemory`, MISCONF, READONLY after a
@@ -186,7 +186,10 @@ pub(crate) fn run(mut link: RedisLink, keys: Keys, rx: Receiver<Report>, shared:
     let mut open = true;
     loop {
         if open {
-            open = drain(&rx, &mut queue);
+            // Closed by the supervisor (stuck threads left behind): take what was sent, then
+            // end once it is recorded.
+            let closed = shared.reporter_closed();
+            open = drain(&rx, &mut queue) && !closed;
         }
         let Some(head) = queue.front() else {
             if !open {

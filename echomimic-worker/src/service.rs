@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
 use echomimic_pipeline::video::{resolve_backend, EncoderBackend};
+use echomimic_protocol::QueueItem;
 use echomimic_tempfile::{ClientConfig, TempfileClient};
 
 use crate::config::WorkerConfig;
@@ -38,8 +39,9 @@ use crate::error::WorkerError;
 use crate::fetcher::{sweep_dead_task_dirs, Fetcher};
 use crate::finisher::Finisher;
 use crate::inference::Inference;
-use crate::job::Policy;
+use crate::job::{Claim, Policy};
 use crate::redis_link::{sleep_unless, RedisLink};
+use crate::reporter::ReporterHandle;
 use crate::shutdown::{ShutdownHandle, ShutdownLevel};
 use crate::state::{Shared, Stats};
 use crate::store::{host_name, owner_host_pid, owner_id, process_alive, Keys};
@@ -65,10 +67,19 @@ fn resolve_encoder(choice: EncoderBackend) -> Result<EncoderBackend, WorkerError
 pub struct Worker {
     shared: Arc<Shared>,
     grace: Duration,
+    /// Time the threads get after the running task was cancelled.
+    stop_timeout: Duration,
+    /// Longest time without model progress.
+    watchdog: Option<Duration>,
     workers: Vec<(&'static str, JoinHandle<()>)>,
     reporter: Option<JoinHandle<()>>,
     heartbeat: Option<JoinHandle<()>>,
     reporter_drain: Duration,
+    /// How the supervisor records outcomes for claims it takes from stuck threads (set once
+    /// serving).
+    outcomes: Option<(ReporterHandle, Policy)>,
+    /// Claims the supervisor has already recorded an outcome for.
+    settled_here: Vec<Arc<str>>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -119,6 +130,7 @@ impl Plan {
         let http = TempfileClient::with_config(ClientConfig {
             connect_timeout: config.http_connect_timeout,
             retry: config.http_retry.clone(),
+            transfer_deadline: config.http_deadline,
             token: config.tempfile_token.clone(),
             ..ClientConfig::new(config.base_url.clone())
         })
@@ -293,10 +305,14 @@ impl Worker {
         let mut worker = Worker {
             shared: shared.clone(),
             grace: config.grace,
+            stop_timeout: config.stop_timeout,
+            watchdog: config.watchdog,
             workers: Vec::new(),
             reporter: None,
             heartbeat: None,
             reporter_drain: config.grace + Duration::from_secs(30),
+            outcomes: None,
+            settled_here: Vec::new(),
         };
         worker.heartbeat = Some(start_heartbeat(&plan, &config, &shared, wake_rx)?);
         let engine = load_engine(load, &shared)?;
@@ -345,6 +361,7 @@ impl Worker {
         let shared = &self.shared;
         let (reporter, reporter_rx) = reporter::channel();
         self.reporter = Some(start_reporter(&client, &keys, shared, reporter_rx)?);
+        self.outcomes = Some((reporter.clone(), policy.clone()));
         let (job_tx, job_rx) = crossbeam_channel::bounded(0);
         let (finish_tx, finish_rx) = crossbeam_channel::bounded(1);
         let finisher = Finisher {
@@ -450,14 +467,74 @@ impl Worker {
         }
     }
 
+    /// The watchdog: when the model has made no progress on its claim for longer than
+    /// allowed, that claim is requeued once ([`Policy::hung`]) and the worker stops with
+    /// [`WorkerError::ModelHung`] (the stuck thread is left behind `stop_timeout` later).
+    fn check_watchdog(&mut self) {
+        let (Some(limit), Some(beat)) = (self.watchdog, self.shared.model_beat()) else {
+            return;
+        };
+        let quiet = beat.last.elapsed();
+        if quiet < limit || self.shared.shutdown().level() > ShutdownLevel::Running {
+            return;
+        }
+        let secs = quiet.as_secs();
+        tracing::error!(claim = %beat.held.claim, secs, "the model made no progress (watchdog): requeueing its task and stopping the worker");
+        if let Some((reporter, policy)) = &self.outcomes {
+            let claim = Claim {
+                id: beat.held.claim.clone(),
+                item: QueueItem::parse_bounded(&beat.held.raw, policy.max_item_bytes),
+                claimed_at: Instant::now(),
+            };
+            reporter.outcome(policy.hung(&claim, secs));
+            self.settled_here.push(beat.held.claim);
+        }
+        self.shared.fatal(WorkerError::ModelHung { secs });
+    }
+
+    /// Gives up on threads that did not end in time: what they still hold goes back to the
+    /// queue as it was (not counted), the reporter ends once that is recorded, and the
+    /// threads are left behind (the process exits without them).
+    fn abandon(&mut self, why: &str) {
+        let stuck: Vec<&str> = self
+            .workers
+            .iter()
+            .filter(|(_, h)| !h.is_finished())
+            .map(|(name, _)| *name)
+            .collect();
+        tracing::error!(threads = ?stuck, "{why}; requeueing what they hold and stopping without them");
+        if let Some((reporter, policy)) = &self.outcomes {
+            for held in self.shared.held() {
+                if self.settled_here.contains(&held.claim) {
+                    continue;
+                }
+                let claim = Claim {
+                    id: held.claim.clone(),
+                    item: QueueItem::parse_bounded(&held.raw, policy.max_item_bytes),
+                    claimed_at: Instant::now(),
+                };
+                reporter.outcome(policy.released(&claim));
+                self.settled_here.push(held.claim);
+            }
+        }
+        self.shared.close_reporter();
+        // Dropping a handle detaches its thread.
+        self.workers.retain(|(_, h)| h.is_finished());
+    }
+
     fn wait(&mut self) {
-        // Supervise: cancel the running task when the grace period is over.
+        // Supervise: cancel the running task when the grace period is over; give up on
+        // threads that have not ended `stop_timeout` after the cancel.
+        let mut cancelled_at: Option<Instant> = None;
         while self.workers.iter().any(|(_, h)| !h.is_finished()) {
             self.check_threads();
+            // A stuck call never returns: the stop below leaves it behind after
+            // `stop_timeout`, once the fetcher has given back what it claimed meanwhile.
+            self.check_watchdog();
             let shutdown = self.shared.shutdown();
             // After the grace period, cancel once the fetcher has stopped claiming, so the
-            // requeued task is not claimed again by this worker's last `BLMOVE`; a second
-            // signal cancels at once.
+            // requeued task is not claimed again by this worker's last `BLMOVE` (but no later
+            // than `stop_timeout` after the grace period); a second signal cancels at once.
             let fetcher_done = self
                 .workers
                 .iter()
@@ -466,13 +543,24 @@ impl Worker {
             let cancel = match (shutdown.level(), shutdown.since()) {
                 (ShutdownLevel::Immediate, _) => true,
                 (ShutdownLevel::Graceful, Some(since)) => {
-                    since.elapsed() >= self.grace && fetcher_done
+                    since.elapsed() >= self.grace
+                        && (fetcher_done || since.elapsed() >= self.grace + self.stop_timeout)
                 }
                 _ => false,
             };
             if cancel && !self.shared.cancelled() {
                 tracing::info!("cancelling the running task (it will be requeued)");
                 self.shared.cancel_task();
+            }
+            if self.shared.cancelled() {
+                let at = *cancelled_at.get_or_insert_with(Instant::now);
+                if at.elapsed() >= self.stop_timeout {
+                    self.abandon(&format!(
+                        "threads still running {} s after the stop",
+                        self.stop_timeout.as_secs()
+                    ));
+                    break;
+                }
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -481,6 +569,8 @@ impl Worker {
                 tracing::error!(thread = name, "thread panicked");
             }
         }
+        // The last sender the reporter waits for once the threads are gone.
+        self.outcomes = None;
         self.shared
             .set_reporter_deadline(Instant::now() + self.reporter_drain);
         if let Some(h) = self.reporter.take() {

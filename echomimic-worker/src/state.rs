@@ -5,7 +5,7 @@
 //! [`crate::error`] and [`crate::store`] (none of which import anything of this crate).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crossbeam_channel::Sender;
@@ -44,6 +44,20 @@ struct Counters {
     recovered: AtomicU64,
 }
 
+/// A claim in flight: its id (the outcome marker's key) and its raw item.
+#[derive(Debug, Clone)]
+pub(crate) struct Held {
+    pub(crate) claim: Arc<str>,
+    pub(crate) raw: Vec<u8>,
+}
+
+/// The claim on the model, and the last time the model reported progress on it.
+#[derive(Debug, Clone)]
+pub(crate) struct ModelBeat {
+    pub(crate) held: Held,
+    pub(crate) last: Instant,
+}
+
 /// State shared by the worker's threads.
 pub(crate) struct Shared {
     shutdown: ShutdownHandle,
@@ -53,9 +67,15 @@ pub(crate) struct Shared {
     pub(crate) cancel: AtomicBool,
     ready: AtomicBool,
     inflight: AtomicUsize,
-    /// The raw items of the claims in flight (a multiset), so a sweep can tell an item in the
-    /// processing list that this worker never received (a `BLMOVE` reply lost) from its own.
-    held: Mutex<Vec<Vec<u8>>>,
+    /// The claims in flight (their raw items form a multiset), so a sweep can tell an item in
+    /// the processing list that this worker never received (a `BLMOVE` reply lost) from its
+    /// own, and a stop that gives up on a stuck thread can requeue what it held.
+    held: Mutex<Vec<Held>>,
+    /// The claim on the model and when it last made progress (the watchdog's view).
+    model: Mutex<Option<ModelBeat>>,
+    /// Set when the supervisor leaves stuck threads behind: the reporter then ends once its
+    /// queue is empty instead of waiting for their senders to go.
+    reporter_closed: AtomicBool,
     heartbeat_stop: AtomicBool,
     /// The first thread that panicked.
     died: Mutex<Option<&'static str>>,
@@ -76,6 +96,8 @@ impl Shared {
             ready: AtomicBool::new(false),
             inflight: AtomicUsize::new(0),
             held: Mutex::new(Vec::new()),
+            model: Mutex::new(None),
+            reporter_closed: AtomicBool::new(false),
             heartbeat_stop: AtomicBool::new(false),
             died: Mutex::new(None),
             reporter_deadline: Mutex::new(None),
@@ -123,10 +145,13 @@ impl Shared {
         let _ = self.wake.try_send(());
     }
 
-    /// A claim of `raw` was made: busy until its outcome is recorded.
-    pub(crate) fn claimed(&self, raw: &[u8]) {
+    /// Claim `claim` of `raw` was made: busy until its outcome is recorded.
+    pub(crate) fn claimed(&self, claim: &Arc<str>, raw: &[u8]) {
         if let Ok(mut held) = self.held.lock() {
-            held.push(raw.to_vec());
+            held.push(Held {
+                claim: claim.clone(),
+                raw: raw.to_vec(),
+            });
         }
         self.counters.claimed.fetch_add(1, Ordering::Relaxed);
         if self.inflight.fetch_add(1, Ordering::SeqCst) == 0 {
@@ -143,14 +168,28 @@ impl Shared {
     pub(crate) fn holds(&self, raw: &[u8]) -> bool {
         self.held
             .lock()
-            .map(|held| held.iter().any(|h| h == raw))
+            .map(|held| held.iter().any(|h| h.raw == raw))
             .unwrap_or(true)
     }
 
-    fn settle(&self, raw: &[u8]) {
+    /// The claims in flight now.
+    pub(crate) fn held(&self) -> Vec<Held> {
+        self.held.lock().map(|h| h.clone()).unwrap_or_default()
+    }
+
+    /// The claim's outcome is in: not in flight any more. False when it was not held (settled
+    /// before, or an item this worker never claimed, such as a sweep's recovery).
+    fn settle(&self, claim: &str, raw: &[u8]) -> bool {
         if let Ok(mut held) = self.held.lock() {
-            if let Some(i) = held.iter().position(|h| h == raw) {
-                held.swap_remove(i);
+            let at = held
+                .iter()
+                .position(|h| &*h.claim == claim)
+                .or_else(|| held.iter().position(|h| h.raw == raw));
+            match at {
+                Some(i) => {
+                    held.swap_remove(i);
+                }
+                None => return false,
             }
         }
         let prev = self
@@ -160,6 +199,7 @@ impl Shared {
         if prev == 1 {
             self.wake_heartbeat();
         }
+        true
     }
 
     /// Called by the reporter once an outcome is in Redis.
@@ -170,13 +210,19 @@ impl Shared {
                 key: self.lease_key.clone(),
                 owner: None,
             });
-            self.settle(&record.raw);
+            self.settle(&record.claim_id, &record.raw);
             return;
         }
         if recorded == Recorded::ClaimGone {
             tracing::error!(claim = %record.claim_id, outcome = record.what.as_str(),
                 "outcome not recorded: the item is no longer in the processing list (recovered by another worker)");
-            self.settle(&record.raw);
+            self.settle(&record.claim_id, &record.raw);
+            return;
+        }
+        let held = self.settle(&record.claim_id, &record.raw);
+        if recorded == Recorded::AlreadyApplied && !held {
+            // A second outcome for a claim already settled here (the supervisor requeued
+            // what a stuck thread held, and the thread answered after all): counted once.
             return;
         }
         let c = &self.counters;
@@ -196,7 +242,49 @@ impl Shared {
             code = record.event.as_ref().and_then(|e| e.code).map(|c| c.as_str()).unwrap_or("-"),
             "outcome recorded"
         );
-        self.settle(&record.raw);
+    }
+
+    /// The model starts on a claim.
+    pub(crate) fn model_started(&self, claim: &Arc<str>, raw: &[u8]) {
+        if let Ok(mut m) = self.model.lock() {
+            *m = Some(ModelBeat {
+                held: Held {
+                    claim: claim.clone(),
+                    raw: raw.to_vec(),
+                },
+                last: Instant::now(),
+            });
+        }
+    }
+
+    /// The model made progress (a UNet call, a decoded frame).
+    pub(crate) fn model_progress(&self) {
+        if let Ok(mut m) = self.model.lock() {
+            if let Some(beat) = m.as_mut() {
+                beat.last = Instant::now();
+            }
+        }
+    }
+
+    /// The model is done with its claim.
+    pub(crate) fn model_done(&self) {
+        if let Ok(mut m) = self.model.lock() {
+            *m = None;
+        }
+    }
+
+    /// The claim on the model and its last progress, if one is running.
+    pub(crate) fn model_beat(&self) -> Option<ModelBeat> {
+        self.model.lock().ok().and_then(|m| m.clone())
+    }
+
+    /// Tells the reporter to end once what it has been sent is recorded.
+    pub(crate) fn close_reporter(&self) {
+        self.reporter_closed.store(true, Ordering::SeqCst);
+    }
+
+    pub(crate) fn reporter_closed(&self) -> bool {
+        self.reporter_closed.load(Ordering::SeqCst)
     }
 
     /// A condition that ends the worker (lease lost).

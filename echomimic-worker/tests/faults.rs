@@ -412,3 +412,170 @@ fn a_200_response_carrying_html_fails_as_bad_input_without_local_paths() -> Test
     assert_eq!(rec.terminal_count(&task.task_id), 1);
     Ok(())
 }
+
+type Joined = Result<echomimic_worker::Stats, echomimic_worker::WorkerError>;
+
+/// Joins `worker` on a helper thread (supervision, the watchdog included, runs inside
+/// `join`, as in the binary's `main`); the receiver gets the result.
+fn join_later(worker: echomimic_worker::Worker) -> std::sync::mpsc::Receiver<Joined> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(worker.join());
+    });
+    rx
+}
+
+/// The result of a join, and how long it took, within `limit`.
+fn joined_within(rx: &std::sync::mpsc::Receiver<Joined>, limit: Duration) -> (Joined, Duration) {
+    let t = Instant::now();
+    let ended = rx
+        .recv_timeout(limit)
+        .unwrap_or_else(|_| panic!("the worker did not stop within {limit:?}"));
+    (ended, t.elapsed())
+}
+
+/// Joins `worker`: the result, and how long the join took, within `limit`.
+fn join_within(worker: echomimic_worker::Worker, limit: Duration) -> (Joined, Duration) {
+    joined_within(&join_later(worker), limit)
+}
+
+#[test]
+fn a_model_call_that_hangs_is_requeued_once_and_the_worker_exits_for_its_supervisor() -> TestResult
+{
+    let Some(world) = World::new() else {
+        return Ok(());
+    };
+    let rec = world.recorder();
+    let flags = [
+        "--geometry",
+        "crop",
+        "--watchdog-secs",
+        "2",
+        "--stop-timeout-secs",
+        "2",
+        "--max-attempts",
+        "3",
+    ];
+    // The engine hangs in its first UNet call, twice (shared by both workers below).
+    let engine = fake().with_call_delay(Duration::from_millis(50));
+    engine.hang_in_next_runs(2);
+    let task = world.task(&unique("hang"));
+    let worker = join_later(start(&world, &flags, engine.clone()));
+    world.submit(&task);
+    let (ended, took) = joined_within(&worker, Duration::from_secs(20));
+    let err = ended.expect_err("a hung model ends the worker with an error");
+    assert_eq!(err.exit_code(), 5, "{err}");
+    assert!(err.to_string().contains("watchdog"), "{err}");
+    assert!(took < Duration::from_secs(15), "took {took:?}");
+    // Requeued once, the attempt counted and the reason kept; nothing published as final.
+    assert_eq!(rec.terminal_count(&task.task_id), 0);
+    let items = world.queue_items();
+    assert_eq!(items.len(), 1);
+    let item = QueueItem::parse(&items[0]);
+    assert_eq!(item.attempts(), 1);
+    assert!(
+        item.last_error().is_some_and(|e| e.contains("watchdog")),
+        "{:?}",
+        item.last_error()
+    );
+    assert!(world.processing_items().is_empty());
+    assert_eq!(world.lease(), None, "the lease is released for the restart");
+    // The supervisor restarts it; the task hangs the model again: failed, not retried forever.
+    let worker = join_later(start(&world, &flags, engine.clone()));
+    let failed = rec.wait_terminal(&task.task_id, Duration::from_secs(20));
+    assert_eq!(failed.status, Status::Failed, "{failed:?}");
+    assert_eq!(failed.code, Some(ErrorCode::Internal), "{failed:?}");
+    let text = failed.error.unwrap_or_default();
+    assert!(text.contains("previous one hung too"), "{text}");
+    let (ended, _) = joined_within(&worker, Duration::from_secs(20));
+    assert_eq!(ended.expect_err("hung again").exit_code(), 5);
+    assert_eq!(
+        world
+            .dead_letters()
+            .iter()
+            .filter(|d| d.reason.contains("watchdog"))
+            .count(),
+        1
+    );
+    // A healthy model serves the next task.
+    let worker = start(&world, &flags, fake());
+    assert_serves_next(&world, &rec, "after-hang");
+    stop(worker);
+    assert_eq!(rec.terminal_count(&task.task_id), 1);
+    Ok(())
+}
+
+/// A temp-file "server" whose downloads start and then send one byte every `every` (`None`:
+/// never another byte), each connection for at most 30 s.
+fn stalling_tempfile(every: Option<Duration>) -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                use std::io::{Read, Write};
+                let mut stream = stream;
+                let mut buf = [0u8; 4096];
+                let _ = stream.read(&mut buf);
+                let head =
+                    "HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: 1000000\r\n\r\n";
+                if stream.write_all(head.as_bytes()).is_err() {
+                    return;
+                }
+                let end = Instant::now() + Duration::from_secs(30);
+                while Instant::now() < end {
+                    std::thread::sleep(every.unwrap_or(Duration::from_millis(200)));
+                    if every.is_some() && stream.write_all(b"x").is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    url
+}
+
+/// A worker downloading `task` from a stalling peer, stopped with one signal: returns how long
+/// the stop took.
+fn stop_while_downloading(every: Option<Duration>) -> Option<Duration> {
+    let mut world = World::new()?;
+    world.stop_server();
+    world.base_url = stalling_tempfile(every);
+    let rec = world.recorder();
+    let worker = start(
+        &world,
+        &["--grace-secs", "1", "--stop-timeout-secs", "2"],
+        fake(),
+    );
+    let task = world.task(&unique("stall"));
+    world.submit(&task);
+    rec.wait_status(&task.task_id, Status::Downloading, Duration::from_secs(20));
+    std::thread::sleep(Duration::from_millis(300));
+    worker.shutdown_handle().request();
+    let (ended, took) = join_within(worker, Duration::from_secs(20));
+    ended.expect("a stop is a clean stop");
+    world.assert_requeued_after_stop(&rec, &task);
+    Some(took)
+}
+
+#[test]
+fn a_stop_while_a_peer_trickles_bytes_cancels_the_download_at_once() {
+    let Some(took) = stop_while_downloading(Some(Duration::from_millis(100))) else {
+        return;
+    };
+    // The next byte ends the download; no grace period or stop timeout is needed.
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+}
+
+#[test]
+fn a_stop_while_a_peer_sends_nothing_ends_within_grace_and_twice_the_stop_timeout() {
+    let Some(took) = stop_while_downloading(None) else {
+        return;
+    };
+    // Grace 1 s, then 2 s for the fetcher before the cancel, then 2 s before the stuck
+    // download is left behind (its task requeued by the supervisor).
+    assert!(
+        took >= Duration::from_secs(4) && took < Duration::from_secs(9),
+        "took {took:?}"
+    );
+}

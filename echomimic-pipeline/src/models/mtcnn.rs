@@ -1324,9 +1324,8 @@ mod tests {
         // the matrix products sum in another order than candle's convolution, and the
         // rounding of either depends on the SIMD width of the machine: compare against the
         // scale of the output (an f32 sum over 3x3x32 products carries ~1e-6 relative error)
-        let scale = |a: &Tensor| -> Result<f32> {
-            Ok(a.abs()?.max_all()?.to_scalar::<f32>()?.max(1.0))
-        };
+        let scale =
+            |a: &Tensor| -> Result<f32> { Ok(a.abs()?.max_all()?.to_scalar::<f32>()?.max(1.0)) };
         let (dr, dp) = (max_diff(&reg, &r)?, max_diff(&prob, &p)?);
         let (sr, sp) = (scale(&reg)?, scale(&prob)?);
         assert!(

@@ -5,7 +5,7 @@
 //! silent or too long audio → `bad_input`), "denoises" with a configurable pause per UNet call
 //! (checking the cancel flag between calls), and emits frames made from the face crop. Test
 //! hooks: [`FakeEngine::with_call_delay`], [`FakeEngine::fail_next_runs`],
-//! [`FakeEngine::panic_in_next_prepares`].
+//! [`FakeEngine::panic_in_next_prepares`], [`FakeEngine::hang_in_next_runs`].
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -33,7 +33,11 @@ pub struct FakeEngine {
     call_delay: Duration,
     failing_runs: Arc<AtomicU32>,
     panicking_prepares: Arc<AtomicU32>,
+    hanging_runs: Arc<AtomicU32>,
 }
+
+/// How long a hung fake run blocks (it ignores the cancel flag, like a stuck kernel).
+const HANG: Duration = Duration::from_secs(120);
 
 impl FakeEngine {
     /// Frames of `width × height`, no pause per UNet call.
@@ -44,7 +48,14 @@ impl FakeEngine {
             call_delay: Duration::ZERO,
             failing_runs: Arc::new(AtomicU32::new(0)),
             panicking_prepares: Arc::new(AtomicU32::new(0)),
+            hanging_runs: Arc::new(AtomicU32::new(0)),
         }
+    }
+
+    /// Makes the next `n` runs hang after their first UNet call: no progress, the cancel flag
+    /// ignored, for two minutes (a stand-in for a stuck kernel or driver; shared by clones).
+    pub fn hang_in_next_runs(&self, n: u32) {
+        self.hanging_runs.store(n, Ordering::SeqCst);
     }
 
     /// Sleeps this long per UNet call (to make inference take time).
@@ -245,10 +256,12 @@ impl Engine for FakeEngine {
         let windows = data.frames.div_ceil(CONTEXT).max(1);
         let total = u64::from(params.steps) * u64::from(windows);
         let mut done = 0;
-        let fail = self
-            .failing_runs
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok();
+        let take = |n: &AtomicU32| {
+            n.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+        };
+        let fail = take(&self.failing_runs);
+        let hang = take(&self.hanging_runs);
         for step in 1..=params.steps {
             for window in 1..=windows {
                 if ctx.cancel.load(Ordering::SeqCst) {
@@ -264,6 +277,9 @@ impl Engine for FakeEngine {
                     window,
                     windows,
                 });
+                if hang {
+                    std::thread::sleep(HANG);
+                }
                 if fail && done * 2 >= total {
                     return Err(WorkerError::Inference(PipelineError::Candle(
                         candle_core::Error::Msg("injected model failure (fake engine)".into()),
