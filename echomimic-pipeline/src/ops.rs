@@ -97,11 +97,8 @@ pub fn attention_chunked(
         let mut parts = Vec::with_capacity(lq.div_ceil(rows));
         for r0 in (0..lq).step_by(rows) {
             let qc = qg.narrow(1, r0, rows.min(lq - r0))?;
-            let mut scores = qc.matmul(&ktg)?.to_dtype(DType::F32)?;
-            if let Some(scale) = score_scale {
-                scores = (scores * scale)?;
-            }
-            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+            let scores = qc.matmul(&ktg)?.to_dtype(DType::F32)?;
+            let probs = crate::kernels::softmax_last_dim(&scores, score_scale)?;
             parts.push(probs.to_dtype(out_dtype)?.matmul(&vg)?);
         }
         groups.push(concat(parts, 1)?);

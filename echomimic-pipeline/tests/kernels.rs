@@ -197,3 +197,86 @@ fn group_norm_half_precision_takes_candles_path() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn geglu_matches_the_candle_composition() -> Result<()> {
+    let dev = Device::Cpu;
+    // (leading dims, inner): odd widths, one row, rows above the per-task split, rank 2 and 4
+    let cases: &[(&[usize], usize)] = &[
+        (&[1], 1),
+        (&[3], 7),
+        (&[2, 5], 33),
+        (&[2, 77, 40], 160),
+        (&[1, 3, 4], 1280),
+        (&[2, 2, 3, 5], 9),
+    ];
+    for &(lead, inner) in cases {
+        let mut dims = lead.to_vec();
+        dims.push(2 * inner);
+        // values up to |8|: both tails of the GELU and its bend near 0
+        let h = (Tensor::randn(0f32, 1., dims.as_slice(), &dev)? * 3.0)?;
+        let got = kernels::geglu(&h)?;
+        let x = h.narrow(candle_core::D::Minus1, 0, inner)?;
+        let gate = h.narrow(candle_core::D::Minus1, inner, inner)?;
+        let want = (x * gate.gelu_erf()?)?;
+        let (abs, rel) = compare(&got, &want)?;
+        assert!(abs < 2e-5, "{dims:?}: max abs {abs:e}, rel {rel:e}");
+        // a strided input (a transposed view) is made contiguous first
+        let t = h.transpose(0, lead.len() - 1)?;
+        if t.dim(candle_core::D::Minus1)? % 2 == 0 {
+            let n = t.dim(candle_core::D::Minus1)? / 2;
+            let want = (t.narrow(candle_core::D::Minus1, 0, n)?
+                * t.narrow(candle_core::D::Minus1, n, n)?.gelu_erf()?)?;
+            let (abs, _) = compare(&kernels::geglu(&t)?, &want)?;
+            assert!(abs < 2e-5, "{dims:?} transposed: max abs {abs:e}");
+        }
+    }
+    assert!(kernels::geglu(&Tensor::zeros((2, 3), DType::F32, &dev)?).is_err());
+    // other dtypes take the composition
+    let h = Tensor::randn(0f32, 1., (4, 6), &dev)?.to_dtype(DType::BF16)?;
+    assert_eq!(kernels::geglu(&h)?.dims(), &[4, 3]);
+    Ok(())
+}
+
+#[test]
+fn scaled_softmax_matches_candle_nn() -> Result<()> {
+    let dev = Device::Cpu;
+    // rows of 1, 7 (below the lanes), 12 and 24 (motion modules), 77 (text), 4096 (64² latents)
+    let cases: &[(&[usize], Option<f64>)] = &[
+        (&[1, 1], None),
+        (&[3, 7], Some(0.125)),
+        (&[2, 8, 12], Some(0.158)),
+        (&[5, 24], None),
+        (&[2, 3, 77], Some(0.0625)),
+        (&[2, 4096], Some(0.05)),
+    ];
+    for &(dims, scale) in cases {
+        // large scores: the row maximum must be subtracted
+        let xs = (Tensor::randn(0f32, 1., dims, &dev)? * 40.0)?;
+        let got = kernels::softmax_last_dim(&xs, scale)?;
+        let scaled = match scale {
+            Some(s) => (&xs * s)?,
+            None => xs.clone(),
+        };
+        let want = candle_nn::ops::softmax_last_dim(&scaled)?;
+        let (abs, rel) = compare(&got, &want)?;
+        assert!(abs < 1e-6, "{dims:?}: max abs {abs:e}, rel {rel:e}");
+        let sums = got
+            .sum(candle_core::D::Minus1)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        assert!(sums.iter().all(|s| (s - 1.0).abs() < 1e-5), "{sums:?}");
+        // a strided view
+        let t = xs.t()?;
+        let want = candle_nn::ops::softmax_last_dim(&t.contiguous()?)?;
+        let (abs, _) = compare(&kernels::softmax_last_dim(&t, None)?, &want)?;
+        assert!(abs < 1e-6, "{dims:?} transposed: max abs {abs:e}");
+    }
+    // other dtypes take candle's path
+    let h = Tensor::randn(0f32, 1., (4, 6), &dev)?.to_dtype(DType::F16)?;
+    assert_eq!(
+        kernels::softmax_last_dim(&h, Some(0.5))?.dtype(),
+        DType::F16
+    );
+    Ok(())
+}

@@ -12,6 +12,8 @@ use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, T
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
+use super::math::silu;
+
 /// Lanes of the partial sums (vectorised by the compiler).
 const LANES: usize = 16;
 /// Elements summed in f32 before a partial sum goes into the f64 total.
@@ -192,8 +194,7 @@ impl CustomOp1 for FusedGroupNorm {
                     let b = self.bias[ch];
                     if self.silu {
                         for (d, &x) in d.iter_mut().zip(s) {
-                            let y = (x - m) * a + b;
-                            *d = y / (1.0 + (-y).exp());
+                            *d = silu((x - m) * a + b);
                         }
                     } else {
                         for (d, &x) in d.iter_mut().zip(s) {

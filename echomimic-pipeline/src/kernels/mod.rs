@@ -8,18 +8,28 @@
 //! layers concerned, and nothing else in the crate looks at the device to
 //! pick an implementation.
 //!
+//! Kernels: convolutions without a full im2col buffer (`conv2d`, also reading through a
+//! nearest 2× upsample), GroupNorm with the SiLU after it fused (`group_norm`), GEGLU's gate
+//! (`geglu`) and the attention softmax with its scale (`softmax`); `math` holds the
+//! branch-free `exp`/`erf` they share, so their loops vectorise.
+//!
 //! Threads: the kernels run on rayon's global pool (the one candle's CPU
 //! backend uses), so `RAYON_NUM_THREADS` bounds them like the rest of candle.
 
 mod conv2d;
+mod geglu;
 mod group_norm;
+mod math;
+mod softmax;
 mod switch;
 
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::Conv2d;
 
 use conv2d::{BandedConv2d, ConvGeometry};
+pub use geglu::geglu;
 pub use group_norm::{group_norm, GroupNorm};
+pub use softmax::softmax_last_dim;
 pub use switch::set_enabled;
 use switch::use_cpu_kernel;
 

@@ -159,11 +159,7 @@ impl GeGlu {
 
 impl Module for GeGlu {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let h = self.proj.forward(xs)?;
-        let inner = h.dim(D::Minus1)? / 2;
-        let x = h.narrow(D::Minus1, 0, inner)?;
-        let gate = h.narrow(D::Minus1, inner, inner)?;
-        x * gate.gelu_erf()?
+        crate::kernels::geglu(&self.proj.forward(xs)?)
     }
 }
 
