@@ -18,6 +18,8 @@
 use candle_core::{CpuStorage, CustomOp1, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::cpu_input::contiguous_f32;
+
 /// Elements of the patch matrix built per band (2 Mi f32 = 8 MiB at most;
 /// at least one output row per band).
 const BAND_ELEMS: usize = 2 << 20;
@@ -68,12 +70,7 @@ impl CustomOp1 for BandedConv2d {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("banded-conv2d: only f32 is implemented");
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("banded-conv2d: the input must be contiguous");
-        };
+        let input = contiguous_f32(self.name(), storage, layout)?;
         let (n, c, h, w) = layout.shape().dims4()?;
         let g = self.geometry;
         if c != g.c_in {
@@ -87,7 +84,6 @@ impl CustomOp1 for BandedConv2d {
         let rows_per_band = (BAND_ELEMS / (k * ow)).clamp(1, oh);
         let plane_out = oh * ow;
         let mut out = vec![0f32; n * g.c_out * plane_out];
-        let input = &data[start..end];
         for (image, dst) in input
             .chunks_exact(c * h * w)
             .zip(out.chunks_exact_mut(g.c_out * plane_out))

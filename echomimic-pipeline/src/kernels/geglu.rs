@@ -8,6 +8,7 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
+use super::cpu_input::contiguous_f32;
 use super::math::gelu_erf;
 
 /// Rows per parallel work item at least (small tensors stay on one thread).
@@ -37,19 +38,13 @@ impl CustomOp1 for GeGluGate {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("geglu-gate: only f32 is implemented");
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("geglu-gate: the input must be contiguous");
-        };
+        let input = contiguous_f32(self.name(), storage, layout)?;
         let mut dims = layout.shape().dims().to_vec();
         let width = *dims.last().unwrap_or(&0);
         let inner = width / 2;
         if let Some(last) = dims.last_mut() {
             *last = inner;
         }
-        let input = &data[start..end];
         let mut out = vec![0f32; input.len() / 2];
         if inner == 0 {
             return Ok((CpuStorage::F32(out), Shape::from(dims)));

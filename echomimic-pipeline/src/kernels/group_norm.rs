@@ -12,6 +12,7 @@ use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, T
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
+use super::cpu_input::contiguous_f32;
 use super::math::silu;
 
 /// Lanes of the partial sums (vectorised by the compiler).
@@ -159,17 +160,11 @@ impl CustomOp1 for FusedGroupNorm {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("fused-group-norm: only f32 is implemented");
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("fused-group-norm: the input must be contiguous");
-        };
+        let input = contiguous_f32(self.name(), storage, layout)?;
         let dims = layout.shape().dims();
         let c = dims[1];
         let spatial: usize = dims[2..].iter().product();
         let per_group = c / self.groups * spatial;
-        let input = &data[start..end];
         let mut out = vec![0f32; input.len()];
         if per_group == 0 {
             return Ok((CpuStorage::F32(out), layout.shape().clone()));

@@ -17,6 +17,7 @@
 //! backend uses), so `RAYON_NUM_THREADS` bounds them like the rest of candle.
 
 mod conv2d;
+mod cpu_input;
 mod geglu;
 mod group_norm;
 mod math;

@@ -8,6 +8,7 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
+use super::cpu_input::contiguous_f32;
 use super::math::exp;
 
 /// Elements per parallel work item at least (small tensors stay on one thread).
@@ -66,14 +67,8 @@ impl CustomOp1 for ScaledSoftmax {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("scaled-softmax: only f32 is implemented");
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("scaled-softmax: the input must be contiguous");
-        };
+        let input = contiguous_f32(self.name(), storage, layout)?;
         let width = layout.shape().dims().last().copied().unwrap_or(0);
-        let input = &data[start..end];
         let mut out = vec![0f32; input.len()];
         if width == 0 || input.is_empty() {
             return Ok((CpuStorage::F32(out), layout.shape().clone()));
