@@ -52,8 +52,13 @@ impl Backoff {
     }
 }
 
-/// True for errors after which the connection must be replaced (and the command may succeed
-/// later): I/O failures, dropped connections, and a Redis that is restarting.
+/// True for errors after which the connection must be replaced and the command may succeed
+/// later: I/O failures, dropped connections, and a Redis that is restarting.
+///
+/// Not a reply that did not parse (`ErrorKind::Parse`): the redis crate reports a reply of
+/// another type than the one asked for (a bug on our side, the same on every try) that way
+/// too, so retrying it would spin forever. Such a connection is still replaced
+/// ([`RedisLink::run`]), in case the stream is out of step.
 pub(crate) fn is_connection_error(e: &RedisError) -> bool {
     use redis::{ErrorKind, ServerErrorKind};
     e.is_io_error()
@@ -66,7 +71,7 @@ pub(crate) fn is_connection_error(e: &RedisError) -> bool {
                     | ServerErrorKind::TryAgain
                     | ServerErrorKind::MasterDown
                     | ServerErrorKind::ReadOnly
-            ) | ErrorKind::Parse
+            )
         )
 }
 
@@ -135,6 +140,7 @@ impl RedisLink {
                     self.down_since = Some(Instant::now());
                 }
             }
+            Err(e) if e.kind() == redis::ErrorKind::Parse => self.con = None,
             Err(_) => {}
         }
         result
@@ -247,6 +253,43 @@ mod tests {
         assert!(is_connection_error(&e));
         let e = RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
         assert!(is_connection_error(&e));
+    }
+
+    #[test]
+    fn a_reply_of_the_wrong_type_fails_at_once_instead_of_retrying() {
+        let url = std::env::var("ECHOMIMIC_WORKER_TEST_REDIS_URL")
+            .unwrap_or_else(|_| "redis://127.0.0.1:6379/13".into());
+        let client = redis::Client::open(url.as_str()).unwrap();
+        if client.get_connection().is_err() {
+            assert!(
+                std::env::var_os("ECHOMIMIC_REQUIRE_REDIS").is_none(),
+                "no Redis at {url}"
+            );
+            return;
+        }
+        let key = format!("echomimic-test-wrong-type-{}", std::process::id());
+        let mut link = RedisLink::new(client, "test", Duration::from_secs(1));
+        let start = Instant::now();
+        let mut tries = 0;
+        let r: Result<i64, _> = link.run_retrying(
+            || start.elapsed() > Duration::from_secs(5),
+            |con| {
+                tries += 1;
+                redis::cmd("SET")
+                    .arg(&key)
+                    .arg("not a number")
+                    .query::<()>(con)?;
+                redis::cmd("GET").arg(&key).query(con)
+            },
+        );
+        assert!(matches!(r, Err(RetryEnd::Failed(_))), "{r:?}");
+        assert_eq!(tries, 1);
+        assert!(start.elapsed() < Duration::from_secs(1));
+        // The link reconnects and serves the next command.
+        let n: i64 = link
+            .run(|con| redis::cmd("DEL").arg(&key).query(con))
+            .unwrap();
+        assert_eq!(n, 1);
     }
 
     #[test]
