@@ -393,7 +393,7 @@ fn a_stop_check_cancels_a_running_download_at_the_next_chunk() -> TestResult {
         "{err}"
     );
     assert!(!err.is_retryable());
-    assert!(took < Duration::from_millis(1500), "took {took:?}");
+    assert!(took < Duration::from_secs(3), "took {took:?}");
     assert_eq!(
         std::fs::read_dir(dir.path())?.count(),
         0,

@@ -563,8 +563,9 @@ fn a_stop_while_a_peer_trickles_bytes_cancels_the_download_at_once() {
     let Some(took) = stop_while_downloading(Some(Duration::from_millis(100))) else {
         return;
     };
-    // The next byte ends the download; no grace period or stop timeout is needed.
-    assert!(took < Duration::from_secs(2), "took {took:?}");
+    // The next byte ends the download; no grace period or stop timeout is needed (the
+    // silent peer below takes at least 5 s).
+    assert!(took < Duration::from_secs(4), "took {took:?}");
 }
 
 #[test]
@@ -575,7 +576,7 @@ fn a_stop_while_a_peer_sends_nothing_ends_within_grace_and_twice_the_stop_timeou
     // Grace 1 s, then 2 s for the fetcher before the cancel, then 2 s before the stuck
     // download is left behind (its task requeued by the supervisor).
     assert!(
-        took >= Duration::from_secs(4) && took < Duration::from_secs(9),
+        took >= Duration::from_secs(4) && took < Duration::from_secs(12),
         "took {took:?}"
     );
 }
