@@ -301,36 +301,9 @@ fn delete_reports_not_found() -> TestResult {
     Ok(())
 }
 
-/// A peer that answers every connection with headers for a 1 MB file and then one byte every
-/// 100 ms (for at most 30 s): a download from it never ends on its own.
+/// A download that never ends on its own: one byte every 100 ms.
 fn trickling_server() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut stream = stream;
-                let mut buf = [0u8; 4096];
-                let _ = stream.read(&mut buf);
-                let head =
-                    "HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: 1000000\r\n\r\n";
-                if stream.write_all(head.as_bytes()).is_err() {
-                    return;
-                }
-                for _ in 0..300 {
-                    std::thread::sleep(Duration::from_millis(100));
-                    if stream
-                        .write_all(b"x")
-                        .and_then(|()| stream.flush())
-                        .is_err()
-                    {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    addr
+    echomimic_testkit::peers::stalling_http_peer(Some(Duration::from_millis(100)))
 }
 
 #[test]

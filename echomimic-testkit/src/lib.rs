@@ -2,6 +2,8 @@
 //!
 //! * [`redis`]: the Redis a test talks to (skipped with a message when none answers, unless
 //!   `ECHOMIMIC_REQUIRE_REDIS` is set, as CI does), names unique to one test, and key clean-up.
+//! * [`peers`]: HTTP peers that misbehave (a download that trickles or stalls), for the
+//!   temp-file client's and the worker's transfer fault tests.
 //! * [`modules`]: the check that the modules inside each crate depend on each other one way
 //!   (no cycles); its test (`tests/module_cycles.rs`) runs it on every crate of the workspace.
 //!
@@ -11,4 +13,5 @@
 //! switch on, while a `publish = false` dev-dependency stays out of every published crate.
 
 pub mod modules;
+pub mod peers;
 pub mod redis;

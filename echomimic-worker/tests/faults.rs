@@ -505,42 +505,15 @@ fn a_model_call_that_hangs_is_requeued_once_and_the_worker_exits_for_its_supervi
     Ok(())
 }
 
-/// A temp-file "server" whose downloads start and then send one byte every `every` (`None`:
-/// never another byte), each connection for at most 30 s.
-fn stalling_tempfile(every: Option<Duration>) -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("addr"));
-    std::thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            std::thread::spawn(move || {
-                use std::io::{Read, Write};
-                let mut stream = stream;
-                let mut buf = [0u8; 4096];
-                let _ = stream.read(&mut buf);
-                let head =
-                    "HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: 1000000\r\n\r\n";
-                if stream.write_all(head.as_bytes()).is_err() {
-                    return;
-                }
-                let end = Instant::now() + Duration::from_secs(30);
-                while Instant::now() < end {
-                    std::thread::sleep(every.unwrap_or(Duration::from_millis(200)));
-                    if every.is_some() && stream.write_all(b"x").is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    url
-}
-
 /// A worker downloading `task` from a stalling peer, stopped with one signal: returns how long
 /// the stop took.
 fn stop_while_downloading(every: Option<Duration>) -> Option<Duration> {
     let mut world = World::new()?;
     world.stop_server();
-    world.base_url = stalling_tempfile(every);
+    world.base_url = format!(
+        "http://{}",
+        echomimic_testkit::peers::stalling_http_peer(every)
+    );
     let rec = world.recorder();
     let worker = start(
         &world,
