@@ -12,11 +12,13 @@
 #                    package is looked up with `cargo metadata`)
 #   --example NAME   build this example too (repeatable; `cuda_probe` is always built)
 #   --tests          also build the golden parity test binaries of
-#                    echomimic-pipeline (its test targets named like
-#                    $CUDA_TESTS, default `*_parity`: the ones that run on
-#                    ECHOMIMIC_DEVICE in ECHOMIMIC_DTYPE) and every bin/bench
-#                    target of echomimic-benches, in the same invocation, for
-#                    scripts/gpu-check.sh
+#                    echomimic-pipeline named by $CUDA_TESTS (space-separated
+#                    globs; default: audio, denoising UNet, face, pipeline and
+#                    VAE parity, the ones that run on ECHOMIMIC_DEVICE in
+#                    ECHOMIMIC_DTYPE and cover every network) and the bench
+#                    targets of echomimic-benches named by $CUDA_BENCHES
+#                    (default: full_size unet_vs_diffusers ops, what
+#                    scripts/gpu-bench.sh runs), in the same invocation
 #   --out DIR        where the bundle goes (default: <repo>/.gpu-bin)
 #   --setup-only     install the toolchain and print the environment, build nothing
 #
@@ -36,11 +38,13 @@
 #     ($CUDA_TARGET_DIR, default /work/target-cuda if /work exists, else
 #     <repo>/target-cuda): the RUSTFLAGS differ from the normal build's, and a
 #     shared target dir would be rebuilt from scratch each time;
-#  4. strips the executables, checks each is under 64 MiB, prints their NEEDED
-#     libraries, and packs them into DIR/gpu-bin.tar.xz (one solid xz stream with
-#     a large window, so the statically linked CUDA kernels that every binary
-#     repeats are stored once) plus DIR/MANIFEST.txt. scripts/gpu-check.sh
-#     unpacks it on the GPU machine.
+#  4. strips the executables, prints their NEEDED libraries, and packs them
+#     into DIR/gpu-bin.tar.xz (one solid xz stream with a 1 GiB window, so the
+#     ~40 MiB of statically linked CUDA kernels and PTX that every binary
+#     repeats are stored once: 15 binaries, 694 MB, packed to 16 MB in 47 s
+#     here) plus DIR/MANIFEST.txt, and checks that the working tree plus the
+#     bundle fit the device tool's 64 MiB. scripts/gpu-check.sh unpacks it on
+#     the GPU machine.
 #
 # The first build takes about 15 minutes on 2 cores (candle-kernels compiles
 # its GGUF/MoE kernels to SASS); later ones are incremental.
@@ -65,6 +69,9 @@ WHEELS=(
   nvidia-cuda-nvrtc==13.0.88    # libnvrtc.so.13 (link)
 )
 MAX_BYTES=$((64 * 1024 * 1024))
+# What --tests adds (see --help).
+CUDA_TESTS="${CUDA_TESTS:-audio_parity denoising_unet_parity face_parity pipeline_parity vae_parity}"
+CUDA_BENCHES="${CUDA_BENCHES:-full_size unet_vs_diffusers ops}"
 
 # --- arguments ---------------------------------------------------------------
 bins=() examples=(cuda_probe) want_tests=0 setup_only=0 out="$ROOT/.gpu-bin"
@@ -212,31 +219,35 @@ if [ "$want_tests" = 1 ]; then
   # testdata through CARGO_MANIFEST_DIR), and each would add ~40 MiB to pack.
   # `--test NAME` needs dev-dependencies like `--tests`, so the resolved
   # features, and with them candle-kernels' build hash, do not change.
-  test_glob="${CUDA_TESTS:-*_parity}"
   n_tests=0
   while read -r name; do
     targets+=(--test "$name"); n_tests=$((n_tests + 1))
   done < <(cargo metadata --locked --format-version 1 --no-deps | python3 -c '
 import fnmatch, json, sys
+globs = sys.argv[1].split()
 for p in json.load(sys.stdin)["packages"]:
     if p["name"] in sys.argv[2:]:
         for t in p["targets"]:
-            if "test" in t["kind"] and fnmatch.fnmatchcase(t["name"], sys.argv[1]):
-                print(t["name"])' "$test_glob" "${TEST_PACKAGES[@]}")
-  [ "$n_tests" -gt 0 ] || die "no test target of ${TEST_PACKAGES[*]} matches CUDA_TESTS='$test_glob'"
-  log "test targets ($test_glob): $n_tests"
-  # Every bin and [[bench]] target of the benches crate, by name (`--benches`
-  # would also build each library as a second, bench-mode test harness).
+            if "test" in t["kind"] and any(fnmatch.fnmatchcase(t["name"], g) for g in globs):
+                print(t["name"])' "$CUDA_TESTS" "${TEST_PACKAGES[@]}")
+  [ "$n_tests" -gt 0 ] || die "no test target of ${TEST_PACKAGES[*]} matches CUDA_TESTS='$CUDA_TESTS'"
+  log "test targets ($CUDA_TESTS): $n_tests"
+  # The bin and [[bench]] targets of the benches crate named in CUDA_BENCHES
+  # (`--benches` would also build each library as a second, bench-mode test
+  # harness, and every bench binary adds to the bundle).
+  n_benches=0
   while read -r kind name; do
-    targets+=("--$kind" "$name")
+    targets+=("--$kind" "$name"); n_benches=$((n_benches + 1))
   done < <(cargo metadata --locked --format-version 1 --no-deps | python3 -c '
-import json, sys
+import fnmatch, json, sys
+globs = sys.argv[1].split()
 for p in json.load(sys.stdin)["packages"]:
     if p["name"] == "echomimic-benches":
         for t in p["targets"]:
             for k in ("bin", "bench"):
-                if k in t["kind"]:
-                    print(k, t["name"])')
+                if k in t["kind"] and any(fnmatch.fnmatchcase(t["name"], g) for g in globs):
+                    print(k, t["name"])' "$CUDA_BENCHES")
+  [ "$n_benches" -gt 0 ] || die "no bench target of echomimic-benches matches CUDA_BENCHES='$CUDA_BENCHES'"
 fi
 pkg_args=()
 for p in "${packages[@]}"; do pkg_args+=(-p "$p"); done
@@ -271,9 +282,6 @@ while IFS=$'\t' read -r kind pkg name path; do
   raw=$(stat -c %s "$path") stripped=$(stat -c %s "$dest")
   printf '%-8s %-60s %6s MiB -> %6s MiB stripped\n' "$kind" "${dest#"$stage"/}" \
     "$(mib "$raw")" "$(mib "$stripped")" >&2
-  if [ "$stripped" -ge "$MAX_BYTES" ]; then
-    log "error: ${dest#"$stage"/} is over 64 MiB stripped"; fail=1
-  fi
 done <"$artifacts"
 [ -n "$(ls -A "$stage")" ] || die "cargo produced no executable"
 # Package name -> folder in the repository, so that gpu-check.sh runs each test
@@ -290,13 +298,13 @@ for f in "$stage"/bin/* "$stage"/examples/*; do
   log "NEEDED by ${f#"$stage"/}: $(readelf -d "$f" | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p' | tr '\n' ' ')"
 done
 
-log "packing $out/gpu-bin.tar.xz (one xz stream, 192 MiB window)"
+log "packing $out/gpu-bin.tar.xz (one xz stream, 1 GiB window)"
 pack_start=$(date +%s)
 rm -f "$out/gpu-bin.tar.xz" "$out/MANIFEST.txt"
 # Same-kind binaries next to each other, so the repeated kernels are in the window.
 (cd "$stage" && find . -type f | sort) >"$artifacts.list"
 tar -C "$stage" --owner=0 --group=0 -cf - -T "$artifacts.list" |
-  xz -T1 --lzma2=preset=6,dict=192MiB >"$out/gpu-bin.tar.xz.tmp"
+  xz -T1 --lzma2=preset=3,dict=1024MiB >"$out/gpu-bin.tar.xz.tmp"
 mv "$out/gpu-bin.tar.xz.tmp" "$out/gpu-bin.tar.xz"
 {
   echo "# echomimic-rs CUDA bundle; built $(date -u +%Y-%m-%dT%H:%M:%SZ) from $(git -C "$ROOT" rev-parse --short HEAD)$(git -C "$ROOT" diff --quiet HEAD -- 2>/dev/null || echo '+dirty')"

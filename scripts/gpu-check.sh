@@ -34,6 +34,9 @@
 #   GPU_CHECK_TEST_ARGS  libtest arguments (default "--test-threads=1 --nocapture",
 #                        so each test's measured max-abs diff is in the log)
 #   GPU_CHECK_BENCH_ARGS extra arguments for every benchmark binary
+#   GPU_CHECK_BENCHES    the benchmark binaries of step 6, by name, space-separated
+#                        (default: all; `none` skips the step; scripts/gpu-bench.sh
+#                        runs the speed comparison with its own sizes)
 #   GPU_CHECK_BUDGET     seconds for the whole run (default 480); steps that
 #                        would start after it are recorded as FAIL (skipped)
 #   GPU_CHECK_STEP_TIMEOUT  seconds per step (default 240; the probe gets 120)
@@ -129,19 +132,8 @@ else
 fi
 
 # --- 2. runtime libraries --------------------------------------------------------------
-libdirs=""
-for py in python3 /opt/torch/.venv/bin/python3; do
-  command -v "$py" >/dev/null || continue
-  site="$("$py" -c 'import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))' 2>/dev/null)" || continue
-  [ -d "$site/nvidia" ] || continue
-  libdirs="$(find -L "$site/nvidia" -maxdepth 3 -type d -name lib -exec sh -c 'ls "$1"/lib*.so* >/dev/null 2>&1 && echo "$1"' _ {} \; | sort | paste -sd: -)"
-  say "CUDA libraries from $py ($site): $libdirs"
-  break
-done
-for d in /usr/local/nvidia/lib64 /usr/local/nvidia/lib; do
-  # The driver's libcuda.so.1 where the container mounts it outside the default paths.
-  [ -e "$d/libcuda.so.1" ] && libdirs="${libdirs:+$libdirs:}$d"
-done
+libdirs="$("$ROOT/scripts/cuda/runtime-libs.sh")"
+[ -z "$libdirs" ] || say "CUDA libraries: $libdirs"
 if [ -n "$libdirs" ]; then
   export LD_LIBRARY_PATH="$libdirs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 else
@@ -228,7 +220,15 @@ done
 
 # --- 6. benchmarks ---------------------------------------------------------------------
 mapfile -t benches < <(find "$BIN/benches" -type f -perm -u+x ! -name '*.args' 2>/dev/null | sort)
-[ "${#benches[@]}" -gt 0 ] || say "no benchmark binaries in the bundle"
+if [ -n "${GPU_CHECK_BENCHES:-}" ]; then
+  wanted=" $GPU_CHECK_BENCHES "
+  kept=()
+  for b in "${benches[@]}"; do
+    case "$wanted" in *" $(basename "$b") "*) kept+=("$b") ;; esac
+  done
+  benches=("${kept[@]}")
+fi
+[ "${#benches[@]}" -gt 0 ] || say "no benchmark binaries selected (GPU_CHECK_BENCHES='${GPU_CHECK_BENCHES:-}')"
 for b in "${benches[@]}"; do
   rel="${b#"$BIN/benches/"}"
   pkg="${rel%%/*}"

@@ -26,6 +26,12 @@
 //! load diffusers' random weights and the max abs difference of the outputs is
 //! reported; without it every network has random weights of its own.
 //! Prints one JSON object on stdout and a summary on stderr.
+//!
+//! Device and dtype: `ECHOMIMIC_DEVICE` (`cpu`, `cuda`, `cuda:N`) and
+//! `ECHOMIMIC_DTYPE` (`f32`, `f16`, `bf16`), as `full_size`; pass the same
+//! `--device`/`--dtype` to the baseline. Loaded weights and inputs are cast to
+//! the dtype; differences are measured in f64. On CUDA the JSON also holds the
+//! device's peak "memory used" (`nvidia-smi`, sampled every 20 ms, whole GPU).
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 use std::collections::HashMap;
@@ -37,7 +43,10 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use clap::Parser;
 use echomimic_benches::flops::{self, UNetCall};
-use echomimic_benches::{median_time, proc_status_bytes, random_weights};
+use echomimic_benches::{
+    device_from_env, dtype_from_env, median_time, nvidia_smi_used_bytes, proc_status_bytes,
+    random_weights, GpuMemorySampler,
+};
 use echomimic_pipeline::config::{
     AutoencoderKLConfig, DownBlockType, MotionModuleKwargs, PerBlock, UNet2DConditionConfig,
     UnetAdditionalKwargs, UpBlockType,
@@ -145,11 +154,24 @@ fn load(
 /// The loaded weights, else random ones. Never a `VarMap`: its tensors are
 /// variables, so candle records the autograd graph of every forward call and
 /// keeps all activations alive (10.3 GiB peak instead of 0.8 GiB here).
-fn builder(weights: Option<HashMap<String, Tensor>>, dev: &Device) -> VarBuilder<'static> {
+fn builder(
+    weights: Option<HashMap<String, Tensor>>,
+    dtype: DType,
+    dev: &Device,
+) -> VarBuilder<'static> {
     match weights {
-        Some(w) => VarBuilder::from_tensors(w, DType::F32, dev),
-        None => random_weights(DType::F32, dev),
+        Some(w) => VarBuilder::from_tensors(w, dtype, dev),
+        None => random_weights(dtype, dev),
     }
+}
+
+/// The largest |x| of a tensor of any dtype.
+fn abs_max(t: &Tensor) -> candle_core::Result<f32> {
+    t.to_dtype(DType::F32)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f32>()
 }
 
 fn secs(d: Duration) -> f64 {
@@ -170,25 +192,42 @@ fn main() -> anyhow::Result<()> {
         a.iters > 0 && a.latent > 0 && a.frames > 0,
         "sizes must be positive"
     );
-    let dev = Device::Cpu;
+    let dev = device_from_env()?;
+    let dtype = dtype_from_env()?;
+    let gpu = match &dev {
+        Device::Cuda(_) => Some((
+            nvidia_smi_used_bytes(0),
+            GpuMemorySampler::start(0, Duration::from_millis(20)),
+        )),
+        _ => None,
+    };
+    eprintln!("unet_vs_diffusers: {dev:?} {dtype:?}");
     let parts: Vec<&str> = a.parts.split(',').collect();
     let cfg = unet_config(&a)?;
     let (h, w, f) = (a.latent, a.latent, a.frames);
     let io = |name: &str| -> anyhow::Result<Option<HashMap<String, Tensor>>> {
         load(a.weights.as_deref(), &format!("{name}_io"), &dev)
     };
+    // An input from the export (cast to the dtype), else a random one.
+    let input = |t: Option<&HashMap<String, Tensor>>, key: &str, shape: &[usize]| {
+        let x = match t {
+            Some(t) => t
+                .get(key)
+                .with_context(|| format!("export: no tensor `{key}`"))?
+                .clone(),
+            None => Tensor::randn(0f32, 1., shape, &dev)?,
+        };
+        anyhow::Ok(x.to_dtype(dtype)?)
+    };
     let mut results = serde_json::Map::new();
     let mut bank = None;
 
     if parts.contains(&"ref") || parts.contains(&"echo") {
         let reference = UNet2DConditionModel::new(
-            builder(load(a.weights.as_deref(), "ref", &dev)?, &dev),
+            builder(load(a.weights.as_deref(), "ref", &dev)?, dtype, &dev),
             &cfg,
         )?;
-        let x = match io("ref")? {
-            Some(t) => t.get("sample").context("ref_io: sample")?.clone(),
-            None => Tensor::randn(0f32, 1., (1, 4, h, w), &dev)?,
-        };
+        let x = input(io("ref")?.as_ref(), "sample", &[1, 4, h, w])?;
         let (out, b) = reference.forward(&x, 0.0)?;
         bank = Some(b);
         if parts.contains(&"ref") {
@@ -198,7 +237,7 @@ fn main() -> anyhow::Result<()> {
             if let Some(t) = io("ref")? {
                 e["max_abs_diff"] =
                     json!(max_abs_diff(&out, t.get("out").context("ref_io: out")?)?);
-                e["out_abs_max"] = json!(out.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?);
+                e["out_abs_max"] = json!(abs_max(&out)?);
             }
             results.insert("ref".into(), e);
         }
@@ -217,17 +256,10 @@ fn main() -> anyhow::Result<()> {
             }
             m
         });
-        let unet = UNet3DConditionModel::new(builder(weights, &dev), &cfg, &ex)?;
-        let (x_rows, ctx) = match io("unet")? {
-            Some(t) => (
-                t.get("sample").context("unet_io: sample")?.clone(),
-                t.get("context").context("unet_io: context")?.clone(),
-            ),
-            None => (
-                Tensor::randn(0f32, 1., (2 * f, 4, h, w), &dev)?,
-                Tensor::randn(0f32, 1., (2 * f, a.audio_tokens, a.audio_dim), &dev)?,
-            ),
-        };
+        let unet = UNet3DConditionModel::new(builder(weights, dtype, &dev), &cfg, &ex)?;
+        let t = io("unet")?;
+        let x_rows = input(t.as_ref(), "sample", &[2 * f, 4, h, w])?;
+        let ctx = input(t.as_ref(), "context", &[2 * f, a.audio_tokens, a.audio_dim])?;
         let b = x_rows.dim(0)? / f;
         // rows (b·F, c, h, w) → (b, c, F, h, w)
         let video = |rows: &Tensor, b: usize| -> candle_core::Result<Tensor> {
@@ -260,8 +292,7 @@ fn main() -> anyhow::Result<()> {
                         &out_rows,
                         t.get("out").context("unet_io: out")?
                     )?);
-                    e["out_abs_max"] =
-                        json!(out_rows.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?);
+                    e["out_abs_max"] = json!(abs_max(&out_rows)?);
                 }
             }
             results.insert(key.into(), e);
@@ -271,7 +302,7 @@ fn main() -> anyhow::Result<()> {
     if parts.contains(&"echo") {
         // The real denoising UNet: motion modules everywhere, bank, CFG.
         let ex = extra(&a, !a.echo_no_motion);
-        let unet = UNet3DConditionModel::new(random_weights(DType::F32, &dev), &cfg, &ex)?;
+        let unet = UNet3DConditionModel::new(random_weights(dtype, &dev), &cfg, &ex)?;
         let bank = bank
             .as_ref()
             .context("the bank comes from the reference UNet")?;
@@ -281,9 +312,9 @@ fn main() -> anyhow::Result<()> {
             unet.prepare_bank(bank, BankRounding::F16)?
         };
         for (key, b) in [("echo_cfg", 2usize), ("echo_acc", 1)] {
-            let x = Tensor::randn(0f32, 1., (b, 4, f, h, w), &dev)?;
-            let audio = Tensor::randn(0f32, 1., (b, f, a.audio_tokens, a.audio_dim), &dev)?;
-            let face = Tensor::randn(0f32, 1., (b, cfg.block_out_channels[0], 1, h, w), &dev)?;
+            let x = input(None, "", &[b, 4, f, h, w])?;
+            let audio = input(None, "", &[b, f, a.audio_tokens, a.audio_dim])?;
+            let face = input(None, "", &[b, cfg.block_out_channels[0], 1, h, w])?;
             let cfg_on = b == 2;
             let bank_rows = match (a.echo_no_bank, cfg_on) {
                 (true, _) => 0,
@@ -305,21 +336,13 @@ fn main() -> anyhow::Result<()> {
             ..Default::default()
         };
         let vae = AutoencoderKL::new(
-            builder(load(a.weights.as_deref(), "vae", &dev)?, &dev),
+            builder(load(a.weights.as_deref(), "vae", &dev)?, dtype, &dev),
             &vcfg,
         )?;
         let side = h << (vcfg.block_out_channels.len() - 1);
         let t = io("vae")?;
-        let (img, z) = match &t {
-            Some(t) => (
-                t.get("image").context("vae_io: image")?.clone(),
-                t.get("z").context("vae_io: z")?.clone(),
-            ),
-            None => (
-                Tensor::randn(0f32, 1., (1, 3, side, side), &dev)?,
-                Tensor::randn(0f32, 1., (1, vcfg.latent_channels, h, w), &dev)?,
-            ),
-        };
+        let img = input(t.as_ref(), "image", &[1, 3, side, side])?;
+        let z = input(t.as_ref(), "z", &[1, vcfg.latent_channels, h, w])?;
         let (me, te) = median_time(&dev, a.iters, || Ok(vae.encode(&img)?.mean))?;
         let (md, td) = median_time(&dev, a.iters, || Ok(vae.decode(&z)?))?;
         let mut enc = entry(me, &te, f64::NAN);
@@ -338,10 +361,18 @@ fn main() -> anyhow::Result<()> {
         results.insert("vae_decode".into(), dec);
     }
 
+    let gpu_memory = gpu.map(|(before, sampler)| {
+        json!({
+            "kind": "nvidia-smi memory.used (whole GPU, sampled every 20 ms)",
+            "before_bytes": before,
+            "peak_bytes": sampler.stop(),
+        })
+    });
     let out = json!({
         "tool": "echomimic-rs",
-        "device": "cpu",
-        "dtype": "f32",
+        "device": std::env::var("ECHOMIMIC_DEVICE").unwrap_or_else(|_| "cpu".into()),
+        "dtype": format!("{dtype:?}").to_lowercase(),
+        "gpu_memory": gpu_memory,
         "threads": candle_core::utils::get_num_threads(),
         "iters": a.iters,
         "latent": a.latent,

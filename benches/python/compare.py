@@ -41,6 +41,15 @@ def main():
             mine = R[k].get("flops_as_diffusers", R[k]["flops"])
             print(f"FLOP check {k}: analytic {mine:.6g}, torch FlopCounterMode {P[k]['flops']:.6g}")
     print(f"peak RSS: ours {rs['vm_hwm_bytes'] / 2**30:.2f} GiB, diffusers {py['max_rss_bytes'] / 2**30:.2f} GiB")
+    gpu = rs.get("gpu_memory") or {}
+    if gpu.get("peak_bytes") is not None or "gpu_max_reserved_bytes" in py:
+        def g(b):
+            return f"{b / 2**30:.2f} GiB" if b is not None else "?"
+        print(
+            f"GPU memory: ours peak {g(gpu.get('peak_bytes'))} used on the device (nvidia-smi, "
+            f"{g(gpu.get('before_bytes'))} before); diffusers {g(py.get('gpu_max_allocated_bytes'))} "
+            f"allocated, {g(py.get('gpu_max_reserved_bytes'))} reserved (torch, without the context)"
+        )
 
 
 if __name__ == "__main__":

@@ -242,6 +242,12 @@ def main():
     import resource
 
     out["max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if dev.startswith("cuda"):
+        # torch's own allocator statistics; nvidia-smi's "memory used" (what the Rust side
+        # samples) also counts the CUDA context and the allocator's cache.
+        out["gpu_max_allocated_bytes"] = torch.cuda.max_memory_allocated()
+        out["gpu_max_reserved_bytes"] = torch.cuda.max_memory_reserved()
+        out["gpu_name"] = torch.cuda.get_device_name()
     out["load_average"] = os.getloadavg()[0]
     json.dump(out, sys.stdout, indent=1)
     print()

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use candle_core::{DType, Device};
+use echomimic_pipeline::device::{parse_dtype, select_device, DeviceChoice};
 
 /// One warm-up call, then the median wall time of `iterations` calls (the
 /// device is synchronised after every call). Returns the median and all times.
@@ -59,42 +60,24 @@ pub fn proc_status_bytes(field: &str) -> Option<u64> {
 }
 
 /// The device named by `ECHOMIMIC_DEVICE` (`cpu` (default), `cuda` or
-/// `cuda:N`). CUDA needs the `cuda` feature of this crate.
+/// `cuda:N`), opened through the pipeline's device selection: CUDA needs a
+/// build with `echomimic-pipeline/cuda` (this crate's `cuda` feature turns it
+/// on), and an explicit CUDA device that does not open is an error.
 pub fn device_from_env() -> anyhow::Result<Device> {
     let name = std::env::var("ECHOMIMIC_DEVICE").unwrap_or_else(|_| "cpu".into());
-    match name.as_str() {
-        "cpu" => Ok(Device::Cpu),
-        cuda if cuda == "cuda" || cuda.starts_with("cuda:") => {
-            let ordinal: usize = match cuda.strip_prefix("cuda:") {
-                Some(n) => n
-                    .parse()
-                    .with_context(|| format!("bad CUDA ordinal in `{cuda}`"))?,
-                None => 0,
-            };
-            cuda_device(ordinal)
-        }
-        other => bail!("ECHOMIMIC_DEVICE must be cpu, cuda or cuda:N, got `{other}`"),
+    let choice: DeviceChoice = name
+        .parse()
+        .with_context(|| format!("ECHOMIMIC_DEVICE=`{name}`"))?;
+    if choice == DeviceChoice::Auto {
+        bail!("ECHOMIMIC_DEVICE must name a device for a benchmark: cpu, cuda or cuda:N");
     }
-}
-
-#[cfg(feature = "cuda")]
-fn cuda_device(ordinal: usize) -> anyhow::Result<Device> {
-    Device::new_cuda(ordinal).with_context(|| format!("opening CUDA device {ordinal}"))
-}
-
-#[cfg(not(feature = "cuda"))]
-fn cuda_device(_ordinal: usize) -> anyhow::Result<Device> {
-    bail!("this benchmark was built without CUDA: rebuild with `--features cuda`")
+    Ok(select_device(choice)?.0)
 }
 
 /// The dtype named by `ECHOMIMIC_DTYPE` (`f32` (default), `f16`, `bf16`).
 pub fn dtype_from_env() -> anyhow::Result<DType> {
-    match std::env::var("ECHOMIMIC_DTYPE").as_deref().unwrap_or("f32") {
-        "f32" => Ok(DType::F32),
-        "f16" => Ok(DType::F16),
-        "bf16" => Ok(DType::BF16),
-        other => bail!("ECHOMIMIC_DTYPE must be f32, f16 or bf16, got `{other}`"),
-    }
+    let name = std::env::var("ECHOMIMIC_DTYPE").unwrap_or_else(|_| "f32".into());
+    parse_dtype(&name).with_context(|| format!("ECHOMIMIC_DTYPE=`{name}`"))
 }
 
 /// Used GPU memory in bytes as `nvidia-smi` reports it for `ordinal` (the
