@@ -29,9 +29,12 @@ pub fn max_score_elems(device: &Device) -> usize {
 /// Shapes: `q` is `[..., Lq, D]`, `k` is `[..., Lk, D]` and `v` is `[..., Lk, Dv]`
 /// with identical leading dimensions; the result is `[..., Lq, Dv]`.
 ///
-/// The scores are soft-maxed in f32 whatever the input dtype (as PyTorch does
-/// inside SDPA), and are computed in chunks so that no more than
-/// [`max_score_elems`] scores exist at any time. At full EchoMimic size the
+/// On the CPU, and in f32 everywhere, the scores are soft-maxed in f32. Half-precision
+/// inputs on a GPU keep the scores in their dtype: the scale is folded into the
+/// queries and candle's softmax kernel sums in f32 (measured on an H200 at the 64×64
+/// level of a CFG window: the f32 round trip of the scores made the attention 40×
+/// slower than PyTorch's SDPA; `benches/gpu/`). The scores are computed in chunks so
+/// that no more than [`max_score_elems`] exist at any time. At full EchoMimic size the
 /// reference attention would otherwise materialise 4096×8192 scores per head
 /// and frame (≈26 GB for a CFG call).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
@@ -76,8 +79,11 @@ pub fn attention_chunked(
     let v3 = v.reshape((lead, lk, dv))?;
     // In f32, scale the queries (Lq·D values) rather than the scores (Lq·Lk):
     // one pass less over the largest tensor, same precision. Half-precision
-    // inputs keep the scale on the f32 scores.
-    let (q3, score_scale) = if q.dtype() == DType::F32 {
+    // inputs keep the scale on the f32 scores on the CPU; on a GPU they stay
+    // in half precision end to end (see above).
+    let half = matches!(q.dtype(), DType::F16 | DType::BF16);
+    let half_scores = half && !q.device().is_cpu();
+    let (q3, score_scale) = if q.dtype() == DType::F32 || half_scores {
         ((q3 * scale)?, None)
     } else {
         (q3, Some(scale))
@@ -97,9 +103,13 @@ pub fn attention_chunked(
         let mut parts = Vec::with_capacity(lq.div_ceil(rows));
         for r0 in (0..lq).step_by(rows) {
             let qc = qg.narrow(1, r0, rows.min(lq - r0))?;
-            let scores = qc.matmul(&ktg)?.to_dtype(DType::F32)?;
-            let probs = crate::kernels::softmax_last_dim(&scores, score_scale)?;
-            parts.push(probs.to_dtype(out_dtype)?.matmul(&vg)?);
+            let probs = if half_scores {
+                candle_nn::ops::softmax_last_dim(&qc.matmul(&ktg)?)?
+            } else {
+                let scores = qc.matmul(&ktg)?.to_dtype(DType::F32)?;
+                crate::kernels::softmax_last_dim(&scores, score_scale)?.to_dtype(out_dtype)?
+            };
+            parts.push(probs.matmul(&vg)?);
         }
         groups.push(concat(parts, 1)?);
     }
