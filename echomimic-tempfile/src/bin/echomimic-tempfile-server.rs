@@ -5,7 +5,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use echomimic_tempfile::server::DEFAULT_MAX_UPLOAD_BYTES;
+use echomimic_tempfile::server::{
+    DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_UPLOAD_BYTES, DEFAULT_MIN_FREE_BYTES,
+};
 use echomimic_tempfile::{Server, ServerConfig, Token};
 
 /// Temp-file API server for the EchoMimic worker (upload, download, delete; files expire).
@@ -27,9 +29,26 @@ struct Args {
     /// Seconds between sweeps of expired files.
     #[arg(long, env = "TEMPFILE_SWEEP_SECS", default_value_t = 60)]
     sweep_secs: u64,
-    /// Worker threads (connections served at once).
-    #[arg(long, env = "TEMPFILE_THREADS", default_value_t = 8)]
-    threads: usize,
+    /// Connections served at once, one thread each (the thread count); one more is answered
+    /// 503. `--threads` is the old name.
+    #[arg(long, alias = "threads", env = "TEMPFILE_MAX_CONNECTIONS", default_value_t = DEFAULT_MAX_CONNECTIONS)]
+    max_connections: usize,
+    /// Seconds a request head may take to arrive whole (slow clients get 408).
+    #[arg(long, env = "TEMPFILE_HEADER_TIMEOUT_SECS", default_value_t = 10.0, value_parser = positive_secs)]
+    header_timeout_secs: f64,
+    /// Least average upload rate in bytes/s, after --body-grace-secs (0 = none; slower: 408).
+    #[arg(long, env = "TEMPFILE_MIN_BODY_RATE", default_value_t = 1024)]
+    min_body_rate: u64,
+    /// Seconds an upload may take before --min-body-rate applies.
+    #[arg(long, env = "TEMPFILE_BODY_GRACE_SECS", default_value_t = 10.0, value_parser = positive_secs)]
+    body_grace_secs: f64,
+    /// Most bytes stored plus being uploaded (unset = no quota); past it uploads get 507.
+    #[arg(long, env = "TEMPFILE_QUOTA_BYTES")]
+    quota_bytes: Option<u64>,
+    /// Free bytes every upload must leave on the storage's disk (default 256 MiB); below it
+    /// uploads get 507.
+    #[arg(long, env = "TEMPFILE_MIN_FREE_BYTES", default_value_t = DEFAULT_MIN_FREE_BYTES)]
+    min_free_bytes: u64,
     /// Access token: when set, every endpoint but /health needs `Authorization: Bearer <token>`.
     /// Repeat the flag or give a comma list to accept several (rotation). Prefer the env
     /// variable or --token-file: a flag is visible in the process list.
@@ -65,6 +84,15 @@ fn positive_hours(s: &str) -> Result<f64, String> {
     }
 }
 
+fn positive_secs(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|e| format!("{e}"))?;
+    if v.is_finite() && v > 0.0 && v <= 24.0 * 3600.0 {
+        Ok(v)
+    } else {
+        Err("must be a positive number of seconds, at most a day".into())
+    }
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -86,7 +114,12 @@ fn main() -> ExitCode {
     config.max_upload_bytes = args.max_bytes;
     config.expiry = Duration::from_secs_f64(args.expiry_hours * 3600.0);
     config.sweep_interval = Duration::from_secs(args.sweep_secs);
-    config.threads = args.threads;
+    config.max_connections = args.max_connections;
+    config.header_timeout = Duration::from_secs_f64(args.header_timeout_secs);
+    config.min_body_rate = args.min_body_rate;
+    config.body_grace = Duration::from_secs_f64(args.body_grace_secs);
+    config.quota_bytes = args.quota_bytes;
+    config.min_free_bytes = args.min_free_bytes;
 
     let mut signals = match signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,

@@ -8,7 +8,9 @@
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::net::TcpStream;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
+
+use super::pace::PacedStream;
 
 /// Longest accepted request line plus headers, in bytes.
 const MAX_HEAD_BYTES: usize = 16 * 1024;
@@ -255,7 +257,7 @@ pub(crate) fn read_head(reader: &mut impl BufRead) -> Result<Head, HeadError> {
 /// Reads one request body, honouring its framing; sends `100 Continue` before the first read
 /// when the client asked for it.
 pub(crate) struct Body<'a> {
-    reader: &'a mut BufReader<TcpStream>,
+    reader: &'a mut BufReader<PacedStream>,
     writer: &'a TcpStream,
     framing: Framing,
     /// Bytes left in the body (Length) or in the current chunk (Chunked).
@@ -270,7 +272,7 @@ pub(crate) struct Body<'a> {
 impl<'a> Body<'a> {
     pub(crate) fn new(
         head: &Head,
-        reader: &'a mut BufReader<TcpStream>,
+        reader: &'a mut BufReader<PacedStream>,
         writer: &'a TcpStream,
     ) -> Self {
         let (remaining, done) = match head.framing {
@@ -310,6 +312,13 @@ impl<'a> Body<'a> {
     /// True when reading would make the client send a body it is holding back.
     pub(crate) fn is_waiting_for_continue(&self) -> bool {
         self.send_continue
+    }
+
+    /// The rest of the body must arrive within `limit` (for draining what is left).
+    pub(crate) fn pace_for(&mut self, limit: Duration) {
+        self.reader
+            .get_mut()
+            .set_deadline(std::time::Instant::now() + limit);
     }
 
     fn next_chunk(&mut self) -> io::Result<()> {
@@ -503,6 +512,7 @@ fn reason(status: u16) -> &'static str {
         500 => "Internal Server Error",
         501 => "Not Implemented",
         503 => "Service Unavailable",
+        507 => "Insufficient Storage",
         _ => "Unknown",
     }
 }

@@ -14,7 +14,18 @@
 //!
 //! Errors are `{"success":false,"message":…}` with 400 (bad request, extension not accepted,
 //! content not matching the extension, empty file), 404 (unknown or expired id, unknown path),
-//! 405, 413 (upload over [`ServerConfig::max_upload_bytes`]), 431, 500 or 503 (all workers busy).
+//! 405, 408 (a request head or body slower than the limits below), 413 (upload over
+//! [`ServerConfig::max_upload_bytes`]), 431, 500, 503 (at the connection cap) or 507 (storage
+//! quota or free-space floor reached; nothing of the upload is kept).
+//!
+//! Abuse limits: each connection is served by a thread of its own, at most
+//! [`ServerConfig::max_connections`] at once (more are answered 503 and closed without reading);
+//! a request head must arrive whole within [`ServerConfig::header_timeout`] and a body at
+//! [`ServerConfig::min_body_rate`] on average after [`ServerConfig::body_grace`], so slow
+//! clients (slowloris) cost a thread for seconds, not forever, and honest clients keep being
+//! served beside hundreds of them. Stored plus in-flight bytes stay under
+//! [`ServerConfig::quota_bytes`], and an upload never takes the disk below
+//! [`ServerConfig::min_free_bytes`].
 //!
 //! Beyond the original: files and their metadata persist across restarts; files expire after
 //! [`ServerConfig::expiry`] (checked on every access and swept every
@@ -28,13 +39,14 @@
 
 mod http;
 pub(crate) mod multipart;
+mod pace;
 mod store;
 
 use std::collections::HashMap;
-use std::io::{self, BufReader, Read, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -49,13 +61,20 @@ use crate::types::{
 };
 use http::{parse_range, Body, Framing, Head, HeadError, Payload, RangeRequest, Response};
 use multipart::{boundary_from_content_type, Multipart, MultipartError};
-use store::Store;
+use pace::PacedStream;
 pub use store::{Clock, ManualClock};
+use store::{NewFile, NoSpace, SpaceLimits, Store};
 
 /// Default largest upload: 200 MiB.
 pub const DEFAULT_MAX_UPLOAD_BYTES: u64 = 200 * 1024 * 1024;
 /// Default lifetime of a file: 24 hours.
 pub const DEFAULT_EXPIRY: Duration = Duration::from_secs(24 * 3600);
+/// Default connection cap (one thread each).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
+/// Default free-space floor: 256 MiB.
+pub const DEFAULT_MIN_FREE_BYTES: u64 = 256 * 1024 * 1024;
+/// Stack of a connection thread: the handlers keep their buffers on the heap.
+const CONNECTION_STACK_BYTES: usize = 256 * 1024;
 /// Slack allowed above the file size for the multipart framing of an upload.
 const MULTIPART_OVERHEAD: u64 = 64 * 1024;
 /// Largest accepted batch-delete body.
@@ -80,14 +99,28 @@ pub struct ServerConfig {
     pub expiry: Duration,
     /// How often expired files are swept (default 60 s).
     pub sweep_interval: Duration,
-    /// Worker threads, i.e. connections served at once (default 8).
-    pub threads: usize,
-    /// Accepted connections that may wait for a worker before new ones get 503 (default 64).
-    pub backlog: usize,
-    /// Socket read/write timeout while a request is in flight (default 60 s).
+    /// Connections served at once, each on a thread of its own (default
+    /// [`DEFAULT_MAX_CONNECTIONS`]); one more is answered 503 and closed.
+    pub max_connections: usize,
+    /// Socket read/write timeout of one read or write while a request is in flight
+    /// (default 60 s).
     pub io_timeout: Duration,
     /// How long an idle keep-alive connection is kept (default 5 s).
     pub keep_alive_timeout: Duration,
+    /// A request head must arrive whole within this time from the connection's start (or from
+    /// its first byte on a kept-alive connection), else 408 and close (default 10 s).
+    pub header_timeout: Duration,
+    /// Least average rate of a request body in bytes/s, counted after [`Self::body_grace`]
+    /// (default 1024; 0 = only [`Self::io_timeout`] per read). A slower upload gets 408.
+    pub min_body_rate: u64,
+    /// Time a body may take before [`Self::min_body_rate`] applies (default 10 s).
+    pub body_grace: Duration,
+    /// Most bytes of stored files plus uploads in progress; `None` (the default) = no quota.
+    /// An upload that would pass it gets 507.
+    pub quota_bytes: Option<u64>,
+    /// Free bytes every upload leaves on the storage's filesystem (default
+    /// [`DEFAULT_MIN_FREE_BYTES`]); an upload that would go below gets 507.
+    pub min_free_bytes: u64,
     /// Time source (default: the system clock).
     pub clock: Clock,
     /// Accepted access tokens; empty (the default) = open to anyone who can connect. See
@@ -104,10 +137,14 @@ impl ServerConfig {
             max_upload_bytes: DEFAULT_MAX_UPLOAD_BYTES,
             expiry: DEFAULT_EXPIRY,
             sweep_interval: Duration::from_secs(60),
-            threads: 8,
-            backlog: 64,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
             io_timeout: Duration::from_secs(60),
             keep_alive_timeout: Duration::from_secs(5),
+            header_timeout: Duration::from_secs(10),
+            min_body_rate: 1024,
+            body_grace: Duration::from_secs(10),
+            quota_bytes: None,
+            min_free_bytes: DEFAULT_MIN_FREE_BYTES,
             clock: Clock::system(),
             tokens: Vec::new(),
         }
@@ -124,14 +161,17 @@ impl ServerConfig {
         if self.sweep_interval.is_zero() {
             return bad("sweep interval must be positive");
         }
-        if self.threads == 0 || self.threads > 1024 {
-            return bad("threads must be in 1..=1024");
+        if self.max_connections == 0 || self.max_connections > 65_536 {
+            return bad("the connection cap must be in 1..=65536");
         }
-        if self.backlog == 0 {
-            return bad("backlog must be at least 1");
-        }
-        if self.io_timeout.is_zero() || self.keep_alive_timeout.is_zero() {
+        if self.io_timeout.is_zero()
+            || self.keep_alive_timeout.is_zero()
+            || self.header_timeout.is_zero()
+        {
             return bad("timeouts must be positive");
+        }
+        if self.quota_bytes == Some(0) {
+            return bad("the storage quota must be at least 1 byte");
         }
         Ok(())
     }
@@ -145,6 +185,10 @@ struct Shared {
     /// Open connections, so shutdown can unblock their reads.
     conns: Mutex<HashMap<u64, TcpStream>>,
     next_conn: AtomicU64,
+    /// Connection threads running; shutdown waits (briefly) for them.
+    open: (Mutex<usize>, Condvar),
+    /// Connections answered 503 at the cap, for the log.
+    refused: AtomicUsize,
     sweeper: (Mutex<()>, Condvar),
 }
 
@@ -168,7 +212,11 @@ impl Server {
     /// Opens the storage, binds, and starts the acceptor, worker and sweeper threads.
     pub fn start(config: ServerConfig) -> Result<Server, TempfileError> {
         config.validate()?;
-        let store = Store::open(&config.dir, config.expiry, config.clock.clone())
+        let limits = SpaceLimits {
+            quota: config.quota_bytes,
+            min_free: config.min_free_bytes,
+        };
+        let store = Store::open(&config.dir, config.expiry, config.clock.clone(), limits)
             .map_err(|e| TempfileError::io("open storage", &config.dir, e))?;
         let listener = TcpListener::bind(&config.listen).map_err(|source| TempfileError::Bind {
             addr: config.listen.clone(),
@@ -180,7 +228,6 @@ impl Server {
                 addr: config.listen.clone(),
                 source,
             })?;
-        let (tx, rx) = crossbeam_channel::bounded::<TcpStream>(config.backlog);
         let shared = Arc::new(Shared {
             store,
             access: AccessTokens::new(&config.tokens),
@@ -188,6 +235,8 @@ impl Server {
             shutdown: AtomicBool::new(false),
             conns: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(0),
+            open: (Mutex::new(0), Condvar::new()),
+            refused: AtomicUsize::new(0),
             sweeper: (Mutex::new(()), Condvar::new()),
         });
         let spawn = |name: String, f: Box<dyn FnOnce() + Send>| {
@@ -197,23 +246,11 @@ impl Server {
                 .map_err(|e| TempfileError::io("spawn thread", "", e))
         };
         let mut threads = Vec::new();
-        for i in 0..shared.config.threads {
-            let rx = rx.clone();
-            let shared = Arc::clone(&shared);
-            threads.push(spawn(
-                format!("tempfile-worker-{i}"),
-                Box::new(move || {
-                    for stream in rx {
-                        serve_connection(&shared, stream);
-                    }
-                }),
-            )?);
-        }
         {
             let shared = Arc::clone(&shared);
             threads.push(spawn(
                 "tempfile-accept".into(),
-                Box::new(move || accept_loop(&shared, &listener, &tx)),
+                Box::new(move || accept_loop(&shared, &listener)),
             )?);
         }
         {
@@ -224,7 +261,9 @@ impl Server {
             )?);
         }
         tracing::info!(%addr, dir = %shared.config.dir.display(), max_upload_bytes = shared.config.max_upload_bytes,
-            expiry_s = shared.config.expiry.as_secs_f64(), tokens = shared.config.tokens.len(), "temp-file server listening");
+            expiry_s = shared.config.expiry.as_secs_f64(), tokens = shared.config.tokens.len(),
+            max_connections = shared.config.max_connections, quota_bytes = ?shared.config.quota_bytes,
+            min_free_bytes = shared.config.min_free_bytes, "temp-file server listening");
         Ok(Server {
             addr,
             shared,
@@ -279,6 +318,19 @@ impl Server {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
+        // Connection threads end once their sockets are shut; wait a little for them (a
+        // thread blocked in a disk write cannot be interrupted, and is not waited for long).
+        let (lock, cvar) = &self.shared.open;
+        let guard = lock.lock().unwrap_or_else(|p| p.into_inner());
+        let (guard, _) = cvar
+            .wait_timeout_while(guard, Duration::from_secs(5), |n| *n > 0)
+            .unwrap_or_else(|p| p.into_inner());
+        if *guard > 0 {
+            tracing::warn!(
+                threads = *guard,
+                "connection threads still running at shutdown"
+            );
+        }
         tracing::info!("temp-file server stopped");
     }
 }
@@ -289,7 +341,7 @@ impl Drop for Server {
     }
 }
 
-fn accept_loop(shared: &Shared, listener: &TcpListener, tx: &crossbeam_channel::Sender<TcpStream>) {
+fn accept_loop(shared: &Arc<Shared>, listener: &TcpListener) {
     for stream in listener.incoming() {
         if shared.shutdown.load(Ordering::SeqCst) {
             break;
@@ -303,15 +355,58 @@ fn accept_loop(shared: &Shared, listener: &TcpListener, tx: &crossbeam_channel::
                 continue;
             }
         };
-        if let Err(crossbeam_channel::TrySendError::Full(mut stream)) = tx.try_send(stream) {
-            tracing::warn!("all workers busy; answering 503");
-            let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+        if let Err(mut stream) = spawn_connection(shared, stream) {
+            let refused = shared.refused.fetch_add(1, Ordering::Relaxed) + 1;
+            if refused.is_power_of_two() {
+                tracing::warn!(
+                    refused,
+                    cap = shared.config.max_connections,
+                    "at the connection cap; answering 503"
+                );
+            }
+            let _ = stream.set_write_timeout(Some(Duration::from_millis(200)));
             let _ = Response::error(503, "server busy, retry later")
                 .with_header("Retry-After", "1")
                 .write_to(&mut stream, false, false);
             let _ = stream.shutdown(Shutdown::Both);
         }
     }
+}
+
+/// Serves `stream` on a thread of its own, or gives it back when the server is at its
+/// connection cap (or no thread can be started).
+fn spawn_connection(shared: &Arc<Shared>, stream: TcpStream) -> Result<(), TcpStream> {
+    {
+        let mut open = shared.open.0.lock().unwrap_or_else(|p| p.into_inner());
+        if *open >= shared.config.max_connections {
+            return Err(stream);
+        }
+        *open += 1;
+    }
+    let accepted = Instant::now();
+    let slot = Arc::new(Mutex::new(Some(stream)));
+    let taken = Arc::clone(&slot);
+    let worker = Arc::clone(shared);
+    let spawned = std::thread::Builder::new()
+        .name("tempfile-conn".into())
+        .stack_size(CONNECTION_STACK_BYTES)
+        .spawn(move || {
+            let stream = taken.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if let Some(stream) = stream {
+                serve_connection(&worker, stream, accepted);
+            }
+            let (lock, cvar) = &worker.open;
+            *lock.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
+            cvar.notify_all();
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start a connection thread");
+        *shared.open.0.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
+        let stream = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+        // The closure never ran, so the stream is still in its slot.
+        return stream.map_or(Ok(()), Err);
+    }
+    Ok(())
 }
 
 fn sweep_loop(shared: &Shared) {
@@ -333,7 +428,7 @@ fn sweep_loop(shared: &Shared) {
 }
 
 /// Serves requests on one connection until it closes, errs, or should not be kept alive.
-fn serve_connection(shared: &Shared, stream: TcpStream) {
+fn serve_connection(shared: &Shared, stream: TcpStream, accepted: Instant) {
     let id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
     if let Ok(clone) = stream.try_clone() {
         shared
@@ -343,7 +438,7 @@ fn serve_connection(shared: &Shared, stream: TcpStream) {
             .insert(id, clone);
     }
     if !shared.shutdown.load(Ordering::SeqCst) {
-        if let Err(e) = connection_loop(shared, &stream) {
+        if let Err(e) = connection_loop(shared, &stream, accepted) {
             tracing::debug!(error = %e, "connection ended with an error");
         }
     }
@@ -354,22 +449,49 @@ fn serve_connection(shared: &Shared, stream: TcpStream) {
         .remove(&id);
 }
 
-fn connection_loop(shared: &Shared, stream: &TcpStream) -> io::Result<()> {
+/// True for the errors of a read or write that ran out of time.
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
+    )
+}
+
+fn connection_loop(shared: &Shared, stream: &TcpStream, accepted: Instant) -> io::Result<()> {
     let cfg = &shared.config;
     let _ = stream.set_nodelay(true);
     stream.set_write_timeout(Some(cfg.io_timeout))?;
-    let mut reader = BufReader::with_capacity(16 * 1024, stream.try_clone()?);
+    let mut reader = BufReader::with_capacity(
+        16 * 1024,
+        PacedStream::new(stream.try_clone()?, cfg.io_timeout),
+    );
     let mut first = true;
     loop {
-        stream.set_read_timeout(Some(if first {
-            cfg.io_timeout
+        if first {
+            reader.get_mut().set_deadline(accepted + cfg.header_timeout);
         } else {
-            cfg.keep_alive_timeout
-        }))?;
+            // Kept alive: wait idle for the next request's first byte, then give its head the
+            // header timeout.
+            reader
+                .get_mut()
+                .set_deadline(Instant::now() + cfg.keep_alive_timeout);
+            match reader.fill_buf() {
+                Ok(b) if !b.is_empty() => {}
+                _ => return Ok(()),
+            }
+            reader
+                .get_mut()
+                .set_deadline(Instant::now() + cfg.header_timeout);
+        }
         first = false;
         let head = match http::read_head(&mut reader) {
             Ok(h) => h,
             Err(HeadError::Closed) => return Ok(()),
+            Err(HeadError::Io(e)) if is_timeout(&e) => {
+                tracing::debug!("request head too slow; answering 408");
+                let response = Response::error(408, "the request head did not arrive in time");
+                return finish(stream, &mut reader, response, false, false);
+            }
             Err(HeadError::Io(e)) => return Err(e),
             Err(HeadError::Bad(msg)) => {
                 return finish(stream, &mut reader, Response::error(400, msg), false, false)
@@ -384,7 +506,9 @@ fn connection_loop(shared: &Shared, stream: &TcpStream) -> io::Result<()> {
                 )
             }
         };
-        stream.set_read_timeout(Some(cfg.io_timeout))?;
+        reader
+            .get_mut()
+            .set_body_rate(cfg.min_body_rate, cfg.body_grace);
         let started = Instant::now();
         let mut body = Body::new(&head, &mut reader, stream);
         let response = route(shared, &head, &mut body);
@@ -396,7 +520,7 @@ fn connection_loop(shared: &Shared, stream: &TcpStream) -> io::Result<()> {
         {
             // A small rest is read (briefly) so the connection can be reused; a client that
             // stalls or a large rest closes the connection instead.
-            let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+            body.pace_for(Duration::from_secs(1));
             body_done = drain(&mut body, DRAIN_LIMIT);
         }
         let unread_body = !body_done && !body.is_waiting_for_continue();
@@ -431,7 +555,7 @@ fn drain(body: &mut Body<'_>, limit: u64) -> bool {
 /// the response instead of a connection reset.
 fn finish(
     stream: &TcpStream,
-    reader: &mut BufReader<TcpStream>,
+    reader: &mut BufReader<PacedStream>,
     response: Response,
     head_only: bool,
     unread_body: bool,
@@ -440,8 +564,8 @@ fn finish(
     let result = response.write_to(&mut w, head_only, false);
     let _ = stream.shutdown(Shutdown::Write);
     if unread_body {
-        let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
         let deadline = Instant::now() + Duration::from_secs(2);
+        reader.get_mut().set_deadline(deadline);
         let mut sink = [0u8; 16 * 1024];
         let mut total = 0usize;
         while Instant::now() < deadline && total < 16 * 1024 * 1024 {
@@ -681,6 +805,14 @@ pub fn sanitize_file_name(raw: &str) -> Option<String> {
 enum UploadFailure {
     Client(u16, String),
     Server(String),
+    /// The storage quota or the free-space floor: 507.
+    Full(NoSpace),
+}
+
+impl From<NoSpace> for UploadFailure {
+    fn from(e: NoSpace) -> Self {
+        UploadFailure::Full(e)
+    }
 }
 
 fn upload(shared: &Shared, head: &Head, body: &mut Body<'_>) -> Response {
@@ -693,6 +825,10 @@ fn upload(shared: &Shared, head: &Head, body: &mut Body<'_>) -> Response {
         Err(UploadFailure::Server(msg)) => {
             tracing::error!(reason = %msg, "upload failed");
             Response::error(500, msg)
+        }
+        Err(UploadFailure::Full(why)) => {
+            tracing::warn!(reason = %why, used_bytes = shared.store.used_bytes(), "upload refused: storage full");
+            Response::error(507, why.to_string())
         }
     }
 }
@@ -710,16 +846,25 @@ fn upload_inner(
         .header("content-type")
         .and_then(boundary_from_content_type)
         .ok_or_else(|| client("expected a multipart/form-data body with a boundary"))?;
-    match head.framing {
+    let declared = match head.framing {
         Framing::None => return Err(client("empty request body")),
         Framing::Length(n) if n > max.saturating_add(MULTIPART_OVERHEAD) => return Err(too_large()),
-        _ => {}
-    }
+        Framing::Length(n) => n,
+        Framing::Chunked => 0,
+    };
+    // Space for the declared length before any of the body is read (a client that waits for
+    // `100 Continue` never sends it); a chunked body's grows as it is written.
+    let mut reservation = shared.store.reserve(declared)?;
+    let min_rate = shared.config.min_body_rate;
     let mut mp = Multipart::new(&mut *body, &boundary);
     let mp_err = |e: MultipartError| match e {
         MultipartError::Malformed(m) => {
             UploadFailure::Client(400, format!("malformed multipart body: {m}"))
         }
+        MultipartError::Io(e) if is_timeout(&e) => UploadFailure::Client(
+            408,
+            format!("the upload arrived too slowly (less than {min_rate} bytes/s)"),
+        ),
         MultipartError::Io(e) => {
             UploadFailure::Client(400, format!("could not read the upload: {e}"))
         }
@@ -763,6 +908,7 @@ fn upload_inner(
         if size > max {
             return Err(too_large());
         }
+        reservation.cover(size)?;
         if head_bytes.len() < SNIFF_BYTES {
             let take = (SNIFF_BYTES - head_bytes.len()).min(n);
             head_bytes.extend_from_slice(&buf[..take]);
@@ -791,11 +937,14 @@ fn upload_inner(
         .store
         .commit(
             pending,
-            name,
-            recognised.ext.to_owned(),
-            file_type,
-            recognised.content_type,
-            size,
+            reservation,
+            NewFile {
+                original_name: name,
+                extension: recognised.ext.to_owned(),
+                file_type,
+                content_type: recognised.content_type.to_owned(),
+                size,
+            },
         )
         .map_err(|e| UploadFailure::Server(format!("cannot store the upload: {e}")))?;
     tracing::info!(file_id = %meta.file_id, name = %meta.original_name, size, "uploaded");

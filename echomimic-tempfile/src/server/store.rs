@@ -3,6 +3,10 @@
 //! and renamed into `meta/` only after the data file is in place, so a crash leaves either a
 //! complete entry or debris that the next start-up removes. Stored names are always the UUID;
 //! the client's file name is metadata only.
+//!
+//! Space: the bytes of stored files plus the bytes reserved by uploads in progress stay under
+//! the quota, and an upload never takes the disk below the free-space floor (both checked before
+//! the body is read when its length is known, and again as it is written).
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
@@ -89,6 +93,15 @@ pub(crate) struct Meta {
     pub(crate) expires_at_ms: u64,
 }
 
+/// What an upload stores besides its bytes.
+pub(crate) struct NewFile {
+    pub(crate) original_name: String,
+    pub(crate) extension: String,
+    pub(crate) file_type: FileType,
+    pub(crate) content_type: String,
+    pub(crate) size: u64,
+}
+
 /// An upload in progress; its temporary file is deleted on drop unless committed.
 pub(crate) struct PendingUpload {
     pub(crate) id: Uuid,
@@ -105,24 +118,125 @@ impl Drop for PendingUpload {
     }
 }
 
+/// The storage limits of a [`Store`].
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct SpaceLimits {
+    /// Most bytes of files stored and being uploaded at once; `None` = no quota.
+    pub(crate) quota: Option<u64>,
+    /// Free bytes an upload must leave on the storage's filesystem.
+    pub(crate) min_free: u64,
+}
+
+/// Why an upload does not fit.
+#[derive(Debug)]
+pub(crate) enum NoSpace {
+    /// Stored plus reserved bytes would pass the quota.
+    Quota { quota: u64, used: u64, wanted: u64 },
+    /// The filesystem would fall below the free-space floor.
+    Disk { free: u64, floor: u64, wanted: u64 },
+}
+
+impl std::fmt::Display for NoSpace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NoSpace::Quota {
+                quota,
+                used,
+                wanted,
+            } => write!(
+                f,
+                "the server's storage quota is full ({used} of {quota} bytes in use, \
+                 {wanted} more needed); retry later"
+            ),
+            NoSpace::Disk {
+                free,
+                floor,
+                wanted,
+            } => write!(
+                f,
+                "the server's disk is full ({free} bytes free, {floor} kept free, \
+                 {wanted} more needed); retry later"
+            ),
+        }
+    }
+}
+
+/// Bytes in use: stored files and reservations of uploads in progress.
+#[derive(Debug, Default)]
+struct Usage {
+    stored: u64,
+    reserved: u64,
+}
+
+/// Free-space checks run at most once per this many newly reserved bytes.
+const DISK_CHECK_EVERY: u64 = 4 * 1024 * 1024;
+
 pub(crate) struct Store {
     files: PathBuf,
     meta: PathBuf,
     tmp: PathBuf,
     index: Mutex<HashMap<Uuid, Meta>>,
+    usage: Mutex<Usage>,
+    limits: SpaceLimits,
     clock: Clock,
     expiry: Duration,
+}
+
+/// Bytes set aside for one upload; given back when dropped (the upload failed) or turned into
+/// stored bytes by [`Store::commit`].
+pub(crate) struct Reservation<'a> {
+    store: &'a Store,
+    bytes: u64,
+    /// Reserved bytes at the last free-space check.
+    checked_at: u64,
+}
+
+impl Reservation<'_> {
+    /// Makes the reservation cover at least `total` bytes.
+    pub(crate) fn cover(&mut self, total: u64) -> Result<(), NoSpace> {
+        if total <= self.bytes {
+            return Ok(());
+        }
+        let more = total - self.bytes;
+        let check_disk = total - self.checked_at >= DISK_CHECK_EVERY || self.checked_at == 0;
+        self.store.take(more, check_disk)?;
+        self.bytes = total;
+        if check_disk {
+            self.checked_at = total;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        let mut usage = lock(&self.store.usage);
+        usage.reserved = usage.reserved.saturating_sub(self.bytes);
+    }
+}
+
+/// Free bytes for an unprivileged writer on the filesystem holding `dir`.
+fn free_bytes(dir: &Path) -> io::Result<u64> {
+    let st = rustix::fs::statvfs(dir)?;
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
 impl Store {
     /// Opens (creating if needed) the storage under `root` and loads its index, removing debris
     /// of interrupted uploads and expired files.
-    pub(crate) fn open(root: &Path, expiry: Duration, clock: Clock) -> io::Result<Store> {
+    pub(crate) fn open(
+        root: &Path,
+        expiry: Duration,
+        clock: Clock,
+        limits: SpaceLimits,
+    ) -> io::Result<Store> {
         let store = Store {
             files: root.join("files"),
             meta: root.join("meta"),
             tmp: root.join("tmp"),
             index: Mutex::new(HashMap::new()),
+            usage: Mutex::new(Usage::default()),
+            limits,
             clock,
             expiry,
         };
@@ -168,9 +282,69 @@ impl Store {
                 let _ = fs::remove_file(&path);
             }
         }
-        tracing::info!(files = index.len(), "temp-file index loaded");
+        let stored: u64 = index.values().map(|m| m.size).sum();
+        tracing::info!(
+            files = index.len(),
+            bytes = stored,
+            "temp-file index loaded"
+        );
         *lock(&store.index) = index;
+        lock(&store.usage).stored = stored;
         Ok(store)
+    }
+
+    /// Reserves `bytes` for an upload (its declared length; 0 when unknown), or says why they
+    /// do not fit.
+    pub(crate) fn reserve(&self, bytes: u64) -> Result<Reservation<'_>, NoSpace> {
+        let mut r = Reservation {
+            store: self,
+            bytes: 0,
+            checked_at: 0,
+        };
+        r.cover(bytes.max(1))?;
+        Ok(r)
+    }
+
+    /// Adds `more` reserved bytes when the quota (and, with `check_disk`, the free-space
+    /// floor) allows them.
+    fn take(&self, more: u64, check_disk: bool) -> Result<(), NoSpace> {
+        let mut usage = lock(&self.usage);
+        let used = usage.stored + usage.reserved;
+        if let Some(quota) = self.limits.quota {
+            if used.saturating_add(more) > quota {
+                return Err(NoSpace::Quota {
+                    quota,
+                    used,
+                    wanted: more,
+                });
+            }
+        }
+        if check_disk {
+            match free_bytes(&self.tmp) {
+                // Other uploads' reservations are not on disk yet: count them as taken.
+                Ok(free) => {
+                    let free = free.saturating_sub(usage.reserved);
+                    if free < more.saturating_add(self.limits.min_free) {
+                        return Err(NoSpace::Disk {
+                            free,
+                            floor: self.limits.min_free,
+                            wanted: more,
+                        });
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, dir = %self.tmp.display(), "cannot read the free space; not checked");
+                }
+            }
+        }
+        usage.reserved += more;
+        Ok(())
+    }
+
+    /// Bytes of stored files and of reservations.
+    pub(crate) fn used_bytes(&self) -> u64 {
+        let usage = lock(&self.usage);
+        usage.stored + usage.reserved
     }
 
     /// Starts an upload: a fresh UUID v4 and a temporary file.
@@ -189,23 +363,22 @@ impl Store {
         })
     }
 
-    /// Makes an upload visible: data into `files/`, then the metadata sidecar into `meta/`.
+    /// Makes an upload visible: data into `files/`, then the metadata sidecar into `meta/`;
+    /// the bytes `reservation` held become stored bytes.
     pub(crate) fn commit(
         &self,
         mut upload: PendingUpload,
-        original_name: String,
-        extension: String,
-        file_type: FileType,
-        content_type: &str,
-        size: u64,
+        reservation: Reservation<'_>,
+        file: NewFile,
     ) -> io::Result<Meta> {
         let now = self.clock.now();
+        let size = file.size;
         let meta = Meta {
             file_id: upload.id.to_string(),
-            original_name,
-            extension,
-            file_type,
-            content_type: content_type.to_owned(),
+            original_name: file.original_name,
+            extension: file.extension,
+            file_type: file.file_type,
+            content_type: file.content_type,
             size,
             created_at_ms: unix_ms(now),
             expires_at_ms: unix_ms(now + self.expiry),
@@ -229,6 +402,9 @@ impl Store {
             return Err(e);
         }
         lock(&self.index).insert(upload.id, meta.clone());
+        // The reserved bytes become stored ones (the reservation gives back what it held).
+        lock(&self.usage).stored += size;
+        drop(reservation);
         Ok(meta)
     }
 
@@ -240,6 +416,7 @@ impl Store {
         if meta.expires_at_ms <= now {
             index.remove(&id);
             drop(index);
+            self.forget_bytes(meta.size);
             self.remove_files(id);
             tracing::info!(file_id = %id, "expired on access");
             return None;
@@ -256,12 +433,15 @@ impl Store {
 
     /// Deletes a file; false when it did not exist (or had expired).
     pub(crate) fn delete(&self, id: Uuid) -> bool {
-        let live = self.get(id).is_some();
-        if live && lock(&self.index).remove(&id).is_some() {
-            self.remove_files(id);
-            return true;
+        if self.get(id).is_none() {
+            return false;
         }
-        false
+        let Some(meta) = lock(&self.index).remove(&id) else {
+            return false;
+        };
+        self.forget_bytes(meta.size);
+        self.remove_files(id);
+        true
     }
 
     /// Deletes every expired file; returns how many.
@@ -275,7 +455,9 @@ impl Store {
                 .map(|(id, _)| *id)
                 .collect();
             for id in &ids {
-                index.remove(id);
+                if let Some(meta) = index.remove(id) {
+                    self.forget_bytes(meta.size);
+                }
             }
             ids
         };
@@ -288,6 +470,11 @@ impl Store {
     /// How many files are live (expired ones not yet swept included).
     pub(crate) fn len(&self) -> usize {
         lock(&self.index).len()
+    }
+
+    fn forget_bytes(&self, size: u64) {
+        let mut usage = lock(&self.usage);
+        usage.stored = usage.stored.saturating_sub(size);
     }
 
     fn remove_files(&self, id: Uuid) {

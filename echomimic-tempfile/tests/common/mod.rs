@@ -14,7 +14,9 @@ pub type TestResult = Result<(), Box<dyn std::error::Error>>;
 pub fn start(dir: &Path, tweak: impl FnOnce(&mut ServerConfig)) -> Server {
     let mut config = ServerConfig::new(dir);
     config.listen = "127.0.0.1:0".into();
-    config.threads = 4;
+    config.max_connections = 16;
+    // The test machine's disk is not what these tests are about.
+    config.min_free_bytes = 0;
     config.io_timeout = Duration::from_secs(10);
     tweak(&mut config);
     Server::start(config).expect("server starts")
