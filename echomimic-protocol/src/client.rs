@@ -24,21 +24,68 @@ use crate::progress::ProgressEvent;
 use crate::task::Task;
 
 /// Connection settings from the guide's variables (`REDIS_HOST`, `REDIS_PORT`, `REDIS_DB`,
-/// `REDIS_PASSWORD`). An empty password means none.
+/// `REDIS_PASSWORD`). An empty password means none. [`RedisSettings`] adds an ACL user name
+/// and TLS.
 pub fn connection_info(
     host: &str,
     port: u16,
     db: i64,
     password: Option<&str>,
 ) -> Result<redis::ConnectionInfo, ProtocolError> {
-    use redis::IntoConnectionInfo;
-    let mut settings = redis::RedisConnectionInfo::default().set_db(db);
-    if let Some(pw) = password.filter(|p| !p.is_empty()) {
-        settings = settings.set_password(pw);
+    RedisSettings {
+        host,
+        port,
+        db,
+        username: None,
+        password,
+        tls: false,
     }
-    Ok((host, port)
-        .into_connection_info()?
-        .set_redis_settings(settings))
+    .connection_info()
+}
+
+/// Where and how to reach Redis as deployed: host, port and database, an ACL user
+/// (`REDIS_USERNAME`; Redis 6+) with its password, and TLS (`rediss://`; the server's
+/// certificate is checked against the system's roots, or against a CA given to
+/// `redis::Client::build_with_tls`). Empty strings mean none.
+#[derive(Debug, Clone, Copy)]
+pub struct RedisSettings<'a> {
+    /// Host name or address (IPv6 without brackets).
+    pub host: &'a str,
+    /// TCP port.
+    pub port: u16,
+    /// Database index.
+    pub db: i64,
+    /// ACL user name; `None` or empty = the default user.
+    pub username: Option<&'a str>,
+    /// Password (of `username`, or of the default user); `None` or empty = none.
+    pub password: Option<&'a str>,
+    /// Connect with TLS.
+    pub tls: bool,
+}
+
+impl RedisSettings<'_> {
+    /// The connection info for `redis::Client::open` (or `build_with_tls`).
+    pub fn connection_info(&self) -> Result<redis::ConnectionInfo, ProtocolError> {
+        use redis::IntoConnectionInfo;
+        let mut settings = redis::RedisConnectionInfo::default().set_db(self.db);
+        if let Some(user) = self.username.filter(|u| !u.is_empty()) {
+            settings = settings.set_username(user);
+        }
+        if let Some(pw) = self.password.filter(|p| !p.is_empty()) {
+            settings = settings.set_password(pw);
+        }
+        let addr = if self.tls {
+            let host = if self.host.contains(':') {
+                format!("[{}]", self.host)
+            } else {
+                self.host.to_owned()
+            };
+            format!("rediss://{host}:{}", self.port).into_connection_info()?
+        } else {
+            (self.host, self.port).into_connection_info()?
+        };
+        Ok(addr.set_redis_settings(settings))
+    }
 }
 
 /// Validates `task`, clears its per-task keys ([`keys::latest_event`], [`keys::task_result`]) so

@@ -331,3 +331,34 @@ fn connection_info_selects_db_and_ignores_empty_password() -> TestResult {
     }
     Ok(())
 }
+
+#[test]
+fn redis_settings_carry_an_acl_user_and_tls() -> TestResult {
+    let settings = client::RedisSettings {
+        host: "::1",
+        port: 6380,
+        db: 3,
+        username: Some("worker"),
+        password: Some("s3cret"),
+        tls: true,
+    };
+    let info = settings.connection_info()?;
+    assert_eq!(info.redis_settings().username(), Some("worker"));
+    assert_eq!(info.redis_settings().password(), Some("s3cret"));
+    assert_eq!(info.redis_settings().db(), 3);
+    match info.addr() {
+        redis::ConnectionAddr::TcpTls { host, port, .. } => {
+            assert_eq!((host.as_str(), *port), ("::1", 6380));
+        }
+        other => panic!("expected TLS, got {other:?}"),
+    }
+    let plain = client::RedisSettings {
+        username: Some(""),
+        tls: false,
+        ..settings
+    }
+    .connection_info()?;
+    assert_eq!(plain.redis_settings().username(), None);
+    assert!(matches!(plain.addr(), redis::ConnectionAddr::Tcp(..)));
+    Ok(())
+}

@@ -197,7 +197,8 @@ impl From<EventSchema> for Schema {
 /// Redis connection flags.
 #[derive(Clone, Args)]
 pub struct RedisArgs {
-    /// Redis URL, `redis://[:password@]host:port/db`; overrides the four REDIS_* settings below.
+    /// Redis URL, `redis://[user:password@]host:port/db` or `rediss://…` (TLS); overrides the
+    /// REDIS_* settings below (but for --redis-ca-file).
     #[arg(long, env = "REDIS_URL", hide_env_values = true, value_name = "URL")]
     pub redis_url: Option<String>,
     /// Redis host.
@@ -212,6 +213,17 @@ pub struct RedisArgs {
     /// Redis password (empty = none). Never logged.
     #[arg(long, env = "REDIS_PASSWORD", hide_env_values = true)]
     pub redis_password: Option<String>,
+    /// Redis ACL user (Redis 6+; empty = the default user), with --redis-password.
+    #[arg(long, env = "REDIS_USERNAME")]
+    pub redis_username: Option<String>,
+    /// Connect to Redis with TLS (like a `rediss://` URL). In the environment: 1/true/yes/on.
+    #[arg(long, env = "REDIS_TLS", action = clap::ArgAction::SetTrue,
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub redis_tls: bool,
+    /// PEM file of the CA that signed the Redis server's certificate, instead of the system's
+    /// roots (a private CA); needs TLS.
+    #[arg(long, env = "REDIS_CA_FILE", value_name = "PATH")]
+    pub redis_ca_file: Option<PathBuf>,
 }
 
 impl fmt::Debug for RedisArgs {
@@ -225,6 +237,9 @@ impl fmt::Debug for RedisArgs {
                 "redis_password",
                 &self.redis_password.as_ref().map(|_| "<redacted>"),
             )
+            .field("redis_username", &self.redis_username)
+            .field("redis_tls", &self.redis_tls)
+            .field("redis_ca_file", &self.redis_ca_file)
             .finish()
     }
 }
@@ -251,22 +266,41 @@ pub fn redact_url(url: &str) -> String {
 impl RedisArgs {
     /// A client for these settings (no connection is made yet).
     pub fn client(&self) -> Result<redis::Client, WorkerError> {
-        let client = match &self.redis_url {
-            Some(url) => redis::Client::open(url.as_str())
+        use redis::IntoConnectionInfo;
+        let info = match &self.redis_url {
+            Some(url) => url
+                .as_str()
+                .into_connection_info()
                 .map_err(|e| WorkerError::Config(format!("REDIS_URL {}: {e}", redact_url(url))))?,
-            None => {
-                let info = echomimic_protocol::client::connection_info(
-                    &self.redis_host,
-                    self.redis_port,
-                    self.redis_db,
-                    self.redis_password.as_deref(),
-                )
-                .map_err(|e| WorkerError::Config(format!("redis settings: {e}")))?;
-                redis::Client::open(info)
-                    .map_err(|e| WorkerError::Config(format!("redis settings: {e}")))?
+            None => echomimic_protocol::client::RedisSettings {
+                host: &self.redis_host,
+                port: self.redis_port,
+                db: self.redis_db,
+                username: self.redis_username.as_deref(),
+                password: self.redis_password.as_deref(),
+                tls: self.redis_tls,
             }
+            .connection_info()
+            .map_err(|e| WorkerError::Config(format!("redis settings: {e}")))?,
         };
-        Ok(client)
+        let Some(ca) = &self.redis_ca_file else {
+            return redis::Client::open(info)
+                .map_err(|e| WorkerError::Config(format!("redis settings: {e}")));
+        };
+        if !matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. }) {
+            return Err(WorkerError::Config(format!(
+                "--redis-ca-file {}: needs TLS (a rediss:// URL or --redis-tls)",
+                ca.display()
+            )));
+        }
+        let pem = std::fs::read(ca)
+            .map_err(|e| WorkerError::Config(format!("--redis-ca-file {}: {e}", ca.display())))?;
+        let certs = redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(pem),
+        };
+        redis::Client::build_with_tls(info, certs)
+            .map_err(|e| WorkerError::Config(format!("--redis-ca-file {}: {e}", ca.display())))
     }
 
     /// `host:port/db` (or the redacted URL), for logs.
@@ -274,8 +308,16 @@ impl RedisArgs {
         match &self.redis_url {
             Some(url) => redact_url(url),
             None => format!(
-                "redis://{}:{}/{}",
-                self.redis_host, self.redis_port, self.redis_db
+                "{}://{}{}:{}/{}",
+                if self.redis_tls { "rediss" } else { "redis" },
+                self.redis_username
+                    .as_deref()
+                    .filter(|u| !u.is_empty())
+                    .map(|u| format!("{u}@"))
+                    .unwrap_or_default(),
+                self.redis_host,
+                self.redis_port,
+                self.redis_db
             ),
         }
     }

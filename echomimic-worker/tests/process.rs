@@ -46,6 +46,9 @@ fn help_documents_every_setting() {
         "REDIS_PORT",
         "REDIS_DB",
         "REDIS_PASSWORD",
+        "REDIS_USERNAME",
+        "REDIS_TLS",
+        "REDIS_CA_FILE",
         "BASE_URL",
         "GPU_ID",
         "TASK_QUEUE_NAME",
@@ -550,6 +553,101 @@ fn a_redis_restart_mid_task_does_not_lose_the_task() -> TestResult {
     }
     worker.signal("TERM");
     assert!(worker.wait_exit(Duration::from_secs(30)).success());
+    Ok(())
+}
+
+/// Waits for `task`'s result through `world`'s client; panics with the worker's log.
+fn wait_completed(world: &World, worker: &WorkerProc, task: &Task) {
+    let end = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Some(r) = world.result(&task.task_id) {
+            assert_eq!(r.status, Status::Completed, "{r:?}");
+            return;
+        }
+        assert!(
+            Instant::now() < end,
+            "no result for {}; log:\n{}",
+            task.task_id,
+            worker.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_worker_serves_redis_over_tls_as_an_acl_user_by_url_and_by_settings() -> TestResult {
+    // Redis as deployed: TLS only (a private CA), the default user off, an ACL user.
+    let Some(redis_server) = PrivateRedis::start_tls() else {
+        return Ok(());
+    };
+    let world = World::with_client(&redis_server.url(), redis_server.client());
+    let ca = tls_file("ca.pem").display().to_string();
+
+    // A rediss://user:password@ URL.
+    let mut worker = WorkerProc::start(&world, &["--redis-ca-file", &ca]);
+    worker.wait_ready(&world, Duration::from_secs(120));
+    let task = quick_task(&world, &unique("tls-url"));
+    world.submit(&task);
+    wait_completed(&world, &worker, &task);
+    assert!(
+        worker
+            .log_text()
+            .contains("rediss://worker:<redacted>@localhost"),
+        "the log names the server without the password:\n{}",
+        worker.log_text()
+    );
+    worker.signal("TERM");
+    assert!(worker.wait_exit(Duration::from_secs(30)).success());
+
+    // The same through REDIS_HOST/PORT/USERNAME/PASSWORD/TLS and REDIS_CA_FILE.
+    let mut args = world.args(&[]);
+    let i = args
+        .iter()
+        .position(|a| a == "--redis-url")
+        .expect("url flag");
+    args.drain(i..i + 2);
+    args.extend(tiny_model_args(64));
+    let (user, password) = TLS_USER;
+    let log = world.dir.path().join(unique("tls-settings.log"));
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_echomimic-worker"))
+        .args(&args)
+        .env("RUST_LOG", "info")
+        .env("REDIS_HOST", "localhost")
+        .env("REDIS_PORT", redis_server.port.to_string())
+        .env("REDIS_DB", "0")
+        .env("REDIS_USERNAME", user)
+        .env("REDIS_PASSWORD", password)
+        .env("REDIS_TLS", "1")
+        .env("REDIS_CA_FILE", &ca)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log)?)
+        .spawn()?;
+    let mut worker = WorkerProc {
+        child,
+        log,
+        gpu_id: world.gpu_id,
+    };
+    worker.wait_ready(&world, Duration::from_secs(120));
+    let task = quick_task(&world, &unique("tls-settings"));
+    world.submit(&task);
+    wait_completed(&world, &worker, &task);
+    worker.signal("TERM");
+    assert!(worker.wait_exit(Duration::from_secs(30)).success());
+
+    // Without the CA the server's certificate is refused: the worker says so and serves
+    // nothing (the system roots do not know the test CA).
+    let mut worker = WorkerProc::start(&world, &[]);
+    let end = Instant::now() + Duration::from_secs(30);
+    while !worker.log_text().to_lowercase().contains("certificate") {
+        assert!(
+            Instant::now() < end,
+            "no certificate error in the log:\n{}",
+            worker.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = worker.child.kill();
+    let _ = worker.child.wait();
     Ok(())
 }
 

@@ -38,11 +38,33 @@ pub struct PrivateRedis {
     pub port: u16,
     pub dir: tempfile::TempDir,
     child: Option<std::process::Child>,
+    /// TLS only, with the ACL user [`TLS_USER`] (the default user is off).
+    tls: bool,
+}
+
+/// The ACL user and password of [`PrivateRedis::start_tls`].
+pub const TLS_USER: (&str, &str) = ("worker", "s3cret-for-tests");
+
+/// The test-only TLS files (`testdata/tls/make.sh`).
+pub fn tls_file(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../testdata/tls")
+        .join(name)
 }
 
 impl PrivateRedis {
     /// `None` when `redis-server` is not installed.
     pub fn start() -> Option<PrivateRedis> {
+        PrivateRedis::start_with(false)
+    }
+
+    /// A server that speaks TLS only (certificate of `testdata/tls`, for localhost) and
+    /// serves only the ACL user [`TLS_USER`]. `None` when `redis-server` is not installed.
+    pub fn start_tls() -> Option<PrivateRedis> {
+        PrivateRedis::start_with(true)
+    }
+
+    fn start_with(tls: bool) -> Option<PrivateRedis> {
         if Command::new("redis-server")
             .arg("--version")
             .output()
@@ -63,20 +85,69 @@ impl PrivateRedis {
             port,
             dir: tempfile::tempdir().expect("tempdir"),
             child: None,
+            tls,
         };
         r.launch();
         Some(r)
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
+        if self.tls {
+            let (user, password) = TLS_USER;
+            format!("rediss://{user}:{password}@localhost:{}/0", self.port)
+        } else {
+            format!("redis://127.0.0.1:{}/0", self.port)
+        }
+    }
+
+    /// A client of this server (trusting the test CA for a TLS server).
+    pub fn client(&self) -> redis::Client {
+        if self.tls {
+            let certs = redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(std::fs::read(tls_file("ca.pem")).expect("test CA")),
+            };
+            redis::Client::build_with_tls(self.url().as_str(), certs).expect("tls client")
+        } else {
+            redis::Client::open(self.url()).expect("url")
+        }
     }
 
     fn launch(&mut self) {
+        let port = self.port.to_string();
+        let tls_args: Vec<String> = if self.tls {
+            let (user, password) = TLS_USER;
+            vec![
+                "--port".into(),
+                "0".into(),
+                "--tls-port".into(),
+                port.clone(),
+                "--tls-cert-file".into(),
+                tls_file("server.pem").display().to_string(),
+                "--tls-key-file".into(),
+                tls_file("server.key").display().to_string(),
+                "--tls-ca-cert-file".into(),
+                tls_file("ca.pem").display().to_string(),
+                "--tls-auth-clients".into(),
+                "no".into(),
+                // redis-server joins the words after `--user` into one ACL rule line.
+                "--user".into(),
+                "default".into(),
+                "off".into(),
+                "--user".into(),
+                user.into(),
+                "on".into(),
+                format!(">{password}"),
+                "~*".into(),
+                "&*".into(),
+                "+@all".into(),
+            ]
+        } else {
+            vec!["--port".into(), port]
+        };
         let child = Command::new("redis-server")
+            .args(&tls_args)
             .args([
-                "--port",
-                &self.port.to_string(),
                 "--bind",
                 "127.0.0.1",
                 "--save",
@@ -93,7 +164,7 @@ impl PrivateRedis {
             .spawn()
             .expect("redis-server starts");
         self.child = Some(child);
-        let client = redis::Client::open(self.url()).expect("url");
+        let client = self.client();
         let end = Instant::now() + Duration::from_secs(10);
         loop {
             if let Ok(mut con) = client.get_connection_with_timeout(Duration::from_millis(200)) {

@@ -55,6 +55,12 @@ impl World {
         World::build(url, &[])
     }
 
+    /// A world on the Redis at `url`, reached by the test through `client` (e.g. one that
+    /// trusts a private CA).
+    pub fn with_client(url: &str, client: redis::Client) -> World {
+        World::build_with(url, client, &[])
+    }
+
     /// A world whose temp-file server accepts only `tokens`; the world's own client (uploads,
     /// video checks) uses the first.
     pub fn with_tempfile_tokens(tokens: &[&str]) -> Option<World> {
@@ -63,7 +69,10 @@ impl World {
     }
 
     fn build(url: &str, tokens: &[&str]) -> World {
-        let client = redis::Client::open(url).expect("redis url");
+        World::build_with(url, redis::Client::open(url).expect("redis url"), tokens)
+    }
+
+    fn build_with(url: &str, client: redis::Client, tokens: &[&str]) -> World {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut cfg = ServerConfig::new(dir.path().join("files"));
         cfg.listen = "127.0.0.1:0".into();
