@@ -454,6 +454,13 @@ pub struct ServeArgs {
     /// Longest time one temp-file transfer may take, retries and pauses included, in seconds.
     #[arg(long, env = "ECHOMIMIC_HTTP_DEADLINE_SECS", default_value_t = 600.0)]
     pub http_deadline_secs: f64,
+    /// Seconds an outage of the temp-file API is ridden out: a download or upload that still
+    /// fails for a transient reason after its --http-attempts is tried again with growing
+    /// pauses until this long after its first failure (a finished video waits on disk, no
+    /// second GPU run). Past it a download fails the task (`unavailable`) and an upload
+    /// requeues it. 0 = no second round.
+    #[arg(long, env = "ECHOMIMIC_OUTAGE_SECS", default_value_t = 300)]
+    pub outage_secs: u64,
 }
 
 /// The validated worker configuration (built with [`ServeArgs::into_config`]).
@@ -517,6 +524,8 @@ pub struct WorkerConfig {
     pub watchdog: Option<Duration>,
     /// Overall deadline of one temp-file transfer.
     pub http_deadline: Duration,
+    /// How long a temp-file outage is ridden out per transfer.
+    pub outage: Duration,
     /// `BLMOVE` timeout: how long one claim attempt blocks (and so how fast a stop request is
     /// noticed while idle).
     pub claim_timeout: Duration,
@@ -656,6 +665,7 @@ impl ServeArgs {
             stop_timeout: Duration::from_secs(self.stop_timeout_secs),
             watchdog: (self.watchdog_secs > 0).then(|| Duration::from_secs(self.watchdog_secs)),
             http_deadline: fsecs("http-deadline-secs", self.http_deadline_secs)?,
+            outage: Duration::from_secs(self.outage_secs),
             claim_timeout: Duration::from_secs(1),
         })
     }

@@ -7,12 +7,12 @@
 //! | input file id unknown / expired (HTTP 404) | `input_not_found` | `failed` + dead letter, no retry |
 //! | input larger than `--max-download-bytes`, undecodable image or audio, silent or too long audio | `bad_input` | `failed` + dead letter, no retry |
 //! | no face in the photo | `no_face` | `failed` + dead letter, no retry |
-//! | temp-file API unreachable / 5xx after the in-place retries (`--http-attempts`) | `unavailable` | `failed` + dead letter |
+//! | temp-file API unreachable / 5xx after the in-place retries (`--http-attempts`) and `--outage-secs` of retrying | `unavailable` | `failed` + dead letter |
 //! | temp-file API refused the worker's token (HTTP 401, `--tempfile-token`) | `tempfile_unauthorized` | `failed` + dead letter, no retry; the worker keeps serving |
 //! | model failure | `inference_failed` | requeued while attempts remain (`--max-attempts`), then `failed` + dead letter |
 //! | accelerator out of memory | `oom` | as `inference_failed` |
 //! | encoding / muxing failure, local I/O | `internal` | as `inference_failed` |
-//! | upload failed after retries | `upload_failed` | requeued while attempts remain if transient, else `failed` |
+//! | upload failed after retries (and `--outage-secs` of retrying a transient failure) | `upload_failed` | requeued while attempts remain if transient, else `failed` |
 //! | worker crashed while the task ran (found at start-up) | `attempts_exhausted` once the attempts are spent | requeued until then |
 //! | shutdown stopped the task (also a download cut short by it) | — | requeued as it was, no event, not counted |
 //! | the model made no progress for `--watchdog-secs` | `internal` | requeued once (counted), `failed` + dead letter if it hangs again; the worker exits 5 |

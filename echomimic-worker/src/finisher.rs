@@ -2,7 +2,8 @@
 //! and records the task's outcome. It works on task N while the inference thread already runs
 //! task N+1.
 
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
 use echomimic_pipeline::video::{
@@ -15,10 +16,16 @@ use echomimic_tempfile::TempfileClient;
 use crate::error::WorkerError;
 use crate::handoff::{FinishJob, RunDone};
 use crate::job::{Policy, Timings};
+use crate::outage::through_outage;
 use crate::progress::{MERGE_START, UPLOAD_START};
 use crate::reporter::ReporterHandle;
+use crate::state::Shared;
 
 pub(crate) struct Finisher {
+    /// For the cancel flag: an upload riding out an outage gives up when the task is cancelled.
+    pub(crate) shared: Arc<Shared>,
+    /// How long a temp-file outage is ridden out per upload.
+    pub(crate) outage: Duration,
     pub(crate) http: TempfileClient,
     pub(crate) reporter: ReporterHandle,
     pub(crate) policy: Policy,
@@ -103,10 +110,13 @@ impl Finisher {
         events.stage(Stage::Uploading, UPLOAD_START, "uploading the video");
         let t = Instant::now();
         let name = format!("echomimic_{}.mp4", job.task.task_id);
-        let uploaded = self
-            .http
-            .upload_file_as(&report.path, &name)
-            .map_err(WorkerError::Upload)?;
+        let uploaded = through_outage(
+            "upload",
+            self.outage,
+            || self.shared.cancelled(),
+            || self.http.upload_file_as(&report.path, &name),
+        )
+        .map_err(WorkerError::Upload)?;
         job.timings.upload = t.elapsed();
         log_timings(
             &job.timings,

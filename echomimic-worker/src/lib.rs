@@ -32,6 +32,7 @@ mod handoff;
 mod heartbeat;
 mod inference;
 mod job;
+mod outage;
 pub mod progress;
 mod redis_link;
 mod reporter;

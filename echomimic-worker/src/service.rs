@@ -365,6 +365,8 @@ impl Worker {
         let (job_tx, job_rx) = crossbeam_channel::bounded(0);
         let (finish_tx, finish_rx) = crossbeam_channel::bounded(1);
         let finisher = Finisher {
+            shared: shared.clone(),
+            outage: config.outage,
             http: http.clone(),
             reporter: reporter.clone(),
             policy: policy.clone(),
@@ -414,6 +416,7 @@ impl Worker {
             http,
             temp_dir: config.temp_dir.clone(),
             max_download_bytes: config.max_download_bytes,
+            outage: config.outage,
             max_audio_secs: config.max_audio_secs,
             defaults: config.defaults,
             prefetch: config.prefetch,

@@ -77,6 +77,7 @@ fn help_documents_every_setting() {
         "--max-audio-secs",
         "--http-attempts",
         "--prefetch",
+        "--outage-secs",
     ] {
         assert!(
             help.contains(needle),

@@ -268,12 +268,68 @@ fn a_second_worker_with_the_same_gpu_id_refuses_to_start() -> TestResult {
 }
 
 #[test]
+fn a_temp_file_outage_shorter_than_the_budget_costs_no_task_and_no_second_run() -> TestResult {
+    let Some(mut world) = World::new() else {
+        return Ok(());
+    };
+    let rec = world.recorder();
+    // 0.2 s per UNet call: the second task's inference outlives the stop of the server.
+    let engine = fake().with_call_delay(Duration::from_millis(200));
+    let runs = engine.clone();
+    let worker = start(&world, &["--outage-secs", "60"], engine);
+    // Down before the downloads: the task waits for the server instead of failing.
+    world.stop_server();
+    let task = world.task(&unique("outage-download"));
+    world.submit(&task);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        rec.terminal_count(&task.task_id),
+        0,
+        "{:#?}",
+        rec.of(&task.task_id)
+    );
+    world.restart_server();
+    let done = rec.wait_terminal(&task.task_id, Duration::from_secs(60));
+    assert_eq!(done.status, Status::Completed, "{done:?}");
+    assert_eq!(runs.started_runs(), 1);
+
+    // Down while the video is made: the upload waits, the model does not run again.
+    let mut task = world.task(&unique("outage-upload"));
+    task.steps = Some(5);
+    task.cfg = Some(1.0);
+    task.frames_num = Some(12);
+    world.submit(&task);
+    rec.wait_status(&task.task_id, Status::Inference, Duration::from_secs(60));
+    world.stop_server();
+    // The upload starts (and fails) while the server is down.
+    rec.wait_status(&task.task_id, Status::Uploading, Duration::from_secs(60));
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        rec.terminal_count(&task.task_id),
+        0,
+        "{:#?}",
+        rec.of(&task.task_id)
+    );
+    world.restart_server();
+    let done = rec.wait_terminal(&task.task_id, Duration::from_secs(60));
+    assert_eq!(done.status, Status::Completed, "{done:?}");
+    assert_eq!(rec.terminal_count(&task.task_id), 1);
+    assert_eq!(
+        runs.started_runs(),
+        2,
+        "one model run per task, none for a retried upload"
+    );
+    stop(worker);
+    Ok(())
+}
+
+#[test]
 fn temp_file_api_down_gives_bounded_retries_then_failed() -> TestResult {
     let Some(mut world) = World::new() else {
         return Ok(());
     };
     let rec = world.recorder();
-    let worker = start(&world, &[], fake());
+    let worker = start(&world, &["--outage-secs", "2"], fake());
     world.stop_server();
     let task = world.task(&unique("tfdown"));
     world.submit(&task);
@@ -281,8 +337,12 @@ fn temp_file_api_down_gives_bounded_retries_then_failed() -> TestResult {
     let failed = rec.wait_terminal(&task.task_id, Duration::from_secs(30));
     assert_eq!(failed.status, Status::Failed);
     assert_eq!(failed.code, Some(ErrorCode::Unavailable), "{failed:?}");
-    // 3 attempts with at most 0.2 s between them.
-    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    // Rounds of 3 attempts (at most 0.2 s apart) for the 2 s outage budget, then failed.
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(10),
+        "{took:?}"
+    );
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(rec.terminal_count(&task.task_id), 1);
     stop(worker);

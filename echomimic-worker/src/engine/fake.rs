@@ -34,6 +34,7 @@ pub struct FakeEngine {
     failing_runs: Arc<AtomicU32>,
     panicking_prepares: Arc<AtomicU32>,
     hanging_runs: Arc<AtomicU32>,
+    started_runs: Arc<AtomicU32>,
 }
 
 /// How long a hung fake run blocks (it ignores the cancel flag, like a stuck kernel).
@@ -49,7 +50,13 @@ impl FakeEngine {
             failing_runs: Arc::new(AtomicU32::new(0)),
             panicking_prepares: Arc::new(AtomicU32::new(0)),
             hanging_runs: Arc::new(AtomicU32::new(0)),
+            started_runs: Arc::new(AtomicU32::new(0)),
         }
+    }
+
+    /// How many runs (model calls for a task) have started (shared by clones).
+    pub fn started_runs(&self) -> u32 {
+        self.started_runs.load(Ordering::SeqCst)
     }
 
     /// Makes the next `n` runs hang after their first UNet call: no progress, the cancel flag
@@ -253,6 +260,7 @@ impl Engine for FakeEngine {
         params: &GenParams,
         ctx: &mut RunContext<'_>,
     ) -> Result<RunSummary, WorkerError> {
+        self.started_runs.fetch_add(1, Ordering::SeqCst);
         let windows = data.frames.div_ceil(CONTEXT).max(1);
         let total = u64::from(params.steps) * u64::from(windows);
         let mut done = 0;

@@ -250,11 +250,24 @@ impl World {
         probe(&path)
     }
 
-    /// Stops the temp-file server (for outage tests).
+    /// Stops the temp-file server (for outage tests); its files stay on disk.
     pub fn stop_server(&mut self) {
         if let Some(s) = self.server.take() {
             s.shutdown();
         }
+    }
+
+    /// Starts the temp-file server again on the same address and storage (the end of an
+    /// outage: the ids uploaded before are served again). Only for worlds without tokens.
+    pub fn restart_server(&mut self) {
+        self.stop_server();
+        let mut cfg = ServerConfig::new(self.dir.path().join("files"));
+        cfg.listen = self
+            .base_url
+            .strip_prefix("http://")
+            .expect("http base url")
+            .to_owned();
+        self.server = Some(Server::start(cfg).expect("temp-file server restarts"));
     }
 }
 
