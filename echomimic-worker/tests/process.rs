@@ -539,19 +539,7 @@ fn a_redis_restart_mid_task_does_not_lose_the_task() -> TestResult {
     // And it keeps serving.
     let next = quick_task(&world, &unique("after-restart"));
     world.submit(&next);
-    let end = Instant::now() + Duration::from_secs(120);
-    loop {
-        if let Some(r) = world.result(&next.task_id) {
-            assert_eq!(r.status, Status::Completed);
-            break;
-        }
-        assert!(
-            Instant::now() < end,
-            "no result after restart; log:\n{}",
-            worker.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_completed(&world, &worker, &next);
     worker.signal("TERM");
     assert!(worker.wait_exit(Duration::from_secs(30)).success());
     Ok(())
