@@ -280,6 +280,36 @@ fn an_item_whose_claim_reply_was_lost_is_requeued_by_the_sweep() -> TestResult {
 }
 
 #[test]
+fn a_claim_reply_lost_on_the_wire_is_requeued_by_the_sweep_and_served_once() -> TestResult {
+    // A real BLMOVE whose reply a proxy swallows before cutting the connection: the item is
+    // in our processing list, the worker never got it.
+    let Some(redis_server) = PrivateRedis::start() else {
+        return Ok(());
+    };
+    let upstream: std::net::SocketAddr = format!("127.0.0.1:{}", redis_server.port).parse()?;
+    let proxy = echomimic_testkit::peers::ReplyDroppingProxy::start(upstream, "BLMOVE");
+    let world = World::with_redis(&format!("redis://{}/0", proxy.addr()));
+    let rec = world.recorder();
+    let worker = start(&world, &["--geometry", "crop", "--sweep-secs", "1"], fake());
+    proxy.arm();
+    let task = world.task(&unique("wire-lost-reply"));
+    world.submit(&task);
+    let done = rec.wait_terminal(&task.task_id, Duration::from_secs(60));
+    assert_eq!(done.status, Status::Completed, "{done:?}");
+    assert_eq!(proxy.dropped(), 1, "the reply was dropped once");
+    assert_eq!(
+        rec.claims(&task.task_id),
+        vec!["task claimed (attempt 1 of 2)"],
+        "uncounted"
+    );
+    let stats = stop(worker);
+    assert_eq!(stats.recovered, 1, "{stats:?}");
+    assert_eq!(rec.terminal_count(&task.task_id), 1);
+    assert!(world.processing_items().is_empty());
+    Ok(())
+}
+
+#[test]
 fn the_claims_of_a_dead_worker_on_the_same_queue_are_requeued_by_the_sweep() -> TestResult {
     let Some(world) = World::new() else {
         return Ok(());
