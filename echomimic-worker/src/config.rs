@@ -461,7 +461,16 @@ pub struct ServeArgs {
     /// requeues it. 0 = no second round.
     #[arg(long, env = "ECHOMIMIC_OUTAGE_SECS", default_value_t = 300)]
     pub outage_secs: u64,
+    /// Largest paste-back output frame in pixels (width × height of the photo; default
+    /// 4096 × 4096). A larger photo fails before the GPU run (`bad_input`, saying to send a
+    /// smaller photo or use `--geometry crop`) instead of making a video that H.264 levels and
+    /// the upload limit refuse after it.
+    #[arg(long, env = "ECHOMIMIC_MAX_OUTPUT_PIXELS", default_value_t = DEFAULT_MAX_OUTPUT_PIXELS)]
+    pub max_output_pixels: u64,
 }
+
+/// Default of `--max-output-pixels`: 4096 × 4096.
+pub const DEFAULT_MAX_OUTPUT_PIXELS: u64 = 4096 * 4096;
 
 /// The validated worker configuration (built with [`ServeArgs::into_config`]).
 #[derive(Debug, Clone)]
@@ -526,6 +535,8 @@ pub struct WorkerConfig {
     pub http_deadline: Duration,
     /// How long a temp-file outage is ridden out per transfer.
     pub outage: Duration,
+    /// Largest paste-back output frame, in pixels.
+    pub max_output_pixels: u64,
     /// `BLMOVE` timeout: how long one claim attempt blocks (and so how fast a stop request is
     /// noticed while idle).
     pub claim_timeout: Duration,
@@ -666,6 +677,7 @@ impl ServeArgs {
             watchdog: (self.watchdog_secs > 0).then(|| Duration::from_secs(self.watchdog_secs)),
             http_deadline: fsecs("http-deadline-secs", self.http_deadline_secs)?,
             outage: Duration::from_secs(self.outage_secs),
+            max_output_pixels: self.max_output_pixels,
             claim_timeout: Duration::from_secs(1),
         })
     }

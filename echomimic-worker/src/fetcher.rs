@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{SendTimeoutError, Sender};
+use echomimic_pipeline::PipelineError;
 use echomimic_protocol::{Stage, Task};
 use echomimic_tempfile::TempfileClient;
 
@@ -40,6 +41,8 @@ pub(crate) struct Fetcher<P: Preparer> {
     pub(crate) max_download_bytes: u64,
     /// How long a temp-file outage is ridden out per download.
     pub(crate) outage: Duration,
+    /// Largest paste-back output frame in pixels (`None`: the output is the crop).
+    pub(crate) max_output_pixels: Option<u64>,
     pub(crate) max_audio_secs: f64,
     pub(crate) defaults: TaskDefaults,
     pub(crate) prefetch: bool,
@@ -298,6 +301,20 @@ impl<P: Preparer> Fetcher<P> {
         };
         let prepared = self.preparer.prepare(&inputs, params)?;
         timings.prepare = t.elapsed();
+        if let Some(max) = self.max_output_pixels {
+            let (w, h) = prepared.photo.dimensions();
+            if u64::from(w) * u64::from(h) > max {
+                return Err(WorkerError::Input {
+                    input: InputKind::Image,
+                    source: PipelineError::InvalidInput(format!(
+                        "the photo is {w}x{h}: a video pasted back into it would have \
+                         {} pixels per frame, more than this worker's limit of {max} \
+                         (--max-output-pixels); send a smaller photo",
+                        u64::from(w) * u64::from(h)
+                    )),
+                });
+            }
+        }
         Ok((prepared, dir, timings))
     }
 

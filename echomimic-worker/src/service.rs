@@ -29,7 +29,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
-use echomimic_pipeline::video::{resolve_backend, EncoderBackend};
+use echomimic_pipeline::video::{resolve_backend, EncoderBackend, GeometryMode};
 use echomimic_protocol::QueueItem;
 use echomimic_tempfile::{ClientConfig, TempfileClient};
 
@@ -417,6 +417,8 @@ impl Worker {
             temp_dir: config.temp_dir.clone(),
             max_download_bytes: config.max_download_bytes,
             outage: config.outage,
+            max_output_pixels: (config.geometry == GeometryMode::PasteBack)
+                .then_some(config.max_output_pixels),
             max_audio_secs: config.max_audio_secs,
             defaults: config.defaults,
             prefetch: config.prefetch,

@@ -78,6 +78,7 @@ fn help_documents_every_setting() {
         "--http-attempts",
         "--prefetch",
         "--outage-secs",
+        "--max-output-pixels",
     ] {
         assert!(
             help.contains(needle),

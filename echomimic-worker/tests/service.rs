@@ -324,6 +324,44 @@ fn a_temp_file_outage_shorter_than_the_budget_costs_no_task_and_no_second_run() 
 }
 
 #[test]
+fn a_photo_too_large_to_paste_back_fails_before_the_model_runs() -> TestResult {
+    let Some(world) = World::new() else {
+        return Ok(());
+    };
+    let rec = world.recorder();
+    let engine = fake();
+    let runs = engine.clone();
+    // The test photo is 512x512 = 262 144 pixels.
+    let worker = start(&world, &["--max-output-pixels", "100000"], engine);
+    let task = world.task(&unique("too-large"));
+    world.submit(&task);
+    let failed = rec.wait_terminal(&task.task_id, Duration::from_secs(30));
+    assert_eq!(failed.status, Status::Failed);
+    assert_eq!(failed.code, Some(ErrorCode::BadInput), "{failed:?}");
+    let message = failed.error.clone().unwrap_or_default();
+    assert!(
+        message.contains("512x512") && message.contains("--max-output-pixels"),
+        "{message}"
+    );
+    assert_eq!(runs.started_runs(), 0, "no model run for it");
+    stop(worker);
+
+    // The crop output is not bounded by it.
+    let engine = fake();
+    let worker = start(
+        &world,
+        &["--max-output-pixels", "100000", "--geometry", "crop"],
+        engine,
+    );
+    let task = world.task(&unique("crop-ok"));
+    world.submit(&task);
+    let done = rec.wait_terminal(&task.task_id, Duration::from_secs(30));
+    assert_eq!(done.status, Status::Completed, "{done:?}");
+    stop(worker);
+    Ok(())
+}
+
+#[test]
 fn temp_file_api_down_gives_bounded_retries_then_failed() -> TestResult {
     let Some(mut world) = World::new() else {
         return Ok(());
