@@ -463,8 +463,8 @@ pub struct ServeArgs {
     pub outage_secs: u64,
     /// Largest paste-back output frame in pixels (width × height of the photo; default
     /// 4096 × 4096). A larger photo fails before the GPU run (`bad_input`, saying to send a
-    /// smaller photo or use `--geometry crop`) instead of making a video that H.264 levels and
-    /// the upload limit refuse after it.
+    /// smaller photo) instead of making a video that the encoder or the upload may refuse
+    /// after the whole run. `--geometry crop` output is not bounded by it.
     #[arg(long, env = "ECHOMIMIC_MAX_OUTPUT_PIXELS", default_value_t = DEFAULT_MAX_OUTPUT_PIXELS)]
     pub max_output_pixels: u64,
 }
