@@ -598,25 +598,18 @@ fn a_worker_serves_redis_over_tls_as_an_acl_user_by_url_and_by_settings() -> Tes
     args.drain(i..i + 2);
     args.extend(tiny_model_args(64));
     let (user, password) = TLS_USER;
+    let port = redis_server.port.to_string();
+    let env = [
+        ("REDIS_HOST", "localhost"),
+        ("REDIS_PORT", port.as_str()),
+        ("REDIS_DB", "0"),
+        ("REDIS_USERNAME", user),
+        ("REDIS_PASSWORD", password),
+        ("REDIS_TLS", "1"),
+        ("REDIS_CA_FILE", ca.as_str()),
+    ];
     let log = world.dir.path().join(unique("tls-settings.log"));
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_echomimic-worker"))
-        .args(&args)
-        .env("RUST_LOG", "info")
-        .env("REDIS_HOST", "localhost")
-        .env("REDIS_PORT", redis_server.port.to_string())
-        .env("REDIS_DB", "0")
-        .env("REDIS_USERNAME", user)
-        .env("REDIS_PASSWORD", password)
-        .env("REDIS_TLS", "1")
-        .env("REDIS_CA_FILE", &ca)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log)?)
-        .spawn()?;
-    let mut worker = WorkerProc {
-        child,
-        log,
-        gpu_id: world.gpu_id,
-    };
+    let mut worker = WorkerProc::spawn_with_env(&args, &env, log, world.gpu_id);
     worker.wait_ready(&world, Duration::from_secs(120));
     let task = quick_task(&world, &unique("tls-settings"));
     world.submit(&task);
@@ -665,17 +658,12 @@ fn encoder_ffmpeg_without_ffmpeg_refuses_to_start_and_auto_falls_back() -> TestR
     let mut args = world.args(&["--encoder", "auto"]);
     args.extend(tiny_model_args(64));
     let log = world.dir.path().join("auto.log");
-    let file = std::fs::File::create(&log)?;
-    let child = Command::new(env!("CARGO_BIN_EXE_echomimic-worker"))
-        .args(&args)
-        .env("ECHOMIMIC_FFMPEG", "/nonexistent/ffmpeg")
-        .stderr(file)
-        .spawn()?;
-    let mut worker = WorkerProc {
-        child,
+    let mut worker = WorkerProc::spawn_with_env(
+        &args,
+        &[("ECHOMIMIC_FFMPEG", "/nonexistent/ffmpeg")],
         log,
-        gpu_id: world.gpu_id,
-    };
+        world.gpu_id,
+    );
     worker.wait_ready(&world, Duration::from_secs(120));
     assert!(
         worker.log_text().contains("built-in encoder"),

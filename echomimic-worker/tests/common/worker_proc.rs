@@ -35,10 +35,21 @@ pub struct WorkerProc {
 impl WorkerProc {
     /// Starts `echomimic-worker` with `args` (the first being the subcommand).
     pub fn spawn(args: &[String], log: PathBuf, gpu_id: u32) -> WorkerProc {
+        Self::spawn_with_env(args, &[], log, gpu_id)
+    }
+
+    /// [`WorkerProc::spawn`] with extra environment variables.
+    pub fn spawn_with_env(
+        args: &[String],
+        env: &[(&str, &str)],
+        log: PathBuf,
+        gpu_id: u32,
+    ) -> WorkerProc {
         let file = std::fs::File::create(&log).expect("log file");
         let child = Command::new(env!("CARGO_BIN_EXE_echomimic-worker"))
             .args(args)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(std::process::Stdio::null())
             .stderr(file)
             .spawn()
