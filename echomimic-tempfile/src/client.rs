@@ -40,6 +40,10 @@ pub struct RetryPolicy {
     pub initial_backoff: Duration,
     /// Cap of the backoff.
     pub max_backoff: Duration,
+    /// An outage ridden out: transient failures are retried past `max_attempts` (pausing
+    /// `max_backoff`) until this long after the call's first failure. Zero (the default) =
+    /// `max_attempts` only. The transfer deadline bounds the call either way.
+    pub outage: Duration,
 }
 
 impl Default for RetryPolicy {
@@ -49,6 +53,7 @@ impl Default for RetryPolicy {
             max_attempts: 4,
             initial_backoff: Duration::from_millis(500),
             max_backoff: Duration::from_secs(8),
+            outage: Duration::ZERO,
         }
     }
 }
@@ -298,6 +303,12 @@ impl TempfileClient {
             last: e.to_string(),
         };
         let mut attempt = 1;
+        let mut first_failure: Option<Instant> = None;
+        // Past its attempts a transient failure is retried while the outage budget lasts.
+        let mut retry_more = |attempt: u32| {
+            let since = *first_failure.get_or_insert_with(Instant::now);
+            attempt < self.retry.max_attempts || since.elapsed() < self.retry.outage
+        };
         loop {
             if stop() {
                 return Err(TempfileError::Cancelled { what });
@@ -309,7 +320,7 @@ impl TempfileClient {
                 Err(e) if e.is_retryable() && deadline.remaining().is_zero() => {
                     return Err(out_of_time(&e))
                 }
-                Err(e) if e.is_retryable() && attempt < self.retry.max_attempts => {
+                Err(e) if e.is_retryable() && retry_more(attempt) => {
                     let pause = self.retry.backoff(attempt);
                     if pause >= deadline.remaining() {
                         return Err(out_of_time(&e));
@@ -355,6 +366,18 @@ impl TempfileClient {
         path: &Path,
         file_name: &str,
     ) -> Result<UploadedFile, TempfileError> {
+        self.upload_file_as_unless(path, file_name, &never)
+    }
+
+    /// [`upload_file_as`](Self::upload_file_as) that gives up with
+    /// [`TempfileError::Cancelled`] as soon as `stop` returns true, asked before each attempt
+    /// and during the pauses between attempts.
+    pub fn upload_file_as_unless(
+        &self,
+        path: &Path,
+        file_name: &str,
+        stop: &dyn Fn() -> bool,
+    ) -> Result<UploadedFile, TempfileError> {
         let size = fs::metadata(path)
             .map_err(|e| TempfileError::io("stat", path, e))?
             .len();
@@ -369,7 +392,7 @@ impl TempfileClient {
         );
         let epilogue = format!("\r\n--{boundary}--\r\n");
         let total = preamble.len() as u64 + size + epilogue.len() as u64;
-        self.with_retries("upload", &never, |deadline| {
+        self.with_retries("upload", stop, |deadline| {
             let file = File::open(path).map_err(|e| TempfileError::io("open", path, e))?;
             let body = io::Cursor::new(preamble.clone().into_bytes())
                 .chain(file.take(size))
@@ -726,6 +749,7 @@ mod tests {
             max_attempts: 10,
             initial_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_millis(1000),
+            outage: Duration::ZERO,
         };
         for retry in 1..=12 {
             let expected = (100u64 << (retry - 1).min(20)).min(1000);

@@ -168,6 +168,7 @@ fn the_client_sends_its_token_and_a_401_is_not_retried() -> TestResult {
         max_attempts: 4,
         initial_backoff: Duration::from_secs(5),
         max_backoff: Duration::from_secs(5),
+        outage: Duration::ZERO,
     };
     for t in [None, Some(WRONG)] {
         let mut config = ClientConfig::new(server.base_url()).with_token(t.map(token));

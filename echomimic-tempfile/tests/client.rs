@@ -74,6 +74,7 @@ fn fast_client(addr: SocketAddr, attempts: u32) -> TempfileClient {
         max_attempts: attempts,
         initial_backoff: Duration::from_millis(10),
         max_backoff: Duration::from_millis(40),
+        outage: Duration::ZERO,
     };
     cfg.read_timeout = Duration::from_secs(5);
     TempfileClient::with_config(cfg).unwrap()
@@ -314,6 +315,7 @@ fn a_trickling_download_ends_at_the_transfer_deadline_and_leaves_no_file() -> Te
             max_attempts: 5,
             initial_backoff: Duration::from_millis(50),
             max_backoff: Duration::from_millis(100),
+            outage: Duration::ZERO,
         },
         transfer_deadline: Duration::from_millis(1500),
         ..ClientConfig::new(format!("http://{addr}"))
@@ -377,5 +379,71 @@ fn a_stop_check_cancels_a_running_download_at_the_next_chunk() -> TestResult {
         .download_to_unless("slow.png", &dest, 10_000_000, &|| true)
         .expect_err("cancelled");
     assert!(matches!(err, TempfileError::Cancelled { .. }), "{err}");
+    Ok(())
+}
+
+#[test]
+fn an_outage_is_ridden_out_past_the_attempts_until_its_budget() -> TestResult {
+    // A port nobody listens on for now.
+    let addr = TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let client = |outage: Duration| {
+        let mut cfg = ClientConfig::new(format!("http://{addr}"));
+        cfg.retry = RetryPolicy {
+            max_attempts: 2,
+            initial_backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_millis(100),
+            outage,
+        };
+        TempfileClient::with_config(cfg).unwrap()
+    };
+    let dir = tempfile::tempdir()?;
+    let dest = dir.path().join("v.mp4");
+
+    // Budget 0.5 s: connection refused until it is spent, then the error.
+    let t = Instant::now();
+    let err = client(Duration::from_millis(500))
+        .download_to(ID, &dest, 1000)
+        .unwrap_err();
+    assert!(err.is_retryable(), "{err}");
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_millis(500) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+
+    // Budget 30 s: the server comes up after 1.5 s (well past the two attempts) and serves.
+    let up = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(1500));
+        let listener = TcpListener::bind(addr).expect("rebind the port");
+        let (mut s, _) = listener.accept().expect("accept");
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        let mut line = String::new();
+        while r.read_line(&mut line).unwrap_or(0) > 2 {
+            line.clear();
+        }
+        s.write_all(&reply(
+            "200 OK",
+            "Content-Type: video/mp4\r\n",
+            b"after the outage",
+        ))
+        .unwrap();
+    });
+    let t = Instant::now();
+    let got = client(Duration::from_secs(30)).download_to(ID, &dest, 1000)?;
+    up.join().unwrap();
+    assert_eq!(got.bytes, 16);
+    assert!(
+        t.elapsed() >= Duration::from_millis(1400),
+        "{:?}",
+        t.elapsed()
+    );
+    // Without a budget the same outage fails after the two attempts.
+    let t = Instant::now();
+    assert!(client(Duration::ZERO).download_to(ID, &dest, 1000).is_err());
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        t.elapsed()
+    );
     Ok(())
 }

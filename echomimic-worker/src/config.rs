@@ -455,10 +455,11 @@ pub struct ServeArgs {
     #[arg(long, env = "ECHOMIMIC_HTTP_DEADLINE_SECS", default_value_t = 600.0)]
     pub http_deadline_secs: f64,
     /// Seconds an outage of the temp-file API is ridden out: a download or upload that still
-    /// fails for a transient reason after its --http-attempts is tried again with growing
-    /// pauses until this long after its first failure (a finished video waits on disk, no
-    /// second GPU run). Past it a download fails the task (`unavailable`) and an upload
-    /// requeues it. 0 = no second round.
+    /// fails for a transient reason after its --http-attempts is tried again (pausing
+    /// --http-max-backoff-secs) until this long after its first failure (a finished video
+    /// waits on disk, no second GPU run). Past it a download fails the task (`unavailable`)
+    /// and an upload requeues it. 0 = --http-attempts only. --http-deadline-secs still bounds
+    /// each transfer.
     #[arg(long, env = "ECHOMIMIC_OUTAGE_SECS", default_value_t = 300)]
     pub outage_secs: u64,
     /// Largest paste-back output frame in pixels (width × height of the photo; default
@@ -533,8 +534,6 @@ pub struct WorkerConfig {
     pub watchdog: Option<Duration>,
     /// Overall deadline of one temp-file transfer.
     pub http_deadline: Duration,
-    /// How long a temp-file outage is ridden out per transfer.
-    pub outage: Duration,
     /// Largest paste-back output frame, in pixels.
     pub max_output_pixels: u64,
     /// `BLMOVE` timeout: how long one claim attempt blocks (and so how fast a stop request is
@@ -666,6 +665,7 @@ impl ServeArgs {
                 max_attempts: self.http_attempts,
                 initial_backoff: Duration::from_millis(500).min(max_backoff),
                 max_backoff,
+                outage: Duration::from_secs(self.outage_secs),
             },
             http_connect_timeout: fsecs(
                 "http-connect-timeout-secs",
@@ -676,7 +676,6 @@ impl ServeArgs {
             stop_timeout: Duration::from_secs(self.stop_timeout_secs),
             watchdog: (self.watchdog_secs > 0).then(|| Duration::from_secs(self.watchdog_secs)),
             http_deadline: fsecs("http-deadline-secs", self.http_deadline_secs)?,
-            outage: Duration::from_secs(self.outage_secs),
             max_output_pixels: self.max_output_pixels,
             claim_timeout: Duration::from_secs(1),
         })

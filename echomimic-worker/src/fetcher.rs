@@ -21,7 +21,6 @@ use crate::engine::{GenParams, Inputs, Prepared, Preparer};
 use crate::error::{InputKind, WorkerError};
 use crate::handoff::Job;
 use crate::job::{resolve_params, Claim, Policy, TaskEvents, Timings};
-use crate::outage::through_outage;
 use crate::progress::{DOWNLOAD_AUDIO, DOWNLOAD_START, FACE_START, INFERENCE_START};
 use crate::redis_link::{is_connection_error, sleep_unless, RedisLink};
 use crate::reporter::ReporterHandle;
@@ -39,8 +38,6 @@ pub(crate) struct Fetcher<P: Preparer> {
     pub(crate) http: TempfileClient,
     pub(crate) temp_dir: PathBuf,
     pub(crate) max_download_bytes: u64,
-    /// How long a temp-file outage is ridden out per download.
-    pub(crate) outage: Duration,
     /// Largest paste-back output frame in pixels (`None`: the output is the crop).
     pub(crate) max_output_pixels: Option<u64>,
     pub(crate) max_audio_secs: f64,
@@ -233,15 +230,14 @@ impl<P: Preparer> Fetcher<P> {
         // A stop request ends the download at the next chunk: the task would only be
         // requeued once prepared.
         let stopping = || self.shared.stopping();
-        let got = through_outage("download", self.outage, stopping, || {
-            self.http
-                .download_to_unless(file_id, &tmp, self.max_download_bytes, &stopping)
-        })
-        .map_err(|source| WorkerError::Download {
-            input,
-            file_id: file_id.to_owned(),
-            source,
-        })?;
+        let got = self
+            .http
+            .download_to_unless(file_id, &tmp, self.max_download_bytes, &stopping)
+            .map_err(|source| WorkerError::Download {
+                input,
+                file_id: file_id.to_owned(),
+                source,
+            })?;
         let path = dir.join(format!(
             "{stem}.{}",
             extension_for(got.content_type.as_deref())

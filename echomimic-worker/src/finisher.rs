@@ -3,7 +3,7 @@
 //! task N+1.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crossbeam_channel::Receiver;
 use echomimic_pipeline::video::{
@@ -16,16 +16,14 @@ use echomimic_tempfile::TempfileClient;
 use crate::error::WorkerError;
 use crate::handoff::{FinishJob, RunDone};
 use crate::job::{Policy, Timings};
-use crate::outage::through_outage;
 use crate::progress::{MERGE_START, UPLOAD_START};
 use crate::reporter::ReporterHandle;
 use crate::state::Shared;
 
 pub(crate) struct Finisher {
-    /// For the cancel flag: an upload riding out an outage gives up when the task is cancelled.
+    /// For the cancel flag: an upload (riding out an outage, say) gives up when the task is
+    /// cancelled.
     pub(crate) shared: Arc<Shared>,
-    /// How long a temp-file outage is ridden out per upload.
-    pub(crate) outage: Duration,
     pub(crate) http: TempfileClient,
     pub(crate) reporter: ReporterHandle,
     pub(crate) policy: Policy,
@@ -110,13 +108,11 @@ impl Finisher {
         events.stage(Stage::Uploading, UPLOAD_START, "uploading the video");
         let t = Instant::now();
         let name = format!("echomimic_{}.mp4", job.task.task_id);
-        let uploaded = through_outage(
-            "upload",
-            self.outage,
-            || self.shared.cancelled(),
-            || self.http.upload_file_as(&report.path, &name),
-        )
-        .map_err(WorkerError::Upload)?;
+        let cancelled = || self.shared.cancelled();
+        let uploaded = self
+            .http
+            .upload_file_as_unless(&report.path, &name, &cancelled)
+            .map_err(WorkerError::Upload)?;
         job.timings.upload = t.elapsed();
         log_timings(
             &job.timings,

@@ -32,7 +32,6 @@ mod handoff;
 mod heartbeat;
 mod inference;
 mod job;
-mod outage;
 pub mod progress;
 mod redis_link;
 mod reporter;

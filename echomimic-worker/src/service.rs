@@ -366,7 +366,6 @@ impl Worker {
         let (finish_tx, finish_rx) = crossbeam_channel::bounded(1);
         let finisher = Finisher {
             shared: shared.clone(),
-            outage: config.outage,
             http: http.clone(),
             reporter: reporter.clone(),
             policy: policy.clone(),
@@ -416,7 +415,6 @@ impl Worker {
             http,
             temp_dir: config.temp_dir.clone(),
             max_download_bytes: config.max_download_bytes,
-            outage: config.outage,
             max_output_pixels: (config.geometry == GeometryMode::PasteBack)
                 .then_some(config.max_output_pixels),
             max_audio_secs: config.max_audio_secs,
