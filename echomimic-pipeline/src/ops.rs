@@ -30,10 +30,9 @@ pub fn max_score_elems(device: &Device) -> usize {
 /// with identical leading dimensions; the result is `[..., Lq, Dv]`.
 ///
 /// On the CPU, and in f32 everywhere, the scores are soft-maxed in f32. Half-precision
-/// inputs on a GPU keep the scores in their dtype: the scale is folded into the
-/// queries and candle's softmax kernel sums in f32 (measured on an H200 at the 64×64
-/// level of a CFG window: the f32 round trip of the scores made the attention 40×
-/// slower than PyTorch's SDPA; `benches/gpu/`). The scores are computed in chunks so
+/// inputs on a GPU keep the scores in their dtype
+/// ([`half_precision_scores`](crate::kernels::half_precision_scores)): the scale is
+/// folded into the queries and candle's softmax kernel sums in f32. The scores are computed in chunks so
 /// that no more than [`max_score_elems`] exist at any time. At full EchoMimic size the
 /// reference attention would otherwise materialise 4096×8192 scores per head
 /// and frame (≈26 GB for a CFG call).
@@ -81,8 +80,7 @@ pub fn attention_chunked(
     // one pass less over the largest tensor, same precision. Half-precision
     // inputs keep the scale on the f32 scores on the CPU; on a GPU they stay
     // in half precision end to end (see above).
-    let half = matches!(q.dtype(), DType::F16 | DType::BF16);
-    let half_scores = half && !q.device().is_cpu();
+    let half_scores = crate::kernels::half_precision_scores(q);
     let (q3, score_scale) = if q.dtype() == DType::F32 || half_scores {
         ((q3 * scale)?, None)
     } else {

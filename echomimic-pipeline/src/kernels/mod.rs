@@ -3,10 +3,11 @@
 //!
 //! Each kernel is a candle custom op with a CPU f32 implementation (one file
 //! per kernel); every other device and dtype takes the plain composition of
-//! candle ops it replaces, so CUDA keeps candle's (cuDNN/cuBLAS) path. The
-//! networks call the functions below instead of `Module::forward` on the
-//! layers concerned, and nothing else in the crate looks at the device to
-//! pick an implementation.
+//! candle ops it replaces. Two choices hold on every device: a 1×1 convolution
+//! is one matmul ([`conv2d`]), and attention keeps half-precision scores on GPUs
+//! ([`half_precision_scores`]). The networks call the functions below instead of
+//! `Module::forward` on the layers concerned, and nothing else in the crate looks
+//! at the device to pick an implementation.
 //!
 //! Kernels: convolutions without a full im2col buffer (`conv2d`, also reading through a
 //! nearest 2× upsample), GroupNorm with the SiLU after it fused (`group_norm`), GEGLU's gate
@@ -31,13 +32,14 @@ use conv2d::{BandedConv2d, ConvGeometry};
 pub use geglu::geglu;
 pub use group_norm::{group_norm, GroupNorm};
 pub use softmax::softmax_last_dim;
-pub use switch::set_enabled;
 use switch::use_cpu_kernel;
+pub use switch::{half_precision_scores, set_enabled};
 
 /// `conv.forward(xs)`: a 1×1 convolution (stride 1, no padding) as a plain matmul on every
-/// device and dtype (on an H200 in f16, 0.20 ms against 1.78 ms for candle's im2col
-/// convolution at 24×320×64×64; `benches/gpu/`), other kernels through the banded CPU kernel
-/// on the CPU in f32, else candle's convolution.
+/// device and dtype (on an H200 in f16 at 24×320×64×64, without the bias: 0.20 ms against
+/// 1.78 ms for candle's im2col convolution; a whole UNet call moved by about 1 %;
+/// `benches/gpu/`), other kernels through the banded CPU kernel on the CPU in f32, else
+/// candle's convolution.
 pub fn conv2d(conv: &Conv2d, xs: &Tensor) -> Result<Tensor> {
     conv2d_upsampled(conv, xs, 1)
 }

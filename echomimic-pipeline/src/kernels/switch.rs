@@ -14,6 +14,13 @@ pub fn set_enabled(enabled: bool) {
     ENABLED.store(enabled, Ordering::Relaxed);
 }
 
+/// Whether attention scores of `q`'s dtype stay in it: half precision on a GPU (candle's
+/// softmax kernel sums in f32; the f32 round trip made an H200's attention 40× slower than
+/// torch's SDPA). On the CPU and in f32 the scores are soft-maxed in f32.
+pub fn half_precision_scores(q: &Tensor) -> bool {
+    matches!(q.dtype(), DType::F16 | DType::BF16) && !q.device().is_cpu()
+}
+
 /// Whether the CPU kernels apply to `xs` (enabled, CPU device, f32).
 pub(crate) fn use_cpu_kernel(xs: &Tensor) -> bool {
     ENABLED.load(Ordering::Relaxed)
