@@ -374,7 +374,8 @@ fn accept_loop(shared: &Arc<Shared>, listener: &TcpListener) {
 }
 
 /// Serves `stream` on a thread of its own, or gives it back when the server is at its
-/// connection cap (or no thread can be started).
+/// connection cap. A thread that cannot be started (the system is out of threads) drops the
+/// connection: the client sees it closed and retries.
 fn spawn_connection(shared: &Arc<Shared>, stream: TcpStream) -> Result<(), TcpStream> {
     {
         let mut open = shared.open.0.lock().unwrap_or_else(|p| p.into_inner());
@@ -384,27 +385,19 @@ fn spawn_connection(shared: &Arc<Shared>, stream: TcpStream) -> Result<(), TcpSt
         *open += 1;
     }
     let accepted = Instant::now();
-    let slot = Arc::new(Mutex::new(Some(stream)));
-    let taken = Arc::clone(&slot);
     let worker = Arc::clone(shared);
     let spawned = std::thread::Builder::new()
         .name("tempfile-conn".into())
         .stack_size(CONNECTION_STACK_BYTES)
         .spawn(move || {
-            let stream = taken.lock().unwrap_or_else(|p| p.into_inner()).take();
-            if let Some(stream) = stream {
-                serve_connection(&worker, stream, accepted);
-            }
+            serve_connection(&worker, stream, accepted);
             let (lock, cvar) = &worker.open;
             *lock.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
             cvar.notify_all();
         });
     if let Err(e) = spawned {
-        tracing::warn!(error = %e, "cannot start a connection thread");
+        tracing::warn!(error = %e, "cannot start a connection thread; connection dropped");
         *shared.open.0.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
-        let stream = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
-        // The closure never ran, so the stream is still in its slot.
-        return stream.map_or(Ok(()), Err);
     }
     Ok(())
 }
