@@ -88,8 +88,9 @@ impl RedisSettings<'_> {
     }
 }
 
-/// Validates `task`, clears its per-task keys ([`keys::latest_event`], [`keys::task_result`]) so
-/// an old run with the same id cannot be mistaken for this one, and `RPUSH`es it onto `queue`,
+/// Validates `task`, clears its per-task keys ([`keys::latest_event`], [`keys::task_result`],
+/// [`keys::task_cancel`]) so an old run with the same id cannot be mistaken for this one, and
+/// `RPUSH`es it onto `queue`,
 /// all in one `MULTI`. Returns the queue length after the push.
 pub fn submit_task(
     con: &mut impl ConnectionLike,
@@ -105,6 +106,8 @@ pub fn submit_task(
         .del(keys::latest_event(&task.task_id))
         .ignore()
         .del(keys::task_result(&task.task_id))
+        .ignore()
+        .del(keys::task_cancel(&task.task_id))
         .ignore()
         .rpush(queue, json)
         .query(con)?;
@@ -244,4 +247,191 @@ pub fn follow_task(
             Err(e) => return Err(e.into()),
         }
     }
+}
+
+/// Removes a queued item (`ARGV[1]`) from `KEYS[1]` and, only when it was still there,
+/// records its `failed` event as a worker records a terminal event: `SET` the latest event
+/// and the result (TTLs), `PUBLISH` it, delete the cancel request, and in the legacy schema
+/// `SREM` the task id. 1 when removed, 0 when a worker claimed it first.
+const DEQUEUE_CANCELLED: &str = r#"
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) ~= 1 then return 0 end
+redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[4])
+redis.call('SET', KEYS[3], ARGV[2], 'EX', ARGV[5])
+redis.call('PUBLISH', ARGV[3], ARGV[2])
+redis.call('DEL', KEYS[4])
+if ARGV[6] ~= '' then redis.call('SREM', KEYS[5], ARGV[6]) end
+return 1
+"#;
+
+/// Options of [`cancel_task`].
+#[derive(Debug, Clone)]
+pub struct CancelOptions {
+    /// The progress channel (`PROGRESS_CHANNEL`) the `failed` event of a queued task goes to.
+    pub channel: String,
+    /// The event schema the workers publish in.
+    pub schema: crate::Schema,
+    /// Queues to look in besides those found in Redis (every `task_queue_gpu_*` list and every
+    /// queue a worker said it serves, [`keys::worker_queue`]): a custom `TASK_QUEUE_NAME` that
+    /// no worker has served yet.
+    pub queues: Vec<String>,
+}
+
+impl Default for CancelOptions {
+    fn default() -> Self {
+        CancelOptions {
+            channel: keys::DEFAULT_PROGRESS_CHANNEL.to_owned(),
+            schema: crate::Schema::Default,
+            queues: Vec::new(),
+        }
+    }
+}
+
+/// What [`cancel_task`] found and did.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum Cancellation {
+    /// The task was still queued: it was removed from `queue` and its `failed` event (code
+    /// `cancelled`) published and stored.
+    Dequeued {
+        /// The queue it was removed from.
+        queue: String,
+        /// The event published.
+        event: ProgressEvent,
+    },
+    /// A worker holds the task (in `processing`): it stops it between two UNet calls (or
+    /// before its run) and publishes the `failed` event; follow the task to see it.
+    Requested {
+        /// The processing list holding the claim.
+        processing: String,
+    },
+    /// The task had already finished: its terminal event. Nothing was changed.
+    Finished(ProgressEvent),
+    /// No queued, running or finished task has this id. Nothing was changed.
+    Unknown,
+}
+
+/// Every key matching `pattern` (`SCAN`, so a large database is not blocked).
+pub fn scan_keys(
+    con: &mut impl ConnectionLike,
+    pattern: &str,
+) -> Result<Vec<String>, ProtocolError> {
+    let mut cursor = 0u64;
+    let mut found = Vec::new();
+    loop {
+        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query(con)?;
+        found.extend(batch);
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    found.sort();
+    found.dedup();
+    Ok(found)
+}
+
+/// The queues found in Redis: every `task_queue_gpu_*` list and every queue named by a
+/// worker's [`keys::worker_queue`] key, sorted, without duplicates.
+pub fn known_queues(con: &mut impl ConnectionLike) -> Result<Vec<String>, ProtocolError> {
+    let mut queues = scan_keys(con, &format!("{}*", keys::TASK_QUEUE_PREFIX))?;
+    for key in scan_keys(con, &format!("{}*", keys::WORKER_QUEUE_PREFIX))? {
+        let named: Option<String> = con.get(&key)?;
+        queues.extend(named);
+    }
+    queues.sort();
+    queues.dedup();
+    Ok(queues)
+}
+
+/// True when a raw queue item carries `task_id`.
+fn item_is(raw: &[u8], task_id: &str) -> bool {
+    crate::QueueItem::parse(raw).task_id() == Some(task_id)
+}
+
+/// Cancels a task by id, wherever it is:
+///
+/// 1. writes the cancel request [`keys::task_cancel`] (first, so that a worker claiming the
+///    task meanwhile sees it);
+/// 2. a task still in a queue is removed (atomically: only if no worker claimed it first) and
+///    gets its one `failed` event with the code [`ErrorCode::Cancelled`](crate::ErrorCode);
+/// 3. a task a worker holds (in a `task_processing:*` list) is left to that worker, which stops
+///    it between two UNet calls and publishes the `failed` event;
+/// 4. otherwise the request is withdrawn and the task's stored result (finished) or
+///    [`Cancellation::Unknown`] is returned.
+pub fn cancel_task(
+    con: &mut impl ConnectionLike,
+    task_id: &str,
+    opts: &CancelOptions,
+) -> Result<Cancellation, ProtocolError> {
+    let request = keys::task_cancel(task_id);
+    redis::cmd("SET")
+        .arg(&request)
+        .arg(1)
+        .arg("EX")
+        .arg(keys::CANCEL_TTL_SECS)
+        .query::<()>(con)?;
+    let mut queues = known_queues(con)?;
+    queues.extend(opts.queues.iter().cloned());
+    queues.sort();
+    queues.dedup();
+    for queue in &queues {
+        let items: Vec<Vec<u8>> = con.lrange(queue, 0, -1)?;
+        for raw in items.iter().filter(|raw| item_is(raw, task_id)) {
+            let item = crate::QueueItem::parse(raw);
+            let session = item
+                .task()
+                .map(|t| t.session_id)
+                .unwrap_or_else(|e| e.session_id().unwrap_or_default().to_owned());
+            let event = ProgressEvent::failed(
+                task_id,
+                session,
+                crate::ErrorCode::Cancelled,
+                "the task was cancelled on request before it started",
+            );
+            let payload = opts.schema.encode(&event);
+            let legacy = if opts.schema == crate::Schema::Legacy {
+                task_id
+            } else {
+                ""
+            };
+            let removed: i64 = redis::cmd("EVAL")
+                .arg(DEQUEUE_CANCELLED)
+                .arg(5)
+                .arg(queue)
+                .arg(keys::latest_event(task_id))
+                .arg(keys::task_result(task_id))
+                .arg(&request)
+                .arg(keys::LEGACY_TASK_SET)
+                .arg(raw.as_slice())
+                .arg(&payload)
+                .arg(&opts.channel)
+                .arg(keys::EVENT_TTL_SECS)
+                .arg(keys::RESULT_TTL_SECS)
+                .arg(legacy)
+                .query(con)?;
+            if removed == 1 {
+                return Ok(Cancellation::Dequeued {
+                    queue: queue.clone(),
+                    event,
+                });
+            }
+        }
+    }
+    for processing in scan_keys(con, &format!("{}*", keys::PROCESSING_LIST_PREFIX))? {
+        let items: Vec<Vec<u8>> = con.lrange(&processing, 0, -1)?;
+        if items.iter().any(|raw| item_is(raw, task_id)) {
+            return Ok(Cancellation::Requested { processing });
+        }
+    }
+    con.del::<_, ()>(&request)?;
+    Ok(match read_result(con, task_id)? {
+        Some(event) => Cancellation::Finished(event),
+        None => Cancellation::Unknown,
+    })
 }

@@ -13,6 +13,7 @@
 //! | [`DEFAULT_PROGRESS_CHANNEL`] `task_progress` (or `PROGRESS_CHANNEL`) | Pub/Sub channel of event JSON | worker `PUBLISH` | clients `SUBSCRIBE` | not stored |
 //! | [`latest_event`] `task_progress:{task_id}` | string: the last event published for the task, byte-identical | worker `SET EX` with every publish | late or reconnecting clients | [`EVENT_TTL_SECS`] |
 //! | [`task_result`] `task_result:{task_id}` | string: the terminal event, byte-identical to what was published | worker `SET EX` before publishing it | late clients | [`RESULT_TTL_SECS`] |
+//! | [`task_cancel`] `task_cancel:{task_id}` | string `1`: cancellation asked for | [`client::cancel_task`](crate::client) (`echomimic-worker cancel`) | the worker holding the task: polled while it holds claims, checked before a run | [`CANCEL_TTL_SECS`]; deleted with the task's terminal event and by a new submit |
 //! | [`LEGACY_TASK_SET`] `all_task_ids` | set of task ids | the EchoMe webapp `SADD` | worker `SREM` after every outcome (legacy schema only) | webapp-managed |
 //!
 //! # Claiming, attempts and dead letters
@@ -59,12 +60,12 @@ pub const RESULT_TTL_SECS: u64 = 24 * 3600;
 
 /// Default task queue of a worker: `task_queue_gpu_{gpu_id}`.
 pub fn task_queue(gpu_id: u32) -> String {
-    format!("task_queue_gpu_{gpu_id}")
+    format!("{TASK_QUEUE_PREFIX}{gpu_id}")
 }
 
 /// The worker's state key: `gpu_status:{gpu_id}`.
 pub fn gpu_status(gpu_id: u32) -> String {
-    format!("gpu_status:{gpu_id}")
+    format!("{GPU_STATUS_PREFIX}{gpu_id}")
 }
 
 /// The start of every [`processing_list`] key.
@@ -77,7 +78,7 @@ pub fn processing_list(gpu_id: u32) -> String {
 
 /// The lease that keeps a second worker off the same GPU id: `worker_lease:{gpu_id}`.
 pub fn worker_lease(gpu_id: u32) -> String {
-    format!("worker_lease:{gpu_id}")
+    format!("{WORKER_LEASE_PREFIX}{gpu_id}")
 }
 
 /// The claims a worker is working on: `worker_active:{gpu_id}`, a hash of claim id → the raw
@@ -93,7 +94,7 @@ pub fn worker_active(gpu_id: u32) -> String {
 /// sweeping for orphans takes over the processing list of a dead worker (lease expired) only
 /// when it served the same queue, so the items go back where they came from.
 pub fn worker_queue(gpu_id: u32) -> String {
-    format!("worker_queue:{gpu_id}")
+    format!("{WORKER_QUEUE_PREFIX}{gpu_id}")
 }
 
 /// The last event published for a task: `task_progress:{task_id}`.
@@ -105,6 +106,31 @@ pub fn latest_event(task_id: &str) -> String {
 pub fn task_result(task_id: &str) -> String {
     format!("task_result:{task_id}")
 }
+
+/// A request to cancel a task: `task_cancel:{task_id}`. A worker holding a claim of the task
+/// stops it between two UNet calls (or before its run starts) and publishes one `failed`
+/// event with the code `cancelled`; a queued task is removed by the canceller itself (see
+/// [`client::cancel_task`](crate::client)).
+pub fn task_cancel(task_id: &str) -> String {
+    format!("task_cancel:{task_id}")
+}
+
+/// Expiry of [`task_cancel`] (one hour): long enough for a worker that is reconnecting to see
+/// it, short enough that a forgotten request cannot cancel a task resubmitted much later with
+/// the same id (a submit deletes it anyway).
+pub const CANCEL_TTL_SECS: u64 = 3600;
+
+/// The start of every [`task_queue`] key under the default naming.
+pub const TASK_QUEUE_PREFIX: &str = "task_queue_gpu_";
+
+/// The start of every [`gpu_status`] key.
+pub const GPU_STATUS_PREFIX: &str = "gpu_status:";
+
+/// The start of every [`worker_lease`] key.
+pub const WORKER_LEASE_PREFIX: &str = "worker_lease:";
+
+/// The start of every [`worker_queue`] key.
+pub const WORKER_QUEUE_PREFIX: &str = "worker_queue:";
 
 /// The value of `gpu_status:{gpu}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -158,6 +184,8 @@ mod tests {
         assert_eq!(worker_lease(1), "worker_lease:1");
         assert_eq!(latest_event("t-1"), "task_progress:t-1");
         assert_eq!(task_result("t-1"), "task_result:t-1");
+        assert_eq!(task_cancel("t-1"), "task_cancel:t-1");
+        assert_eq!(worker_queue(2), "worker_queue:2");
         assert_eq!(DEFAULT_PROGRESS_CHANNEL, "task_progress");
         assert_eq!(LEGACY_TASK_SET, "all_task_ids");
     }

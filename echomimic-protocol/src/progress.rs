@@ -141,6 +141,9 @@ pub enum ErrorCode {
     AttemptsExhausted,
     /// A bug or an unexpected condition in the worker.
     Internal,
+    /// Cancelled on request ([`client::cancel_task`](crate::client) or `echomimic-worker
+    /// cancel`): removed from its queue, or stopped between two UNet calls.
+    Cancelled,
     /// A code this version does not know (decoding only).
     #[serde(other)]
     Unknown,
@@ -162,6 +165,7 @@ impl ErrorCode {
             ErrorCode::TempfileUnauthorized => "tempfile_unauthorized",
             ErrorCode::AttemptsExhausted => "attempts_exhausted",
             ErrorCode::Internal => "internal",
+            ErrorCode::Cancelled => "cancelled",
             ErrorCode::Unknown => "unknown",
         }
     }
@@ -324,6 +328,7 @@ mod tests {
             ErrorCode::TempfileUnauthorized,
             ErrorCode::AttemptsExhausted,
             ErrorCode::Internal,
+            ErrorCode::Cancelled,
             ErrorCode::Unknown,
         ] {
             assert_eq!(

@@ -123,6 +123,15 @@ impl QueueItem {
         }
     }
 
+    /// The task id the item carries (its `task_id` member, inside the envelope for a requeued
+    /// item), valid or not; `None` when it has none or is not JSON.
+    pub fn task_id(&self) -> Option<&str> {
+        if let Some(big) = &self.too_large {
+            return big.task_id.as_deref();
+        }
+        self.task.as_ref()?.get("task_id")?.as_str()
+    }
+
     /// True when [`QueueItem::parse_bounded`] refused to parse the item.
     pub fn is_too_large(&self) -> bool {
         self.too_large.is_some()

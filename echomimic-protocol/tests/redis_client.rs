@@ -362,3 +362,77 @@ fn redis_settings_carry_an_acl_user_and_tls() -> TestResult {
     assert!(matches!(plain.addr(), redis::ConnectionAddr::Tcp(..)));
     Ok(())
 }
+
+#[test]
+fn cancel_task_removes_a_queued_task_signals_a_claimed_one_and_leaves_the_rest() -> TestResult {
+    let Some((client, mut con)) = redis() else {
+        return Ok(());
+    };
+    let queue = unique("queue");
+    let channel = unique("chan");
+    let processing = format!(
+        "{}{}",
+        keys::PROCESSING_LIST_PREFIX,
+        unique("gpu").replace(':', "-")
+    );
+    let queued = task(&unique("task"));
+    let claimed = task(&unique("task"));
+    let mut names = vec![queue.clone(), processing.clone()];
+    for t in [&queued, &claimed] {
+        names.extend([
+            keys::task_result(&t.task_id),
+            keys::latest_event(&t.task_id),
+            keys::task_cancel(&t.task_id),
+        ]);
+    }
+    let _cleanup = Cleanup::new(client.clone(), names);
+    client::submit_task(&mut con, &queue, &queued)?;
+    let _: () = con.rpush(&processing, claimed.to_json())?;
+    let opts = client::CancelOptions {
+        channel: channel.clone(),
+        queues: vec![queue.clone()],
+        ..Default::default()
+    };
+
+    // Queued: removed, and its one failed event stored (and published).
+    let found = client::cancel_task(&mut con, &queued.task_id, &opts)?;
+    let client::Cancellation::Dequeued { queue: from, event } = found else {
+        panic!("{found:?}");
+    };
+    assert_eq!(from, queue);
+    assert_eq!(event.code, Some(ErrorCode::Cancelled));
+    assert_eq!(event.session_id, "sess-1");
+    assert_eq!(con.llen::<_, u64>(&queue)?, 0);
+    assert_eq!(
+        client::read_result(&mut con, &queued.task_id)?,
+        Some(event.clone())
+    );
+    assert!(!con.exists::<_, bool>(keys::task_cancel(&queued.task_id))?);
+    // Again: it is finished now, and nothing changes.
+    assert_eq!(
+        client::cancel_task(&mut con, &queued.task_id, &opts)?,
+        client::Cancellation::Finished(event)
+    );
+
+    // Claimed by a worker: the request is left for it.
+    assert_eq!(
+        client::cancel_task(&mut con, &claimed.task_id, &opts)?,
+        client::Cancellation::Requested {
+            processing: processing.clone()
+        }
+    );
+    assert!(con.exists::<_, bool>(keys::task_cancel(&claimed.task_id))?);
+    assert_eq!(con.llen::<_, u64>(&processing)?, 1);
+    // A new submit of the same id clears the old request.
+    client::submit_task(&mut con, &queue, &claimed)?;
+    assert!(!con.exists::<_, bool>(keys::task_cancel(&claimed.task_id))?);
+
+    // Unknown: nothing written.
+    let nobody = unique("task");
+    assert_eq!(
+        client::cancel_task(&mut con, &nobody, &opts)?,
+        client::Cancellation::Unknown
+    );
+    assert!(!con.exists::<_, bool>(keys::task_cancel(&nobody))?);
+    Ok(())
+}
