@@ -3,8 +3,8 @@
 # on a fresh Debian/Ubuntu machine: cmake and nasm (building libjpeg-turbo), a Redis server answering on
 # $REDIS_HOST:$REDIS_PORT (default 127.0.0.1:6379), ffmpeg/ffprobe (the
 # production encoder path and the probes of the media tests), Chromium (the
-# browser playback test) and cargo-nextest. Idempotent: only installs or starts
-# what is missing. Set ECHOMIMIC_SKIP_APT=1 to never call apt-get.
+# browser playback test), promtool (the metrics test) and cargo-nextest.
+# Idempotent: only installs or starts what is missing. Set ECHOMIMIC_SKIP_APT=1 to never call apt-get.
 set -euo pipefail
 
 log() { printf '[ensure-deps] %s\n' "$*" >&2; }
@@ -45,6 +45,11 @@ fi
 
 if [ "$want_ffmpeg" = 1 ] && ! { command -v ffmpeg >/dev/null && command -v ffprobe >/dev/null; }; then
   apt_install ffmpeg
+fi
+
+# promtool (Debian's prometheus package) checks the worker's /metrics in the tests.
+if [ "$want_nextest" = 1 ] && ! command -v promtool >/dev/null; then
+  apt_install prometheus
 fi
 
 if [ "$want_chromium" = 1 ] && ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null; then

@@ -7,6 +7,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/ensure-deps.sh
-export ECHOMIMIC_REQUIRE_REDIS=1
+export ECHOMIMIC_REQUIRE_REDIS=1 ECHOMIMIC_REQUIRE_PROMTOOL=1
 cargo test --doc --workspace --locked
 exec cargo nextest run --workspace --locked --profile ci "$@"

@@ -153,6 +153,19 @@ pub fn device_label(device: &Device) -> String {
     }
 }
 
+/// Bytes of the device's memory in use, over all processes (total minus free, as the driver
+/// reports it), for a CUDA device; `None` on other devices or when the driver cannot say.
+/// Cheap (one driver call); safe to call from any thread.
+pub fn memory_in_use(device: &Device) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cuda) = device {
+        let (free, total) = cuda.cuda_stream().context().mem_get_info().ok()?;
+        return u64::try_from(total.saturating_sub(free)).ok();
+    }
+    let _ = device;
+    None
+}
+
 /// The working dtype when none is asked for: float16 on CUDA, as the
 /// reference runs (`weight_dtype: fp16`), float32 elsewhere (candle's CPU
 /// half-precision kernels are slow and the CPU path is the parity baseline).

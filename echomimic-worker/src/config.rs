@@ -468,6 +468,11 @@ pub struct ServeArgs {
     /// after the whole run. `--geometry crop` output is not bounded by it.
     #[arg(long, env = "ECHOMIMIC_MAX_OUTPUT_PIXELS", default_value_t = DEFAULT_MAX_OUTPUT_PIXELS)]
     pub max_output_pixels: u64,
+    /// Serve `GET /metrics` (Prometheus text format), `GET /healthz` (liveness: every thread
+    /// alive) and `GET /readyz` (model loaded, Redis reachable, lease held) on this address,
+    /// e.g. `0.0.0.0:9400` or `127.0.0.1:0`. Off when unset.
+    #[arg(long, env = "METRICS_LISTEN", value_name = "ADDR")]
+    pub metrics_listen: Option<String>,
 }
 
 /// Default of `--max-output-pixels`: 4096 × 4096.
@@ -536,6 +541,8 @@ pub struct WorkerConfig {
     pub http_deadline: Duration,
     /// Largest paste-back output frame, in pixels.
     pub max_output_pixels: u64,
+    /// Address of the metrics and health endpoints (`None`: off).
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// `BLMOVE` timeout: how long one claim attempt blocks (and so how fast a stop request is
     /// noticed while idle).
     pub claim_timeout: Duration,
@@ -563,6 +570,20 @@ fn parse_token(s: &str) -> Result<Token, String> {
             .ok_or_else(|| "empty token".to_owned()),
         Err(e) => Err(e.to_string()),
     }
+}
+
+/// `--metrics-listen`: `host:port` (a name is resolved once, at start).
+fn parse_listen(addr: &str) -> Result<std::net::SocketAddr, WorkerError> {
+    use std::net::ToSocketAddrs;
+    addr.to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| {
+            WorkerError::Config(format!(
+                "--metrics-listen {addr}: not an address to listen on (expected host:port, \
+                 e.g. 0.0.0.0:9400)"
+            ))
+        })
 }
 
 fn secs(what: &str, v: u64, min: u64) -> Result<Duration, WorkerError> {
@@ -633,6 +654,10 @@ impl ServeArgs {
             ));
         }
         let max_backoff = fsecs("http-max-backoff-secs", self.http_max_backoff_secs)?;
+        let metrics_listen = match self.metrics_listen.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(addr) => Some(parse_listen(addr)?),
+        };
         Ok(WorkerConfig {
             redis: self.redis,
             base_url: self.base_url,
@@ -677,6 +702,7 @@ impl ServeArgs {
             watchdog: (self.watchdog_secs > 0).then(|| Duration::from_secs(self.watchdog_secs)),
             http_deadline: fsecs("http-deadline-secs", self.http_deadline_secs)?,
             max_output_pixels: self.max_output_pixels,
+            metrics_listen,
             claim_timeout: Duration::from_secs(1),
         })
     }
@@ -779,6 +805,7 @@ mod tests {
             ("--steps", "0", "--steps"),
             ("--cfg", "30", "--cfg"),
             ("--status-ttl-secs", "1", "--status-ttl-secs"),
+            ("--metrics-listen", "nowhere", "--metrics-listen"),
         ] {
             let cli = Cli::parse_from(["x", "--weights", &weights_dir(), flag, value]);
             let err = cli.serve.into_config().unwrap_err().to_string();

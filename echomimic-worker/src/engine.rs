@@ -13,6 +13,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
 use image::RgbImage;
 
@@ -106,6 +107,21 @@ pub struct RunSummary {
     pub unet_calls: u64,
 }
 
+/// Reads the accelerator's memory in use, in bytes; callable from any thread (the metrics
+/// endpoint calls it at scrape time, never the inference thread).
+pub type MemoryProbe = Arc<dyn Fn() -> Option<u64> + Send + Sync>;
+
+/// What the model runs on, for the `echomimic_build_info` metric.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineLabels {
+    /// `cpu`, `cuda:0`, ...
+    pub device: String,
+    /// `f32`, `f16`, `bf16`.
+    pub dtype: String,
+    /// `normal`, `acc`, ... (or what a stand-in engine is).
+    pub variant: String,
+}
+
 /// A loaded model. Owned by the inference thread; never shared.
 pub trait Engine: Send + 'static {
     /// Prepared data the engine consumes.
@@ -121,6 +137,14 @@ pub trait Engine: Send + 'static {
 
     /// One line for the start-up log (weights, variant, device, dtype).
     fn describe(&self) -> String;
+
+    /// Device, dtype and variant, for the metrics.
+    fn labels(&self) -> EngineLabels;
+
+    /// A reader of the accelerator's memory in use; `None` (the default) on the CPU.
+    fn memory_probe(&self) -> Option<MemoryProbe> {
+        None
+    }
 
     /// A tiny forward pass so the first task does not pay for lazy initialisation.
     fn warm_up(&mut self) -> Result<(), WorkerError>;

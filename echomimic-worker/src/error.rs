@@ -95,6 +95,9 @@ pub enum WorkerError {
     /// A Redis command failed.
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
+    /// An operator command (`status`, `dlq`, `cancel`) could not do its work.
+    #[error("{0}")]
+    Admin(String),
     /// Another worker holds the lease of this gpu id.
     #[error(
         "gpu id {gpu_id} is already served by another worker (lease key `{key}` held by {owner:?}, \
@@ -244,6 +247,7 @@ impl WorkerError {
             | WorkerError::ModelLoad(_) => Failure::new(C::Internal, Retry::Attempts),
             WorkerError::LeaseHeld { .. }
             | WorkerError::LeaseLost { .. }
+            | WorkerError::Admin(_)
             | WorkerError::Config(_) => Failure::new(C::Internal, Retry::Never),
         }
     }

@@ -16,6 +16,7 @@ use echomimic_tempfile::TempfileClient;
 use crate::error::WorkerError;
 use crate::handoff::{FinishJob, RunDone};
 use crate::job::{Policy, Timings};
+use crate::metrics::STAGES;
 use crate::progress::{MERGE_START, UPLOAD_START};
 use crate::reporter::ReporterHandle;
 use crate::state::Shared;
@@ -63,6 +64,11 @@ impl Finisher {
             Ok(Delivered { file_id, message }) => self
                 .policy
                 .completed(&job.claim, &job.task, &file_id, message),
+            Err(WorkerError::Cancelled) if self.shared.cancel_requested(&job.task.task_id) => {
+                tracing::info!("cancelled on request");
+                self.policy
+                    .cancelled(&job.claim, &job.task, "while it was running")
+            }
             Err(err) => {
                 match &err {
                     WorkerError::Cancelled => tracing::info!("stopped by shutdown; task requeued"),
@@ -83,11 +89,13 @@ impl Finisher {
             result,
             mut events,
             inference,
+            decode,
         } = job
             .done_rx
             .recv()
             .map_err(|_| WorkerError::Internal("the inference thread stopped mid-task".into()))?;
         job.timings.inference = inference;
+        job.timings.decode = decode;
         // The encoder's failure is the cause when both failed (a cancelled run is just that).
         let (summary, writer) = match (result, writer) {
             (Err(WorkerError::Cancelled), _) => return Err(WorkerError::Cancelled),
@@ -114,6 +122,20 @@ impl Finisher {
             .upload_file_as_unless(&report.path, &name, &cancelled)
             .map_err(WorkerError::Upload)?;
         job.timings.upload = t.elapsed();
+        let m = &self.shared.metrics;
+        let t = &job.timings;
+        let took = [
+            t.download,
+            t.prepare,
+            t.wait,
+            t.inference,
+            t.decode,
+            t.encode,
+            t.upload,
+        ];
+        for (stage, took) in STAGES.iter().zip(took) {
+            m.stage(stage, took.as_secs_f64());
+        }
         log_timings(
             &job.timings,
             &report,
@@ -174,6 +196,7 @@ fn log_timings(t: &Timings, report: &VideoReport, total: f64) {
         prepare_s = t.prepare.as_secs_f64(),
         wait_s = t.wait.as_secs_f64(),
         inference_s = t.inference.as_secs_f64(),
+        decode_s = t.decode.as_secs_f64(),
         mux_s = t.encode.as_secs_f64(),
         upload_s = t.upload.as_secs_f64(),
         total_s = total,

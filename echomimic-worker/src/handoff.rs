@@ -47,5 +47,8 @@ pub(crate) struct FinishJob {
 pub(crate) struct RunDone {
     pub(crate) result: Result<RunSummary, WorkerError>,
     pub(crate) events: TaskEvents,
+    /// From the start of the run to the end of its last UNet call.
     pub(crate) inference: Duration,
+    /// From there to the end of the run (VAE decoding and frames).
+    pub(crate) decode: Duration,
 }

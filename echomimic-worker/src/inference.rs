@@ -56,6 +56,12 @@ impl<E: Engine> Inference<E> {
             self.reporter.outcome(self.policy.released(&claim));
             return;
         }
+        if self.shared.cancel_requested(&task.task_id) {
+            tracing::info!(task_id = %task.task_id, claim = %claim.id, "cancelled on request before its run");
+            self.reporter
+                .outcome(self.policy.cancelled(&claim, &task, "before it started"));
+            return;
+        }
         let Prepared {
             photo,
             crop,
@@ -67,6 +73,7 @@ impl<E: Engine> Inference<E> {
         } = prepared;
         let span = tracing::info_span!("task", task_id = %task.task_id, claim = %claim.id);
         let _enter = span.enter();
+        let task_id = task.task_id.clone();
         let (frames_tx, frames_rx) = crossbeam_channel::bounded(FRAME_QUEUE);
         let (done_tx, done_rx) = crossbeam_channel::bounded(1);
         let message = format!(
@@ -98,16 +105,24 @@ impl<E: Engine> Inference<E> {
         events.stage(Stage::Inference, INFERENCE_START, message);
         // The watchdog's view: refreshed by every progress report until the run returns.
         self.shared.model_started(&running.0, &running.1);
+        self.shared.run_started(&task_id);
         let started = Instant::now();
         let mut eta = Eta::new();
         let mut last_decode_bucket = None;
+        // The end of the last UNet call: splits the run into inference and decoding.
+        let mut last_unet: Option<Instant> = None;
         let result = {
             let shared = &self.shared;
             let mut progress = |p: EngineProgress| {
                 shared.model_progress();
                 let message = match p {
                     EngineProgress::Unet { done, total, .. } => {
-                        inference_message(&p, eta.update(Instant::now(), done, total))
+                        let now = Instant::now();
+                        if let Some(prev) = last_unet {
+                            shared.metrics.unet_call((now - prev).as_secs_f64());
+                        }
+                        last_unet = Some(now);
+                        inference_message(&p, eta.update(now, done, total))
                     }
                     EngineProgress::Decoded { done, total } => {
                         // One event per 5 % of the frames (and the last one).
@@ -124,7 +139,7 @@ impl<E: Engine> Inference<E> {
             };
             let mut sink = |f: Vec<u8>| frames_tx.send(f).map_err(|_| SinkClosed);
             let mut ctx = RunContext {
-                cancel: &self.shared.cancel,
+                cancel: &self.shared.run_cancel,
                 progress: &mut progress,
                 frame: &mut sink,
             };
@@ -141,14 +156,18 @@ impl<E: Engine> Inference<E> {
                 },
             )
         };
+        self.shared.run_ended();
         self.shared.model_done();
         drop(frames_tx);
-        let inference = started.elapsed();
+        let ended = Instant::now();
+        let unet_end = last_unet.unwrap_or(ended);
+        let inference = unet_end - started;
+        let decode = ended - unet_end;
         match &result {
             Ok(s) => tracing::info!(
                 frames = s.frames,
                 unet_calls = s.unet_calls,
-                secs = inference.as_secs_f64(),
+                secs = (inference + decode).as_secs_f64(),
                 "inference done"
             ),
             Err(e) => tracing::warn!(error = %e, "inference ended with an error"),
@@ -158,6 +177,7 @@ impl<E: Engine> Inference<E> {
                 result,
                 events,
                 inference,
+                decode,
             })
             .is_err()
         {

@@ -86,6 +86,7 @@ impl Policy {
             )),
             dead_letter: None,
             what: OutcomeKind::Completed,
+            code: None,
         }
     }
 
@@ -99,6 +100,7 @@ impl Policy {
             event: None,
             dead_letter: None,
             what: OutcomeKind::Released,
+            code: None,
         }
     }
 
@@ -119,6 +121,7 @@ impl Policy {
                 event: None,
                 dead_letter: None,
                 what: OutcomeKind::Retried,
+                code: Some(code),
             },
             None => self.failed(claim, ids, code, reason),
         }
@@ -148,6 +151,27 @@ impl Policy {
             },
             event,
             dead_letter: Some(dead_letter),
+            code: Some(code),
+        }
+    }
+
+    /// Cancelled on request ([`echomimic_protocol::keys::task_cancel`]): one `failed` event
+    /// with the code `cancelled`; not dead-lettered (nothing went wrong) and not retried.
+    pub(crate) fn cancelled(&self, claim: &Claim, task: &Task, when: &str) -> OutcomeRecord {
+        let event = ProgressEvent::failed(
+            &task.task_id,
+            &task.session_id,
+            ErrorCode::Cancelled,
+            format!("the task was cancelled on request {when}"),
+        );
+        OutcomeRecord {
+            claim_id: claim.id.to_string(),
+            raw: claim.item.raw().to_vec(),
+            requeue: None,
+            event: Some(event),
+            dead_letter: None,
+            what: OutcomeKind::Cancelled,
+            code: Some(ErrorCode::Cancelled),
         }
     }
 
@@ -321,6 +345,7 @@ pub(crate) struct Timings {
     pub(crate) prepare: Duration,
     pub(crate) wait: Duration,
     pub(crate) inference: Duration,
+    pub(crate) decode: Duration,
     pub(crate) encode: Duration,
     pub(crate) upload: Duration,
 }

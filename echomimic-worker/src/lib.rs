@@ -10,6 +10,9 @@
 //! * [`error`]: errors and the one mapping to wire codes and retry decisions.
 //! * [`progress`]: stage bands, per-UNet-call progress and the ETA.
 //! * [`store`]: the Redis scripts (lease, heartbeat, idempotent outcome recording).
+//! * [`admin`]: the operator's commands (`status`, `dlq`, `cancel`) over the same keys.
+//! * `metrics` and `health`: Prometheus metrics and the `/healthz`/`/readyz` probes
+//!   (`--metrics-listen`).
 //!
 //! # Redis keys and events, as implemented
 //!
@@ -22,6 +25,8 @@
 //! (see [`store`]). Exactly one terminal event is published per task outcome; an attempt that
 //! is retried publishes none.
 
+pub mod admin;
+mod canceller;
 pub mod config;
 pub mod engine;
 pub mod error;
@@ -29,9 +34,11 @@ mod fetcher;
 mod finisher;
 pub mod generate;
 mod handoff;
+mod health;
 mod heartbeat;
 mod inference;
 mod job;
+mod metrics;
 pub mod progress;
 mod redis_link;
 mod reporter;

@@ -1,13 +1,14 @@
-//! `echomimic-worker`: the EchoMimic worker service (`serve`, the default) and one-shot local
-//! generation (`generate`). Everything but argument parsing, logging, signals and exit codes
-//! lives in the library.
+//! `echomimic-worker`: the EchoMimic worker service (`serve`, the default), one-shot local
+//! generation (`generate`) and the operator's commands (`status`, `dlq`, `cancel`). Everything
+//! but argument parsing, logging, signals and exit codes lives in the library.
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
+use echomimic_worker::admin::{self, CancelArgs, DlqArgs, StatusArgs};
 use echomimic_worker::engine::pipeline::PipelineEngine;
 use echomimic_worker::generate::{self, GenerateArgs};
 use echomimic_worker::{ServeArgs, ShutdownHandle, ShutdownLevel, Worker, WorkerError};
@@ -18,8 +19,25 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Cli {
+    /// Log lines as text, or as one JSON object per line (with the task id and claim as
+    /// fields), for log collectors. Logs go to stderr; RUST_LOG filters them (default info).
+    #[arg(
+        long,
+        global = true,
+        env = "ECHOMIMIC_LOG_FORMAT",
+        value_enum,
+        default_value_t
+    )]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Debug, Clone, Copy, Default, ValueEnum)]
+enum LogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -28,20 +46,45 @@ enum Command {
     Serve(Box<ServeArgs>),
     /// Generate one video from a photo and a speech file.
     Generate(Box<GenerateArgs>),
+    /// Show every gpu id found in Redis: status, lease, queue, claims, running task, and the
+    /// dead-letter count.
+    Status(StatusArgs),
+    /// List, requeue or purge the dead-letter list.
+    Dlq(DlqArgs),
+    /// Cancel a task: removed when queued, stopped between two UNet calls when running; one
+    /// `failed` event with the code `cancelled` either way.
+    Cancel(CancelArgs),
 }
 
 /// `serve` is the default subcommand: `echomimic-worker --gpu-id 1` means
-/// `echomimic-worker serve --gpu-id 1`.
+/// `echomimic-worker serve --gpu-id 1` (a leading `--log-format F` is skipped when looking).
 fn argv() -> Vec<String> {
     let mut args: Vec<String> = std::env::args().collect();
-    let explicit = args.get(1).is_some_and(|a| {
+    let mut at = 1;
+    while let Some(a) = args.get(at) {
+        match a.as_str() {
+            "--log-format" => at += 2,
+            a if a.starts_with("--log-format=") => at += 1,
+            _ => break,
+        }
+    }
+    let explicit = args.get(at).is_some_and(|a| {
         matches!(
             a.as_str(),
-            "serve" | "generate" | "help" | "-h" | "--help" | "-V" | "--version"
+            "serve"
+                | "generate"
+                | "status"
+                | "dlq"
+                | "cancel"
+                | "help"
+                | "-h"
+                | "--help"
+                | "-V"
+                | "--version"
         )
     });
     if !explicit {
-        args.insert(1, "serve".into());
+        args.insert(at.min(args.len()), "serve".into());
     }
     args
 }
@@ -85,16 +128,42 @@ fn generate_with_signals(args: &GenerateArgs) -> anyhow::Result<()> {
     generate::run_with_cancel(args, &cancel).map(|_| ())
 }
 
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
+    }
+}
+
+/// An operator command's exit status (its errors logged like the service's).
+fn admin_exit(result: Result<u8, WorkerError>) -> ExitCode {
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            tracing::error!("{e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
-    match Cli::parse_from(argv()).command {
+    let cli = Cli::parse_from(argv());
+    init_logging(cli.log_format);
+    let mut out = std::io::stdout().lock();
+    match cli.command {
+        Command::Status(args) => admin_exit(admin::status(&args, &mut out)),
+        Command::Dlq(args) => admin_exit(admin::dlq(&args, &mut out)),
+        Command::Cancel(args) => admin_exit(admin::cancel(&args, &mut out)),
         Command::Serve(args) => match serve(*args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -7,6 +7,7 @@
 //! after a pause that doubles from 100 ms up to 5 s, with jitter, so a Redis outage never makes
 //! a thread spin. Other errors (a script error, a wrong type) are returned as they are.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use rand::Rng;
@@ -75,10 +76,21 @@ pub(crate) fn is_connection_error(e: &RedisError) -> bool {
         )
 }
 
+/// Connections made again after one was lost, over every link of the process.
+static RECONNECTS: AtomicU64 = AtomicU64::new(0);
+
+/// How many times a link of this process made its connection again after losing it (the
+/// `echomimic_redis_reconnects_total` metric).
+pub(crate) fn reconnects() -> u64 {
+    RECONNECTS.load(Ordering::Relaxed)
+}
+
 /// A lazily (re)connected Redis connection owned by one thread.
 pub(crate) struct RedisLink {
     client: redis::Client,
     con: Option<Connection>,
+    /// A connection was made before (the next one is a reconnect).
+    connected_before: bool,
     name: &'static str,
     backoff: Backoff,
     read_timeout: Duration,
@@ -92,6 +104,7 @@ impl RedisLink {
         RedisLink {
             client,
             con: None,
+            connected_before: false,
             name,
             backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(5)),
             read_timeout,
@@ -106,6 +119,10 @@ impl RedisLink {
                 .get_connection_with_timeout(Duration::from_secs(5))?;
             con.set_read_timeout(Some(self.read_timeout))?;
             con.set_write_timeout(Some(Duration::from_secs(10)))?;
+            if self.connected_before {
+                RECONNECTS.fetch_add(1, Ordering::Relaxed);
+            }
+            self.connected_before = true;
             self.con = Some(con);
         }
         match self.con.as_mut() {

@@ -33,11 +33,13 @@ use echomimic_pipeline::video::{resolve_backend, EncoderBackend, GeometryMode};
 use echomimic_protocol::QueueItem;
 use echomimic_tempfile::{ClientConfig, TempfileClient};
 
+use crate::canceller::Canceller;
 use crate::config::WorkerConfig;
 use crate::engine::Engine;
 use crate::error::WorkerError;
 use crate::fetcher::{sweep_dead_task_dirs, Fetcher};
 use crate::finisher::Finisher;
+use crate::health::{HealthServer, Probe};
 use crate::inference::Inference;
 use crate::job::{Claim, Policy};
 use crate::redis_link::{sleep_unless, RedisLink};
@@ -80,6 +82,8 @@ pub struct Worker {
     outcomes: Option<(ReporterHandle, Policy)>,
     /// Claims the supervisor has already recorded an outcome for.
     settled_here: Vec<Arc<str>>,
+    /// `--metrics-listen`: stopped last, so probes answer until the worker is gone.
+    health: Option<HealthServer>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -247,12 +251,20 @@ fn load_engine<E: Engine>(
     load: impl FnOnce() -> Result<E, WorkerError>,
     shared: &Shared,
 ) -> Result<E, WorkerError> {
-    let t = Instant::now();
+    let started = Instant::now();
     let mut engine = load()?;
-    tracing::info!(engine = %engine.describe(), secs = t.elapsed().as_secs_f64(), "model loaded");
+    tracing::info!(engine = %engine.describe(), secs = started.elapsed().as_secs_f64(), "model loaded");
     let t = Instant::now();
     engine.warm_up()?;
     tracing::info!(secs = t.elapsed().as_secs_f64(), "model warmed up");
+    let labels = engine.labels();
+    shared.metrics.model_loaded(
+        started.elapsed().as_secs_f64(),
+        &labels.device,
+        &labels.dtype,
+        &labels.variant,
+    );
+    shared.set_memory_probe(engine.memory_probe());
     if shared.shutdown().level() > ShutdownLevel::Running {
         return Err(WorkerError::Cancelled);
     }
@@ -298,6 +310,21 @@ impl Worker {
         let plan = Plan::new(&config)?;
         let (wake_tx, wake_rx) = crossbeam_channel::bounded(1);
         let shared = Arc::new(Shared::new(shutdown, plan.keys.lease.clone(), wake_tx));
+        // Probes answer from the start: live at once, ready once the model serves.
+        let health = match config.metrics_listen {
+            Some(addr) => Some(HealthServer::start(
+                addr,
+                shared.clone(),
+                Probe {
+                    client: plan.client.clone(),
+                    queue: plan.keys.queue.clone(),
+                    processing: plan.keys.processing.clone(),
+                    lease: plan.keys.lease.clone(),
+                    owner: plan.keys.owner.clone(),
+                },
+            )?),
+            None => None,
+        };
         let mut link = plan.link("start-up", Duration::from_secs(10));
         tracing::info!(redis = %config.redis.describe(), lease = %plan.keys.lease, owner = %plan.keys.owner, "taking the lease");
         take_lease(&mut link, &plan.keys, &shared, config.gpu_id)?;
@@ -313,6 +340,7 @@ impl Worker {
             reporter_drain: config.grace + Duration::from_secs(30),
             outcomes: None,
             settled_here: Vec::new(),
+            health,
         };
         worker.heartbeat = Some(start_heartbeat(&plan, &config, &shared, wake_rx)?);
         let engine = load_engine(load, &shared)?;
@@ -390,6 +418,15 @@ impl Worker {
                 inference.run(job_rx, finish_tx)
             })?,
         ));
+        let canceller = Canceller {
+            link: RedisLink::new(client.clone(), "cancel", Duration::from_secs(10)),
+            shared: shared.clone(),
+            max_item_bytes: policy.max_item_bytes,
+        };
+        self.workers.push((
+            "canceller",
+            spawn("canceller", shared, move || canceller.run())?,
+        ));
         if let Some(interval) = config.sweep_interval {
             let sweeper = Sweeper {
                 link: RedisLink::new(client.clone(), "sweep", Duration::from_secs(10)),
@@ -432,6 +469,11 @@ impl Worker {
     /// Counters so far.
     pub fn stats(&self) -> Stats {
         self.shared.stats()
+    }
+
+    /// The address of the metrics and health endpoints (`--metrics-listen`), once bound.
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.health.as_ref().map(HealthServer::addr)
     }
 
     /// True while nothing is claimed.
@@ -587,6 +629,7 @@ impl Worker {
                 tracing::error!("heartbeat thread panicked");
             }
         }
+        self.health = None;
     }
 }
 

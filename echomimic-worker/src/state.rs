@@ -2,17 +2,31 @@
 //!
 //! Every thread holds an `Arc<Shared>`; none of them holds another thread's type. This module
 //! sits below all of them: it imports only the leaf modules [`crate::shutdown`],
-//! [`crate::error`] and [`crate::store`] (none of which import anything of this crate).
+//! [`crate::error`], [`crate::metrics`] and [`crate::store`] (none of which import anything
+//! of this crate), and the [`crate::engine`] boundary's probe type.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crossbeam_channel::Sender;
+use echomimic_protocol::QueueItem;
 
+use crate::engine::MemoryProbe;
 use crate::error::WorkerError;
+use crate::metrics::Metrics;
 use crate::shutdown::{ShutdownHandle, ShutdownLevel};
 use crate::store::{OutcomeKind, OutcomeRecord, Recorded};
+
+/// Cancellation requests ([`echomimic_protocol::keys::task_cancel`]) seen by this worker, and
+/// the task on the model, under one lock so a request cannot miss the run it is for nor hit
+/// the next one.
+#[derive(Default)]
+struct Cancels {
+    requested: HashSet<String>,
+    running: Option<String>,
+}
 
 /// Counters of a worker's outcomes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -29,6 +43,8 @@ pub struct Stats {
     pub retried: u64,
     /// Requeued uncounted because the worker was stopping.
     pub released: u64,
+    /// Cancelled on request (`failed` with the code `cancelled`, not dead-lettered).
+    pub cancelled: u64,
     /// Leftovers of a previous run found at start-up, and orphans requeued by the sweep.
     pub recovered: u64,
 }
@@ -41,6 +57,7 @@ struct Counters {
     dead_lettered: AtomicU64,
     retried: AtomicU64,
     released: AtomicU64,
+    cancelled: AtomicU64,
     recovered: AtomicU64,
 }
 
@@ -63,8 +80,17 @@ pub(crate) struct Shared {
     shutdown: ShutdownHandle,
     /// `worker_lease:{gpu}`, for error messages.
     lease_key: String,
-    /// The engine's cancel flag.
-    pub(crate) cancel: AtomicBool,
+    /// Set by a stop (grace period over, second signal, fatal error): the running task must
+    /// stop and be requeued. Never cleared.
+    cancel: AtomicBool,
+    /// The engine's cancel flag for the run in progress: set by a stop, or by a cancellation
+    /// request for that run's task; reset when the next run starts.
+    pub(crate) run_cancel: AtomicBool,
+    cancels: Mutex<Cancels>,
+    /// The worker's metrics.
+    pub(crate) metrics: Metrics,
+    /// The accelerator's memory, once the model is loaded (CUDA only).
+    memory_probe: Mutex<Option<MemoryProbe>>,
     ready: AtomicBool,
     inflight: AtomicUsize,
     /// The claims in flight (their raw items form a multiset), so a sweep can tell an item in
@@ -93,6 +119,10 @@ impl Shared {
             shutdown,
             lease_key,
             cancel: AtomicBool::new(false),
+            run_cancel: AtomicBool::new(false),
+            cancels: Mutex::new(Cancels::default()),
+            metrics: Metrics::new(),
+            memory_probe: Mutex::new(None),
             ready: AtomicBool::new(false),
             inflight: AtomicUsize::new(0),
             held: Mutex::new(Vec::new()),
@@ -122,9 +152,60 @@ impl Shared {
         self.cancel.load(Ordering::SeqCst)
     }
 
-    /// Cancels the running task (between two UNet calls).
+    /// Cancels the running task (between two UNet calls) for a stop: it is requeued.
     pub(crate) fn cancel_task(&self) {
         self.cancel.store(true, Ordering::SeqCst);
+        self.run_cancel.store(true, Ordering::SeqCst);
+    }
+
+    /// A cancellation was requested for `task_id` (seen in Redis). Stops its run when it is
+    /// the one on the model; true when this is news.
+    pub(crate) fn request_cancel(&self, task_id: &str) -> bool {
+        let Ok(mut c) = self.cancels.lock() else {
+            return false;
+        };
+        if c.running.as_deref() == Some(task_id) {
+            self.run_cancel.store(true, Ordering::SeqCst);
+        }
+        c.requested.insert(task_id.to_owned())
+    }
+
+    /// True when a cancellation was requested for `task_id`.
+    pub(crate) fn cancel_requested(&self, task_id: &str) -> bool {
+        self.cancels
+            .lock()
+            .map(|c| c.requested.contains(task_id))
+            .unwrap_or(false)
+    }
+
+    /// The model starts on `task_id`: its cancel flag starts set when the worker is stopping
+    /// or the task's cancellation was already requested.
+    pub(crate) fn run_started(&self, task_id: &str) {
+        if let Ok(mut c) = self.cancels.lock() {
+            c.running = Some(task_id.to_owned());
+            let cancel = self.cancelled() || c.requested.contains(task_id);
+            self.run_cancel.store(cancel, Ordering::SeqCst);
+        }
+    }
+
+    /// The model is done with its run.
+    pub(crate) fn run_ended(&self) {
+        if let Ok(mut c) = self.cancels.lock() {
+            c.running = None;
+        }
+    }
+
+    /// The accelerator's memory reader, set once the model is loaded.
+    pub(crate) fn set_memory_probe(&self, probe: Option<MemoryProbe>) {
+        if let Ok(mut p) = self.memory_probe.lock() {
+            *p = probe;
+        }
+    }
+
+    /// The accelerator's memory in use, when the model runs on one that can say.
+    pub(crate) fn memory_in_use(&self) -> Option<u64> {
+        let probe = self.memory_probe.lock().ok()?.clone()?;
+        probe()
     }
 
     pub(crate) fn ready(&self) -> bool {
@@ -220,6 +301,15 @@ impl Shared {
             return;
         }
         let held = self.settle(&record.claim_id, &record.raw);
+        // Whatever the outcome, a cancellation request seen for this task is dealt with (a
+        // requeued task's request is still in Redis and is seen again at its next claim).
+        let task_id = match &record.event {
+            Some(e) => Some(e.task_id.clone()),
+            None => QueueItem::parse(&record.raw).task_id().map(str::to_owned),
+        };
+        if let (Some(id), Ok(mut c)) = (&task_id, self.cancels.lock()) {
+            c.requested.remove(id);
+        }
         if recorded == Recorded::AlreadyApplied && !held {
             // A second outcome for a claim already settled here (the supervisor requeued
             // what a stuck thread held, and the thread answered after all): counted once.
@@ -232,8 +322,20 @@ impl Shared {
             OutcomeKind::DeadLettered => &c.dead_lettered,
             OutcomeKind::Retried => &c.retried,
             OutcomeKind::Released => &c.released,
+            OutcomeKind::Cancelled => &c.cancelled,
         };
         counter.fetch_add(1, Ordering::Relaxed);
+        let outcome = match record.what {
+            OutcomeKind::Completed => "completed",
+            OutcomeKind::Failed | OutcomeKind::DeadLettered | OutcomeKind::Cancelled => "failed",
+            OutcomeKind::Retried | OutcomeKind::Released => "requeued",
+        };
+        self.metrics.task(
+            outcome,
+            record.code.map(|c| c.as_str()).unwrap_or("none"),
+            record.what == OutcomeKind::Retried,
+            record.dead_letter.is_some(),
+        );
         let task_id = record.event.as_ref().map(|e| e.task_id.as_str());
         tracing::info!(
             claim = %record.claim_id,
@@ -350,6 +452,7 @@ impl Shared {
             dead_lettered: l(&c.dead_lettered),
             retried: l(&c.retried),
             released: l(&c.released),
+            cancelled: l(&c.cancelled),
             recovered: l(&c.recovered),
         }
     }

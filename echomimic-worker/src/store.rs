@@ -21,7 +21,8 @@
 //!    the script before anything changed; then `LREM` the item from the processing list and
 //!    `LPUSH` it (or its requeue envelope) back onto the queue when requeued;
 //! 5. for a terminal outcome: `SET task_progress:{id}`, `SET task_result:{id}` (TTLs) and
-//!    `PUBLISH` the event, byte-identical in all three;
+//!    `PUBLISH` the event, byte-identical in all three; a cancel request for the task
+//!    ([`keys::task_cancel`]) is done with and deleted;
 //! 6. `RPUSH` the dead letter (trimmed to the newest [`keys::DEAD_LETTER_MAX_LEN`]), and in
 //!    the legacy schema `SREM all_task_ids {task_id}`; the claim leaves the worker's
 //!    [`keys::worker_active`] hash.
@@ -33,7 +34,7 @@
 
 use std::time::Duration;
 
-use echomimic_protocol::{keys, DeadLetter, ProgressEvent, Schema};
+use echomimic_protocol::{keys, DeadLetter, ErrorCode, ProgressEvent, Schema};
 use redis::{Connection, RedisResult};
 
 /// The idempotency marker of one claim's outcome: `worker_outcome:{claim_id}`.
@@ -57,6 +58,7 @@ if ARGV[5] ~= '' then
   redis.call('SET', KEYS[5], ARGV[5], 'EX', ARGV[7])
   redis.call('SET', KEYS[6], ARGV[5], 'EX', ARGV[8])
   redis.call('PUBLISH', ARGV[6], ARGV[5])
+  redis.call('DEL', KEYS[10])
 end
 if ARGV[9] ~= '' then
   redis.call('RPUSH', KEYS[7], ARGV[9])
@@ -142,6 +144,9 @@ pub(crate) struct OutcomeRecord {
     pub(crate) dead_letter: Option<DeadLetter>,
     /// What kind of outcome this is.
     pub(crate) what: OutcomeKind,
+    /// The error code behind a failure or a retry (for the metrics; the event and the dead
+    /// letter carry their own).
+    pub(crate) code: Option<ErrorCode>,
 }
 
 /// The kinds of outcome, for logs and counters.
@@ -157,6 +162,8 @@ pub(crate) enum OutcomeKind {
     Retried,
     /// Pushed back as it was because the worker is stopping (not counted).
     Released,
+    /// `failed` with the code `cancelled` published on request (not dead-lettered).
+    Cancelled,
 }
 
 impl OutcomeKind {
@@ -167,6 +174,7 @@ impl OutcomeKind {
             OutcomeKind::DeadLettered => "dead-lettered",
             OutcomeKind::Retried => "requeued for another attempt",
             OutcomeKind::Released => "requeued (worker stopping)",
+            OutcomeKind::Cancelled => "cancelled",
         }
     }
 }
@@ -376,12 +384,13 @@ impl Keys {
             .as_ref()
             .map(|e| self.schema.encode(e))
             .unwrap_or_default();
-        let (latest, result) = match &outcome.event {
+        let (latest, result, cancel) = match &outcome.event {
             Some(e) => (
                 keys::latest_event(&e.task_id),
                 keys::task_result(&e.task_id),
+                keys::task_cancel(&e.task_id),
             ),
-            None => (marker.clone(), marker.clone()),
+            None => (marker.clone(), marker.clone(), marker.clone()),
         };
         let legacy = match (&outcome.event, self.schema) {
             (Some(e), Schema::Legacy) => e.task_id.clone(),
@@ -394,7 +403,7 @@ impl Keys {
             .unwrap_or_default();
         let r: i64 = redis::cmd("EVAL")
             .arg(RECORD_OUTCOME)
-            .arg(9)
+            .arg(10)
             .arg(&self.lease)
             .arg(&self.processing)
             .arg(&marker)
@@ -404,6 +413,7 @@ impl Keys {
             .arg(keys::DEAD_LETTER_LIST)
             .arg(keys::LEGACY_TASK_SET)
             .arg(&self.active)
+            .arg(&cancel)
             .arg(&self.owner)
             .arg(ttl_secs(self.lease_ttl))
             .arg(&outcome.raw)
@@ -522,6 +532,7 @@ mod tests {
             )),
             dead_letter: None,
             what: OutcomeKind::Completed,
+            code: None,
         }
     }
 

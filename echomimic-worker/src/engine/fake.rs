@@ -16,8 +16,8 @@ use echomimic_pipeline::{AudioError, PipelineError};
 use image::{imageops, RgbImage};
 
 use super::{
-    plan_frames, write_wav_cut, Engine, GenParams, Inputs, Prepared, Preparer, RunContext,
-    RunSummary,
+    plan_frames, write_wav_cut, Engine, EngineLabels, GenParams, Inputs, Prepared, Preparer,
+    RunContext, RunSummary,
 };
 use crate::error::{InputKind, WorkerError};
 use crate::progress::EngineProgress;
@@ -239,6 +239,14 @@ impl Engine for FakeEngine {
 
     fn frame_size(&self) -> (u32, u32) {
         (self.width, self.height)
+    }
+
+    fn labels(&self) -> EngineLabels {
+        EngineLabels {
+            device: "cpu".to_owned(),
+            dtype: "f32".to_owned(),
+            variant: "fake".to_owned(),
+        }
     }
 
     fn describe(&self) -> String {

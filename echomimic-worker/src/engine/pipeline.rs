@@ -17,6 +17,7 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
 use echomimic_pipeline::audio::{self, AudioLimits};
 use echomimic_pipeline::face::{
@@ -29,8 +30,8 @@ use echomimic_pipeline::pipeline::{
 use echomimic_pipeline::PipelineError;
 
 use super::{
-    plan_frames, write_wav_cut, Engine, GenParams, Inputs, Prepared, Preparer, RunContext,
-    RunSummary,
+    plan_frames, write_wav_cut, Engine, EngineLabels, GenParams, Inputs, MemoryProbe, Prepared,
+    Preparer, RunContext, RunSummary,
 };
 use crate::config::ModelArgs;
 use crate::error::{InputKind, WorkerError};
@@ -224,6 +225,21 @@ impl Engine for PipelineEngine {
 
     fn frame_size(&self) -> (u32, u32) {
         (self.width, self.height)
+    }
+
+    fn labels(&self) -> EngineLabels {
+        EngineLabels {
+            device: echomimic_pipeline::device::device_label(self.pipeline.device()),
+            dtype: self.pipeline.dtype().as_str().to_owned(),
+            variant: self.pipeline.variant().to_string(),
+        }
+    }
+
+    fn memory_probe(&self) -> Option<MemoryProbe> {
+        let device = self.pipeline.device().clone();
+        device.is_cuda().then(|| {
+            Arc::new(move || echomimic_pipeline::device::memory_in_use(&device)) as MemoryProbe
+        })
     }
 
     fn describe(&self) -> String {
