@@ -54,6 +54,8 @@ fn help_documents_every_setting() {
         "TASK_QUEUE_NAME",
         "PROGRESS_CHANNEL",
         "PRETRAINED_WEIGHTS_DIR",
+        "METRICS_LISTEN",
+        "ECHOMIMIC_LOG_FORMAT",
         "--config",
         "--width",
         "--height",
