@@ -40,11 +40,14 @@ from src.models.unet_3d_echo import EchoUNet3DConditionModel  # noqa: E402
 
 SEED = 20261204
 # Sizes. Every UNet width is a multiple of 32 (the motion module's GroupNorm has 32
-# groups hard-coded); GroupNorm uses 32 groups everywhere (1 or 3 channels per
-# group, up to 6 in the up blocks' concatenations); latents are non-square and reach
+# groups hard-coded); GroupNorm uses 32 groups everywhere (1 or 5 channels per
+# group, up to 10 in the up blocks' concatenations); latents are non-square and reach
 # an odd size (3x5) at the deepest level; the VAE runs at odd latent sizes.
-UNET = dict(block_out_channels=[32, 32, 32, 96], layers_per_block=1, attention_head_dim=2,
-            norm_num_groups=32, cross_attention_dim=48)
+# Attention heads per block (diffusers' `attention_head_dim` list): head dim 16 at 32
+# channels and 40 in the mid block (160 channels, 4 heads); the motion modules (2 heads)
+# have head dims 16 and 80 (160 channels): the released model's 40 and 80.
+UNET = dict(block_out_channels=[32, 32, 32, 160], layers_per_block=1,
+            attention_head_dim=[2, 2, 2, 4], norm_num_groups=32, cross_attention_dim=48)
 MM_HEADS = 2
 AUDIO_DIM = 32  # whisper width (cross_attention_dim of the denoising UNet)
 AUDIO_TOKENS = 50
@@ -53,9 +56,9 @@ FACE_LOCATOR = [16, 32, 64, 96]
 LATENT_HW = (24, 40)  # UNet latents (h, w): a 192x320 video
 VAE_LATENT_HW = (13, 21)  # VAE: 104x168 images, odd latent sizes
 FRAMES = 12  # one context window
-MM_PROBE = "mid_block.motion_modules.0"  # 96 channels, 3x5, 12 frames
+MM_PROBE = "mid_block.motion_modules.0"  # 160 channels (head dim 80), 3x5, 12 frames
 MM_PROBE_HW = (3, 5)
-RESNET_PROBE = "up_blocks.0.resnets.0"  # 192 -> 96 channels, 1x1 shortcut, 6 channels/group
+RESNET_PROBE = "up_blocks.0.resnets.0"  # 320 -> 160 channels, 1x1 shortcut, 10 channels/group
 TIMESTEP = 666
 
 
