@@ -68,47 +68,21 @@ def parse_args():
 ARGS = parse_args()
 sys.path.insert(0, os.path.abspath(ARGS.reference_dir))
 
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from diffusers import AutoencoderKL, DDIMScheduler  # noqa: E402
-from facenet_pytorch import MTCNN  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
-from PIL import Image  # noqa: E402
 
-from src.models.face_locator import FaceLocator  # noqa: E402
 from src.models.unet_2d_condition import UNet2DConditionModel  # noqa: E402
 from src.models.unet_3d_echo import EchoUNet3DConditionModel  # noqa: E402
 from src.models.whisper.audio2feature import load_audio_model  # noqa: E402
 from src.pipelines.pipeline_echo_mimic import Audio2VideoPipeline  # noqa: E402
-from src.utils.util import crop_and_pad, save_videos_grid  # noqa: E402
+from src.utils.util import save_videos_grid  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import reference_face  # noqa: E402
+from reference_face import face_locator_from  # noqa: E402
 
 T_IMPORTED = time.perf_counter()
-
-
-def select_face(det_bboxes, probs):
-    """The official script's choice: the largest box with probability > 0.8."""
-    if det_bboxes is None or probs is None:
-        return None
-    kept = [b for b, p in zip(det_bboxes, probs) if p > 0.8]
-    if not kept:
-        return None
-    return sorted(kept, key=lambda b: (b[3] - b[1]) * (b[2] - b[0]), reverse=True)[0]
-
-
-def face_locator_from(state):
-    """A FaceLocator shaped like its checkpoint (the official script hard-codes
-    the released widths; the tiny test weights have their own)."""
-    widths = [state["conv_in.weight"].shape[0]]
-    i = 1
-    while f"blocks.{i}.weight" in state:
-        widths.append(state[f"blocks.{i}.weight"].shape[0])
-        i += 2
-    return FaceLocator(
-        state["conv_out.weight"].shape[0],
-        conditioning_channels=state["conv_in.weight"].shape[1],
-        block_out_channels=tuple(widths),
-    )
 
 
 def load(config_path, device, dtype):
@@ -136,8 +110,7 @@ def load(config_path, device, dtype):
     face_locator = face_locator_from(locator_state).to(dtype=dtype, device=device)
     face_locator.load_state_dict(locator_state)
     audio_processor = load_audio_model(model_path=path(config.audio_model_path), device=device)
-    face_detector = MTCNN(image_size=320, margin=0, min_face_size=20, thresholds=[0.6, 0.7, 0.7],
-                          factor=0.709, post_process=True, device=device)
+    face_detector = reference_face.face_detector(device)
     scheduler = DDIMScheduler(**OmegaConf.to_container(infer_config.noise_scheduler_kwargs))
     pipe = Audio2VideoPipeline(
         vae=vae,
@@ -153,33 +126,10 @@ def load(config_path, device, dtype):
 
 def face_inputs(args, face_detector, dtype, device):
     """Mask and crop exactly as infer_audio2vid.py computes them."""
-    face_img = cv2.imread(args.image)
-    if face_img is None:
-        raise SystemExit(f"cannot read {args.image}")
-    face_mask = np.zeros((face_img.shape[0], face_img.shape[1])).astype("uint8")
-    det_bboxes, probs = face_detector.detect(face_img)
-    select_bbox = select_face(det_bboxes, probs)
-    if select_bbox is None:
-        face_mask[:, :] = 255
-    else:
-        xyxy = np.round(select_bbox[:4]).astype("int")
-        rb, re, cb, ce = xyxy[1], xyxy[3], xyxy[0], xyxy[2]
-        r_pad = int((re - rb) * args.facemusk_dilation_ratio)
-        c_pad = int((ce - cb) * args.facemusk_dilation_ratio)
-        face_mask[rb - r_pad: re + r_pad, cb - c_pad: ce + c_pad] = 255
-        r_pad_crop = int((re - rb) * args.facecrop_dilation_ratio)
-        c_pad_crop = int((ce - cb) * args.facecrop_dilation_ratio)
-        # the official rect, including its c_pad_crop on the bottom edge
-        crop_rect = [max(0, cb - c_pad_crop), max(0, rb - r_pad_crop),
-                     min(ce + c_pad_crop, face_img.shape[1]),
-                     min(re + c_pad_crop, face_img.shape[0])]
-        face_img, _ = crop_and_pad(face_img, crop_rect)
-        face_mask, _ = crop_and_pad(face_mask, crop_rect)
-        face_img = cv2.resize(face_img, (args.W, args.H))
-        face_mask = cv2.resize(face_mask, (args.W, args.H))
-    ref_image_pil = Image.fromarray(face_img[:, :, [2, 1, 0]])
-    mask = torch.Tensor(face_mask).to(dtype=dtype, device=device)
-    return ref_image_pil, mask.unsqueeze(0).unsqueeze(0).unsqueeze(0) / 255.0
+    return reference_face.face_inputs(
+        args.image, args.W, args.H, face_detector, dtype, device,
+        facemusk_dilation_ratio=args.facemusk_dilation_ratio,
+        facecrop_dilation_ratio=args.facecrop_dilation_ratio)
 
 
 class Marks:

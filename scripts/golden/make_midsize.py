@@ -33,10 +33,17 @@ from diffusers import AutoencoderKL  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
+from diffusers import DDIMScheduler  # noqa: E402
+
 from src.models.face_locator import FaceLocator  # noqa: E402
 from src.models.mutual_self_attention import ReferenceAttentionControl  # noqa: E402
 from src.models.unet_2d_condition import UNet2DConditionModel  # noqa: E402
 from src.models.unet_3d_echo import EchoUNet3DConditionModel  # noqa: E402
+from src.models.whisper.audio2feature import load_audio_model  # noqa: E402
+from src.pipelines.pipeline_echo_mimic import Audio2VideoPipeline  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benches/python"))
+import reference_face  # noqa: E402  (the official script's face handling)
 
 SEED = 20261204
 # Sizes. Every UNet width is a multiple of 32 (the motion module's GroupNorm has 32
@@ -60,6 +67,13 @@ MM_PROBE = "mid_block.motion_modules.0"  # 160 channels (head dim 80), 3x5, 12 f
 MM_PROBE_HW = (3, 5)
 RESNET_PROBE = "up_blocks.0.resnets.0"  # 320 -> 160 channels, 1x1 shortcut, 10 channels/group
 TIMESTEP = 666
+# The whole pipeline, as infer_audio2vid.py runs it, on the public set's photo and speech:
+# a 160x96 video (latents 12x20, down to 2x3 in the UNets; small enough to commit the
+# float32 video), 16 frames = two 12-frame windows overlapping by 3 (so the window
+# averaging runs), 2 DDIM steps with classifier-free guidance.
+VIDEO = dict(W=160, H=96, L=16, steps=2, cfg=2.5, fps=24, context_frames=12,
+             context_overlap=3, pipe_seed=420)
+PUBLIC = Path(__file__).resolve().parents[2] / "testdata/golden/public"
 
 
 def unet_config():
@@ -396,6 +410,61 @@ def main():
     save_file({"input": x.half(), "output": y.contiguous()},
               out / "tensors/motion_module.safetensors")
 
+    # ---- the whole pipeline (free-running, seeded noise) ----
+    # Float32 as the official script runs it; then the same call with every network in
+    # float64, the same face inputs, Whisper features (the audio model is not a pipeline
+    # module: it stays float32 in both runs) and the float32 run's initial noise.
+    scheduler = DDIMScheduler(**OmegaConf.to_container(infer.noise_scheduler_kwargs))
+    audio_model = load_audio_model(model_path=str(PUBLIC / "pretrained_weights/audio_processor/whisper_tiny.pt"),
+                                   device="cpu")
+    pipe = Audio2VideoPipeline(vae=vae, reference_unet=ref_unet, denoising_unet=den,
+                               audio_guider=audio_model, face_locator=fl, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    detector = reference_face.face_detector("cpu")
+    photo = str(PUBLIC / "inputs/astronaut.png")
+    speech = str(PUBLIC / "inputs/speech.wav")
+    ref_pil, mask = reference_face.face_inputs(photo, VIDEO["W"], VIDEO["H"], detector,
+                                               torch.float32, "cpu")
+    made = {}
+    prepare = pipe.prepare_latents
+
+    def recording_prepare(*a, **k):
+        made["latents_init"] = prepare(*a, **k)
+        return made["latents_init"]
+
+    def run(p, face_mask):
+        return p(ref_pil, speech, face_mask, VIDEO["W"], VIDEO["H"], VIDEO["L"], VIDEO["steps"],
+                 VIDEO["cfg"], generator=torch.manual_seed(VIDEO["pipe_seed"]),
+                 audio_sample_rate=16000, context_frames=VIDEO["context_frames"],
+                 fps=VIDEO["fps"], context_overlap=VIDEO["context_overlap"]).videos
+
+    pipe.prepare_latents = recording_prepare
+    video = run(pipe, mask)
+    pipe64 = Audio2VideoPipeline(vae=f64(vae), reference_unet=f64(ref_unet),
+                                 denoising_unet=den64, audio_guider=audio_model,
+                                 face_locator=f64(fl), scheduler=DDIMScheduler(
+                                     **OmegaConf.to_container(infer.noise_scheduler_kwargs)))
+    pipe64.set_progress_bar_config(disable=True)
+    pipe64.prepare_latents = lambda *a, **k: made["latents_init"].double()
+    video64 = run(pipe64, mask.double())
+    record("pipeline.video", video, video64)
+    measured["pipeline.latents_init"] = measure(made["latents_init"], made["latents_init"])
+    atol["pipeline.latents_init"] = atol_rule(measured["pipeline.latents_init"])
+
+    def frames(v):  # (F, H, W, 3) uint8 by truncation, as save_videos_grid writes them
+        return (v[0].permute(1, 2, 3, 0).clamp(0, 1) * 255).to(torch.uint8)
+
+    f32, f64_ = frames(video.float()), frames(video64)
+    differ = (f32.int() - f64_.int()).abs()
+    measured["pipeline.frames_uint8"] = {
+        "max_abs_diff": int(differ.max()),
+        "frac_pixels_differing": float((differ > 0).double().mean()),
+    }
+    print(f"pipeline.frames_uint8: {measured['pipeline.frames_uint8']}", flush=True)
+    save_file({"latents_init": made["latents_init"].contiguous(),
+               "video": video.float().contiguous(), "frames_uint8": f32.contiguous()},
+              out / "tensors/pipeline.safetensors")
+
     manifest = {
         "set": "midsize",
         "echomimic_commit": "76cdab1a08cf5f10d9f9fa88957b976e4ea863f8",
@@ -413,6 +482,7 @@ def main():
             "timestep": TIMESTEP,
             "motion_module": MM_PROBE,
             "resnet": RESNET_PROBE,
+            **VIDEO,
         },
         "tolerances_measured": measured,
         "atol": atol,

@@ -3,7 +3,7 @@
 //! The golden vectors live in `testdata/golden/` at the workspace root
 //! (committed copies of the reference PyTorch outputs): `public` (tiny, square)
 //! and `midsize` (mid-size, non-square shapes that cross kernel tile sizes;
-//! component vectors only, see its README). A test wrapped in [`for_each_set`]
+//! component vectors and one seeded video, see its README). A test wrapped in [`for_each_set`]
 //! runs against both; the others use `public`. Set `ECHOMIMIC_GOLDEN_DIR` to
 //! check one other set with the same layout instead.
 //!
