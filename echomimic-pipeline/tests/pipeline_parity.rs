@@ -30,7 +30,7 @@ mod common;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
-use std::sync::{Mutex, OnceLock};
+use std::sync::Mutex;
 
 use candle_core::{DType, Device, Tensor};
 use common::{

@@ -310,11 +310,8 @@ pub enum Cancellation {
     Unknown,
 }
 
-/// Every key matching `pattern` (`SCAN`, so a large database is not blocked).
-pub fn scan_keys(
-    con: &mut impl ConnectionLike,
-    pattern: &str,
-) -> Result<Vec<String>, ProtocolError> {
+/// Every key matching `pattern` (`SCAN`, so a large database is not blocked), sorted.
+pub fn scan_keys(con: &mut impl ConnectionLike, pattern: &str) -> redis::RedisResult<Vec<String>> {
     let mut cursor = 0u64;
     let mut found = Vec::new();
     loop {

@@ -200,7 +200,7 @@ pub struct StatusReport {
 
 /// The gpu ids some key names (`gpu_status:*`, `worker_lease:*`, `worker_queue:*`,
 /// `task_processing:*`, `worker_active:*`, `task_queue_gpu_*`).
-fn gpu_ids(con: &mut Connection) -> Result<BTreeSet<u32>, echomimic_protocol::ProtocolError> {
+fn gpu_ids(con: &mut Connection) -> redis::RedisResult<BTreeSet<u32>> {
     let active_prefix = keys::worker_active(0);
     let active_prefix = active_prefix.trim_end_matches('0');
     let mut ids = BTreeSet::new();
@@ -224,9 +224,8 @@ fn gpu_ids(con: &mut Connection) -> Result<BTreeSet<u32>, echomimic_protocol::Pr
 /// Reads what `status` shows.
 pub fn status_report(con: &mut Connection) -> Result<StatusReport, WorkerError> {
     let e = WorkerError::Redis;
-    let pe = |e: echomimic_protocol::ProtocolError| WorkerError::Admin(e.to_string());
     let mut gpus = Vec::new();
-    for gpu_id in gpu_ids(con).map_err(pe)? {
+    for gpu_id in gpu_ids(con)? {
         let lease = keys::worker_lease(gpu_id);
         let (status, lease_holder, ttl, queue): (
             Option<String>,

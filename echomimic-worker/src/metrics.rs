@@ -60,17 +60,24 @@ pub(crate) struct Metrics {
     pub(crate) up: IntGaugeVec,
 }
 
-fn must<T>(r: prometheus::Result<T>) -> T {
-    // Only fails on an invalid name or a duplicate registration: a bug caught by the tests.
-    r.unwrap_or_else(|e| panic!("metric definition: {e}"))
+/// `metric`, registered in `registry`. Only fails on an invalid name or a duplicate
+/// registration: a bug the tests catch.
+fn registered<C>(registry: &Registry, metric: prometheus::Result<C>) -> C
+where
+    C: prometheus::core::Collector + Clone + 'static,
+{
+    let metric = metric.unwrap_or_else(|e| panic!("metric definition: {e}"));
+    registry
+        .register(Box::new(metric.clone()))
+        .unwrap_or_else(|e| panic!("metric registration: {e}"));
+    metric
 }
 
 impl Metrics {
     /// A fresh registry with every metric defined (and zero).
     pub(crate) fn new() -> Metrics {
         let registry = Registry::new();
-        let reg = |c: Box<dyn prometheus::core::Collector>| must(registry.register(c));
-        let tasks = must(IntCounterVec::new(
+        let tasks = registered(&registry, IntCounterVec::new(
             Opts::new(
                 "echomimic_tasks_total",
                 "Task outcomes recorded: completed, failed (with a failed event or only a dead \
@@ -79,98 +86,123 @@ impl Metrics {
             ),
             &["outcome", "code"],
         ));
-        reg(Box::new(tasks.clone()));
-        let stage_seconds = must(HistogramVec::new(
-            HistogramOpts::new(
-                "echomimic_stage_seconds",
-                "Seconds per stage of a completed task: download (inputs), face (detection \
+        let stage_seconds = registered(
+            &registry,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "echomimic_stage_seconds",
+                    "Seconds per stage of a completed task: download (inputs), face (detection \
                  and audio checks), wait (prepared, waiting for the model), inference (to the \
                  last UNet call), decode (VAE and frames), mux (encoding and audio), upload.",
-            )
-            .buckets(STAGE_BUCKETS.to_vec()),
-            &["stage"],
-        ));
-        reg(Box::new(stage_seconds.clone()));
-        let unet_call_seconds = must(Histogram::with_opts(
-            HistogramOpts::new(
-                "echomimic_unet_call_seconds",
-                "Seconds between two consecutive denoising UNet calls of a run (CFG batch \
+                )
+                .buckets(STAGE_BUCKETS.to_vec()),
+                &["stage"],
+            ),
+        );
+        let unet_call_seconds = registered(
+            &registry,
+            Histogram::with_opts(
+                HistogramOpts::new(
+                    "echomimic_unet_call_seconds",
+                    "Seconds between two consecutive denoising UNet calls of a run (CFG batch \
                  included).",
-            )
-            .buckets(UNET_BUCKETS.to_vec()),
-        ));
-        reg(Box::new(unet_call_seconds.clone()));
-        let claims_in_flight = must(IntGauge::new(
-            "echomimic_claims_in_flight",
-            "Queue items claimed and not yet settled (downloading, prepared, on the model, \
+                )
+                .buckets(UNET_BUCKETS.to_vec()),
+            ),
+        );
+        let claims_in_flight = registered(
+            &registry,
+            IntGauge::new(
+                "echomimic_claims_in_flight",
+                "Queue items claimed and not yet settled (downloading, prepared, on the model, \
              finishing).",
-        ));
-        reg(Box::new(claims_in_flight.clone()));
-        let task_retries = must(IntCounter::new(
-            "echomimic_task_retries_total",
-            "Tasks requeued for another attempt after a transient failure (attempt counted).",
-        ));
-        reg(Box::new(task_retries.clone()));
-        let dead_letters = must(IntCounter::new(
-            "echomimic_dead_letters_total",
-            "Dead letters written to task_dead_letter.",
-        ));
-        reg(Box::new(dead_letters.clone()));
-        let redis_reconnects = must(IntCounter::new(
-            "echomimic_redis_reconnects_total",
-            "Redis connections lost and made again, over all of the worker's connections.",
-        ));
-        reg(Box::new(redis_reconnects.clone()));
-        let model_load_seconds = must(Gauge::new(
-            "echomimic_model_load_seconds",
-            "Seconds the model took to load and warm up at start (0 while loading).",
-        ));
-        reg(Box::new(model_load_seconds.clone()));
-        let build_info = must(IntGaugeVec::new(
-            Opts::new(
-                "echomimic_build_info",
-                "Always 1: the binary's version and commit, and the model's device, dtype and \
+            ),
+        );
+        let task_retries = registered(
+            &registry,
+            IntCounter::new(
+                "echomimic_task_retries_total",
+                "Tasks requeued for another attempt after a transient failure (attempt counted).",
+            ),
+        );
+        let dead_letters = registered(
+            &registry,
+            IntCounter::new(
+                "echomimic_dead_letters_total",
+                "Dead letters written to task_dead_letter.",
+            ),
+        );
+        let redis_reconnects = registered(
+            &registry,
+            IntCounter::new(
+                "echomimic_redis_reconnects_total",
+                "Redis connections lost and made again, over all of the worker's connections.",
+            ),
+        );
+        let model_load_seconds = registered(
+            &registry,
+            Gauge::new(
+                "echomimic_model_load_seconds",
+                "Seconds the model took to load and warm up at start (0 while loading).",
+            ),
+        );
+        let build_info = registered(
+            &registry,
+            IntGaugeVec::new(
+                Opts::new(
+                    "echomimic_build_info",
+                    "Always 1: the binary's version and commit, and the model's device, dtype and \
                  variant.",
+                ),
+                &["version", "git_hash", "device", "dtype", "variant"],
             ),
-            &["version", "git_hash", "device", "dtype", "variant"],
-        ));
-        reg(Box::new(build_info.clone()));
-        let queue_depth = must(IntGaugeVec::new(
-            Opts::new(
-                "echomimic_queue_depth",
-                "Items waiting in the served queue (read from Redis at scrape time).",
+        );
+        let queue_depth = registered(
+            &registry,
+            IntGaugeVec::new(
+                Opts::new(
+                    "echomimic_queue_depth",
+                    "Items waiting in the served queue (read from Redis at scrape time).",
+                ),
+                &["queue"],
             ),
-            &["queue"],
-        ));
-        reg(Box::new(queue_depth.clone()));
-        let processing_length = must(IntGaugeVec::new(
-            Opts::new(
-                "echomimic_processing_length",
-                "Items in this worker's processing list (read from Redis at scrape time).",
+        );
+        let processing_length = registered(
+            &registry,
+            IntGaugeVec::new(
+                Opts::new(
+                    "echomimic_processing_length",
+                    "Items in this worker's processing list (read from Redis at scrape time).",
+                ),
+                &["list"],
             ),
-            &["list"],
-        ));
-        reg(Box::new(processing_length.clone()));
-        let redis_up = must(IntGauge::new(
-            "echomimic_redis_up",
-            "1 when the last scrape reached Redis within its timeout, else 0.",
-        ));
-        reg(Box::new(redis_up.clone()));
-        let gpu_memory_used = must(IntGauge::new(
-            "echomimic_gpu_memory_used_bytes",
-            "Bytes of the CUDA device's memory in use (all processes: total minus free); 0 on \
+        );
+        let redis_up = registered(
+            &registry,
+            IntGauge::new(
+                "echomimic_redis_up",
+                "1 when the last scrape reached Redis within its timeout, else 0.",
+            ),
+        );
+        let gpu_memory_used = registered(
+            &registry,
+            IntGauge::new(
+                "echomimic_gpu_memory_used_bytes",
+                "Bytes of the CUDA device's memory in use (all processes: total minus free); 0 on \
              the CPU.",
-        ));
-        reg(Box::new(gpu_memory_used.clone()));
-        let up = must(IntGaugeVec::new(
-            Opts::new(
-                "echomimic_up",
-                "1 when the check holds: live (every thread alive) and ready (model loaded, \
-                 Redis reachable, lease held), as /healthz and /readyz answer.",
             ),
-            &["check"],
-        ));
-        reg(Box::new(up.clone()));
+        );
+        let up = registered(
+            &registry,
+            IntGaugeVec::new(
+                Opts::new(
+                    "echomimic_up",
+                    "1 when the check holds: live (every thread alive) and ready (model loaded, \
+                 Redis reachable, lease held), as /healthz and /readyz answer.",
+                ),
+                &["check"],
+            ),
+        );
         for stage in STAGES {
             stage_seconds.with_label_values(&[stage]);
         }

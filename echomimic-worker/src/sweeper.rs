@@ -18,8 +18,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use echomimic_protocol::client::scan_keys;
 use echomimic_protocol::keys;
-use redis::{Connection, RedisResult};
 
 use crate::error::WorkerError;
 use crate::job::Policy;
@@ -151,7 +151,7 @@ impl Sweeper {
     /// Recovers the processing lists of dead workers that served our queue.
     fn sweep_dead_peers(&mut self) -> Result<(), WorkerError> {
         let pattern = format!("{}*", keys::PROCESSING_LIST_PREFIX);
-        let lists: Vec<String> = self.link.run(|con| scan(con, &pattern))?;
+        let lists: Vec<String> = self.link.run(|con| scan_keys(con, &pattern))?;
         for list in lists {
             let Some(gpu) = gpu_of(&list) else { continue };
             if gpu == self.policy.gpu_id || self.shared.stopping() {
@@ -191,26 +191,6 @@ impl Sweeper {
             }
         }
         Ok(())
-    }
-}
-
-/// Every key matching `pattern` (`SCAN`, so Redis is never blocked).
-fn scan(con: &mut Connection, pattern: &str) -> RedisResult<Vec<String>> {
-    let mut cursor: u64 = 0;
-    let mut out = Vec::new();
-    loop {
-        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(pattern)
-            .arg("COUNT")
-            .arg(500)
-            .query(con)?;
-        out.extend(batch);
-        if next == 0 {
-            return Ok(out);
-        }
-        cursor = next;
     }
 }
 
