@@ -458,8 +458,9 @@ pub struct ServeArgs {
     /// fails for a transient reason after its --http-attempts is tried again (pausing
     /// --http-max-backoff-secs) until this long after its first failure (a finished video
     /// waits on disk, no second GPU run). Past it a download fails the task (`unavailable`)
-    /// and an upload requeues it. 0 = --http-attempts only. --http-deadline-secs still bounds
-    /// each transfer.
+    /// and an upload requeues it, its video kept on local disk for the next attempt on this
+    /// machine (no second GPU run there either). 0 = --http-attempts only.
+    /// --http-deadline-secs still bounds each transfer.
     #[arg(long, env = "ECHOMIMIC_OUTAGE_SECS", default_value_t = 300)]
     pub outage_secs: u64,
     /// Largest paste-back output frame in pixels (width × height of the photo; default

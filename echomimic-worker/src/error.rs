@@ -12,7 +12,7 @@
 //! | model failure | `inference_failed` | requeued while attempts remain (`--max-attempts`), then `failed` + dead letter |
 //! | accelerator out of memory | `oom` | as `inference_failed` |
 //! | encoding / muxing failure, local I/O | `internal` | as `inference_failed` |
-//! | upload failed after retries (and `--outage-secs` of retrying a transient failure) | `upload_failed` | requeued while attempts remain if transient, else `failed` |
+//! | upload failed after retries (and `--outage-secs` of retrying a transient failure) | `upload_failed` | requeued while attempts remain if transient (the video kept on local disk for the next attempt), else `failed` |
 //! | worker crashed while the task ran (found at start-up) | `attempts_exhausted` once the attempts are spent | requeued until then |
 //! | shutdown stopped the task (also a download cut short by it) | — | requeued as it was, no event, not counted |
 //! | the model made no progress for `--watchdog-secs` | `internal` | requeued once (counted), `failed` + dead letter if it hangs again; the worker exits 5 |

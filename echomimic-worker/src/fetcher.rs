@@ -21,7 +21,8 @@ use crate::engine::{GenParams, Inputs, Prepared, Preparer};
 use crate::error::{InputKind, WorkerError};
 use crate::handoff::Job;
 use crate::job::{resolve_params, Claim, Policy, TaskEvents, Timings};
-use crate::progress::{DOWNLOAD_AUDIO, DOWNLOAD_START, FACE_START, INFERENCE_START};
+use crate::outbox::{Outbox, Parcel};
+use crate::progress::{DOWNLOAD_AUDIO, DOWNLOAD_START, FACE_START, INFERENCE_START, UPLOAD_START};
 use crate::redis_link::{is_connection_error, sleep_unless, RedisLink};
 use crate::reporter::ReporterHandle;
 use crate::state::Shared;
@@ -45,6 +46,8 @@ pub(crate) struct Fetcher<P: Preparer> {
     pub(crate) prefetch: bool,
     pub(crate) claim_timeout: Duration,
     pub(crate) jobs: Sender<Job<P::Data>>,
+    /// Videos finished by an earlier attempt whose upload failed.
+    pub(crate) outbox: Outbox,
 }
 
 /// Per-task folders are `{TASK_DIR_PREFIX}{pid}-{claim}-{random}` in the temp folder.
@@ -186,6 +189,10 @@ impl<P: Preparer> Fetcher<P> {
             claim.attempt(),
             self.policy.max_attempts
         ));
+        if let Some(parcel) = self.outbox.find(&claim.item) {
+            self.deliver_kept(claim, &task, parcel, events);
+            return;
+        }
         let params = resolve_params(&task, &self.defaults, self.max_audio_secs);
         match self.prepare(&claim, &task, &params, &mut events) {
             Ok((prepared, dir, timings)) => {
@@ -212,6 +219,44 @@ impl<P: Preparer> Fetcher<P> {
             }
             Err(err) => {
                 tracing::info!(error = %err, code = %err.failure().code, "task rejected before inference");
+                let ids = Some((task.task_id.as_str(), task.session_id.as_str()));
+                self.reporter
+                    .outcome(self.policy.after_error(&claim, ids, &err));
+            }
+        }
+    }
+
+    /// Uploads the video an earlier attempt of this task finished (its upload failed) and
+    /// records the outcome, without running the model again. A failed upload requeues the
+    /// task again (the video stays kept) or fails it (the video goes).
+    fn deliver_kept(&self, claim: Claim, task: &Task, parcel: Parcel, mut events: TaskEvents) {
+        tracing::info!(video = %parcel.video.display(), "the video of an earlier attempt is kept: uploading it");
+        events.stage(
+            Stage::Uploading,
+            UPLOAD_START,
+            "uploading the video finished by an earlier attempt",
+        );
+        let name = format!("echomimic_{}.mp4", task.task_id);
+        let stopping = || self.shared.stopping();
+        match self
+            .http
+            .upload_file_as_unless(&parcel.video, &name, &stopping)
+        {
+            Ok(uploaded) => {
+                self.reporter.outcome(self.policy.completed(
+                    &claim,
+                    task,
+                    &uploaded.file_id,
+                    parcel.message,
+                ));
+                self.outbox.remove(&claim.item);
+            }
+            Err(e) => {
+                let err = WorkerError::Upload(e);
+                tracing::warn!(error = %err, "the kept video could not be uploaded");
+                if !self.policy.requeues(&claim, &err) {
+                    self.outbox.remove(&claim.item);
+                }
                 let ids = Some((task.task_id.as_str(), task.session_id.as_str()));
                 self.reporter
                     .outcome(self.policy.after_error(&claim, ids, &err));

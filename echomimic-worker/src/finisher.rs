@@ -17,6 +17,7 @@ use crate::error::WorkerError;
 use crate::handoff::{FinishJob, RunDone};
 use crate::job::{Policy, Timings};
 use crate::metrics::STAGES;
+use crate::outbox::Outbox;
 use crate::progress::{MERGE_START, UPLOAD_START};
 use crate::reporter::ReporterHandle;
 use crate::state::Shared;
@@ -31,6 +32,8 @@ pub(crate) struct Finisher {
     pub(crate) geometry: GeometryMode,
     pub(crate) encoder: EncoderBackend,
     pub(crate) frame_size: (u32, u32),
+    /// Where a finished video waits when its task is requeued after a failed upload.
+    pub(crate) outbox: Outbox,
 }
 
 impl Finisher {
@@ -116,11 +119,28 @@ impl Finisher {
         events.stage(Stage::Uploading, UPLOAD_START, "uploading the video");
         let t = Instant::now();
         let name = format!("echomimic_{}.mp4", job.task.task_id);
+        let message = completed_message(&report, job.audio_secs, &job.notes);
         let cancelled = || self.shared.cancelled();
-        let uploaded = self
+        let uploaded = match self
             .http
             .upload_file_as_unless(&report.path, &name, &cancelled)
-            .map_err(WorkerError::Upload)?;
+        {
+            Ok(uploaded) => uploaded,
+            Err(e) => {
+                let err = WorkerError::Upload(e);
+                if self.policy.requeues(&job.claim, &err) {
+                    match self.outbox.keep(&job.claim.item, &report.path, &message) {
+                        Ok(()) => tracing::warn!(
+                            "upload failed; the video is kept for the task's next attempt"
+                        ),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "upload failed; cannot keep the video")
+                        }
+                    }
+                }
+                return Err(err);
+            }
+        };
         job.timings.upload = t.elapsed();
         let m = &self.shared.metrics;
         let t = &job.timings;
@@ -143,7 +163,7 @@ impl Finisher {
         );
         Ok(Delivered {
             file_id: uploaded.file_id,
-            message: completed_message(&report, job.audio_secs, &job.notes),
+            message,
         })
     }
 

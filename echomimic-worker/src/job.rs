@@ -175,6 +175,17 @@ impl Policy {
         }
     }
 
+    /// True when the claim goes back to the queue after `err` (requeued as it was, or
+    /// retried with attempts left): a finished video is then worth keeping for the next
+    /// attempt ([`crate::outbox`]).
+    pub(crate) fn requeues(&self, claim: &Claim, err: &WorkerError) -> bool {
+        match err.failure().retry {
+            Retry::Requeue => true,
+            Retry::Attempts => claim.attempt() < self.max_attempts,
+            Retry::Never => false,
+        }
+    }
+
     /// The outcome of an attempt that ended with `err` (see [`WorkerError::failure`]).
     pub(crate) fn after_error(
         &self,

@@ -13,6 +13,8 @@
 //! * [`admin`]: the operator's commands (`status`, `dlq`, `cancel`) over the same keys.
 //! * `metrics` and `health`: Prometheus metrics and the `/healthz`/`/readyz` probes
 //!   (`--metrics-listen`).
+//! * `outbox`: finished videos kept on local disk when their upload gave up, so the task's
+//!   next attempt uploads instead of generating again.
 //!
 //! # Redis keys and events, as implemented
 //!
@@ -39,6 +41,7 @@ mod heartbeat;
 mod inference;
 mod job;
 mod metrics;
+mod outbox;
 pub mod progress;
 mod redis_link;
 mod reporter;

@@ -42,6 +42,7 @@ use crate::finisher::Finisher;
 use crate::health::{HealthServer, Probe};
 use crate::inference::Inference;
 use crate::job::{Claim, Policy};
+use crate::outbox::{self, Outbox};
 use crate::redis_link::{sleep_unless, RedisLink};
 use crate::reporter::ReporterHandle;
 use crate::shutdown::{ShutdownHandle, ShutdownLevel};
@@ -120,6 +121,7 @@ struct Plan {
     keys: Keys,
     policy: Policy,
     encoder: EncoderBackend,
+    outbox: Outbox,
 }
 
 impl Plan {
@@ -129,6 +131,11 @@ impl Plan {
         if swept > 0 {
             tracing::warn!(folders = swept, temp_dir = %config.temp_dir.display(),
                 "removed task folders left by workers that are gone");
+        }
+        let outbox = Outbox::new(&config.temp_dir);
+        let stale = outbox.sweep(outbox::MAX_AGE);
+        if stale > 0 {
+            tracing::warn!(files = stale, "removed kept videos older than a day");
         }
         let client = config.redis.client()?;
         let http = TempfileClient::with_config(ClientConfig {
@@ -165,6 +172,7 @@ impl Plan {
             keys,
             policy,
             encoder,
+            outbox,
         })
     }
 
@@ -385,6 +393,7 @@ impl Worker {
             keys,
             policy,
             encoder,
+            outbox,
         } = plan;
         let shared = &self.shared;
         let (reporter, reporter_rx) = reporter::channel();
@@ -400,6 +409,7 @@ impl Worker {
             geometry: config.geometry,
             encoder,
             frame_size: engine.frame_size(),
+            outbox: outbox.clone(),
         };
         self.workers.push((
             "finisher",
@@ -459,6 +469,7 @@ impl Worker {
             prefetch: config.prefetch,
             claim_timeout: config.claim_timeout,
             jobs: job_tx,
+            outbox,
         };
         self.workers
             .push(("fetcher", spawn("fetcher", shared, move || fetcher.run())?));

@@ -324,6 +324,70 @@ fn a_temp_file_outage_shorter_than_the_budget_costs_no_task_and_no_second_run() 
 }
 
 #[test]
+fn an_upload_outage_past_its_budget_requeues_the_task_without_a_second_model_run() -> TestResult {
+    let Some(mut world) = World::new() else {
+        return Ok(());
+    };
+    let rec = world.recorder();
+    let engine = fake().with_call_delay(Duration::from_millis(200));
+    let runs = engine.clone();
+    // One second of outage riding per upload: the requeue comes quickly.
+    let worker = start(
+        &world,
+        &[
+            "--outage-secs",
+            "1",
+            "--max-attempts",
+            "5",
+            "--geometry",
+            "crop",
+        ],
+        engine,
+    );
+    let mut task = world.task(&unique("outage-past-budget"));
+    task.steps = Some(5);
+    task.cfg = Some(1.0);
+    task.frames_num = Some(12);
+    world.submit(&task);
+    rec.wait_status(&task.task_id, Status::Inference, Duration::from_secs(60));
+    world.stop_server();
+    // The upload gives up, the task goes back with its video kept, and the next attempt
+    // (this worker claims it again) starts by uploading that video.
+    let end = std::time::Instant::now() + Duration::from_secs(60);
+    while rec.claims(&task.task_id).len() < 2 {
+        assert!(
+            std::time::Instant::now() < end,
+            "{:#?}",
+            rec.of(&task.task_id)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(rec.terminal_count(&task.task_id), 0);
+    world.restart_server();
+    let done = rec.wait_terminal(&task.task_id, Duration::from_secs(60));
+    assert_eq!(done.status, Status::Completed, "{done:?}");
+    assert!(
+        done.message
+            .as_deref()
+            .unwrap_or("")
+            .starts_with("video ready: 64x64, 12 frames"),
+        "the first attempt's message: {done:?}"
+    );
+    assert_eq!(
+        runs.started_runs(),
+        1,
+        "one model run, however many upload attempts"
+    );
+    let video = world.fetch_video(done.video_file_id.as_deref().unwrap_or_default());
+    assert_eq!(video.frames, Some(12), "{video:?}");
+    let kept = world.dir.path().join("work/echomimic-outbox");
+    let left = std::fs::read_dir(&kept).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(left, 0, "the kept video is removed once uploaded");
+    stop(worker);
+    Ok(())
+}
+
+#[test]
 fn a_photo_too_large_to_paste_back_fails_before_the_model_runs() -> TestResult {
     let Some(world) = World::new() else {
         return Ok(());
