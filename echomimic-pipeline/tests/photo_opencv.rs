@@ -7,22 +7,15 @@
 //! `scripts/make-photo-vectors.py`; the reference's own sample `echomimic_a.png` (a JPEG) is
 //! checked too. No Python needed here.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
+use common::fnv1a64;
 use echomimic_pipeline::face::{self, ImageLimits};
 
 fn inputs() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/inputs")
-}
-
-/// FNV-1a, 64-bit: the fingerprint the generator script wrote.
-fn fnv1a64(data: &[u8]) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in data {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    format!("{h:016x}")
 }
 
 #[test]

@@ -415,6 +415,17 @@ pub fn max_diff(what: &str, got: &Tensor, want: &Tensor) -> anyhow::Result<f64> 
     Ok(TensorDiff::between(what, got, want)?.max_abs)
 }
 
+/// FNV-1a, 64-bit, as hex: the fingerprint the vector scripts (`scripts/make-photo-vectors.py`,
+/// `scripts/make-real-input-vectors.py`) write for byte arrays too large to commit.
+pub fn fnv1a64(data: &[u8]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in data {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
 /// Max-abs difference check; prints the measured figures so test logs record them.
 pub fn assert_close(what: &str, got: &Tensor, want: &Tensor, atol: f64) -> anyhow::Result<f64> {
     let d = TensorDiff::between(what, got, want)?;
