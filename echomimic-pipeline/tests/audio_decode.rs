@@ -589,6 +589,49 @@ impl Rng {
     }
 }
 
+/// An AMR-NB voice note (what older phones and some messengers record) decodes through the
+/// ffmpeg fallback exactly as ffmpeg decodes it. This ffmpeg has AMR decoders but no encoder,
+/// so the file is made here: the `#!AMR` magic and 100 frames of mode 7 (12.2 kbit/s, 31 bytes
+/// each) with pseudo-random bits (AMR frames carry no checksum, so any bits decode: to noise,
+/// which the audio checks accept as non-silent).
+#[test]
+fn an_amr_voice_note_decodes_through_ffmpeg() -> anyhow::Result<()> {
+    let fx = Fixtures::new()?;
+    let mut rng = Rng(0x5eed_a312);
+    let mut amr = b"#!AMR\n".to_vec();
+    for _ in 0..100 {
+        amr.push(0x3c); // frame type 7, quality bit set
+        amr.extend((0..31).map(|_| (rng.next() >> 56) as u8));
+    }
+    let path = fx.dir.path().join("voice.amr");
+    std::fs::write(&path, &amr)?;
+    let limits = AudioLimits::default();
+    let decoded = audio::decode_file(&path, &limits)?;
+    anyhow::ensure!(
+        (decoded.sample_rate, decoded.channels) == (8000, 1),
+        "{} Hz x{}",
+        decoded.sample_rate,
+        decoded.channels
+    );
+    anyhow::ensure!(
+        (decoded.duration_seconds() - 2.0).abs() < 0.1,
+        "{:.3} s for 100 frames of 20 ms",
+        decoded.duration_seconds()
+    );
+    anyhow::ensure!(
+        decoded.samples == ffmpeg_native_f32(&path)?,
+        "native samples differ"
+    );
+    let ours = to_i32(&audio::load_waveform_16k(&path, &limits)?);
+    anyhow::ensure!(ours == ffmpeg_load_audio(&path)?, "16 kHz waveform differs");
+    let err = audio_err(audio::decode_file_with(&path, &limits, None).unwrap_err())?;
+    anyhow::ensure!(
+        matches!(err, AudioError::Unsupported(_) | AudioError::Corrupt(_)),
+        "without ffmpeg: {err:?}"
+    );
+    Ok(())
+}
+
 /// Random bytes, truncated files and byte-flipped files never panic: every
 /// call returns, with a waveform or a typed error.
 #[test]
