@@ -13,9 +13,14 @@ import io
 import json
 import pathlib
 
+import sys
+
 import cv2
 import numpy as np
 from PIL import Image
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from fingerprint import fnv1a64  # noqa: E402
 
 root = pathlib.Path(__file__).resolve().parent.parent
 out = root / "testdata/inputs/photos"
@@ -62,14 +67,6 @@ tile_rgb.convert("LA").save(out / "grey_alpha.png")
 exif = Image.Exif()
 exif[0x0112] = 6  # orientation: rotate 90° clockwise to display
 rgb.save(out / "exif_rotate_90.jpg", quality=88, exif=exif.tobytes())
-
-
-def fnv1a64(data: bytes) -> str:
-    h = 0xCBF29CE484222325
-    for b in data:
-        h ^= b
-        h = (h * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
-    return f"{h:016x}"
 
 
 expected = {}

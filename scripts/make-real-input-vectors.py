@@ -33,6 +33,7 @@ if not REF:
     sys.exit("set ECHOMIMIC_REF to a (P1/P2-patched) BadToBest/EchoMimic checkout")
 sys.path.insert(0, REF)
 sys.path.insert(0, str(ROOT / "benches/python"))
+sys.path.insert(0, str(ROOT / "scripts"))
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
@@ -40,6 +41,7 @@ import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 import reference_face  # noqa: E402  (the official script's face handling)
+from fingerprint import fnv1a64  # noqa: E402
 from src.models.whisper.audio2feature import load_audio_model  # noqa: E402
 
 INPUTS = ROOT / "testdata/inputs"
@@ -48,14 +50,6 @@ PHOTOS = ["echomimic_a.png", "echomimic_b.png"]
 SIZES = [(512, 512), (320, 192)]
 SPEECH = ["echomimic_en.wav", "echomimic_en_girl_44k.mp3"]
 WHISPER = ROOT / "testdata/golden/public/pretrained_weights/audio_processor/whisper_tiny.pt"
-
-
-def fnv1a64(data: bytes) -> str:
-    h = 0xCBF29CE484222325
-    for b in data:
-        h ^= b
-        h = (h * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
-    return f"{h:016x}"
 
 
 def main():
