@@ -300,3 +300,63 @@ fn scaled_softmax_matches_candle_nn() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn layer_norm_matches_the_candle_composition() -> Result<()> {
+    let dev = Device::Cpu;
+    // rows of 1, 7 (below the lanes), 8, 32, 40, 160 and 1280 (the released widths), a batch of
+    // rows above the per-task split, rank 2 to 4
+    let cases: &[&[usize]] = &[
+        &[1, 1],
+        &[3, 7],
+        &[2, 5, 8],
+        &[2, 77, 32],
+        &[24, 12, 40],
+        &[2, 64, 160],
+        &[1, 3, 2, 1280],
+    ];
+    let composition = |xs: &Tensor, w: &Tensor, b: &Tensor| -> Result<Tensor> {
+        let x = xs.broadcast_sub(&xs.mean_keepdim(candle_core::D::Minus1)?)?;
+        let var = x.sqr()?.mean_keepdim(candle_core::D::Minus1)?;
+        x.broadcast_div(&(var + 1e-5)?.sqrt()?)?
+            .broadcast_mul(w)?
+            .broadcast_add(b)
+    };
+    for &dims in cases {
+        let width = dims[dims.len() - 1];
+        // an offset far from 0: the variance must be of the centred values
+        let xs = ((Tensor::randn(0f32, 1., dims, &dev)? * 3.0)? + 20.0)?;
+        let w = ((Tensor::randn(0f32, 1., width, &dev)? * 0.1)? + 1.0)?;
+        let b = (Tensor::randn(0f32, 1., width, &dev)? * 0.05)?;
+        let got = kernels::layer_norm(&xs, &w, &b, 1e-5)?;
+        let want = composition(&xs, &w, &b)?;
+        assert_close(&got, &want, 1e-5, 1e-5, &format!("{dims:?}"))?;
+        // a strided view is made contiguous first
+        let t = xs.transpose(0, dims.len() - 2)?;
+        let want = composition(&t.contiguous()?, &w, &b)?;
+        let got = kernels::layer_norm(&t, &w, &b, 1e-5)?;
+        assert_close(&got, &want, 1e-5, 1e-5, &format!("{dims:?} transposed"))?;
+    }
+    // a constant row: zero variance, the output is the bias
+    let xs = Tensor::full(4f32, (2, 9), &dev)?;
+    let b = Tensor::arange(0f32, 9., &dev)?;
+    let got = kernels::layer_norm(&xs, &Tensor::ones(9, DType::F32, &dev)?, &b, 1e-5)?;
+    assert_close(
+        &got,
+        &b.unsqueeze(0)?.broadcast_as((2, 9))?.contiguous()?,
+        0.0,
+        0.0,
+        "constant",
+    )?;
+    // a weight of the wrong width is an error, not a silent misread
+    assert!(kernels::layer_norm(&xs, &Tensor::ones(8, DType::F32, &dev)?, &b, 1e-5).is_err());
+    // half precision takes the composition (in f32) and keeps its dtype
+    let h = Tensor::randn(0f32, 1., (4, 6), &dev)?.to_dtype(DType::F16)?;
+    let w = Tensor::ones(6, DType::F32, &dev)?;
+    let zero = Tensor::zeros(6, DType::F32, &dev)?;
+    assert_eq!(
+        kernels::layer_norm(&h, &w, &zero, 1e-5)?.dtype(),
+        DType::F16
+    );
+    Ok(())
+}

@@ -10,8 +10,9 @@
 //! at the device to pick an implementation.
 //!
 //! Kernels: convolutions without a full im2col buffer (`conv2d`, also reading through a
-//! nearest 2× upsample), GroupNorm with the SiLU after it fused (`group_norm`), GEGLU's gate
-//! (`geglu`) and the attention softmax with its scale (`softmax`); `math` holds the
+//! nearest 2× upsample), GroupNorm with the SiLU after it fused (`group_norm`), LayerNorm
+//! with its affine part (`layer_norm`), GEGLU's gate (`geglu`) and the attention softmax with
+//! its scale (`softmax`); `math` holds the
 //! branch-free `exp`/`erf` they share, so their loops vectorise.
 //!
 //! Threads: the kernels run on rayon's global pool (the one candle's CPU
@@ -21,6 +22,7 @@ mod conv2d;
 mod cpu_input;
 mod geglu;
 mod group_norm;
+mod layer_norm;
 mod math;
 mod softmax;
 mod switch;
@@ -31,6 +33,7 @@ use candle_nn::Conv2d;
 use conv2d::{BandedConv2d, ConvGeometry};
 pub use geglu::geglu;
 pub use group_norm::{group_norm, GroupNorm};
+pub use layer_norm::layer_norm;
 pub use softmax::softmax_last_dim;
 use switch::use_cpu_kernel;
 pub use switch::{half_precision_scores, set_enabled};

@@ -25,7 +25,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use candle_core::{DType, Module, Result, Tensor, D};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
 use crate::ops;
@@ -66,14 +66,7 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let dtype = xs.dtype();
-        let x = xs.to_dtype(DType::F32)?;
-        let x = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
-        let var = x.sqr()?.mean_keepdim(D::Minus1)?;
-        x.broadcast_div(&(var + self.eps)?.sqrt()?)?
-            .broadcast_mul(&self.weight)?
-            .broadcast_add(&self.bias)?
-            .to_dtype(dtype)
+        crate::kernels::layer_norm(xs, &self.weight, &self.bias, self.eps)
     }
 }
 
