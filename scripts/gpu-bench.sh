@@ -47,16 +47,8 @@
 #                      on a machine without a GPU (tiny sizes, one iteration)
 set -uo pipefail
 
-if [ $# -ne 1 ] || [ "$1" = -h ] || [ "$1" = --help ]; then
-  sed -n '2,/^set -uo/{/^set -uo/d;s/^# \{0,1\}//;p}' "$0"
-  [ $# -eq 1 ] && exit 0 || exit 2
-fi
-
-START=$(date +%s)
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-OUT_DIR="$1"
-mkdir -p "$OUT_DIR" || exit 2
-OUT_DIR="$(cd "$OUT_DIR" && pwd)"
+# shellcheck source=cuda/script-start.sh
+. "$(dirname "${BASH_SOURCE[0]}")/cuda/script-start.sh" "$@"
 WORK="$OUT_DIR/bench"
 rm -rf "$WORK"
 mkdir -p "$WORK"

@@ -20,7 +20,7 @@ use crate::config::TaskDefaults;
 use crate::engine::{GenParams, Inputs, Prepared, Preparer};
 use crate::error::{InputKind, WorkerError};
 use crate::handoff::Job;
-use crate::job::{resolve_params, Claim, Policy, TaskEvents, Timings};
+use crate::job::{resolve_params, video_name, Claim, Policy, TaskEvents, Timings};
 use crate::outbox::{Outbox, Parcel};
 use crate::progress::{DOWNLOAD_AUDIO, DOWNLOAD_START, FACE_START, INFERENCE_START, UPLOAD_START};
 use crate::redis_link::{is_connection_error, sleep_unless, RedisLink};
@@ -236,7 +236,7 @@ impl<P: Preparer> Fetcher<P> {
             UPLOAD_START,
             "uploading the video finished by an earlier attempt",
         );
-        let name = format!("echomimic_{}.mp4", task.task_id);
+        let name = video_name(task);
         let stopping = || self.shared.stopping();
         match self
             .http

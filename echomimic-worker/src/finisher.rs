@@ -15,7 +15,7 @@ use echomimic_tempfile::TempfileClient;
 
 use crate::error::WorkerError;
 use crate::handoff::{FinishJob, RunDone};
-use crate::job::{Policy, Timings};
+use crate::job::{video_name, Policy, Timings};
 use crate::metrics::STAGES;
 use crate::outbox::Outbox;
 use crate::progress::{MERGE_START, UPLOAD_START};
@@ -118,7 +118,7 @@ impl Finisher {
         job.timings.encode = t.elapsed();
         events.stage(Stage::Uploading, UPLOAD_START, "uploading the video");
         let t = Instant::now();
-        let name = format!("echomimic_{}.mp4", job.task.task_id);
+        let name = video_name(&job.task);
         let message = completed_message(&report, job.audio_secs, &job.notes);
         let cancelled = || self.shared.cancelled();
         let uploaded = match self

@@ -104,8 +104,7 @@ impl<E: Engine> Inference<E> {
         }
         events.stage(Stage::Inference, INFERENCE_START, message);
         // The watchdog's view: refreshed by every progress report until the run returns.
-        self.shared.model_started(&running.0, &running.1);
-        self.shared.run_started(&task_id);
+        self.shared.model_started(&running.0, &running.1, &task_id);
         let started = Instant::now();
         let mut eta = Eta::new();
         let mut last_decode_bucket = None;
@@ -156,7 +155,6 @@ impl<E: Engine> Inference<E> {
                 },
             )
         };
-        self.shared.run_ended();
         self.shared.model_done();
         drop(frames_tx);
         let ended = Instant::now();

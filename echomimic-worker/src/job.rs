@@ -197,7 +197,7 @@ impl Policy {
         let text = err.public_message();
         match failure.retry {
             Retry::Requeue => self.released(claim),
-            Retry::Attempts if claim.attempt() < self.max_attempts => {
+            Retry::Attempts if self.requeues(claim, err) => {
                 self.retried(claim, ids, failure.code, text)
             }
             Retry::Attempts => self.failed(
@@ -286,6 +286,11 @@ impl Policy {
             &err,
         )
     }
+}
+
+/// The name a task's finished video is uploaded under.
+pub(crate) fn video_name(task: &Task) -> String {
+    format!("echomimic_{}.mp4", task.task_id)
 }
 
 /// The generation settings of a task: its own values, else the worker's defaults.

@@ -178,23 +178,6 @@ impl Shared {
             .unwrap_or(false)
     }
 
-    /// The model starts on `task_id`: its cancel flag starts set when the worker is stopping
-    /// or the task's cancellation was already requested.
-    pub(crate) fn run_started(&self, task_id: &str) {
-        if let Ok(mut c) = self.cancels.lock() {
-            c.running = Some(task_id.to_owned());
-            let cancel = self.cancelled() || c.requested.contains(task_id);
-            self.run_cancel.store(cancel, Ordering::SeqCst);
-        }
-    }
-
-    /// The model is done with its run.
-    pub(crate) fn run_ended(&self) {
-        if let Ok(mut c) = self.cancels.lock() {
-            c.running = None;
-        }
-    }
-
     /// The accelerator's memory reader, set once the model is loaded.
     pub(crate) fn set_memory_probe(&self, probe: Option<MemoryProbe>) {
         if let Ok(mut p) = self.memory_probe.lock() {
@@ -347,7 +330,15 @@ impl Shared {
     }
 
     /// The model starts on a claim.
-    pub(crate) fn model_started(&self, claim: &Arc<str>, raw: &[u8]) {
+    ///
+    /// The run's cancel flag starts set when the worker is stopping or a cancellation of
+    /// `task_id` was already requested.
+    pub(crate) fn model_started(&self, claim: &Arc<str>, raw: &[u8], task_id: &str) {
+        if let Ok(mut c) = self.cancels.lock() {
+            c.running = Some(task_id.to_owned());
+            let cancel = self.cancelled() || c.requested.contains(task_id);
+            self.run_cancel.store(cancel, Ordering::SeqCst);
+        }
         if let Ok(mut m) = self.model.lock() {
             *m = Some(ModelBeat {
                 held: Held {
@@ -370,6 +361,9 @@ impl Shared {
 
     /// The model is done with its claim.
     pub(crate) fn model_done(&self) {
+        if let Ok(mut c) = self.cancels.lock() {
+            c.running = None;
+        }
         if let Ok(mut m) = self.model.lock() {
             *m = None;
         }

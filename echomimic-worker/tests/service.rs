@@ -267,6 +267,21 @@ fn a_second_worker_with_the_same_gpu_id_refuses_to_start() -> TestResult {
     Ok(())
 }
 
+/// While the temp-file server is down the task has no terminal event; once it is back the
+/// task completes, with exactly one terminal event. Its `completed` event.
+fn completes_once_the_server_is_back(
+    world: &mut World,
+    rec: &Recorder,
+    task_id: &str,
+) -> ProgressEvent {
+    assert_eq!(rec.terminal_count(task_id), 0, "{:#?}", rec.of(task_id));
+    world.restart_server();
+    let done = rec.wait_terminal(task_id, Duration::from_secs(60));
+    assert_eq!(done.status, Status::Completed, "{done:?}");
+    assert_eq!(rec.terminal_count(task_id), 1, "{:#?}", rec.of(task_id));
+    done
+}
+
 #[test]
 fn a_temp_file_outage_shorter_than_the_budget_costs_no_task_and_no_second_run() -> TestResult {
     let Some(mut world) = World::new() else {
@@ -282,15 +297,7 @@ fn a_temp_file_outage_shorter_than_the_budget_costs_no_task_and_no_second_run() 
     let task = world.task(&unique("outage-download"));
     world.submit(&task);
     std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(
-        rec.terminal_count(&task.task_id),
-        0,
-        "{:#?}",
-        rec.of(&task.task_id)
-    );
-    world.restart_server();
-    let done = rec.wait_terminal(&task.task_id, Duration::from_secs(60));
-    assert_eq!(done.status, Status::Completed, "{done:?}");
+    completes_once_the_server_is_back(&mut world, &rec, &task.task_id);
     assert_eq!(runs.started_runs(), 1);
 
     // Down while the video is made: the upload waits, the model does not run again.
@@ -304,16 +311,7 @@ fn a_temp_file_outage_shorter_than_the_budget_costs_no_task_and_no_second_run() 
     // The upload starts (and fails) while the server is down.
     rec.wait_status(&task.task_id, Status::Uploading, Duration::from_secs(60));
     std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(
-        rec.terminal_count(&task.task_id),
-        0,
-        "{:#?}",
-        rec.of(&task.task_id)
-    );
-    world.restart_server();
-    let done = rec.wait_terminal(&task.task_id, Duration::from_secs(60));
-    assert_eq!(done.status, Status::Completed, "{done:?}");
-    assert_eq!(rec.terminal_count(&task.task_id), 1);
+    completes_once_the_server_is_back(&mut world, &rec, &task.task_id);
     assert_eq!(
         runs.started_runs(),
         2,
@@ -362,10 +360,7 @@ fn an_upload_outage_past_its_budget_requeues_the_task_without_a_second_model_run
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert_eq!(rec.terminal_count(&task.task_id), 0);
-    world.restart_server();
-    let done = rec.wait_terminal(&task.task_id, Duration::from_secs(60));
-    assert_eq!(done.status, Status::Completed, "{done:?}");
+    let done = completes_once_the_server_is_back(&mut world, &rec, &task.task_id);
     assert!(
         done.message
             .as_deref()

@@ -1,6 +1,12 @@
-//! The input check every CPU kernel starts with (a leaf: it imports nothing of the crate).
+//! The input check every CPU kernel starts with, and the row loop of the row-wise kernels
+//! (a leaf: it imports nothing of the crate).
 
 use candle_core::{CpuStorage, Layout, Result};
+use rayon::prelude::*;
+
+/// Elements per parallel work item of [`map_rows`] at least (small tensors stay on one
+/// thread).
+const MIN_ELEMS_PER_TASK: usize = 16 * 1024;
 
 /// The f32 elements of a contiguous CPU input of the custom op `op`, or an error naming it.
 pub(super) fn contiguous_f32<'a>(
@@ -15,4 +21,26 @@ pub(super) fn contiguous_f32<'a>(
         candle_core::bail!("{op}: the input must be contiguous");
     };
     Ok(&data[start..end])
+}
+
+/// A fresh output of `input`'s size, each `width`-element row written by `row(out, in)`,
+/// whole rows split over rayon's pool in pieces of at least 16 Ki elements.
+pub(super) fn map_rows(
+    input: &[f32],
+    width: usize,
+    row: impl Fn(&mut [f32], &[f32]) + Sync + Send,
+) -> Vec<f32> {
+    let mut out = vec![0f32; input.len()];
+    if width == 0 || input.is_empty() {
+        return out;
+    }
+    let piece = (MIN_ELEMS_PER_TASK / width).max(1) * width;
+    out.par_chunks_mut(piece)
+        .zip(input.par_chunks(piece))
+        .for_each(|(dst, src)| {
+            for (d, s) in dst.chunks_exact_mut(width).zip(src.chunks_exact(width)) {
+                row(d, s);
+            }
+        });
+    out
 }

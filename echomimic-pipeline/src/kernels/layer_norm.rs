@@ -8,12 +8,9 @@
 //! `(x − mean) · (weight / √(var + eps)) + bias`.
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, D};
-use rayon::prelude::*;
 
-use super::cpu_input::contiguous_f32;
+use super::cpu_input::{contiguous_f32, map_rows};
 
-/// Elements per parallel work item at least (small tensors stay on one thread).
-const MIN_ELEMS_PER_TASK: usize = 16 * 1024;
 /// Lanes of the row sums.
 const LANES: usize = 8;
 
@@ -88,19 +85,7 @@ impl CustomOp1 for LayerNormOp {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let input = contiguous_f32(self.name(), storage, layout)?;
-        let width = self.weight.len();
-        let mut out = vec![0f32; input.len()];
-        if input.is_empty() {
-            return Ok((CpuStorage::F32(out), layout.shape().clone()));
-        }
-        let rows_per_task = (MIN_ELEMS_PER_TASK / width).max(1);
-        out.par_chunks_mut(rows_per_task * width)
-            .zip(input.par_chunks(rows_per_task * width))
-            .for_each(|(dst, src)| {
-                for (d, s) in dst.chunks_exact_mut(width).zip(src.chunks_exact(width)) {
-                    self.row(d, s);
-                }
-            });
+        let out = map_rows(input, self.weight.len(), |d, s| self.row(d, s));
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
 }

@@ -6,13 +6,10 @@
 //! normalises, one row at a time, writing each element once.
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, D};
-use rayon::prelude::*;
 
-use super::cpu_input::contiguous_f32;
+use super::cpu_input::{contiguous_f32, map_rows};
 use super::math::exp;
 
-/// Elements per parallel work item at least (small tensors stay on one thread).
-const MIN_ELEMS_PER_TASK: usize = 16 * 1024;
 /// Lanes of the row sums.
 const LANES: usize = 8;
 
@@ -69,18 +66,7 @@ impl CustomOp1 for ScaledSoftmax {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let input = contiguous_f32(self.name(), storage, layout)?;
         let width = layout.shape().dims().last().copied().unwrap_or(0);
-        let mut out = vec![0f32; input.len()];
-        if width == 0 || input.is_empty() {
-            return Ok((CpuStorage::F32(out), layout.shape().clone()));
-        }
-        let rows_per_task = (MIN_ELEMS_PER_TASK / width).max(1);
-        out.par_chunks_mut(rows_per_task * width)
-            .zip(input.par_chunks(rows_per_task * width))
-            .for_each(|(dst, src)| {
-                for (d, s) in dst.chunks_exact_mut(width).zip(src.chunks_exact(width)) {
-                    self.row(d, s);
-                }
-            });
+        let out = map_rows(input, width, |d, s| self.row(d, s));
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
 }
