@@ -8,8 +8,8 @@ use std::path::Path;
 
 use anyhow::ensure;
 use echomimic_pipeline::video::{
-    probe_mp4, AudioInput, EncoderBackend, EncoderKind, OutputGeometry, PasteBack, TrackKind,
-    VideoReport, VideoSpec,
+    probe_mp4, size_budget, AudioInput, EncoderBackend, EncoderKind, OutputGeometry, PasteBack,
+    TrackKind, VideoReport, VideoSpec, VideoWriter, MIN_BITS_PER_PIXEL,
 };
 use image::{Rgb, RgbImage};
 use video_common::*;
@@ -317,4 +317,100 @@ fn auto_picks_ffmpeg_when_it_works_and_builtin_otherwise() -> anyhow::Result<()>
     let report = encode(&dir.path().join("auto_fallback.mp4"), &spec, 40)?;
     assert_eq!(report.backend, EncoderKind::Builtin);
     Ok(())
+}
+
+/// Frames of pseudo-random noise: nothing for the encoder to predict, so its
+/// rate control alone decides the size.
+fn noise(w: u32, h: u32, i: u64) -> Vec<u8> {
+    let mut state = 0x9E37_79B9_7F4A_7C15u64 ^ i.wrapping_mul(0x1000_0000_01B3);
+    (0..w * h * 3)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 56) as u8
+        })
+        .collect()
+}
+
+/// Frame `i` of a `w × h` test clip, RGB24.
+type FrameFn = fn(u32, u32, u64) -> Vec<u8>;
+
+fn encode_with(
+    path: &Path,
+    spec: &VideoSpec,
+    frames: u64,
+    frame: FrameFn,
+) -> anyhow::Result<VideoReport> {
+    let mut writer = VideoWriter::create(path, spec)?;
+    for i in 0..frames {
+        writer.write_frame(&frame(spec.width, spec.height, i))?;
+    }
+    Ok(writer.finish()?)
+}
+
+#[test]
+fn a_size_limit_caps_the_bit_rate_so_the_file_fits() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    // x264's VBV holds a hard cap even on noise; OpenH264's rate control has no hard cap
+    // (it overshoots on noise), so it is held to half the budget's rate and shown on
+    // ordinary picture content, where it follows its target.
+    let cases: [(EncoderBackend, u32, FrameFn, u64); 2] = [
+        (EncoderBackend::Ffmpeg, 128, noise, 3),
+        (EncoderBackend::Builtin, 512, moving_gradient, 2),
+    ];
+    for (backend, side, frame, shrink) in cases {
+        let free = speech_spec(side, side, backend);
+        let audio_s = spec_pcm(&free)?.duration_s();
+        let frames = (audio_s * 24.0).ceil() as u64;
+        let uncapped = encode_with(&dir.path().join("free.mp4"), &free, frames, frame)?;
+        let max = uncapped.bytes / shrink;
+        let budget = size_budget(max, side, side, 24.0, audio_s)?;
+        assert!(budget.bits_per_pixel > MIN_BITS_PER_PIXEL, "{budget:?}");
+        let capped_spec = speech_spec(side, side, backend).with_max_bytes(Some(max));
+        let capped = encode_with(&dir.path().join("capped.mp4"), &capped_spec, frames, frame)?;
+        eprintln!(
+            "{backend}: free {} bytes, limit {max}, capped {} bytes ({budget:?})",
+            uncapped.bytes, capped.bytes
+        );
+        assert!(capped.bytes <= max, "{backend}: {} > {max}", capped.bytes);
+        check_file(&capped, &capped_spec, audio_s)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn a_video_that_cannot_fit_its_size_limit_is_refused_before_any_frame() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    for backend in BACKENDS {
+        let spec = speech_spec(1024, 1024, backend).with_max_bytes(Some(100_000));
+        let err = VideoWriter::create(dir.path().join("big.mp4"), &spec).unwrap_err();
+        assert!(err.is_bad_input(), "{backend}: {err}");
+        let text = err.to_string();
+        assert!(
+            text.contains("upload limit of 100000 bytes") && text.contains("shorter audio"),
+            "{backend}: {text}"
+        );
+    }
+    assert!(
+        folder_entries(dir.path())?.is_empty(),
+        "nothing left behind"
+    );
+    Ok(())
+}
+
+#[test]
+fn size_budgets_follow_the_limit_the_length_and_the_frame() {
+    let a = size_budget(200 << 20, 512, 512, 25.0, 10.0).unwrap();
+    // 200 MiB over 11 s (with the one-second buffer), less audio and index: ~150 Mbit/s.
+    assert!((a.video_bps - 152.3e6).abs() < 1e6, "{a:?}");
+    assert!((a.bits_per_pixel - a.video_bps / (512.0 * 512.0 * 25.0)).abs() < 1e-9);
+    let longer = size_budget(200 << 20, 512, 512, 25.0, 100.0).unwrap();
+    assert!(longer.video_bps < a.video_bps / 8.0);
+    // A 4096² paste-back of ten minutes does not fit 200 MiB at a watchable rate.
+    assert!(size_budget(200 << 20, 4096, 4096, 25.0, 600.0).is_err());
+    assert!(
+        size_budget(1000, 64, 64, 25.0, 1.0).is_err(),
+        "the index alone"
+    );
 }

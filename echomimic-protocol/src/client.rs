@@ -249,12 +249,18 @@ pub fn follow_task(
     }
 }
 
-/// Removes a queued item (`ARGV[1]`) from `KEYS[1]` and, only when it was still there,
-/// records its `failed` event as a worker records a terminal event: `SET` the latest event
+/// Removes a queued item (`ARGV[1]`) from `KEYS[1]` (a queue list, or with `ARGV[7]` = `z` a
+/// [`keys::task_delayed`] sorted set) and, only when it was still there, records its `failed` event as a worker records a terminal event: `SET` the latest event
 /// and the result (TTLs), `PUBLISH` it, delete the cancel request, and in the legacy schema
 /// `SREM` the task id. 1 when removed, 0 when a worker claimed it first.
 const DEQUEUE_CANCELLED: &str = r#"
-if redis.call('LREM', KEYS[1], 1, ARGV[1]) ~= 1 then return 0 end
+local removed
+if ARGV[7] == 'z' then
+  removed = redis.call('ZREM', KEYS[1], ARGV[1])
+else
+  removed = redis.call('LREM', KEYS[1], 1, ARGV[1])
+end
+if removed ~= 1 then return 0 end
 redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[4])
 redis.call('SET', KEYS[3], ARGV[2], 'EX', ARGV[5])
 redis.call('PUBLISH', ARGV[3], ARGV[2])
@@ -333,13 +339,19 @@ pub fn scan_keys(con: &mut impl ConnectionLike, pattern: &str) -> redis::RedisRe
     Ok(found)
 }
 
-/// The queues found in Redis: every `task_queue_gpu_*` list and every queue named by a
-/// worker's [`keys::worker_queue`] key, sorted, without duplicates.
+/// The queues found in Redis: every `task_queue_gpu_*` list, every queue named by a worker's
+/// [`keys::worker_queue`] key and every queue with a [`keys::task_delayed`] set, sorted,
+/// without duplicates.
 pub fn known_queues(con: &mut impl ConnectionLike) -> Result<Vec<String>, ProtocolError> {
     let mut queues = scan_keys(con, &format!("{}*", keys::TASK_QUEUE_PREFIX))?;
     for key in scan_keys(con, &format!("{}*", keys::WORKER_QUEUE_PREFIX))? {
         let named: Option<String> = con.get(&key)?;
         queues.extend(named);
+    }
+    for key in scan_keys(con, &format!("{}*", keys::TASK_DELAYED_PREFIX))? {
+        if let Some(queue) = key.strip_prefix(keys::TASK_DELAYED_PREFIX) {
+            queues.push(queue.to_owned());
+        }
     }
     queues.sort();
     queues.dedup();
@@ -355,7 +367,8 @@ fn item_is(raw: &[u8], task_id: &str) -> bool {
 ///
 /// 1. writes the cancel request [`keys::task_cancel`] (first, so that a worker claiming the
 ///    task meanwhile sees it);
-/// 2. a task still in a queue is removed (atomically: only if no worker claimed it first) and
+/// 2. a task still in a queue, or waiting out a temp-file outage in the queue's
+///    [`keys::task_delayed`] set, is removed (atomically: only if no worker claimed it first) and
 ///    gets its one `failed` event with the code [`ErrorCode::Cancelled`](crate::ErrorCode);
 /// 3. a task a worker holds (in a `task_processing:*` list) is left to that worker, which stops
 ///    it between two UNet calls and publishes the `failed` event;
@@ -378,45 +391,54 @@ pub fn cancel_task(
     queues.sort();
     queues.dedup();
     for queue in &queues {
-        let items: Vec<Vec<u8>> = con.lrange(queue, 0, -1)?;
-        for raw in items.iter().filter(|raw| item_is(raw, task_id)) {
-            let item = crate::QueueItem::parse(raw);
-            let session = item
-                .task()
-                .map(|t| t.session_id)
-                .unwrap_or_else(|e| e.session_id().unwrap_or_default().to_owned());
-            let event = ProgressEvent::failed(
-                task_id,
-                session,
-                crate::ErrorCode::Cancelled,
-                "the task was cancelled on request before it started",
-            );
-            let payload = opts.schema.encode(&event);
-            let legacy = if opts.schema == crate::Schema::Legacy {
-                task_id
+        let delayed = keys::task_delayed(queue);
+        let lists = [(queue.as_str(), ""), (delayed.as_str(), "z")];
+        for (key, kind) in lists {
+            let items: Vec<Vec<u8>> = if kind == "z" {
+                con.zrange(key, 0, -1)?
             } else {
-                ""
+                con.lrange(key, 0, -1)?
             };
-            let removed: i64 = redis::cmd("EVAL")
-                .arg(DEQUEUE_CANCELLED)
-                .arg(5)
-                .arg(queue)
-                .arg(keys::latest_event(task_id))
-                .arg(keys::task_result(task_id))
-                .arg(&request)
-                .arg(keys::LEGACY_TASK_SET)
-                .arg(raw.as_slice())
-                .arg(&payload)
-                .arg(&opts.channel)
-                .arg(keys::EVENT_TTL_SECS)
-                .arg(keys::RESULT_TTL_SECS)
-                .arg(legacy)
-                .query(con)?;
-            if removed == 1 {
-                return Ok(Cancellation::Dequeued {
-                    queue: queue.clone(),
-                    event,
-                });
+            for raw in items.iter().filter(|raw| item_is(raw, task_id)) {
+                let item = crate::QueueItem::parse(raw);
+                let session = item
+                    .task()
+                    .map(|t| t.session_id)
+                    .unwrap_or_else(|e| e.session_id().unwrap_or_default().to_owned());
+                let event = ProgressEvent::failed(
+                    task_id,
+                    session,
+                    crate::ErrorCode::Cancelled,
+                    "the task was cancelled on request before it started",
+                );
+                let payload = opts.schema.encode(&event);
+                let legacy = if opts.schema == crate::Schema::Legacy {
+                    task_id
+                } else {
+                    ""
+                };
+                let removed: i64 = redis::cmd("EVAL")
+                    .arg(DEQUEUE_CANCELLED)
+                    .arg(5)
+                    .arg(key)
+                    .arg(keys::latest_event(task_id))
+                    .arg(keys::task_result(task_id))
+                    .arg(&request)
+                    .arg(keys::LEGACY_TASK_SET)
+                    .arg(raw.as_slice())
+                    .arg(&payload)
+                    .arg(&opts.channel)
+                    .arg(keys::EVENT_TTL_SECS)
+                    .arg(keys::RESULT_TTL_SECS)
+                    .arg(legacy)
+                    .arg(kind)
+                    .query(con)?;
+                if removed == 1 {
+                    return Ok(Cancellation::Dequeued {
+                        queue: queue.clone(),
+                        event,
+                    });
+                }
             }
         }
     }

@@ -14,6 +14,7 @@
 //! | [`latest_event`] `task_progress:{task_id}` | string: the last event published for the task, byte-identical | worker `SET EX` with every publish | late or reconnecting clients | [`EVENT_TTL_SECS`] |
 //! | [`task_result`] `task_result:{task_id}` | string: the terminal event, byte-identical to what was published | worker `SET EX` before publishing it | late clients | [`RESULT_TTL_SECS`] |
 //! | [`task_cancel`] `task_cancel:{task_id}` | string `1`: cancellation asked for | [`client::cancel_task`](crate::client) (`echomimic-worker cancel`) | the worker holding the task: polled while it holds claims, checked before a run | [`CANCEL_TTL_SECS`]; deleted with the task's terminal event and by a new submit |
+//! | [`task_delayed`] `task_delayed:{queue}` | sorted set of queue items scored by when they are due (Unix ms, Redis's clock) | worker, with the outcome of an attempt whose download met a temp-file outage (uncounted; [`QueueItem::deferred`](crate::queue::QueueItem::deferred)) | any worker of the queue moves due items to the head of the queue; [`client::cancel_task`](crate::client) | until due |
 //! | [`LEGACY_TASK_SET`] `all_task_ids` | set of task ids | the EchoMe webapp `SADD` | worker `SREM` after every outcome (legacy schema only) | webapp-managed |
 //!
 //! # Claiming, attempts and dead letters
@@ -114,6 +115,17 @@ pub fn task_result(task_id: &str) -> String {
 pub fn task_cancel(task_id: &str) -> String {
     format!("task_cancel:{task_id}")
 }
+
+/// Tasks waiting out a temp-file outage before their next attempt: `task_delayed:{queue}`, a
+/// sorted set of queue items scored by the Unix time in milliseconds (Redis's own clock) at
+/// which each goes back to the head of `queue`. Every worker serving `queue` moves the due
+/// ones; each member is unique (its envelope names the claim that deferred it).
+pub fn task_delayed(queue: &str) -> String {
+    format!("{TASK_DELAYED_PREFIX}{queue}")
+}
+
+/// The start of every [`task_delayed`] key.
+pub const TASK_DELAYED_PREFIX: &str = "task_delayed:";
 
 /// Expiry of [`task_cancel`] (one hour): long enough for a worker that is reconnecting to see
 /// it, short enough that a forgotten request cannot cancel a task resubmitted much later with

@@ -28,6 +28,8 @@ pub struct QueueItem {
     raw: Vec<u8>,
     attempts: u32,
     last_error: Option<String>,
+    /// Unix time (s) of the first temp-file outage that deferred this task, if one did.
+    outage_since: Option<u64>,
     /// The task JSON: the whole item for a plain task, the `task` member of an envelope,
     /// `None` when the item is not JSON at all.
     task: Option<Value>,
@@ -87,6 +89,7 @@ impl QueueItem {
                         .get("last_error")
                         .and_then(Value::as_str)
                         .map(str::to_owned),
+                    outage_since: obj.get("outage_since").and_then(Value::as_u64),
                     task: Some(inner.clone()),
                     envelope: true,
                     too_large: None,
@@ -97,6 +100,7 @@ impl QueueItem {
             raw: raw.to_vec(),
             attempts: 0,
             last_error: None,
+            outage_since: None,
             task: value,
             envelope: false,
             too_large: None,
@@ -117,6 +121,7 @@ impl QueueItem {
             raw: raw.to_vec(),
             attempts: 0,
             last_error: None,
+            outage_since: None,
             task: None,
             envelope: false,
             too_large: Some(Box::new(TooLarge::scan(raw, max_bytes))),
@@ -152,6 +157,12 @@ impl QueueItem {
         self.last_error.as_deref()
     }
 
+    /// When a temp-file outage first deferred this task (Unix time in seconds), for an item
+    /// deferred by [`QueueItem::deferred`] (and not attempted successfully since).
+    pub fn outage_since(&self) -> Option<u64> {
+        self.outage_since
+    }
+
     /// True when the worker requeued this item.
     pub fn is_requeued(&self) -> bool {
         self.envelope
@@ -185,6 +196,25 @@ impl QueueItem {
             json!({
                 "attempts": self.attempts.saturating_add(1),
                 "last_error": last_error,
+                "task": task,
+            })
+            .to_string(),
+        )
+    }
+
+    /// The envelope for a task put aside while the temp-file API is down (see
+    /// [`crate::keys::task_delayed`]): `attempts` unchanged (an outage is not the task's
+    /// fault), `last_error` set, `outage_since` kept from an earlier deferral or set to `now`
+    /// (Unix seconds), and `deferral`, the id of the claim that deferred it, which keeps two
+    /// deferrals of identical tasks apart in the sorted set. `None` when the item is not JSON.
+    pub fn deferred(&self, last_error: &str, now: u64, deferral: &str) -> Option<String> {
+        let task = self.task.as_ref()?;
+        Some(
+            json!({
+                "attempts": self.attempts,
+                "last_error": last_error,
+                "outage_since": self.outage_since.unwrap_or(now),
+                "deferral": deferral,
                 "task": task,
             })
             .to_string(),
@@ -294,6 +324,35 @@ mod tests {
 
     const TASK: &str =
         r#"{"task_id":"t-1","session_id":"s-1","ref_image_id":"img","audio_id":"aud"}"#;
+
+    #[test]
+    fn a_deferral_keeps_the_count_and_the_first_outage_and_a_retry_forgets_it() {
+        let fresh = QueueItem::parse(TASK.as_bytes());
+        assert_eq!(fresh.outage_since(), None);
+        let once = QueueItem::parse(fresh.deferred("api down", 100, "c1").unwrap().as_bytes());
+        assert!(once.is_requeued());
+        assert_eq!((once.attempts(), once.outage_since()), (0, Some(100)));
+        assert_eq!(once.last_error(), Some("api down"));
+        assert_eq!(once.task().unwrap().task_id, "t-1");
+        let value = |s: String| serde_json::from_str::<Value>(&s).unwrap();
+        assert_eq!(
+            value(once.original_payload()),
+            value(fresh.original_payload())
+        );
+        let twice = QueueItem::parse(once.deferred("still down", 500, "c2").unwrap().as_bytes());
+        assert_eq!((twice.attempts(), twice.outage_since()), (0, Some(100)));
+        // The same task deferred by two claims makes two distinct members.
+        assert_ne!(
+            fresh.deferred("x", 1, "c1").unwrap(),
+            fresh.deferred("x", 1, "c2").unwrap()
+        );
+        // A counted retry (the downloads worked, the model failed) starts a new outage clock.
+        let retried = QueueItem::parse(twice.requeued("model failed").unwrap().as_bytes());
+        assert_eq!((retried.attempts(), retried.outage_since()), (1, None));
+        assert!(QueueItem::parse(b"not json")
+            .deferred("x", 1, "c")
+            .is_none());
+    }
 
     #[test]
     fn an_item_over_the_limit_is_not_parsed_and_its_dead_letter_is_cut() {

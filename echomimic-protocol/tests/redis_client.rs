@@ -436,3 +436,49 @@ fn cancel_task_removes_a_queued_task_signals_a_claimed_one_and_leaves_the_rest()
     assert!(!con.exists::<_, bool>(keys::task_cancel(&nobody))?);
     Ok(())
 }
+
+#[test]
+fn cancel_task_finds_a_task_waiting_out_an_outage_in_the_delayed_set() -> TestResult {
+    let Some((client, mut con)) = redis() else {
+        return Ok(());
+    };
+    // A queue no worker announced and whose list is empty: found through its delayed set.
+    let queue = unique("queue");
+    let delayed = keys::task_delayed(&queue);
+    let waiting = task(&unique("task"));
+    let twin = waiting.clone();
+    let names = vec![
+        queue.clone(),
+        delayed.clone(),
+        keys::task_result(&waiting.task_id),
+        keys::latest_event(&waiting.task_id),
+        keys::task_cancel(&waiting.task_id),
+    ];
+    let _cleanup = Cleanup::new(client.clone(), names);
+    let item = echomimic_protocol::QueueItem::parse(waiting.to_json().as_bytes());
+    let first = item.deferred("temp-file API down", 100, "claim-1").unwrap();
+    let second = echomimic_protocol::QueueItem::parse(twin.to_json().as_bytes())
+        .deferred("temp-file API down", 100, "claim-2")
+        .unwrap();
+    let _: () = con.zadd(&delayed, &first, 1)?;
+    let _: () = con.zadd(&delayed, &second, 2)?;
+    assert!(client::known_queues(&mut con)?.contains(&queue));
+    let opts = client::CancelOptions {
+        channel: unique("chan"),
+        ..Default::default()
+    };
+    let found = client::cancel_task(&mut con, &waiting.task_id, &opts)?;
+    let client::Cancellation::Dequeued { queue: from, event } = found else {
+        panic!("{found:?}");
+    };
+    assert_eq!(from, queue);
+    assert_eq!(event.code, Some(ErrorCode::Cancelled));
+    // One member went (the one with the lower score comes first), its twin waits on.
+    let left: Vec<String> = con.zrange(&delayed, 0, -1)?;
+    assert_eq!(left, vec![second]);
+    assert_eq!(
+        client::read_result(&mut con, &waiting.task_id)?,
+        Some(event)
+    );
+    Ok(())
+}

@@ -183,6 +183,8 @@ pub struct GpuReport {
     pub queue: String,
     /// Items waiting in that queue.
     pub queue_depth: u64,
+    /// Tasks of that queue put aside during a temp-file outage (`task_delayed:{queue}`).
+    pub delayed: u64,
     /// Items in `task_processing:{gpu}` (claimed, not settled).
     pub processing: u64,
     /// The tasks being worked on (`worker_active:{gpu}`).
@@ -240,12 +242,14 @@ pub fn status_report(con: &mut Connection) -> Result<StatusReport, WorkerError> 
             .query(con)
             .map_err(e)?;
         let queue = queue.unwrap_or_else(|| keys::task_queue(gpu_id));
-        let (queue_depth, processing, active): (u64, u64, Vec<Vec<u8>>) = redis::pipe()
-            .llen(&queue)
-            .llen(keys::processing_list(gpu_id))
-            .hvals(keys::worker_active(gpu_id))
-            .query(con)
-            .map_err(e)?;
+        let (queue_depth, delayed, processing, active): (u64, u64, u64, Vec<Vec<u8>>) =
+            redis::pipe()
+                .llen(&queue)
+                .zcard(keys::task_delayed(&queue))
+                .llen(keys::processing_list(gpu_id))
+                .hvals(keys::worker_active(gpu_id))
+                .query(con)
+                .map_err(e)?;
         let mut running = Vec::new();
         for raw in active {
             let item = QueueItem::parse(&raw);
@@ -268,6 +272,7 @@ pub fn status_report(con: &mut Connection) -> Result<StatusReport, WorkerError> 
             lease_holder,
             queue,
             queue_depth,
+            delayed,
             processing,
             running,
         });
@@ -301,11 +306,16 @@ pub fn status(args: &StatusArgs, out: &mut impl Write) -> Result<u8, WorkerError
         };
         writeln!(
             out,
-            "gpu {}: {}, {lease}; queue {}: {} waiting; {} claimed",
+            "gpu {}: {}, {lease}; queue {}: {} waiting{}; {} claimed",
             g.gpu_id,
             g.status.as_deref().unwrap_or("offline"),
             g.queue,
             g.queue_depth,
+            if g.delayed > 0 {
+                format!(" (+{} put aside during a temp-file outage)", g.delayed)
+            } else {
+                String::new()
+            },
             g.processing
         )
         .map_err(out_error)?;

@@ -457,18 +457,34 @@ pub struct ServeArgs {
     /// Seconds an outage of the temp-file API is ridden out: a download or upload that still
     /// fails for a transient reason after its --http-attempts is tried again (pausing
     /// --http-max-backoff-secs) until this long after its first failure (a finished video
-    /// waits on disk, no second GPU run). Past it a download fails the task (`unavailable`)
-    /// and an upload requeues it, its video kept on local disk for the next attempt on this
-    /// machine (no second GPU run there either). 0 = --http-attempts only.
-    /// --http-deadline-secs still bounds each transfer.
+    /// waits on disk, no second GPU run). Past it a download puts the task aside for
+    /// --outage-delay-secs (see --outage-total-secs) and an upload requeues it, its video
+    /// kept on local disk for the next attempt on this machine (no second GPU run there
+    /// either). 0 = --http-attempts only. --http-deadline-secs still bounds each transfer.
     #[arg(long, env = "ECHOMIMIC_OUTAGE_SECS", default_value_t = 300)]
     pub outage_secs: u64,
+    /// Seconds a task whose download met an outage longer than --outage-secs waits in the
+    /// queue's delayed set (`task_delayed:{queue}`, attempts not counted) before it is tried
+    /// again; the worker serves other tasks meanwhile.
+    #[arg(long, env = "ECHOMIMIC_OUTAGE_DELAY_SECS", default_value_t = 60)]
+    pub outage_delay_secs: u64,
+    /// Seconds a task may go on meeting a temp-file outage, counted from the first time it
+    /// was put aside, before it fails (`unavailable`). With the defaults a task fails after
+    /// about 5 + 30 minutes of outage. 0 = never put aside: it fails after --outage-secs.
+    #[arg(long, env = "ECHOMIMIC_OUTAGE_TOTAL_SECS", default_value_t = 1800)]
+    pub outage_total_secs: u64,
     /// Largest paste-back output frame in pixels (width × height of the photo; default
     /// 4096 × 4096). A larger photo fails before the GPU run (`bad_input`, saying to send a
     /// smaller photo) instead of making a video that the encoder or the upload may refuse
     /// after the whole run. `--geometry crop` output is not bounded by it.
     #[arg(long, env = "ECHOMIMIC_MAX_OUTPUT_PIXELS", default_value_t = DEFAULT_MAX_OUTPUT_PIXELS)]
     pub max_output_pixels: u64,
+    /// Largest MP4 the temp-file API accepts, in bytes (its `--max-bytes`; the default is the
+    /// bundled server's). The encoder's bit rate is capped so that the video always fits, and
+    /// a request whose video could not fit at a watchable bit rate (very long audio into a
+    /// very large paste-back frame) fails before the GPU run (`bad_input`). 0 = no limit.
+    #[arg(long, env = "ECHOMIMIC_MAX_UPLOAD_BYTES", default_value_t = echomimic_tempfile::server::DEFAULT_MAX_UPLOAD_BYTES)]
+    pub max_upload_bytes: u64,
     /// Serve `GET /metrics` (Prometheus text format), `GET /healthz` (liveness: every thread
     /// alive) and `GET /readyz` (model loaded, Redis reachable, lease held) on this address,
     /// e.g. `0.0.0.0:9400` or `127.0.0.1:0`. Off when unset.
@@ -528,6 +544,12 @@ pub struct WorkerConfig {
     pub max_audio_secs: f64,
     /// Retry policy of temp-file HTTP requests.
     pub http_retry: RetryPolicy,
+    /// How long a task whose download met an outage waits in the delayed set.
+    pub outage_delay: Duration,
+    /// How long a task may meet outages, from its first deferral, before it fails.
+    pub outage_total: Duration,
+    /// Largest MP4 the temp-file API accepts (`None`: no limit).
+    pub max_upload_bytes: Option<u64>,
     /// Connect timeout of temp-file HTTP requests.
     pub http_connect_timeout: Duration,
     /// Whether the next task is prepared during inference.
@@ -693,6 +715,9 @@ impl ServeArgs {
                 max_backoff,
                 outage: Duration::from_secs(self.outage_secs),
             },
+            outage_delay: Duration::from_secs(self.outage_delay_secs),
+            outage_total: Duration::from_secs(self.outage_total_secs),
+            max_upload_bytes: (self.max_upload_bytes > 0).then_some(self.max_upload_bytes),
             http_connect_timeout: fsecs(
                 "http-connect-timeout-secs",
                 self.http_connect_timeout_secs,

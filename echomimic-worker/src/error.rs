@@ -7,7 +7,8 @@
 //! | input file id unknown / expired (HTTP 404) | `input_not_found` | `failed` + dead letter, no retry |
 //! | input larger than `--max-download-bytes`, undecodable image or audio, silent or too long audio | `bad_input` | `failed` + dead letter, no retry |
 //! | no face in the photo | `no_face` | `failed` + dead letter, no retry |
-//! | temp-file API unreachable / 5xx after the in-place retries (`--http-attempts`) and `--outage-secs` of retrying | `unavailable` | `failed` + dead letter |
+//! | temp-file API unreachable / 5xx while downloading, after the in-place retries (`--http-attempts`) and `--outage-secs` of retrying | `unavailable` | put aside for `--outage-delay-secs` (not counted, [`keys::task_delayed`](echomimic_protocol::keys::task_delayed)) and tried again, until the outage has lasted `--outage-total-secs` for this task; then `failed` + dead letter |
+//! | temp-file API answered something else that is not usable (a 4xx other than 401/404, a malformed reply) | `unavailable` | `failed` + dead letter |
 //! | temp-file API refused the worker's token (HTTP 401, `--tempfile-token`) | `tempfile_unauthorized` | `failed` + dead letter, no retry; the worker keeps serving |
 //! | model failure | `inference_failed` | requeued while attempts remain (`--max-attempts`), then `failed` + dead letter |
 //! | accelerator out of memory | `oom` | as `inference_failed` |
@@ -161,6 +162,9 @@ pub enum Retry {
     Attempts,
     /// Push back as it was, not counted, no event (shutdown).
     Requeue,
+    /// Put aside for `--outage-delay-secs` in the queue's delayed set, not counted, while the
+    /// task's outage has lasted less than `--outage-total-secs`; then `failed` + dead letter.
+    Defer,
 }
 
 /// An error's wire code and retry decision.
@@ -219,6 +223,7 @@ impl WorkerError {
                 TempfileError::InvalidFileId(_) => Failure::new(C::InvalidTask, Retry::Never),
                 TempfileError::Io { .. } => Failure::new(C::Internal, Retry::Attempts),
                 TempfileError::Cancelled { .. } => Failure::new(C::Internal, Retry::Requeue),
+                e if e.is_retryable() => Failure::new(C::Unavailable, Retry::Defer),
                 _ => Failure::new(C::Unavailable, Retry::Never),
             },
             WorkerError::Input { source, .. } => pipeline_input_failure(source),
@@ -307,6 +312,15 @@ mod tests {
                 url: "u".into(),
                 status: 503,
                 message: "down".into()
+            })),
+            Failure::new(ErrorCode::Unavailable, Retry::Defer)
+        );
+        assert_eq!(
+            f(dl(TempfileError::Status {
+                method: "GET",
+                url: "u".into(),
+                status: 400,
+                message: "no".into()
             })),
             Failure::new(ErrorCode::Unavailable, Retry::Never)
         );

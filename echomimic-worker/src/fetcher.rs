@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{SendTimeoutError, Sender};
+use echomimic_pipeline::video::{size_budget, GeometryMode};
 use echomimic_pipeline::PipelineError;
 use echomimic_protocol::{Stage, Task};
 use echomimic_tempfile::TempfileClient;
@@ -26,7 +27,7 @@ use crate::progress::{DOWNLOAD_AUDIO, DOWNLOAD_START, FACE_START, INFERENCE_STAR
 use crate::redis_link::{is_connection_error, sleep_unless, RedisLink};
 use crate::reporter::ReporterHandle;
 use crate::state::Shared;
-use crate::store::{process_alive, Keys};
+use crate::store::{process_alive, Keys, OutcomeKind};
 
 /// Everything the fetcher needs.
 pub(crate) struct Fetcher<P: Preparer> {
@@ -39,8 +40,8 @@ pub(crate) struct Fetcher<P: Preparer> {
     pub(crate) http: TempfileClient,
     pub(crate) temp_dir: PathBuf,
     pub(crate) max_download_bytes: u64,
-    /// Largest paste-back output frame in pixels (`None`: the output is the crop).
-    pub(crate) max_output_pixels: Option<u64>,
+    /// What the video may be, checked before the GPU run.
+    pub(crate) output: OutputLimits,
     pub(crate) max_audio_secs: f64,
     pub(crate) defaults: TaskDefaults,
     pub(crate) prefetch: bool,
@@ -49,6 +50,49 @@ pub(crate) struct Fetcher<P: Preparer> {
     /// Videos finished by an earlier attempt whose upload failed.
     pub(crate) outbox: Outbox,
 }
+
+/// The bounds on a task's video, known once its inputs are prepared: frame size
+/// (`--max-output-pixels`, paste-back only) and file size (`--max-upload-bytes`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct OutputLimits {
+    pub(crate) geometry: GeometryMode,
+    /// The generated frame (`W x H`), the output size with `--geometry crop`.
+    pub(crate) frame_size: (u32, u32),
+    pub(crate) max_pixels: u64,
+    pub(crate) max_bytes: Option<u64>,
+}
+
+impl OutputLimits {
+    /// Fails (a bad input) a task whose video would pass a bound: the frame of a paste-back
+    /// into a huge photo, or a file that could not fit the upload limit at a watchable bit
+    /// rate ([`size_budget`], the rule the encoder caps its rate with).
+    fn check<D>(&self, prepared: &Prepared<D>, fps: f64) -> Result<(), WorkerError> {
+        let bad = |source| WorkerError::Input {
+            input: InputKind::Image,
+            source,
+        };
+        let (w, h) = match self.geometry {
+            GeometryMode::Crop => self.frame_size,
+            GeometryMode::PasteBack => prepared.photo.dimensions(),
+        };
+        let pixels = u64::from(w) * u64::from(h);
+        if self.geometry == GeometryMode::PasteBack && pixels > self.max_pixels {
+            return Err(bad(PipelineError::InvalidInput(format!(
+                "the photo is {w}x{h}: a video pasted back into it would have {pixels} \
+                 pixels per frame, more than this worker's limit of {} (--max-output-pixels); \
+                 send a smaller photo",
+                self.max_pixels
+            ))));
+        }
+        if let Some(max) = self.max_bytes {
+            size_budget(max, w, h, fps, prepared.audio_secs).map_err(bad)?;
+        }
+        Ok(())
+    }
+}
+
+/// How often the queue's delayed set is checked for tasks due again.
+const PROMOTE_EVERY: Duration = Duration::from_millis(500);
 
 /// Per-task folders are `{TASK_DIR_PREFIX}{pid}-{claim}-{random}` in the temp folder.
 const TASK_DIR_PREFIX: &str = "echomimic-";
@@ -105,9 +149,20 @@ impl<P: Preparer> Fetcher<P> {
         // prepared; without prefetch, one. This also bounds memory when garbage floods the
         // queue: the next item is claimed only once the reporter has caught up.
         let limit = if self.prefetch { 3 } else { 1 };
+        let mut promoted_at: Option<Instant> = None;
         while !self.shared.stopping() {
             if !self.wait_for_room(limit) {
                 break;
+            }
+            if promoted_at.is_none_or(|t| t.elapsed() >= PROMOTE_EVERY) {
+                promoted_at = Some(Instant::now());
+                match self.link.run(|con| self.keys.promote_due(con)) {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(tasks = n, queue = %self.keys.queue,
+                        "tasks put aside during a temp-file outage are due again"),
+                    // The claim below meets the same trouble and deals with it.
+                    Err(e) => tracing::debug!(error = %e, "could not look at the delayed tasks"),
+                }
             }
             let raw = match self
                 .link
@@ -218,10 +273,23 @@ impl<P: Preparer> Fetcher<P> {
                 self.hand_over(job);
             }
             Err(err) => {
-                tracing::info!(error = %err, code = %err.failure().code, "task rejected before inference");
                 let ids = Some((task.task_id.as_str(), task.session_id.as_str()));
-                self.reporter
-                    .outcome(self.policy.after_error(&claim, ids, &err));
+                let record = self.policy.after_error(&claim, ids, &err);
+                if let (OutcomeKind::Deferred, Some(delay)) = (record.what, record.delay) {
+                    tracing::warn!(error = %err, delay_secs = delay.as_secs(),
+                        "the temp-file API is down: task put aside");
+                    events.stage(
+                        Stage::Downloading,
+                        DOWNLOAD_START,
+                        format!(
+                            "the temp-file API is unavailable; the task waits {} s and is tried again",
+                            delay.as_secs()
+                        ),
+                    );
+                } else {
+                    tracing::info!(error = %err, code = %err.failure().code, "task rejected before inference");
+                }
+                self.reporter.outcome(record);
             }
         }
     }
@@ -342,20 +410,7 @@ impl<P: Preparer> Fetcher<P> {
         };
         let prepared = self.preparer.prepare(&inputs, params)?;
         timings.prepare = t.elapsed();
-        if let Some(max) = self.max_output_pixels {
-            let (w, h) = prepared.photo.dimensions();
-            if u64::from(w) * u64::from(h) > max {
-                return Err(WorkerError::Input {
-                    input: InputKind::Image,
-                    source: PipelineError::InvalidInput(format!(
-                        "the photo is {w}x{h}: a video pasted back into it would have \
-                         {} pixels per frame, more than this worker's limit of {max} \
-                         (--max-output-pixels); send a smaller photo",
-                        u64::from(w) * u64::from(h)
-                    )),
-                });
-            }
-        }
+        self.output.check(&prepared, params.fps)?;
         Ok((prepared, dir, timings))
     }
 

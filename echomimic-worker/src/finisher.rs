@@ -32,6 +32,8 @@ pub(crate) struct Finisher {
     pub(crate) geometry: GeometryMode,
     pub(crate) encoder: EncoderBackend,
     pub(crate) frame_size: (u32, u32),
+    /// Largest MP4 the temp-file API takes: the encoder's rate is capped to fit it.
+    pub(crate) max_upload_bytes: Option<u64>,
     /// Where a finished video waits when its task is requeued after a failed upload.
     pub(crate) outbox: Outbox,
 }
@@ -54,7 +56,8 @@ impl Finisher {
         let spec = VideoSpec::new(w, h, AudioInput::file(&job.mux_audio))
             .with_fps(job.params.fps)
             .with_backend(self.encoder)
-            .with_geometry(geometry);
+            .with_geometry(geometry)
+            .with_max_bytes(self.max_upload_bytes);
         VideoWriter::create(job.dir.path().join("video.mp4"), &spec).map_err(WorkerError::Encode)
     }
 

@@ -38,6 +38,8 @@ const REDIS_TIMEOUT: Duration = Duration::from_secs(1);
 pub(crate) struct Probe {
     pub(crate) client: redis::Client,
     pub(crate) queue: String,
+    /// The queue's delayed set.
+    pub(crate) delayed: String,
     pub(crate) processing: String,
     pub(crate) lease: String,
     pub(crate) owner: String,
@@ -46,6 +48,7 @@ pub(crate) struct Probe {
 /// Redis as the probe found it.
 struct RedisView {
     queue_depth: i64,
+    delayed: i64,
     processing: i64,
     lease_holder: Option<String>,
 }
@@ -305,14 +308,16 @@ impl Server {
         let Some(con) = slot.as_mut() else {
             return Err("redis unreachable".into());
         };
-        let answer: redis::RedisResult<(i64, i64, Option<String>)> = redis::pipe()
+        let answer: redis::RedisResult<(i64, i64, i64, Option<String>)> = redis::pipe()
             .llen(&self.probe.queue)
+            .zcard(&self.probe.delayed)
             .llen(&self.probe.processing)
             .get(&self.probe.lease)
             .query(con);
         match answer {
-            Ok((queue_depth, processing, lease_holder)) => Ok(RedisView {
+            Ok((queue_depth, delayed, processing, lease_holder)) => Ok(RedisView {
                 queue_depth,
+                delayed,
                 processing,
                 lease_holder,
             }),
@@ -369,6 +374,9 @@ impl Server {
             m.queue_depth
                 .with_label_values(&[&self.probe.queue])
                 .set(view.queue_depth);
+            m.delayed_tasks
+                .with_label_values(&[&self.probe.queue])
+                .set(view.delayed);
             m.processing_length
                 .with_label_values(&[&self.probe.processing])
                 .set(view.processing);

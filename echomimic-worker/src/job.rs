@@ -52,6 +52,17 @@ pub(crate) struct Policy {
     pub(crate) queue: String,
     /// Longest queue item parsed (`--max-item-bytes`).
     pub(crate) max_item_bytes: usize,
+    /// How a temp-file outage met while downloading is waited out across attempts.
+    pub(crate) outage: OutageWait,
+}
+
+/// How long a task whose downloads met a temp-file outage is put aside before its next try
+/// (`--outage-delay-secs`), and for how long in all, counted from the first time it was put
+/// aside (`--outage-total-secs`; zero: never put aside, it fails at once).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct OutageWait {
+    pub(crate) delay: Duration,
+    pub(crate) total: Duration,
 }
 
 fn unix_now() -> u64 {
@@ -87,6 +98,7 @@ impl Policy {
             dead_letter: None,
             what: OutcomeKind::Completed,
             code: None,
+            delay: None,
         }
     }
 
@@ -101,6 +113,7 @@ impl Policy {
             dead_letter: None,
             what: OutcomeKind::Released,
             code: None,
+            delay: None,
         }
     }
 
@@ -122,6 +135,7 @@ impl Policy {
                 dead_letter: None,
                 what: OutcomeKind::Retried,
                 code: Some(code),
+                delay: None,
             },
             None => self.failed(claim, ids, code, reason),
         }
@@ -152,6 +166,7 @@ impl Policy {
             event,
             dead_letter: Some(dead_letter),
             code: Some(code),
+            delay: None,
         }
     }
 
@@ -172,6 +187,46 @@ impl Policy {
             dead_letter: None,
             what: OutcomeKind::Cancelled,
             code: Some(ErrorCode::Cancelled),
+            delay: None,
+        }
+    }
+
+    /// A download met a temp-file outage: the task is put aside in the queue's delayed set
+    /// for [`OutageWait::delay`], attempts unchanged, while its outage has lasted less than
+    /// [`OutageWait::total`]; then it fails with `code`.
+    fn deferred(
+        &self,
+        claim: &Claim,
+        ids: Option<(&str, &str)>,
+        code: ErrorCode,
+        reason: String,
+    ) -> OutcomeRecord {
+        let now = unix_now();
+        let waited = now.saturating_sub(claim.item.outage_since().unwrap_or(now));
+        let total = self.outage.total.as_secs();
+        if total == 0 || waited >= total {
+            let error = if total == 0 {
+                reason
+            } else {
+                format!(
+                    "{reason} (the temp-file API has been unavailable to this task for {waited} s \
+                     since it was first put aside, more than the worker's limit of {total} s)"
+                )
+            };
+            return self.failed(claim, ids, code, error);
+        }
+        match claim.item.deferred(&reason, now, &claim.id) {
+            Some(envelope) => OutcomeRecord {
+                claim_id: claim.id.to_string(),
+                raw: claim.item.raw().to_vec(),
+                requeue: Some(envelope.into_bytes()),
+                event: None,
+                dead_letter: None,
+                what: OutcomeKind::Deferred,
+                code: Some(code),
+                delay: Some(self.outage.delay),
+            },
+            None => self.failed(claim, ids, code, reason),
         }
     }
 
@@ -180,7 +235,7 @@ impl Policy {
     /// attempt ([`crate::outbox`]).
     pub(crate) fn requeues(&self, claim: &Claim, err: &WorkerError) -> bool {
         match err.failure().retry {
-            Retry::Requeue => true,
+            Retry::Requeue | Retry::Defer => true,
             Retry::Attempts => claim.attempt() < self.max_attempts,
             Retry::Never => false,
         }
@@ -197,6 +252,7 @@ impl Policy {
         let text = err.public_message();
         match failure.retry {
             Retry::Requeue => self.released(claim),
+            Retry::Defer => self.deferred(claim, ids, failure.code, text),
             Retry::Attempts if self.requeues(claim, err) => {
                 self.retried(claim, ids, failure.code, text)
             }
@@ -376,6 +432,10 @@ mod tests {
             gpu_id: 7,
             queue: "q".into(),
             max_item_bytes: 4096,
+            outage: OutageWait {
+                delay: Duration::from_secs(60),
+                total: Duration::from_secs(1800),
+            },
         }
     }
 
@@ -407,6 +467,54 @@ mod tests {
             serde_json::from_str::<serde_json::Value>(&dl.payload).unwrap(),
             serde_json::from_str::<serde_json::Value>(TASK).unwrap()
         );
+    }
+
+    #[test]
+    fn an_outage_defers_the_task_uncounted_until_its_total_is_spent() {
+        let p = policy(2);
+        let err = WorkerError::Download {
+            input: crate::error::InputKind::Image,
+            file_id: "img".into(),
+            source: echomimic_tempfile::TempfileError::Status {
+                method: "GET",
+                url: "u".into(),
+                status: 503,
+                message: "down".into(),
+            },
+        };
+        let first = Claim::new(TASK.as_bytes(), 4096);
+        let r = p.after_error(&first, Some(("t-1", "s-1")), &err);
+        assert_eq!(r.what, OutcomeKind::Deferred);
+        assert_eq!(r.delay, Some(Duration::from_secs(60)));
+        assert!(r.event.is_none() && r.dead_letter.is_none());
+        let again = Claim::new(&r.requeue.unwrap(), 4096);
+        assert_eq!(again.attempt(), 1, "an outage is not the task's attempt");
+        let since = again.item.outage_since().unwrap();
+        assert!(since.abs_diff(unix_now()) <= 2);
+        // Still within the total: put aside again, the first outage time kept.
+        let r = p.after_error(&again, Some(("t-1", "s-1")), &err);
+        assert_eq!(r.what, OutcomeKind::Deferred);
+        let third = Claim::new(&r.requeue.unwrap(), 4096);
+        assert_eq!(third.item.outage_since(), Some(since));
+        // An outage that began longer ago than the total: failed `unavailable`.
+        let old = first
+            .item
+            .deferred("down", unix_now() - 1801, "c-old")
+            .unwrap();
+        let r = p.after_error(
+            &Claim::new(old.as_bytes(), 4096),
+            Some(("t-1", "s-1")),
+            &err,
+        );
+        assert_eq!(r.what, OutcomeKind::Failed);
+        let e = r.event.unwrap();
+        assert_eq!(e.code, Some(ErrorCode::Unavailable));
+        assert!(e.error.unwrap().contains("limit of 1800 s"));
+        // With a total of zero nothing is put aside.
+        let mut never = policy(2);
+        never.outage.total = Duration::ZERO;
+        let r = never.after_error(&first, Some(("t-1", "s-1")), &err);
+        assert_eq!(r.what, OutcomeKind::Failed);
     }
 
     #[test]

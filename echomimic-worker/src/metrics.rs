@@ -54,6 +54,7 @@ pub(crate) struct Metrics {
     model_load_seconds: Gauge,
     build_info: IntGaugeVec,
     pub(crate) queue_depth: IntGaugeVec,
+    pub(crate) delayed_tasks: IntGaugeVec,
     pub(crate) processing_length: IntGaugeVec,
     pub(crate) redis_up: IntGauge,
     pub(crate) gpu_memory_used: IntGauge,
@@ -167,6 +168,17 @@ impl Metrics {
                 &["queue"],
             ),
         );
+        let delayed_tasks = registered(
+            &registry,
+            IntGaugeVec::new(
+                Opts::new(
+                    "echomimic_delayed_tasks",
+                    "Tasks of the served queue put aside during a temp-file outage \
+                     (task_delayed:{queue}, read from Redis at scrape time).",
+                ),
+                &["queue"],
+            ),
+        );
         let processing_length = registered(
             &registry,
             IntGaugeVec::new(
@@ -219,6 +231,7 @@ impl Metrics {
             model_load_seconds,
             build_info,
             queue_depth,
+            delayed_tasks,
             processing_length,
             redis_up,
             gpu_memory_used,
@@ -287,6 +300,7 @@ mod tests {
         m.model_loaded(1.5, "cpu", "f32", "acc");
         m.queue_depth.with_label_values(&["q"]).set(3);
         m.processing_length.with_label_values(&["p"]).set(1);
+        m.delayed_tasks.with_label_values(&["q"]).set(2);
         let text = String::from_utf8(m.render()).unwrap();
         for name in [
             "echomimic_tasks_total",
@@ -299,6 +313,7 @@ mod tests {
             "echomimic_model_load_seconds",
             "echomimic_build_info",
             "echomimic_queue_depth",
+            "echomimic_delayed_tasks",
             "echomimic_processing_length",
             "echomimic_redis_up",
             "echomimic_gpu_memory_used_bytes",
@@ -313,5 +328,6 @@ mod tests {
         assert!(text.contains(r#"echomimic_stage_seconds_count{stage="upload"} 0"#));
         assert!(text.contains(r#"variant="acc""#) && text.contains(r#"device="cpu""#));
         assert!(text.contains(r#"echomimic_queue_depth{queue="q"} 3"#));
+        assert!(text.contains(r#"echomimic_delayed_tasks{queue="q"} 2"#));
     }
 }

@@ -29,7 +29,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
-use echomimic_pipeline::video::{resolve_backend, EncoderBackend, GeometryMode};
+use echomimic_pipeline::video::{resolve_backend, EncoderBackend};
 use echomimic_protocol::QueueItem;
 use echomimic_tempfile::{ClientConfig, TempfileClient};
 
@@ -37,11 +37,11 @@ use crate::canceller::Canceller;
 use crate::config::WorkerConfig;
 use crate::engine::Engine;
 use crate::error::WorkerError;
-use crate::fetcher::{sweep_dead_task_dirs, Fetcher};
+use crate::fetcher::{sweep_dead_task_dirs, Fetcher, OutputLimits};
 use crate::finisher::Finisher;
 use crate::health::{HealthServer, Probe};
 use crate::inference::Inference;
-use crate::job::{Claim, Policy};
+use crate::job::{Claim, OutageWait, Policy};
 use crate::outbox::{self, Outbox};
 use crate::redis_link::{sleep_unless, RedisLink};
 use crate::reporter::ReporterHandle;
@@ -149,6 +149,7 @@ impl Plan {
         let keys = Keys {
             owner: owner_id(),
             queue: config.queue.clone(),
+            delayed: echomimic_protocol::keys::task_delayed(&config.queue),
             processing: echomimic_protocol::keys::processing_list(config.gpu_id),
             lease: echomimic_protocol::keys::worker_lease(config.gpu_id),
             status: echomimic_protocol::keys::gpu_status(config.gpu_id),
@@ -165,6 +166,10 @@ impl Plan {
             gpu_id: config.gpu_id,
             queue: config.queue.clone(),
             max_item_bytes: config.max_item_bytes,
+            outage: OutageWait {
+                delay: config.outage_delay,
+                total: config.outage_total,
+            },
         };
         Ok(Plan {
             client,
@@ -326,6 +331,7 @@ impl Worker {
                 Probe {
                     client: plan.client.clone(),
                     queue: plan.keys.queue.clone(),
+                    delayed: plan.keys.delayed.clone(),
                     processing: plan.keys.processing.clone(),
                     lease: plan.keys.lease.clone(),
                     owner: plan.keys.owner.clone(),
@@ -396,6 +402,7 @@ impl Worker {
             outbox,
         } = plan;
         let shared = &self.shared;
+        let frame_size = engine.frame_size();
         let (reporter, reporter_rx) = reporter::channel();
         self.reporter = Some(start_reporter(&client, &keys, shared, reporter_rx)?);
         self.outcomes = Some((reporter.clone(), policy.clone()));
@@ -408,7 +415,8 @@ impl Worker {
             policy: policy.clone(),
             geometry: config.geometry,
             encoder,
-            frame_size: engine.frame_size(),
+            frame_size,
+            max_upload_bytes: config.max_upload_bytes,
             outbox: outbox.clone(),
         };
         self.workers.push((
@@ -462,8 +470,12 @@ impl Worker {
             http,
             temp_dir: config.temp_dir.clone(),
             max_download_bytes: config.max_download_bytes,
-            max_output_pixels: (config.geometry == GeometryMode::PasteBack)
-                .then_some(config.max_output_pixels),
+            output: OutputLimits {
+                geometry: config.geometry,
+                frame_size,
+                max_pixels: config.max_output_pixels,
+                max_bytes: config.max_upload_bytes,
+            },
             max_audio_secs: config.max_audio_secs,
             defaults: config.defaults,
             prefetch: config.prefetch,

@@ -45,6 +45,8 @@ pub struct Stats {
     pub released: u64,
     /// Cancelled on request (`failed` with the code `cancelled`, not dead-lettered).
     pub cancelled: u64,
+    /// Put aside uncounted while the temp-file API was down (the queue's delayed set).
+    pub deferred: u64,
     /// Leftovers of a previous run found at start-up, and orphans requeued by the sweep.
     pub recovered: u64,
 }
@@ -58,6 +60,7 @@ struct Counters {
     retried: AtomicU64,
     released: AtomicU64,
     cancelled: AtomicU64,
+    deferred: AtomicU64,
     recovered: AtomicU64,
 }
 
@@ -306,12 +309,13 @@ impl Shared {
             OutcomeKind::Retried => &c.retried,
             OutcomeKind::Released => &c.released,
             OutcomeKind::Cancelled => &c.cancelled,
+            OutcomeKind::Deferred => &c.deferred,
         };
         counter.fetch_add(1, Ordering::Relaxed);
         let outcome = match record.what {
             OutcomeKind::Completed => "completed",
             OutcomeKind::Failed | OutcomeKind::DeadLettered | OutcomeKind::Cancelled => "failed",
-            OutcomeKind::Retried | OutcomeKind::Released => "requeued",
+            OutcomeKind::Retried | OutcomeKind::Released | OutcomeKind::Deferred => "requeued",
         };
         self.metrics.task(
             outcome,
@@ -447,6 +451,7 @@ impl Shared {
             retried: l(&c.retried),
             released: l(&c.released),
             cancelled: l(&c.cancelled),
+            deferred: l(&c.deferred),
             recovered: l(&c.recovered),
         }
     }

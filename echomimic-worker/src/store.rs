@@ -19,7 +19,8 @@
 //!    recovered by someone else, nothing is written;
 //! 4. the marker is set first, so that a write Redis refuses (out of memory, disk errors) fails
 //!    the script before anything changed; then `LREM` the item from the processing list and
-//!    `LPUSH` it (or its requeue envelope) back onto the queue when requeued;
+//!    `LPUSH` it (or its requeue envelope) back onto the queue when requeued, or `ZADD` it to
+//!    the queue's [`keys::task_delayed`] set, due after the deferral's delay by Redis's clock;
 //! 5. for a terminal outcome: `SET task_progress:{id}`, `SET task_result:{id}` (TTLs) and
 //!    `PUBLISH` the event, byte-identical in all three; a cancel request for the task
 //!    ([`keys::task_cancel`]) is done with and deleted;
@@ -53,7 +54,15 @@ if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
 if not redis.call('LPOS', KEYS[2], ARGV[3]) then return -3 end
 redis.call('SET', KEYS[3], '1', 'EX', ARGV[12])
 redis.call('LREM', KEYS[2], 1, ARGV[3])
-if ARGV[4] ~= '' then redis.call('LPUSH', KEYS[4], ARGV[4]) end
+if ARGV[4] ~= '' then
+  if ARGV[14] ~= '' then
+    local t = redis.call('TIME')
+    local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+    redis.call('ZADD', KEYS[11], now + tonumber(ARGV[14]), ARGV[4])
+  else
+    redis.call('LPUSH', KEYS[4], ARGV[4])
+  end
+end
 if ARGV[5] ~= '' then
   redis.call('SET', KEYS[5], ARGV[5], 'EX', ARGV[7])
   redis.call('SET', KEYS[6], ARGV[5], 'EX', ARGV[8])
@@ -67,6 +76,19 @@ end
 if ARGV[11] ~= '' then redis.call('SREM', KEYS[8], ARGV[11]) end
 redis.call('HDEL', KEYS[9], ARGV[13])
 return 1
+"#;
+
+/// Moves up to `ARGV[1]` items of the delayed set `KEYS[1]` that are due (score at or before
+/// Redis's clock, in ms) to the head of the queue `KEYS[2]`; returns how many.
+const PROMOTE_DUE: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
+for _, item in ipairs(due) do
+  redis.call('ZREM', KEYS[1], item)
+  redis.call('LPUSH', KEYS[2], item)
+end
+return #due
 "#;
 
 /// Refreshes the lease while it is ours (re-taking it when it vanished, e.g. after a Redis
@@ -112,6 +134,8 @@ return 0
 pub(crate) struct Keys {
     pub(crate) owner: String,
     pub(crate) queue: String,
+    /// [`keys::task_delayed`] of the queue.
+    pub(crate) delayed: String,
     pub(crate) processing: String,
     pub(crate) lease: String,
     pub(crate) status: String,
@@ -136,8 +160,10 @@ pub(crate) struct OutcomeRecord {
     pub(crate) claim_id: String,
     /// The item as claimed (removed from the processing list).
     pub(crate) raw: Vec<u8>,
-    /// Pushed onto the head of the queue (requeue).
+    /// Pushed onto the head of the queue (requeue), or with `delay` into the delayed set.
     pub(crate) requeue: Option<Vec<u8>>,
+    /// Put `requeue` aside in [`keys::task_delayed`] for this long instead (a deferral).
+    pub(crate) delay: Option<Duration>,
     /// The terminal event (published and persisted).
     pub(crate) event: Option<ProgressEvent>,
     /// Appended to the dead-letter list.
@@ -164,6 +190,8 @@ pub(crate) enum OutcomeKind {
     Released,
     /// `failed` with the code `cancelled` published on request (not dead-lettered).
     Cancelled,
+    /// Put aside in the queue's delayed set (not counted): the temp-file API is down.
+    Deferred,
 }
 
 impl OutcomeKind {
@@ -175,6 +203,7 @@ impl OutcomeKind {
             OutcomeKind::Retried => "requeued for another attempt",
             OutcomeKind::Released => "requeued (worker stopping)",
             OutcomeKind::Cancelled => "cancelled",
+            OutcomeKind::Deferred => "put aside until the temp-file API is back",
         }
     }
 }
@@ -372,6 +401,18 @@ impl Keys {
         Ok(r == 1)
     }
 
+    /// Moves the items of the queue's delayed set that are due back to the head of the queue
+    /// (at most 100 per call); returns how many.
+    pub(crate) fn promote_due(&self, con: &mut Connection) -> RedisResult<u64> {
+        redis::cmd("EVAL")
+            .arg(PROMOTE_DUE)
+            .arg(2)
+            .arg(&self.delayed)
+            .arg(&self.queue)
+            .arg(100)
+            .query(con)
+    }
+
     /// Applies an outcome (see the [module docs](self)).
     pub(crate) fn record(
         &self,
@@ -403,7 +444,7 @@ impl Keys {
             .unwrap_or_default();
         let r: i64 = redis::cmd("EVAL")
             .arg(RECORD_OUTCOME)
-            .arg(10)
+            .arg(11)
             .arg(&self.lease)
             .arg(&self.processing)
             .arg(&marker)
@@ -414,6 +455,7 @@ impl Keys {
             .arg(keys::LEGACY_TASK_SET)
             .arg(&self.active)
             .arg(&cancel)
+            .arg(&self.delayed)
             .arg(&self.owner)
             .arg(ttl_secs(self.lease_ttl))
             .arg(&outcome.raw)
@@ -427,6 +469,12 @@ impl Keys {
             .arg(&legacy)
             .arg(ttl_secs(self.result_ttl))
             .arg(&outcome.claim_id)
+            .arg(
+                outcome
+                    .delay
+                    .map(|d| d.as_millis().to_string())
+                    .unwrap_or_default(),
+            )
             .query(con)?;
         Ok(match r {
             1 => Recorded::Applied,
@@ -491,6 +539,7 @@ mod tests {
         let keys = Keys {
             owner: owner_id(),
             queue: format!("{tag}:queue"),
+            delayed: format!("{tag}:delayed"),
             processing: format!("{tag}:processing"),
             lease: format!("{tag}:lease"),
             status: format!("{tag}:status"),
@@ -507,6 +556,7 @@ mod tests {
             .flat_map(|t| [keys::latest_event(t), keys::task_result(t)]);
         let mut all = vec![
             keys.queue.clone(),
+            keys.delayed.clone(),
             keys.processing.clone(),
             keys.lease.clone(),
             keys.status.clone(),
@@ -533,6 +583,7 @@ mod tests {
             dead_letter: None,
             what: OutcomeKind::Completed,
             code: None,
+            delay: None,
         }
     }
 
@@ -597,6 +648,48 @@ mod tests {
         assert!(exists(&mut con, &keys::task_result("t-store")));
         assert!(!exists(&mut con, &keys.processing));
         assert!(keys.take_active(&mut con).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_deferred_item_waits_in_the_delayed_set_until_due_then_heads_the_queue() {
+        let Some((keys, _cleanup, mut con)) = setup() else {
+            return;
+        };
+        let raw = Task::new("t-store", "s", "i", "a").to_json().into_bytes();
+        let _: () = redis::cmd("RPUSH")
+            .arg(&keys.processing)
+            .arg(&raw)
+            .query(&mut con)
+            .unwrap();
+        let _: () = redis::cmd("RPUSH")
+            .arg(&keys.queue)
+            .arg("next")
+            .query(&mut con)
+            .unwrap();
+        assert!(keys.acquire_lease(&mut con).unwrap().is_ok());
+        let mut record = completed(&keys, &raw);
+        record.event = None;
+        record.what = OutcomeKind::Deferred;
+        record.requeue = Some(b"later".to_vec());
+        record.delay = Some(Duration::from_millis(400));
+        assert_eq!(keys.record(&mut con, &record).unwrap(), Recorded::Applied);
+        assert!(!exists(&mut con, &keys.processing));
+        let zcard = |con: &mut Connection| -> u64 {
+            redis::cmd("ZCARD").arg(&keys.delayed).query(con).unwrap()
+        };
+        assert_eq!(zcard(&mut con), 1);
+        // Not due yet: nothing moves.
+        assert_eq!(keys.promote_due(&mut con).unwrap(), 0);
+        std::thread::sleep(Duration::from_millis(600));
+        assert_eq!(keys.promote_due(&mut con).unwrap(), 1);
+        assert_eq!(zcard(&mut con), 0);
+        let queue: Vec<Vec<u8>> = redis::cmd("LRANGE")
+            .arg(&keys.queue)
+            .arg(0)
+            .arg(-1)
+            .query(&mut con)
+            .unwrap();
+        assert_eq!(queue, vec![b"later".to_vec(), b"next".to_vec()]);
     }
 
     #[test]

@@ -608,6 +608,17 @@ fn the_deploy_files_name_real_settings_and_stop_after_the_grace_period() {
             );
         }
     }
+    // The worker caps its videos to the upload limit the server is given.
+    let value = |file: &str, name: &str| -> Option<String> {
+        file.lines()
+            .find_map(|l| l.trim().strip_prefix(&format!("{name}=")))
+            .map(str::to_owned)
+    };
+    assert_eq!(
+        value(&read("worker.env"), "ECHOMIMIC_MAX_UPLOAD_BYTES"),
+        value(&read("tempfile.env"), "TEMPFILE_MAX_BYTES"),
+        "the worker's --max-upload-bytes must be the server's --max-bytes"
+    );
     // The stop timeout covers the grace period and the threads' stop timeout, with a margin.
     let timeout: u64 = worker_unit
         .lines()

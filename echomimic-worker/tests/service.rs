@@ -421,27 +421,119 @@ fn a_photo_too_large_to_paste_back_fails_before_the_model_runs() -> TestResult {
 }
 
 #[test]
-fn temp_file_api_down_gives_bounded_retries_then_failed() -> TestResult {
+fn a_temp_file_outage_past_the_total_fails_the_task_unavailable_after_its_deferrals() -> TestResult
+{
     let Some(mut world) = World::new() else {
         return Ok(());
     };
     let rec = world.recorder();
-    let worker = start(&world, &["--outage-secs", "2"], fake());
+    let args = [
+        "--outage-secs",
+        "1",
+        "--outage-delay-secs",
+        "1",
+        "--outage-total-secs",
+        "3",
+    ];
+    let worker = start(&world, &args, fake());
     world.stop_server();
     let task = world.task(&unique("tfdown"));
     world.submit(&task);
     let t = Instant::now();
-    let failed = rec.wait_terminal(&task.task_id, Duration::from_secs(30));
+    let failed = rec.wait_terminal(&task.task_id, Duration::from_secs(40));
     assert_eq!(failed.status, Status::Failed);
     assert_eq!(failed.code, Some(ErrorCode::Unavailable), "{failed:?}");
-    // Rounds of 3 attempts (at most 0.2 s apart) for the 2 s outage budget, then failed.
+    let error = failed.error.clone().unwrap_or_default();
+    assert!(error.contains("limit of 3 s"), "{error}");
+    // 1 s of riding per claim, 1 s aside between claims, until 3 s past the first deferral.
     let took = t.elapsed();
     assert!(
-        took >= Duration::from_secs(2) && took < Duration::from_secs(10),
+        took >= Duration::from_secs(4) && took < Duration::from_secs(20),
         "{took:?}"
+    );
+    let claims = rec.claims(&task.task_id).len();
+    assert!(
+        claims >= 3,
+        "claimed {claims} time(s): {:#?}",
+        rec.of(&task.task_id)
+    );
+    assert!(
+        rec.of(&task.task_id).iter().any(|e| e
+            .message
+            .as_deref()
+            .is_some_and(|m| m.contains("waits 1 s and is tried again"))),
+        "the client is told: {:#?}",
+        rec.of(&task.task_id)
     );
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(rec.terminal_count(&task.task_id), 1);
+    assert!(world.delayed_items().is_empty());
+    let dead = world.dead_letters();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].attempts, 1, "an outage costs no attempt");
+    stop(worker);
+    Ok(())
+}
+
+#[test]
+fn a_download_outage_past_its_budget_puts_the_task_aside_and_it_completes_once_back() -> TestResult
+{
+    let Some(mut world) = World::new() else {
+        return Ok(());
+    };
+    let rec = world.recorder();
+    let engine = fake();
+    let runs = engine.clone();
+    let args = [
+        "--outage-secs",
+        "1",
+        "--outage-delay-secs",
+        "2",
+        "--max-attempts",
+        "1",
+    ];
+    let worker = start(&world, &args, engine);
+    world.stop_server();
+    let task = world.task(&unique("outage-aside"));
+    world.submit(&task);
+    // Put aside (not failed, not counted), and the worker idle meanwhile.
+    let end = Instant::now() + Duration::from_secs(30);
+    while world.delayed_items().is_empty() {
+        assert!(Instant::now() < end, "{:#?}", rec.of(&task.task_id));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(world.queue_items().is_empty() && world.processing_items().is_empty());
+    // A few rounds aside, then the server is back: one completion, one model run, no
+    // attempt spent (with --max-attempts 1 a counted retry would have failed it).
+    std::thread::sleep(Duration::from_secs(4));
+    let done = completes_once_the_server_is_back(&mut world, &rec, &task.task_id);
+    assert!(done.video_file_id.is_some(), "{done:?}");
+    assert_eq!(runs.started_runs(), 1);
+    assert!(rec.claims(&task.task_id).len() >= 2);
+    assert!(world.delayed_items().is_empty() && world.dead_letters().is_empty());
+    stop(worker);
+    Ok(())
+}
+
+#[test]
+fn a_video_that_cannot_fit_the_upload_limit_fails_before_the_model_runs() -> TestResult {
+    let Some(world) = World::new() else {
+        return Ok(());
+    };
+    let rec = world.recorder();
+    let engine = fake();
+    let runs = engine.clone();
+    let worker = start(&world, &["--max-upload-bytes", "60000"], engine);
+    let task = world.task(&unique("over-upload-limit"));
+    world.submit(&task);
+    let failed = rec.wait_terminal(&task.task_id, Duration::from_secs(30));
+    assert_eq!(failed.code, Some(ErrorCode::BadInput), "{failed:?}");
+    let message = failed.error.clone().unwrap_or_default();
+    assert!(
+        message.contains("upload limit of 60000 bytes") && message.contains("512x512"),
+        "{message}"
+    );
+    assert_eq!(runs.started_runs(), 0, "no model run for it");
     stop(worker);
     Ok(())
 }

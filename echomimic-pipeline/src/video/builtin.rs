@@ -301,9 +301,16 @@ impl BuiltinSink {
             encode_opus(&samples, channels, settings.audio_bitrate_kbps_per_channel)?;
 
         // 2. the H.264 encoder
-        let bitrate =
+        let mut bitrate =
             (f64::from(settings.bits_per_pixel) * f64::from(width) * f64::from(height) * spec.fps)
-                .clamp(100_000.0, 50_000_000.0) as u32;
+                .clamp(100_000.0, 50_000_000.0);
+        if let Some(max) = spec.max_bytes {
+            // OpenH264's rate control aims at its target without a hard cap: half the
+            // budget's rate leaves it room to overshoot.
+            let budget = super::spec::size_budget(max, width, height, spec.fps, audio_duration_s)?;
+            bitrate = bitrate.min((budget.video_bps / 2.0).max(10_000.0));
+        }
+        let bitrate = bitrate as u32;
         let keyint = (settings.keyframe_interval_s * spec.fps).round().max(1.0) as u32;
         let config = EncoderConfig::new()
             // OpenH264 accepts only the real-time usage types

@@ -266,6 +266,15 @@ impl FfmpegSink {
         push(&settings.preset);
         push("-crf");
         push(&settings.crf.to_string());
+        if let Some(max) = spec.max_bytes {
+            // Capped CRF: a one-second VBV buffer at the budget's rate keeps the file under
+            // the limit (it binds only for very long videos of very large frames).
+            let budget = super::spec::size_budget(max, width, height, spec.fps, audio_duration_s)?;
+            let kbps = format!("{}k", (budget.video_bps / 1000.0).floor() as u64);
+            for a in ["-maxrate", kbps.as_str(), "-bufsize", kbps.as_str()] {
+                push(a);
+            }
+        }
         for a in [
             "-colorspace",
             "smpte170m",

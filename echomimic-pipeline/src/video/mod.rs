@@ -69,8 +69,8 @@ pub use compose::{OutputGeometry, PasteBack};
 pub use ffmpeg::{probe_ffmpeg, resolve_ffmpeg, FfmpegInfo, FFMPEG_ENV};
 pub use probe::{probe_mp4, Mp4Info, Mp4Track, TrackKind};
 pub use spec::{
-    AudioInput, BuiltinSettings, EncoderBackend, EncoderKind, FfmpegSettings, GeometryMode, Pcm,
-    VideoSpec,
+    size_budget, AudioInput, BuiltinSettings, EncoderBackend, EncoderKind, FfmpegSettings,
+    GeometryMode, Pcm, SizeBudget, VideoSpec, MIN_BITS_PER_PIXEL,
 };
 
 use compose::{FrameShaper, MAX_SIDE};
@@ -133,6 +133,8 @@ pub struct VideoWriter {
     frames_needed: u64,
     frames_received: u64,
     frames_written: u64,
+    /// The size limit the backends' bit rate was capped for, checked again at the end.
+    max_bytes: Option<u64>,
 }
 
 enum Sink {
@@ -259,6 +261,7 @@ impl VideoWriter {
             frames_needed,
             frames_received: 0,
             frames_written: 0,
+            max_bytes: spec.max_bytes,
         })
     }
 
@@ -335,6 +338,7 @@ impl VideoWriter {
             audio_duration_s,
             frames_received,
             frames_written,
+            max_bytes,
             ..
         } = self;
         let backend = sink.kind();
@@ -346,6 +350,11 @@ impl VideoWriter {
         let bytes = fs::metadata(&temp)
             .map_err(|e| PipelineError::io(temp.to_path_buf(), e))?
             .len();
+        if let Some(max) = max_bytes.filter(|max| bytes > *max) {
+            return Err(PipelineError::Media(format!(
+                "the {backend} encoder made a {bytes}-byte video, over the limit of {max} bytes"
+            )));
+        }
         temp.persist(&out_path).map_err(|e| {
             PipelineError::Media(format!(
                 "moving the finished video to {}: {}",

@@ -322,6 +322,65 @@ pub struct VideoSpec {
     pub ffmpeg: FfmpegSettings,
     /// Built-in encoder settings.
     pub builtin: BuiltinSettings,
+    /// Largest file allowed, in bytes (an upload limit): the video bit rate is capped from
+    /// [`size_budget`] so that the file fits, and [`VideoWriter::create`](super::VideoWriter::create)
+    /// refuses a video that could not fit at a watchable rate. `None`: no limit.
+    pub max_bytes: Option<u64>,
+}
+
+/// Bits per pixel per frame below which a video is not worth making: H.264 at this rate
+/// turns a face into blocks. [`size_budget`] refuses a limit that leaves less.
+pub const MIN_BITS_PER_PIXEL: f64 = 0.02;
+
+/// The audio track's share of a size limit, in bits per second: the larger of the two
+/// backends' rates (AAC 128 kbit/s; Opus 64 kbit/s per channel, at most two channels) with
+/// half again as margin.
+const AUDIO_ALLOWANCE_BPS: f64 = 192_000.0;
+
+/// How an MP4 of a given length stays under a byte limit: the video bit rate cap.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SizeBudget {
+    /// The limit, in bytes.
+    pub max_bytes: u64,
+    /// Largest video bit rate, bits per second, with a one-second rate buffer: over the
+    /// whole file the video track stays under `video_bps * (duration + 1 s)`.
+    pub video_bps: f64,
+    /// `video_bps` per pixel per frame.
+    pub bits_per_pixel: f64,
+}
+
+/// The video bit rate that keeps a `duration_s` MP4 of `width x height` frames at `fps`
+/// under `max_bytes`: the limit less the container's index (32 KiB plus 24 bytes per video
+/// and audio sample) and [`AUDIO_ALLOWANCE_BPS`] of audio, spread over the duration plus
+/// one second of rate buffer. An error ([`PipelineError::InvalidInput`], a bad input) when
+/// that leaves less than [`MIN_BITS_PER_PIXEL`]: the request asks for more video than the
+/// limit can carry.
+pub fn size_budget(
+    max_bytes: u64,
+    width: u32,
+    height: u32,
+    fps: f64,
+    duration_s: f64,
+) -> Result<SizeBudget> {
+    let duration = duration_s.max(0.0);
+    let index = 32.0 * 1024.0 + duration * (fps + 50.0) * 24.0;
+    let audio = AUDIO_ALLOWANCE_BPS * duration / 8.0;
+    let video_bits = (max_bytes as f64 - index - audio) * 8.0;
+    let video_bps = video_bits.max(0.0) / (duration + 1.0);
+    let bits_per_pixel = video_bps / (f64::from(width) * f64::from(height) * fps);
+    if bits_per_pixel < MIN_BITS_PER_PIXEL {
+        return Err(PipelineError::InvalidInput(format!(
+            "a {duration:.1} s video of {width}x{height} at {fps} fps cannot fit the upload \
+             limit of {max_bytes} bytes: that leaves {bits_per_pixel:.4} bit per pixel, below \
+             the {MIN_BITS_PER_PIXEL} a watchable picture needs; send shorter audio or a \
+             smaller photo"
+        )));
+    }
+    Ok(SizeBudget {
+        max_bytes,
+        video_bps,
+        bits_per_pixel,
+    })
 }
 
 impl VideoSpec {
@@ -337,7 +396,14 @@ impl VideoSpec {
             geometry: OutputGeometry::Crop,
             ffmpeg: FfmpegSettings::default(),
             builtin: BuiltinSettings::default(),
+            max_bytes: None,
         }
+    }
+
+    /// Sets the largest file allowed (see [`VideoSpec::max_bytes`]).
+    pub fn with_max_bytes(mut self, max_bytes: Option<u64>) -> Self {
+        self.max_bytes = max_bytes;
+        self
     }
 
     /// Sets the frame rate.

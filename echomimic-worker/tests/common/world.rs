@@ -221,6 +221,13 @@ impl World {
     }
 
     /// Dead letters that came from this world's queue.
+    /// The tasks put aside in this world's queue's delayed set.
+    pub fn delayed_items(&self) -> Vec<Vec<u8>> {
+        self.con()
+            .zrange(keys::task_delayed(&self.queue), 0, -1)
+            .expect("zrange")
+    }
+
     pub fn dead_letters(&self) -> Vec<DeadLetter> {
         let all: Vec<Vec<u8>> = self
             .con()
@@ -278,6 +285,7 @@ impl Drop for World {
         };
         let mut keys = vec![
             self.queue.clone(),
+            keys::task_delayed(&self.queue),
             keys::processing_list(self.gpu_id),
             keys::gpu_status(self.gpu_id),
             keys::worker_lease(self.gpu_id),
