@@ -398,6 +398,27 @@ fn teacher_forced_steps_match_golden() -> anyhow::Result<()> {
     let denoiser = p.denoiser(&cond, case.steps, case.context_frames, case.context_overlap)?;
     let timesteps: Vec<i64> = denoiser.timesteps().iter().map(|&t| t as i64).collect();
     assert_exact_i64("timesteps", &timesteps, get(&g, "timesteps")?)?;
+    // Several windows per UNet call (small latents: what `generate` picks) give each
+    // window's own prediction: step 0 with every window in one call against one by one.
+    let latents0 = input(get(&g, "latents_init")?)?;
+    let single = denoiser.clone().with_windows_per_call(1);
+    let all = denoiser
+        .clone()
+        .with_windows_per_call(denoiser.windows_per_step());
+    let (mut one_by_one, mut together) = (Capture::default(), Capture::default());
+    let a = single.step(0, &latents0, &mut one_by_one)?;
+    let b = all.step(0, &latents0, &mut together)?;
+    anyhow::ensure!(
+        denoiser.windows_per_step() > 1 && together.outputs.len() == denoiser.windows_per_step(),
+        "the golden case must have several windows per step"
+    );
+    for ((frames_a, out_a), (frames_b, out_b)) in one_by_one.outputs.iter().zip(&together.outputs) {
+        anyhow::ensure!(frames_a == frames_b);
+        let d = echomimic_pipeline::ops::max_abs_diff(out_a, out_b)?;
+        anyhow::ensure!(d <= 2e-5, "window {frames_a:?}: batched differs by {d:e}");
+    }
+    let d = echomimic_pipeline::ops::max_abs_diff(&a.latents, &b.latents)?;
+    anyhow::ensure!(d <= 2e-5, "step 0 latents: batched windows differ by {d:e}");
     for step in 0..case.steps {
         let latents = if step == 0 {
             get(&g, "latents_init")?
@@ -454,12 +475,28 @@ fn teacher_forced_steps_match_golden() -> anyhow::Result<()> {
     let frames: Vec<Tensor> = (0..last.dim(2)?)
         .map(|i| p.decode_frame(&last.narrow(2, i, 1)?.squeeze(2)?))
         .collect::<echomimic_pipeline::Result<_>>()?;
+    let one_by_one = Tensor::stack(&frames, 2)?;
     check(
         "teacher_forced.video",
-        &Tensor::stack(&frames, 2)?,
+        &one_by_one,
         get(&g, "video")?,
         "teacher_forced.video",
     )?;
+    // All frames in one VAE call (what `generate` does for small frames): each frame as
+    // decoded alone, to float rounding.
+    let batched = p
+        .decode_frame(&last.squeeze(0)?.transpose(0, 1)?)?
+        .transpose(0, 1)?
+        .unsqueeze(0)?;
+    let diff = (batched - &one_by_one)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f32>()?;
+    anyhow::ensure!(
+        diff <= 1e-6,
+        "frames decoded in one batch differ from one by one by {diff:e}"
+    );
     Ok(())
 }
 

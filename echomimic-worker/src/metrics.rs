@@ -105,8 +105,9 @@ impl Metrics {
             Histogram::with_opts(
                 HistogramOpts::new(
                     "echomimic_unet_call_seconds",
-                    "Seconds between two consecutive denoising UNet calls of a run (CFG batch \
-                 included).",
+                    "Seconds between two consecutive context windows' denoising UNet results of \
+                 a run (CFG batch included; windows run together in one call count the call's \
+                 time on the first of them and about 0 on the others).",
                 )
                 .buckets(UNET_BUCKETS.to_vec()),
             ),

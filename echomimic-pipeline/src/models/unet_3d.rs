@@ -136,6 +136,12 @@ impl UNet3DConditionModel {
         })
     }
 
+    /// Channels after `conv_in` (`block_out_channels[0]`): the width of the
+    /// full-resolution stage.
+    pub fn base_channels(&self) -> usize {
+        self.conv_in.weight().dim(0).unwrap_or(1)
+    }
+
     /// Width of the audio tokens the model expects.
     pub fn cross_attention_dim(&self) -> usize {
         self.cross_attention_dim

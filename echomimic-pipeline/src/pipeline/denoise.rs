@@ -44,6 +44,14 @@ impl Conditioning {
     pub fn cfg(&self) -> f64 {
         self.cfg
     }
+
+    /// Latent height and width (`h`, `w`), from the face features.
+    pub fn latent_size(&self) -> (usize, usize) {
+        match self.face.dims() {
+            [.., h, w] => (*h, *w),
+            _ => (0, 0),
+        }
+    }
 }
 
 /// One denoising-UNet call, as seen by a [`DenoiseObserver`].
@@ -103,6 +111,8 @@ pub struct Denoiser<'a> {
     cond: &'a Conditioning,
     scheduler: DDIMScheduler,
     windows: Vec<Vec<usize>>,
+    /// Windows of one step run through the UNet together (≥ 1).
+    windows_per_call: usize,
 }
 
 impl<'a> Denoiser<'a> {
@@ -124,7 +134,23 @@ impl<'a> Denoiser<'a> {
             cond,
             scheduler,
             windows,
+            windows_per_call: 1,
         })
+    }
+
+    /// Runs up to `n` windows of a step through the UNet in one call (one
+    /// batch; at least 1). The windows of a step all read the same latents
+    /// and no operation of the UNet mixes batch entries, so the predictions
+    /// are each window's own, to float rounding; fewer, larger calls share
+    /// each operation's fixed cost. The reference's `context_batch_size`.
+    pub fn with_windows_per_call(mut self, n: usize) -> Self {
+        self.windows_per_call = n.max(1);
+        self
+    }
+
+    /// Windows run through the UNet together (see [`Self::with_windows_per_call`]).
+    pub fn windows_per_call(&self) -> usize {
+        self.windows_per_call
     }
 
     /// The DDIM timesteps, one per step.
@@ -167,7 +193,8 @@ impl<'a> Denoiser<'a> {
     ///
     /// 1. for every window, gather its frames of `latents` (and of the audio
     ///    tokens), run the UNet (batch `[uncond, cond]` with guidance: zero
-    ///    audio, zero face features and no bank for `uncond`), and add the
+    ///    audio, zero face features and no bank for `uncond`; up to
+    ///    [`Self::windows_per_call`] windows in one call), and add the
     ///    prediction to the window's frames;
     /// 2. divide each frame by the number of windows that covered it —
     ///    before guidance, and also without guidance (the reference's normal
@@ -206,20 +233,45 @@ impl<'a> Denoiser<'a> {
         let device = latents.device();
         let windows = self.windows_at(step);
 
-        // 1. sum the window predictions per frame
+        // 1. sum the window predictions per frame, a group of windows per call
         let mut sum = Tensor::zeros((batch, c, f, h, w), dtype, device)?;
-        for (j, frames_j) in windows.iter().enumerate() {
-            let call = UnetCall {
-                step,
-                window: j,
-                windows: windows.len(),
-                frames: frames_j,
-            };
-            observer.before_unet(&call)?;
-            let index: Vec<u32> = frames_j.iter().map(|&i| i as u32).collect();
-            let index = Tensor::from_vec(index, frames_j.len(), device)?;
-            let x = latents.index_select(&index, 2)?;
-            let audio = self.cond.audio.index_select(&index, 1)?;
+        let mut first = 0;
+        while first < windows.len() {
+            // consecutive windows of one length (all of them but a short video's)
+            let len = windows[first].len();
+            let group = windows[first..]
+                .iter()
+                .take(self.windows_per_call)
+                .take_while(|w| w.len() == len)
+                .count();
+            let calls: Vec<UnetCall<'_>> = windows[first..first + group]
+                .iter()
+                .enumerate()
+                .map(|(n, frames_n)| UnetCall {
+                    step,
+                    window: first + n,
+                    windows: windows.len(),
+                    frames: frames_n,
+                })
+                .collect();
+            for call in &calls {
+                observer.before_unet(call)?;
+            }
+            let mut indexes = Vec::with_capacity(group);
+            let mut xs = Vec::with_capacity(group);
+            let mut audios = Vec::with_capacity(group);
+            for call in &calls {
+                let index: Vec<u32> = call.frames.iter().map(|&i| i as u32).collect();
+                let index = Tensor::from_vec(index, len, device)?;
+                xs.push(latents.index_select(&index, 2)?);
+                audios.push(self.cond.audio.index_select(&index, 1)?);
+                indexes.push(index);
+            }
+            // `[x_1 … x_k]`, with guidance `[uncond x_1 … x_k, cond x_1 … x_k]`:
+            // the first half of the batch is the unconditional branch.
+            let x = Tensor::cat(&xs, 0)?;
+            let audio = Tensor::cat(&audios, 0)?;
+            let face = repeat_rows(&self.cond.face, group)?;
             let (x, audio) = if guidance {
                 (
                     x.repeat((2, 1, 1, 1, 1))?,
@@ -229,16 +281,21 @@ impl<'a> Denoiser<'a> {
                 (x, audio)
             };
             // `scale_model_input` is the identity for DDIM.
-            let pred = self.unet.forward(
-                &x,
-                t as f64,
-                &audio,
-                Some(&self.cond.face),
-                &self.cond.bank,
-                guidance,
-            )?;
-            observer.after_unet(&call, &pred)?;
-            sum = sum.index_add(&index, &pred.to_dtype(dtype)?, 2)?;
+            let pred =
+                self.unet
+                    .forward(&x, t as f64, &audio, Some(&face), &self.cond.bank, guidance)?;
+            for (n, (call, index)) in calls.iter().zip(&indexes).enumerate() {
+                let pred_n = if group == 1 {
+                    pred.clone()
+                } else if guidance {
+                    Tensor::cat(&[pred.narrow(0, n, 1)?, pred.narrow(0, group + n, 1)?], 0)?
+                } else {
+                    pred.narrow(0, n, 1)?
+                };
+                observer.after_unet(call, &pred_n)?;
+                sum = sum.index_add(index, &pred_n.to_dtype(dtype)?, 2)?;
+            }
+            first += group;
         }
         // 2. average over the covering windows
         let counts: Vec<f32> = coverage(&windows, frames)
@@ -263,6 +320,24 @@ impl<'a> Denoiser<'a> {
             windows,
         })
     }
+}
+
+/// Each row of `xs` (`[B, …]`) repeated `k` times in place: `[r_1 × k, r_2 × k, …]`,
+/// so that face features `[uncond, cond]` line up with a batch of `k` windows
+/// per branch. `xs` itself when `k` is 1.
+fn repeat_rows(xs: &Tensor, k: usize) -> Result<Tensor> {
+    if k == 1 {
+        return Ok(xs.clone());
+    }
+    let rows = (0..xs.dim(0)?)
+        .map(|r| {
+            let row = xs.narrow(0, r, 1)?;
+            let mut reps = vec![1; xs.rank()];
+            reps[0] = k;
+            row.repeat(reps)
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok(Tensor::cat(&rows, 0)?)
 }
 
 /// `xs × s` with one rounding per element: half-precision tensors are

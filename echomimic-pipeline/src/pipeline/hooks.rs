@@ -163,6 +163,9 @@ impl DenoiseObserver for RunHooks<'_, '_> {
     /// [`Progress::UnetCall`], and the per-window outputs of step 0 to the dump (as the golden
     /// file holds them).
     fn after_unet(&mut self, call: &UnetCall<'_>, output: &Tensor) -> Result<()> {
+        // Windows that ran in one call are reported one by one: a cancel stops the reports
+        // as it would have stopped separate calls.
+        self.check_cancel()?;
         if call.step == 0 {
             self.tensor_with(
                 || format!("step0.window{}.unet_out", call.window),

@@ -201,6 +201,20 @@ impl AudioTokens {
     }
 }
 
+/// Activation memory one VAE decode call may take (see
+/// [`EchoMimicPipeline::decode_batch`]).
+pub const DECODE_BATCH_BYTES: usize = 512 << 20;
+
+/// Most frames decoded in one VAE call.
+pub const MAX_DECODE_BATCH: usize = 8;
+
+/// Activation memory one denoising-UNet call may take (see
+/// [`EchoMimicPipeline::windows_per_call`]).
+pub const WINDOW_BATCH_BYTES: usize = 1 << 30;
+
+/// Most context windows in one denoising-UNet call.
+pub const MAX_WINDOWS_PER_CALL: usize = 8;
+
 /// The loaded EchoMimic v1 model: every network, ready for any number of
 /// requests. See the [module docs](self).
 #[derive(Debug, Clone)]
@@ -446,14 +460,26 @@ impl EchoMimicPipeline {
             })?;
         drop(cond);
 
-        // 5. decoding, one frame at a time
+        // 5. decoding, a few frames per VAE call (streamed out one by one)
+        let batch = self.decode_batch(request.width, request.height);
         hooks.stage(Stage::Decoding, &mut timings.decoding, |hooks| {
-            for i in 0..frames {
+            let mut i = 0;
+            while i < frames {
+                let n = batch.min(frames - i);
                 hooks.before_frame()?;
-                let frame = self.decode_frame(&latents.narrow(2, i, 1)?.squeeze(2)?)?;
-                hooks.frame_decoded(i, &frame)?;
-                sink.frame(i, &frame_to_rgb8(&frame)?)?;
-                hooks.frame_done(i + 1, frames);
+                // (1, C, n, h, w) -> (n, C, h, w)
+                let z = latents.narrow(2, i, n)?.squeeze(0)?.transpose(0, 1)?;
+                let decoded = self.decode_frame(&z)?;
+                for j in 0..n {
+                    if j > 0 {
+                        hooks.before_frame()?;
+                    }
+                    let frame = decoded.narrow(0, j, 1)?;
+                    hooks.frame_decoded(i + j, &frame)?;
+                    sink.frame(i + j, &frame_to_rgb8(&frame)?)?;
+                    hooks.frame_done(i + j + 1, frames);
+                }
+                i += n;
             }
             Ok(())
         })?;
@@ -680,18 +706,43 @@ impl EchoMimicPipeline {
             )));
         }
         self.check_window(context_frames.min(cond.frames()))?;
-        Denoiser::new(
+        let windows_per_call = self.windows_per_call(cond, context_frames);
+        Ok(Denoiser::new(
             &self.denoising_unet,
             cond,
             self.scheduler.clone(),
             steps,
             context_frames,
             context_overlap,
-        )
+        )?
+        .with_windows_per_call(windows_per_call))
     }
 
-    /// Decodes one frame of sampler latents `[1, C, h, w]`:
-    /// `clamp(vae.decode(z / 0.18215) / 2 + 0.5, 0, 1)` as f32 `[1, 3, H, W]`.
+    /// Context windows per denoising-UNet call: as many as keep one call's
+    /// activations within [`WINDOW_BATCH_BYTES`], at most
+    /// [`MAX_WINDOWS_PER_CALL`]. Small latents gain most (each operation's
+    /// fixed cost is shared by the windows); with the released widths at
+    /// 512² it is one window per call, as the reference runs. The estimate:
+    /// 24 live tensors of the full-resolution stage per window and branch
+    /// (skips, attention, the feed-forward's 8× inner width, the bank),
+    /// `F·h·w·c0` values each.
+    pub fn windows_per_call(&self, cond: &Conditioning, context_frames: usize) -> usize {
+        let (h, w) = cond.latent_size();
+        let branches = if cond.guidance() { 2 } else { 1 };
+        let per_window = branches
+            * context_frames.min(cond.frames()).max(1)
+            * h.max(1)
+            * w.max(1)
+            * self.denoising_unet.base_channels()
+            * self.dtype.size_in_bytes()
+            * 24;
+        (WINDOW_BATCH_BYTES / per_window.max(1)).clamp(1, MAX_WINDOWS_PER_CALL)
+    }
+
+    /// Decodes frames of sampler latents `[b, C, h, w]`:
+    /// `clamp(vae.decode(z / 0.18215) / 2 + 0.5, 0, 1)` as f32 `[b, 3, H, W]`.
+    /// The VAE decodes every frame on its own (no operation mixes the batch),
+    /// so a batch gives each frame's values as a call of its own would.
     pub fn decode_frame(&self, latents: &Tensor) -> Result<Tensor> {
         let z = scale(&latents.contiguous()?, 1.0 / LATENT_SCALE)?;
         let x = self.vae.decode(&z)?;
@@ -700,6 +751,23 @@ impl EchoMimicPipeline {
         Ok(x.affine(0.5, 0.5)?
             .clamp(0f32, 1f32)?
             .to_dtype(DType::F32)?)
+    }
+
+    /// Frames per VAE decode call for `width x height` output: as many as keep
+    /// the decoder's activations within [`DECODE_BATCH_BYTES`], at most
+    /// [`MAX_DECODE_BATCH`]. Small frames gain most (one call's fixed cost per
+    /// operation is shared); at 512² with the released widths it is one frame.
+    /// The estimate: four live tensors of the widest full-resolution stage
+    /// (the second-to-last up block's upsampler and the last block's first
+    /// resnet run at full resolution with `c1` channels), `H·W·max(c0, c1)`
+    /// values each.
+    pub fn decode_batch(&self, width: u32, height: u32) -> usize {
+        let widths = &self.vae.config().block_out_channels;
+        let c0 = widths.first().copied().unwrap_or(1);
+        let c1 = widths.get(1).copied().unwrap_or(c0);
+        let per_frame =
+            width as usize * height as usize * c0.max(c1).max(1) * self.dtype.size_in_bytes() * 4;
+        (DECODE_BATCH_BYTES / per_frame.max(1)).clamp(1, MAX_DECODE_BATCH)
     }
 
     fn latent_shape(&self, frames: usize, width: u32, height: u32) -> [usize; 5] {

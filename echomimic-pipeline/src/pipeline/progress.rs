@@ -85,7 +85,8 @@ impl Progress {
 }
 
 /// Receives the generated frames, in order, as soon as each one is decoded;
-/// the pipeline never holds more than one decoded frame.
+/// the pipeline holds at most one VAE call's frames (a few small frames, one
+/// large one: [`EchoMimicPipeline::decode_batch`](super::EchoMimicPipeline::decode_batch)).
 ///
 /// Implemented for closures `FnMut(usize, &[u8]) -> Result<()>` and for
 /// [`VideoWriter`]. An error stops the generation and is returned by it.
