@@ -14,6 +14,10 @@ use echomimic_worker::generate::{self, GenerateArgs};
 use echomimic_worker::{ServeArgs, ShutdownHandle, ShutdownLevel, Worker, WorkerError};
 use signal_hook::consts::{SIGINT, SIGTERM};
 
+/// mimalloc instead of the system allocator: see the workspace's Cargo.toml.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// EchoMimic v1 talking-head worker: consumes tasks from Redis (guide: EchoMimic Worker usage),
 /// or generates one video locally.
 #[derive(Debug, Parser)]
