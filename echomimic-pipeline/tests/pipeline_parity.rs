@@ -419,6 +419,14 @@ fn teacher_forced_steps_match_golden() -> anyhow::Result<()> {
     }
     let d = echomimic_pipeline::ops::max_abs_diff(&a.latents, &b.latents)?;
     anyhow::ensure!(d <= 2e-5, "step 0 latents: batched windows differ by {d:e}");
+    // And calls run side by side on the thread pool: each computes what it would alone.
+    let side_by_side = denoiser
+        .clone()
+        .with_windows_per_call(1)
+        .with_concurrent_calls(4)
+        .step(0, &latents0, &mut ())?;
+    let d = echomimic_pipeline::ops::max_abs_diff(&a.latents, &side_by_side.latents)?;
+    anyhow::ensure!(d <= 1e-6, "step 0 latents: concurrent calls differ by {d:e}");
     for step in 0..case.steps {
         let latents = if step == 0 {
             get(&g, "latents_init")?

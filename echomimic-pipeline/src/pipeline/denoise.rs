@@ -7,6 +7,7 @@
 //! step, compare its outputs).
 
 use candle_core::{DType, Tensor};
+use rayon::prelude::*;
 
 use crate::context::{coverage, rotate_windows, uniform_windows};
 use crate::error::{PipelineError, Result};
@@ -113,6 +114,8 @@ pub struct Denoiser<'a> {
     windows: Vec<Vec<usize>>,
     /// Windows of one step run through the UNet together (≥ 1).
     windows_per_call: usize,
+    /// UNet calls run side by side on rayon's pool (≥ 1).
+    concurrent_calls: usize,
 }
 
 impl<'a> Denoiser<'a> {
@@ -135,7 +138,17 @@ impl<'a> Denoiser<'a> {
             scheduler,
             windows,
             windows_per_call: 1,
+            concurrent_calls: 1,
         })
+    }
+
+    /// Runs up to `n` UNet calls of a step side by side on rayon's pool (at least 1): on
+    /// the CPU at small sizes, where one call's operations are too small to share the
+    /// cores well. Each call computes what it would alone, and the predictions are added
+    /// in window order, so the result does not depend on `n`.
+    pub fn with_concurrent_calls(mut self, n: usize) -> Self {
+        self.concurrent_calls = n.max(1);
+        self
     }
 
     /// Runs up to `n` windows of a step through the UNet in one call (one
@@ -182,6 +195,46 @@ impl<'a> Denoiser<'a> {
             latents = out.latents;
         }
         Ok(latents)
+    }
+
+    /// One UNet call on the windows of `group` (all of one length): their frame indexes and
+    /// the raw prediction `[B·k, C, f, h, w]`, `[uncond w_1 … w_k, cond w_1 … w_k]` with
+    /// guidance (zero audio, zero face features and no bank for `uncond`).
+    fn predict(
+        &self,
+        t: usize,
+        latents: &Tensor,
+        group: &[UnetCall<'_>],
+    ) -> Result<(Vec<Tensor>, Tensor)> {
+        let device = latents.device();
+        let k = group.len();
+        let mut indexes = Vec::with_capacity(k);
+        let mut xs = Vec::with_capacity(k);
+        let mut audios = Vec::with_capacity(k);
+        for call in group {
+            let index: Vec<u32> = call.frames.iter().map(|&i| i as u32).collect();
+            let index = Tensor::from_vec(index, call.frames.len(), device)?;
+            xs.push(latents.index_select(&index, 2)?);
+            audios.push(self.cond.audio.index_select(&index, 1)?);
+            indexes.push(index);
+        }
+        let guidance = self.cond.guidance();
+        let x = Tensor::cat(&xs, 0)?;
+        let audio = Tensor::cat(&audios, 0)?;
+        let face = repeat_rows(&self.cond.face, k)?;
+        let (x, audio) = if guidance {
+            (
+                x.repeat((2, 1, 1, 1, 1))?,
+                Tensor::cat(&[&audio.zeros_like()?, &audio], 0)?,
+            )
+        } else {
+            (x, audio)
+        };
+        // `scale_model_input` is the identity for DDIM.
+        let pred =
+            self.unet
+                .forward(&x, t as f64, &audio, Some(&face), &self.cond.bank, guidance)?;
+        Ok((indexes, pred))
     }
 
     /// The windows used at `step`: the uniform windows shifted by `2 × step`.
@@ -233,69 +286,52 @@ impl<'a> Denoiser<'a> {
         let device = latents.device();
         let windows = self.windows_at(step);
 
-        // 1. sum the window predictions per frame, a group of windows per call
+        // 1. sum the window predictions per frame: groups of windows, one UNet call each,
+        //    `concurrent_calls` groups at a time
+        let groups = window_groups(&windows, self.windows_per_call);
         let mut sum = Tensor::zeros((batch, c, f, h, w), dtype, device)?;
-        let mut first = 0;
-        while first < windows.len() {
-            // consecutive windows of one length (all of them but a short video's)
-            let len = windows[first].len();
-            let group = windows[first..]
+        for round in groups.chunks(self.concurrent_calls) {
+            let calls: Vec<Vec<UnetCall<'_>>> = round
                 .iter()
-                .take(self.windows_per_call)
-                .take_while(|w| w.len() == len)
-                .count();
-            let calls: Vec<UnetCall<'_>> = windows[first..first + group]
-                .iter()
-                .enumerate()
-                .map(|(n, frames_n)| UnetCall {
-                    step,
-                    window: first + n,
-                    windows: windows.len(),
-                    frames: frames_n,
+                .map(|&(first, count)| {
+                    windows[first..first + count]
+                        .iter()
+                        .enumerate()
+                        .map(|(n, frames_n)| UnetCall {
+                            step,
+                            window: first + n,
+                            windows: windows.len(),
+                            frames: frames_n,
+                        })
+                        .collect()
                 })
                 .collect();
-            for call in &calls {
+            for call in calls.iter().flatten() {
                 observer.before_unet(call)?;
             }
-            let mut indexes = Vec::with_capacity(group);
-            let mut xs = Vec::with_capacity(group);
-            let mut audios = Vec::with_capacity(group);
-            for call in &calls {
-                let index: Vec<u32> = call.frames.iter().map(|&i| i as u32).collect();
-                let index = Tensor::from_vec(index, len, device)?;
-                xs.push(latents.index_select(&index, 2)?);
-                audios.push(self.cond.audio.index_select(&index, 1)?);
-                indexes.push(index);
-            }
-            // `[x_1 … x_k]`, with guidance `[uncond x_1 … x_k, cond x_1 … x_k]`:
-            // the first half of the batch is the unconditional branch.
-            let x = Tensor::cat(&xs, 0)?;
-            let audio = Tensor::cat(&audios, 0)?;
-            let face = repeat_rows(&self.cond.face, group)?;
-            let (x, audio) = if guidance {
-                (
-                    x.repeat((2, 1, 1, 1, 1))?,
-                    Tensor::cat(&[&audio.zeros_like()?, &audio], 0)?,
-                )
+            let run = |group: &Vec<UnetCall<'_>>| self.predict(t, latents, group);
+            let outputs: Vec<Result<(Vec<Tensor>, Tensor)>> = if calls.len() == 1 {
+                calls.iter().map(run).collect()
             } else {
-                (x, audio)
+                // Whole calls side by side on the pool's threads: at small sizes this keeps
+                // both cores busy where one call's operations are too small to split well.
+                calls.par_iter().map(run).collect()
             };
-            // `scale_model_input` is the identity for DDIM.
-            let pred =
-                self.unet
-                    .forward(&x, t as f64, &audio, Some(&face), &self.cond.bank, guidance)?;
-            for (n, (call, index)) in calls.iter().zip(&indexes).enumerate() {
-                let pred_n = if group == 1 {
-                    pred.clone()
-                } else if guidance {
-                    Tensor::cat(&[pred.narrow(0, n, 1)?, pred.narrow(0, group + n, 1)?], 0)?
-                } else {
-                    pred.narrow(0, n, 1)?
-                };
-                observer.after_unet(call, &pred_n)?;
-                sum = sum.index_add(index, &pred_n.to_dtype(dtype)?, 2)?;
+            for (group, output) in calls.iter().zip(outputs) {
+                let (indexes, pred) = output?;
+                let k = group.len();
+                for (n, (call, index)) in group.iter().zip(&indexes).enumerate() {
+                    let pred_n = if k == 1 {
+                        pred.clone()
+                    } else if guidance {
+                        Tensor::cat(&[pred.narrow(0, n, 1)?, pred.narrow(0, k + n, 1)?], 0)?
+                    } else {
+                        pred.narrow(0, n, 1)?
+                    };
+                    observer.after_unet(call, &pred_n)?;
+                    sum = sum.index_add(index, &pred_n.to_dtype(dtype)?, 2)?;
+                }
             }
-            first += group;
         }
         // 2. average over the covering windows
         let counts: Vec<f32> = coverage(&windows, frames)
@@ -320,6 +356,23 @@ impl<'a> Denoiser<'a> {
             windows,
         })
     }
+}
+
+/// Consecutive windows of one length in groups of at most `per_call`: `(first, count)`.
+fn window_groups(windows: &[Vec<usize>], per_call: usize) -> Vec<(usize, usize)> {
+    let mut groups = Vec::new();
+    let mut first = 0;
+    while first < windows.len() {
+        let len = windows[first].len();
+        let count = windows[first..]
+            .iter()
+            .take(per_call.max(1))
+            .take_while(|w| w.len() == len)
+            .count();
+        groups.push((first, count));
+        first += count;
+    }
+    groups
 }
 
 /// Each row of `xs` (`[B, …]`) repeated `k` times in place: `[r_1 × k, r_2 × k, …]`,

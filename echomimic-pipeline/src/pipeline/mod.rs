@@ -94,6 +94,7 @@ use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Module, Tensor};
+use rayon::prelude::*;
 
 use crate::audio::{self, AudioFeatureExtractor};
 use crate::config::{PromptConfig, WeightDtype};
@@ -201,19 +202,37 @@ impl AudioTokens {
     }
 }
 
-/// Activation memory one VAE decode call may take (see
-/// [`EchoMimicPipeline::decode_batch`]).
+/// Activation memory the VAE decode calls in flight may take (see
+/// [`EchoMimicPipeline::decode_plan`]).
 pub const DECODE_BATCH_BYTES: usize = 512 << 20;
 
 /// Most frames decoded in one VAE call.
 pub const MAX_DECODE_BATCH: usize = 8;
 
-/// Activation memory one denoising-UNet call may take (see
-/// [`EchoMimicPipeline::windows_per_call`]).
+/// Activation memory the denoising-UNet calls in flight may take (see
+/// [`EchoMimicPipeline::call_plan`]).
 pub const WINDOW_BATCH_BYTES: usize = 1 << 30;
 
 /// Most context windows in one denoising-UNet call.
 pub const MAX_WINDOWS_PER_CALL: usize = 8;
+
+/// How the frames are decoded ([`EchoMimicPipeline::decode_plan`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecodePlan {
+    /// Frames batched into one VAE call.
+    pub frames_per_call: usize,
+    /// VAE calls run side by side.
+    pub concurrent_calls: usize,
+}
+
+/// How the windows of a denoising step are run ([`EchoMimicPipeline::call_plan`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CallPlan {
+    /// Windows batched into one UNet call.
+    pub windows_per_call: usize,
+    /// UNet calls run side by side.
+    pub concurrent_calls: usize,
+}
 
 /// The loaded EchoMimic v1 model: every network, ready for any number of
 /// requests. See the [module docs](self).
@@ -460,26 +479,44 @@ impl EchoMimicPipeline {
             })?;
         drop(cond);
 
-        // 5. decoding, a few frames per VAE call (streamed out one by one)
-        let batch = self.decode_batch(request.width, request.height);
+        // 5. decoding, a few frames per VAE call, calls side by side on the CPU (streamed
+        //    out one by one, in order)
+        let plan = self.decode_plan(request.width, request.height);
         hooks.stage(Stage::Decoding, &mut timings.decoding, |hooks| {
-            let mut i = 0;
-            while i < frames {
-                let n = batch.min(frames - i);
+            let mut next = 0;
+            while next < frames {
                 hooks.before_frame()?;
-                // (1, C, n, h, w) -> (n, C, h, w)
-                let z = latents.narrow(2, i, n)?.squeeze(0)?.transpose(0, 1)?;
-                let decoded = self.decode_frame(&z)?;
-                for j in 0..n {
-                    if j > 0 {
-                        hooks.before_frame()?;
-                    }
-                    let frame = decoded.narrow(0, j, 1)?;
-                    hooks.frame_decoded(i + j, &frame)?;
-                    sink.frame(i + j, &frame_to_rgb8(&frame)?)?;
-                    hooks.frame_done(i + j + 1, frames);
+                let mut calls = Vec::with_capacity(plan.concurrent_calls);
+                let mut start = next;
+                while calls.len() < plan.concurrent_calls && start < frames {
+                    let n = plan.frames_per_call.min(frames - start);
+                    calls.push((start, n));
+                    start += n;
                 }
-                i += n;
+                let decode = |&(start, n): &(usize, usize)| {
+                    // (1, C, n, h, w) -> (n, C, h, w)
+                    let z = latents.narrow(2, start, n)?.squeeze(0)?.transpose(0, 1)?;
+                    self.decode_frame(&z)
+                };
+                let decoded: Vec<Result<Tensor>> = if calls.len() == 1 {
+                    calls.iter().map(decode).collect()
+                } else {
+                    calls.par_iter().map(decode).collect()
+                };
+                for (&(start, n), decoded) in calls.iter().zip(decoded) {
+                    let decoded = decoded?;
+                    for j in 0..n {
+                        let i = start + j;
+                        if i > next {
+                            hooks.before_frame()?;
+                        }
+                        let frame = decoded.narrow(0, j, 1)?;
+                        hooks.frame_decoded(i, &frame)?;
+                        sink.frame(i, &frame_to_rgb8(&frame)?)?;
+                        hooks.frame_done(i + 1, frames);
+                    }
+                }
+                next = start;
             }
             Ok(())
         })?;
@@ -706,27 +743,35 @@ impl EchoMimicPipeline {
             )));
         }
         self.check_window(context_frames.min(cond.frames()))?;
-        let windows_per_call = self.windows_per_call(cond, context_frames);
-        Ok(Denoiser::new(
+        let denoiser = Denoiser::new(
             &self.denoising_unet,
             cond,
             self.scheduler.clone(),
             steps,
             context_frames,
             context_overlap,
-        )?
-        .with_windows_per_call(windows_per_call))
+        )?;
+        let plan = self.call_plan(cond, context_frames, denoiser.windows_per_step());
+        Ok(denoiser
+            .with_windows_per_call(plan.windows_per_call)
+            .with_concurrent_calls(plan.concurrent_calls))
     }
 
-    /// Context windows per denoising-UNet call: as many as keep one call's
-    /// activations within [`WINDOW_BATCH_BYTES`], at most
-    /// [`MAX_WINDOWS_PER_CALL`]. Small latents gain most (each operation's
-    /// fixed cost is shared by the windows); with the released widths at
-    /// 512² it is one window per call, as the reference runs. The estimate:
-    /// 24 live tensors of the full-resolution stage per window and branch
-    /// (skips, attention, the feed-forward's 8× inner width, the bank),
-    /// `F·h·w·c0` values each.
-    pub fn windows_per_call(&self, cond: &Conditioning, context_frames: usize) -> usize {
+    /// How the context windows of a step go through the denoising UNet: the windows in
+    /// flight at once are as many as keep their activations within [`WINDOW_BATCH_BYTES`]
+    /// (24 live tensors of the full-resolution stage per window and branch: skips,
+    /// attention, the feed-forward's 8× inner width, the bank; `F·h·w·c0` values each).
+    /// On the CPU they are spread over up to one call per thread of rayon's pool, run side
+    /// by side (at small sizes one call's operations are too small to keep the cores
+    /// busy); elsewhere one call at a time. At most [`MAX_WINDOWS_PER_CALL`] per call. With
+    /// the released widths at 512² it is one window, one call at a time, as the reference
+    /// runs.
+    pub fn call_plan(
+        &self,
+        cond: &Conditioning,
+        context_frames: usize,
+        windows_per_step: usize,
+    ) -> CallPlan {
         let (h, w) = cond.latent_size();
         let branches = if cond.guidance() { 2 } else { 1 };
         let per_window = branches
@@ -736,7 +781,21 @@ impl EchoMimicPipeline {
             * self.denoising_unet.base_channels()
             * self.dtype.size_in_bytes()
             * 24;
-        (WINDOW_BATCH_BYTES / per_window.max(1)).clamp(1, MAX_WINDOWS_PER_CALL)
+        let in_flight = (WINDOW_BATCH_BYTES / per_window.max(1)).max(1);
+        let windows = windows_per_step.max(1);
+        let threads = if self.device.is_cpu() {
+            rayon::current_num_threads()
+        } else {
+            1
+        };
+        let concurrent_calls = threads.min(in_flight).min(windows).max(1);
+        let windows_per_call = (in_flight / concurrent_calls)
+            .min(windows.div_ceil(concurrent_calls))
+            .clamp(1, MAX_WINDOWS_PER_CALL);
+        CallPlan {
+            windows_per_call,
+            concurrent_calls,
+        }
     }
 
     /// Decodes frames of sampler latents `[b, C, h, w]`:
@@ -753,21 +812,31 @@ impl EchoMimicPipeline {
             .to_dtype(DType::F32)?)
     }
 
-    /// Frames per VAE decode call for `width x height` output: as many as keep
-    /// the decoder's activations within [`DECODE_BATCH_BYTES`], at most
-    /// [`MAX_DECODE_BATCH`]. Small frames gain most (one call's fixed cost per
-    /// operation is shared); at 512² with the released widths it is one frame.
-    /// The estimate: four live tensors of the widest full-resolution stage
-    /// (the second-to-last up block's upsampler and the last block's first
-    /// resnet run at full resolution with `c1` channels), `H·W·max(c0, c1)`
-    /// values each.
-    pub fn decode_batch(&self, width: u32, height: u32) -> usize {
+    /// How the frames of a `width x height` video go through the VAE decoder: the frames
+    /// in flight at once are as many as keep the decoder's activations within
+    /// [`DECODE_BATCH_BYTES`] (four live tensors of the widest full-resolution stage: the
+    /// second-to-last up block's upsampler and the last block's first resnet run at full
+    /// resolution with `c1` channels; `H·W·max(c0, c1)` values each); on the CPU spread
+    /// over up to one call per thread of rayon's pool, run side by side; at most
+    /// [`MAX_DECODE_BATCH`] per call. Small frames gain most; at 512² with the released
+    /// widths it is one frame at a time.
+    pub fn decode_plan(&self, width: u32, height: u32) -> DecodePlan {
         let widths = &self.vae.config().block_out_channels;
         let c0 = widths.first().copied().unwrap_or(1);
         let c1 = widths.get(1).copied().unwrap_or(c0);
         let per_frame =
             width as usize * height as usize * c0.max(c1).max(1) * self.dtype.size_in_bytes() * 4;
-        (DECODE_BATCH_BYTES / per_frame.max(1)).clamp(1, MAX_DECODE_BATCH)
+        let in_flight = (DECODE_BATCH_BYTES / per_frame.max(1)).max(1);
+        let threads = if self.device.is_cpu() {
+            rayon::current_num_threads()
+        } else {
+            1
+        };
+        let concurrent_calls = threads.min(in_flight).max(1);
+        DecodePlan {
+            frames_per_call: (in_flight / concurrent_calls).clamp(1, MAX_DECODE_BATCH),
+            concurrent_calls,
+        }
     }
 
     fn latent_shape(&self, frames: usize, width: u32, height: u32) -> [usize; 5] {

@@ -85,8 +85,9 @@ impl Progress {
 }
 
 /// Receives the generated frames, in order, as soon as each one is decoded;
-/// the pipeline holds at most one VAE call's frames (a few small frames, one
-/// large one: [`EchoMimicPipeline::decode_batch`](super::EchoMimicPipeline::decode_batch)).
+/// the pipeline holds at most one round of VAE calls' frames (a few small
+/// frames, one large one:
+/// [`EchoMimicPipeline::decode_plan`](super::EchoMimicPipeline::decode_plan)).
 ///
 /// Implemented for closures `FnMut(usize, &[u8]) -> Result<()>` and for
 /// [`VideoWriter`]. An error stops the generation and is returned by it.
