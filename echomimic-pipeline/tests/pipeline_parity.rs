@@ -426,7 +426,10 @@ fn teacher_forced_steps_match_golden() -> anyhow::Result<()> {
         .with_concurrent_calls(4)
         .step(0, &latents0, &mut ())?;
     let d = echomimic_pipeline::ops::max_abs_diff(&a.latents, &side_by_side.latents)?;
-    anyhow::ensure!(d <= 1e-6, "step 0 latents: concurrent calls differ by {d:e}");
+    anyhow::ensure!(
+        d <= 1e-6,
+        "step 0 latents: concurrent calls differ by {d:e}"
+    );
     for step in 0..case.steps {
         let latents = if step == 0 {
             get(&g, "latents_init")?
