@@ -351,7 +351,7 @@ pub struct SizeBudget {
 
 /// The video bit rate that keeps a `duration_s` MP4 of `width x height` frames at `fps`
 /// under `max_bytes`: the limit less the container's index (32 KiB plus 24 bytes per video
-/// and audio sample) and [`AUDIO_ALLOWANCE_BPS`] of audio, spread over the duration plus
+/// and audio sample) and 192 kbit/s of audio, spread over the duration plus
 /// one second of rate buffer. An error ([`PipelineError::InvalidInput`], a bad input) when
 /// that leaves less than [`MIN_BITS_PER_PIXEL`]: the request asks for more video than the
 /// limit can carry.
