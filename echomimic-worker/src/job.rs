@@ -127,16 +127,7 @@ impl Policy {
         reason: String,
     ) -> OutcomeRecord {
         match claim.item.requeued(&reason) {
-            Some(envelope) => OutcomeRecord {
-                claim_id: claim.id.to_string(),
-                raw: claim.item.raw().to_vec(),
-                requeue: Some(envelope.into_bytes()),
-                event: None,
-                dead_letter: None,
-                what: OutcomeKind::Retried,
-                code: Some(code),
-                delay: None,
-            },
+            Some(envelope) => pushed_back(claim, envelope, OutcomeKind::Retried, code, None),
             None => self.failed(claim, ids, code, reason),
         }
     }
@@ -216,16 +207,13 @@ impl Policy {
             return self.failed(claim, ids, code, error);
         }
         match claim.item.deferred(&reason, now, &claim.id) {
-            Some(envelope) => OutcomeRecord {
-                claim_id: claim.id.to_string(),
-                raw: claim.item.raw().to_vec(),
-                requeue: Some(envelope.into_bytes()),
-                event: None,
-                dead_letter: None,
-                what: OutcomeKind::Deferred,
-                code: Some(code),
-                delay: Some(self.outage.delay),
-            },
+            Some(envelope) => pushed_back(
+                claim,
+                envelope,
+                OutcomeKind::Deferred,
+                code,
+                Some(self.outage.delay),
+            ),
             None => self.failed(claim, ids, code, reason),
         }
     }
@@ -341,6 +329,27 @@ impl Policy {
             ids.as_ref().map(|(t, s)| (t.as_str(), s.as_str())),
             &err,
         )
+    }
+}
+
+/// The claimed item goes back as `envelope` (no event, no dead letter): onto the head of the
+/// queue, or with `delay` into the queue's delayed set.
+fn pushed_back(
+    claim: &Claim,
+    envelope: String,
+    what: OutcomeKind,
+    code: ErrorCode,
+    delay: Option<Duration>,
+) -> OutcomeRecord {
+    OutcomeRecord {
+        claim_id: claim.id.to_string(),
+        raw: claim.item.raw().to_vec(),
+        requeue: Some(envelope.into_bytes()),
+        event: None,
+        dead_letter: None,
+        what,
+        code: Some(code),
+        delay,
     }
 }
 
