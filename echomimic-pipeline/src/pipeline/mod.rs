@@ -234,6 +234,38 @@ pub struct CallPlan {
     pub concurrent_calls: usize,
 }
 
+impl CallPlan {
+    /// The plan for windows of `per_window` activation bytes, `windows` per step, up to
+    /// `threads` calls side by side: as many windows in flight as fit
+    /// [`WINDOW_BATCH_BYTES`] (at least one), spread evenly over the calls, at most
+    /// [`MAX_WINDOWS_PER_CALL`] per call.
+    pub fn new(per_window: usize, windows: usize, threads: usize) -> Self {
+        let in_flight = (WINDOW_BATCH_BYTES / per_window.max(1)).max(1);
+        let windows = windows.max(1);
+        let concurrent_calls = threads.min(in_flight).min(windows).max(1);
+        CallPlan {
+            windows_per_call: (in_flight / concurrent_calls)
+                .min(windows.div_ceil(concurrent_calls))
+                .clamp(1, MAX_WINDOWS_PER_CALL),
+            concurrent_calls,
+        }
+    }
+}
+
+impl DecodePlan {
+    /// The plan for frames of `per_frame` activation bytes, up to `threads` calls side by
+    /// side: as many frames in flight as fit [`DECODE_BATCH_BYTES`] (at least one), at most
+    /// [`MAX_DECODE_BATCH`] per call.
+    pub fn new(per_frame: usize, threads: usize) -> Self {
+        let in_flight = (DECODE_BATCH_BYTES / per_frame.max(1)).max(1);
+        let concurrent_calls = threads.min(in_flight).max(1);
+        DecodePlan {
+            frames_per_call: (in_flight / concurrent_calls).clamp(1, MAX_DECODE_BATCH),
+            concurrent_calls,
+        }
+    }
+}
+
 /// The loaded EchoMimic v1 model: every network, ready for any number of
 /// requests. See the [module docs](self).
 #[derive(Debug, Clone)]
@@ -781,20 +813,16 @@ impl EchoMimicPipeline {
             * self.denoising_unet.base_channels()
             * self.dtype.size_in_bytes()
             * 24;
-        let in_flight = (WINDOW_BATCH_BYTES / per_window.max(1)).max(1);
-        let windows = windows_per_step.max(1);
-        let threads = if self.device.is_cpu() {
+        CallPlan::new(per_window, windows_per_step, self.side_by_side())
+    }
+
+    /// Calls that may run side by side: one per thread of rayon's pool on the CPU, one on
+    /// an accelerator (its operations queue on one stream anyway).
+    fn side_by_side(&self) -> usize {
+        if self.device.is_cpu() {
             rayon::current_num_threads()
         } else {
             1
-        };
-        let concurrent_calls = threads.min(in_flight).min(windows).max(1);
-        let windows_per_call = (in_flight / concurrent_calls)
-            .min(windows.div_ceil(concurrent_calls))
-            .clamp(1, MAX_WINDOWS_PER_CALL);
-        CallPlan {
-            windows_per_call,
-            concurrent_calls,
         }
     }
 
@@ -826,17 +854,7 @@ impl EchoMimicPipeline {
         let c1 = widths.get(1).copied().unwrap_or(c0);
         let per_frame =
             width as usize * height as usize * c0.max(c1).max(1) * self.dtype.size_in_bytes() * 4;
-        let in_flight = (DECODE_BATCH_BYTES / per_frame.max(1)).max(1);
-        let threads = if self.device.is_cpu() {
-            rayon::current_num_threads()
-        } else {
-            1
-        };
-        let concurrent_calls = threads.min(in_flight).max(1);
-        DecodePlan {
-            frames_per_call: (in_flight / concurrent_calls).clamp(1, MAX_DECODE_BATCH),
-            concurrent_calls,
-        }
+        DecodePlan::new(per_frame, self.side_by_side())
     }
 
     fn latent_shape(&self, frames: usize, width: u32, height: u32) -> [usize; 5] {
@@ -881,4 +899,64 @@ pub fn frame_to_rgb8(frame: &Tensor) -> Result<Vec<u8>> {
     debug_assert_eq!(hwc.len(), h * w * 3);
     // `as` truncates toward zero and saturates, like numpy's cast of [0, 255].
     Ok(hwc.into_iter().map(|v| (v * 255.0) as u8).collect())
+}
+
+#[cfg(test)]
+mod plan_tests {
+    use super::*;
+
+    /// `CallPlan` for `frames`-frame windows of `h x w` latents at `c0` channels, CFG, f32/f16.
+    fn unet(
+        frames: usize,
+        side: usize,
+        c0: usize,
+        dtype_bytes: usize,
+        windows: usize,
+        threads: usize,
+    ) -> CallPlan {
+        CallPlan::new(
+            2 * frames * side * side * c0 * dtype_bytes * 24,
+            windows,
+            threads,
+        )
+    }
+
+    #[test]
+    fn the_released_model_at_512_runs_one_window_and_one_frame_at_a_time() {
+        // 12-frame windows of 64² latents, c0 = 320: 3 GB (f32), 1.5 GB (f16) per window.
+        let one = CallPlan {
+            windows_per_call: 1,
+            concurrent_calls: 1,
+        };
+        assert_eq!(unet(12, 64, 320, 4, 15, 2), one);
+        assert_eq!(unet(12, 64, 320, 2, 15, 1), one);
+        // VAE at 512², c1 = 256: 1 GiB (f32) per frame.
+        let frame = DecodePlan::new(512 * 512 * 256 * 4 * 4, 2);
+        assert_eq!((frame.frames_per_call, frame.concurrent_calls), (1, 1));
+    }
+
+    #[test]
+    fn small_sizes_batch_windows_and_frames_and_use_every_thread() {
+        // The bench's tiny model at 128² (16² latents, c0 = 32): 15 windows, 2 threads.
+        assert_eq!(
+            unet(12, 16, 32, 4, 15, 2),
+            CallPlan {
+                windows_per_call: 8,
+                concurrent_calls: 2
+            }
+        );
+        // 4 windows spread over the two threads.
+        assert_eq!(
+            unet(8, 16, 32, 4, 4, 2),
+            CallPlan {
+                windows_per_call: 2,
+                concurrent_calls: 2
+            }
+        );
+        // One thread (or an accelerator): one call with all it may take.
+        assert_eq!(unet(12, 16, 32, 4, 15, 1).concurrent_calls, 1);
+        // 128² frames of the released VAE (c1 = 256): 64 MiB each, 8 in flight.
+        let frames = DecodePlan::new(128 * 128 * 256 * 4 * 4, 2);
+        assert_eq!((frames.frames_per_call, frames.concurrent_calls), (4, 2));
+    }
 }
