@@ -392,9 +392,8 @@ pub fn cancel_task(
     queues.dedup();
     for queue in &queues {
         let delayed = keys::task_delayed(queue);
-        let lists = [(queue.as_str(), ""), (delayed.as_str(), "z")];
-        for (key, kind) in lists {
-            let items: Vec<Vec<u8>> = if kind == "z" {
+        for (key, sorted_set) in [(queue.as_str(), false), (delayed.as_str(), true)] {
+            let items: Vec<Vec<u8>> = if sorted_set {
                 con.zrange(key, 0, -1)?
             } else {
                 con.lrange(key, 0, -1)?
@@ -431,7 +430,7 @@ pub fn cancel_task(
                     .arg(keys::EVENT_TTL_SECS)
                     .arg(keys::RESULT_TTL_SECS)
                     .arg(legacy)
-                    .arg(kind)
+                    .arg(if sorted_set { "z" } else { "" })
                     .query(con)?;
                 if removed == 1 {
                     return Ok(Cancellation::Dequeued {

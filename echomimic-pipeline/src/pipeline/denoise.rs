@@ -161,11 +161,6 @@ impl<'a> Denoiser<'a> {
         self
     }
 
-    /// Windows run through the UNet together (see [`Self::with_windows_per_call`]).
-    pub fn windows_per_call(&self) -> usize {
-        self.windows_per_call
-    }
-
     /// The DDIM timesteps, one per step.
     pub fn timesteps(&self) -> &[usize] {
         self.scheduler.timesteps()
@@ -247,7 +242,7 @@ impl<'a> Denoiser<'a> {
     /// 1. for every window, gather its frames of `latents` (and of the audio
     ///    tokens), run the UNet (batch `[uncond, cond]` with guidance: zero
     ///    audio, zero face features and no bank for `uncond`; up to
-    ///    [`Self::windows_per_call`] windows in one call), and add the
+    ///    [`Self::with_windows_per_call`] windows in one call), and add the
     ///    prediction to the window's frames;
     /// 2. divide each frame by the number of windows that covered it —
     ///    before guidance, and also without guidance (the reference's normal
@@ -309,14 +304,9 @@ impl<'a> Denoiser<'a> {
             for call in calls.iter().flatten() {
                 observer.before_unet(call)?;
             }
-            let run = |group: &Vec<UnetCall<'_>>| self.predict(t, latents, group);
-            let outputs: Vec<Result<(Vec<Tensor>, Tensor)>> = if calls.len() == 1 {
-                calls.iter().map(run).collect()
-            } else {
-                // Whole calls side by side on the pool's threads: at small sizes this keeps
-                // both cores busy where one call's operations are too small to split well.
-                calls.par_iter().map(run).collect()
-            };
+            // Whole calls side by side on the pool's threads: at small sizes this keeps both
+            // cores busy where one call's operations are too small to split well.
+            let outputs = side_by_side(&calls, |group| self.predict(t, latents, group));
             for (group, output) in calls.iter().zip(outputs) {
                 let (indexes, pred) = output?;
                 let k = group.len();
@@ -377,20 +367,27 @@ fn window_groups(windows: &[Vec<usize>], per_call: usize) -> Vec<(usize, usize)>
 
 /// Each row of `xs` (`[B, …]`) repeated `k` times in place: `[r_1 × k, r_2 × k, …]`,
 /// so that face features `[uncond, cond]` line up with a batch of `k` windows
-/// per branch. `xs` itself when `k` is 1.
+/// per branch.
 fn repeat_rows(xs: &Tensor, k: usize) -> Result<Tensor> {
-    if k == 1 {
-        return Ok(xs.clone());
+    let dims = xs.dims();
+    let mut wide = dims.to_vec();
+    wide.insert(1, k);
+    let mut flat = dims.to_vec();
+    flat[0] *= k;
+    Ok(xs.unsqueeze(1)?.broadcast_as(wide)?.reshape(flat)?)
+}
+
+/// `f` over `items`, on rayon's pool side by side when there are several (one item runs on
+/// the calling thread: handing it to the pool would only add a wake-up). Results in order.
+pub(super) fn side_by_side<T: Sync, R: Send>(
+    items: &[T],
+    f: impl Fn(&T) -> R + Sync + Send,
+) -> Vec<R> {
+    if items.len() == 1 {
+        items.iter().map(f).collect()
+    } else {
+        items.par_iter().map(f).collect()
     }
-    let rows = (0..xs.dim(0)?)
-        .map(|r| {
-            let row = xs.narrow(0, r, 1)?;
-            let mut reps = vec![1; xs.rank()];
-            reps[0] = k;
-            row.repeat(reps)
-        })
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    Ok(Tensor::cat(&rows, 0)?)
 }
 
 /// `xs × s` with one rounding per element: half-precision tensors are

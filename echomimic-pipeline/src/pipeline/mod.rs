@@ -94,7 +94,6 @@ use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Module, Tensor};
-use rayon::prelude::*;
 
 use crate::audio::{self, AudioFeatureExtractor};
 use crate::config::{PromptConfig, WeightDtype};
@@ -109,7 +108,7 @@ use crate::models::vae::AutoencoderKL;
 use crate::schedulers::ddim::DDIMScheduler;
 use crate::unet_loading::{base_unet_config, inference_config};
 
-use denoise::scale;
+use denoise::{scale, side_by_side};
 pub use denoise::{Conditioning, DenoiseObserver, Denoiser, StepOutput, UnetCall};
 #[cfg(feature = "test-support")]
 pub use dump::FrameDiff;
@@ -530,11 +529,7 @@ impl EchoMimicPipeline {
                     let z = latents.narrow(2, start, n)?.squeeze(0)?.transpose(0, 1)?;
                     self.decode_frame(&z)
                 };
-                let decoded: Vec<Result<Tensor>> = if calls.len() == 1 {
-                    calls.iter().map(decode).collect()
-                } else {
-                    calls.par_iter().map(decode).collect()
-                };
+                let decoded = side_by_side(&calls, decode);
                 for (&(start, n), decoded) in calls.iter().zip(decoded) {
                     let decoded = decoded?;
                     for j in 0..n {
