@@ -66,6 +66,12 @@ fn conv2d_matches_candle_over_a_sweep_of_shapes() -> Result<()> {
         (1, 128, 8, 31, 130, 3, 1, 1, true),
         (1, 128, 8, 29, 130, 3, 1, 1, true),
         (1, 128, 3, 15, 130, 3, 2, 1, true),
+        // batches of several images (images side by side, one product per thread) and the
+        // UNet's tiny-width shapes, with and without bias, 1×1 and 3×3
+        (4, 32, 32, 16, 16, 3, 1, 1, true),
+        (8, 32, 64, 8, 8, 1, 1, 0, true),
+        (6, 16, 8, 9, 7, 3, 2, 1, false),
+        (5, 7, 5, 4, 6, 1, 1, 0, false),
     ];
     for &(n, c_in, c_out, h, w, k, stride, padding, bias) in cases {
         let cfg = Conv2dConfig {
@@ -358,5 +364,150 @@ fn layer_norm_matches_the_candle_composition() -> Result<()> {
         kernels::layer_norm(&h, &w, &zero, 1e-5)?.dtype(),
         DType::F16
     );
+    Ok(())
+}
+
+/// Plain multi-head attention with candle ops: heads split, `softmax(q·kᵀ·scale)·v` per
+/// head, heads merged. `q` `[N, Lq, H·d]`, `k` `[N, Lk, H·d]`, `v` `[N, Lk, H·dv]`.
+fn naive_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
+    let split = |x: &Tensor| -> Result<Tensor> {
+        let (n, l, c) = x.dims3()?;
+        x.reshape((n, l, heads, c / heads))?
+            .transpose(1, 2)?
+            .contiguous()
+    };
+    let (q, k, v) = (split(q)?, split(k)?, split(v)?);
+    let p = candle_nn::ops::softmax_last_dim(&(q.matmul(&k.t()?)? * scale)?)?;
+    let o = p.matmul(&v)?;
+    let (n, h, l, dv) = o.dims4()?;
+    o.transpose(1, 2)?.contiguous()?.reshape((n, l, h * dv))
+}
+
+#[test]
+fn attention_matches_the_plain_composition() -> Result<()> {
+    let dev = Device::Cpu;
+    // (items, lq, lk, heads, d, dv, shared keys, first item that sees them)
+    let cases: &[(usize, usize, usize, usize, usize, usize, usize, usize)] = &[
+        (1, 1, 1, 1, 1, 1, 0, 0),
+        (3, 7, 5, 2, 3, 3, 0, 0),
+        // the denoising UNet's reference attention: own tokens + the bank for the
+        // conditional half only (from item 2 of 4), all, none
+        (4, 16, 16, 2, 16, 16, 16, 2),
+        (4, 9, 9, 8, 5, 5, 11, 0),
+        (4, 9, 9, 8, 5, 5, 11, 4),
+        // queries ≠ keys (cross-attention to 10 audio tokens), v wider than k
+        (6, 33, 10, 2, 8, 12, 0, 0),
+        // more scores than one block holds (256 Ki): 70 keys × 4000 queries → several blocks,
+        // a partial last one
+        (1, 4000, 70, 1, 4, 4, 0, 0),
+        (2, 300, 600, 1, 6, 6, 500, 1),
+    ];
+    for &(n, lq, lk, heads, d, dv, l_shared, from) in cases {
+        let what = format!(
+            "n {n} lq {lq} lk {lk} heads {heads} d {d} dv {dv} shared {l_shared} from {from}"
+        );
+        let q = Tensor::randn(0f32, 1., (n, lq, heads * d), &dev)?;
+        let k = (Tensor::randn(0f32, 1., (n, lk, heads * d), &dev)? * 3.0)?;
+        let v = Tensor::randn(0f32, 1., (n, lk, heads * dv), &dev)?;
+        let scale = 1.0 / (d as f64).sqrt();
+        let (got, want) = if l_shared == 0 {
+            let got = kernels::attention(&q, &k, &v, None, heads, scale)?;
+            (got, naive_attention(&q, &k, &v, heads, scale)?)
+        } else {
+            let sk = Tensor::randn(0f32, 1., (1, l_shared, heads * d), &dev)?;
+            let sv = Tensor::randn(0f32, 1., (1, l_shared, heads * dv), &dev)?;
+            let shared = kernels::SharedKv {
+                k: &sk,
+                v: &sv,
+                from_item: from,
+            };
+            let got = kernels::attention(&q, &k, &v, Some(shared), heads, scale)?;
+            let mut parts = Vec::new();
+            if from > 0 {
+                let (q, k, v) = (
+                    q.narrow(0, 0, from)?,
+                    k.narrow(0, 0, from)?,
+                    v.narrow(0, 0, from)?,
+                );
+                parts.push(naive_attention(&q, &k, &v, heads, scale)?);
+            }
+            if from < n {
+                let rest = n - from;
+                let widen = |own: &Tensor, s: &Tensor| -> Result<Tensor> {
+                    let c = s.dim(2)?;
+                    Tensor::cat(
+                        &[
+                            &own.narrow(0, from, rest)?,
+                            &s.broadcast_as((rest, l_shared, c))?,
+                        ],
+                        1,
+                    )
+                };
+                parts.push(naive_attention(
+                    &q.narrow(0, from, rest)?,
+                    &widen(&k, &sk)?,
+                    &widen(&v, &sv)?,
+                    heads,
+                    scale,
+                )?);
+            }
+            (got, Tensor::cat(&parts, 0)?)
+        };
+        assert_close(&got, &want, 2e-6, 2e-5, &what)?;
+    }
+    // keys and values that do not pair up are an error, not a panic
+    let q = Tensor::zeros((2, 3, 4), DType::F32, &dev)?;
+    let k = Tensor::zeros((2, 5, 4), DType::F32, &dev)?;
+    assert!(kernels::attention(
+        &q,
+        &k,
+        &Tensor::zeros((2, 4, 4), DType::F32, &dev)?,
+        None,
+        2,
+        1.0
+    )
+    .is_err());
+    assert!(kernels::attention(&q, &k, &k, None, 3, 1.0).is_err());
+    // other dtypes take the composition and keep their dtype
+    let h = Tensor::randn(0f32, 1., (2, 3, 4), &dev)?.to_dtype(DType::BF16)?;
+    assert_eq!(
+        kernels::attention(&h, &h, &h, None, 2, 0.5)?.dtype(),
+        DType::BF16
+    );
+    Ok(())
+}
+
+#[test]
+fn attention_over_frames_matches_the_transposed_composition() -> Result<()> {
+    let dev = Device::Cpu;
+    // (videos, frames, positions, heads, d): the motion modules' shapes, one frame, one position
+    let cases: &[(usize, usize, usize, usize, usize)] = &[
+        (2, 12, 16, 2, 16),
+        (1, 1, 5, 1, 3),
+        (3, 5, 1, 4, 2),
+        (2, 16, 64, 8, 5),
+    ];
+    for &(b, f, l, heads, d) in cases {
+        let what = format!("b {b} f {f} l {l} heads {heads} d {d}");
+        let c = heads * d;
+        let x = |s: f64| -> Result<Tensor> { Tensor::randn(0f32, 1., (b * f, l, c), &dev)? * s };
+        let (q, k, v) = (x(1.0)?, x(3.0)?, x(1.0)?);
+        let scale = 1.0 / (d as f64).sqrt();
+        let got = kernels::frame_attention(&q, &k, &v, f, heads, scale)?;
+        let to_seq = |t: &Tensor| -> Result<Tensor> {
+            t.reshape((b, f, l, c))?
+                .transpose(1, 2)?
+                .contiguous()?
+                .reshape((b * l, f, c))
+        };
+        let want = naive_attention(&to_seq(&q)?, &to_seq(&k)?, &to_seq(&v)?, heads, scale)?
+            .reshape((b, l, f, c))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b * f, l, c))?;
+        assert_close(&got, &want, 2e-6, 2e-5, &what)?;
+    }
+    let q = Tensor::zeros((6, 3, 4), DType::F32, &dev)?;
+    assert!(kernels::frame_attention(&q, &q, &q, 4, 2, 1.0).is_err());
     Ok(())
 }

@@ -6,8 +6,10 @@
 //! whole output rows at a time, in the weight's own `(c_in, ky, kx)` order (so
 //! the `[c_out, c_in, kh, kw]` weight is used as a `[c_out, K]` matrix without
 //! reordering): each patch-matrix row is filled by contiguous copies from one
-//! input row, in parallel over rows, and the `[c_out, rows·W]` product lands
-//! in the output as `c_out` contiguous runs. The band is sized to stay within a
+//! input row, and the `[c_out, rows·W]` product is added straight onto the bias
+//! in the output (`c_out` runs, one plane apart): no product buffer, no copy.
+//! Many small images run side by side (a product per thread), a few large ones
+//! one band at a time with the fill and the product split over the threads. The band is sized to stay within a
 //! few MiB, so a 3×3 conv over 512² × 128 channels needs ≈ 8 MiB of patches
 //! instead of 1.2 GB.
 //!
@@ -15,10 +17,11 @@
 //! integer factor (diffusers' `Upsample2D`: `interpolate(scale 2)` then a 3×3
 //! conv) without materialising the upsampled tensor.
 
-use candle_core::{CpuStorage, CustomOp1, Device, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu_input::contiguous_f32;
+use super::cpu_input::{contiguous_f32, tensor_f32};
+use super::matmul::{matmul, View};
 
 /// Elements of the patch matrix built per band (2 Mi f32 = 8 MiB at most;
 /// at least one output row per band).
@@ -83,38 +86,39 @@ impl CustomOp1 for BandedConv2d {
         let k = g.c_in * g.k_h * g.k_w;
         let rows_per_band = (BAND_ELEMS / (k * ow)).clamp(1, oh);
         let plane_out = oh * ow;
-        let mut out = vec![0f32; n * g.c_out * plane_out];
-        for (image, dst) in input
-            .chunks_exact(c * h * w)
-            .zip(out.chunks_exact_mut(g.c_out * plane_out))
-        {
-            for y0 in (0..oh).step_by(rows_per_band) {
-                let y1 = (y0 + rows_per_band).min(oh);
-                let cols = (y1 - y0) * ow;
-                let mut patches = vec![0f32; k * cols];
-                patches
-                    .par_chunks_mut(cols)
-                    .enumerate()
-                    .for_each(|(row, patch)| fill_patch_row(&g, image, (h, w), ow, y0, row, patch));
-                let patches = Tensor::from_vec(patches, (k, cols), &Device::Cpu)?;
-                let product = self
-                    .weight
-                    .matmul(&patches)?
-                    .flatten_all()?
-                    .to_vec1::<f32>()?;
-                for (co, (src, plane)) in product
-                    .chunks_exact(cols)
-                    .zip(dst.chunks_exact_mut(plane_out))
-                    .enumerate()
-                {
-                    let band = &mut plane[y0 * ow..y1 * ow];
-                    match &self.bias {
-                        Some(bias) => {
-                            let b = bias[co];
-                            band.iter_mut().zip(src).for_each(|(d, s)| *d = s + b);
-                        }
-                        None => band.copy_from_slice(src),
+        let (weight_storage, _) = self.weight.storage_and_layout();
+        let conv = Bands {
+            g,
+            weight: tensor_f32(&self.weight, &weight_storage)?,
+            bias: self.bias.as_deref(),
+            k,
+            in_size: (h, w),
+            out_size: (oh, ow),
+            rows_per_band,
+        };
+        let image_in = c * h * w;
+        let image_out = g.c_out * plane_out;
+        let mut out = vec![0f32; n * image_out];
+        let threads = rayon::current_num_threads();
+        if n >= threads && (n % threads == 0 || n >= 4 * threads) {
+            // Images enough to keep every thread busy: whole images side by side, each
+            // product on one thread.
+            out.par_chunks_mut(image_out)
+                .zip(input.par_chunks(image_in))
+                .for_each_init(Vec::new, |scratch, (dst, image)| {
+                    for y0 in (0..oh).step_by(rows_per_band) {
+                        conv.band(image, dst, y0, 1, scratch);
                     }
+                });
+        } else {
+            // Few images: one band at a time, the patch fill and the product split.
+            let mut scratch = Vec::new();
+            for (dst, image) in out
+                .chunks_exact_mut(image_out)
+                .zip(input.chunks_exact(image_in))
+            {
+                for y0 in (0..oh).step_by(rows_per_band) {
+                    conv.band(image, dst, y0, threads, &mut scratch);
                 }
             }
         }
@@ -122,8 +126,89 @@ impl CustomOp1 for BandedConv2d {
     }
 }
 
+/// One convolution over one image, band by band.
+struct Bands<'a> {
+    g: ConvGeometry,
+    /// `[c_out, K]`, row-major.
+    weight: &'a [f32],
+    bias: Option<&'a [f32]>,
+    /// `c_in·kh·kw`.
+    k: usize,
+    in_size: (usize, usize),
+    out_size: (usize, usize),
+    rows_per_band: usize,
+}
+
+impl Bands<'_> {
+    /// Output rows `y0..y0 + rows_per_band` of every channel of `dst` (the image's
+    /// `[c_out, oh·ow]` output): the patch matrix of the band, then `weight · patches`
+    /// added onto the bias where it belongs in `dst`. `threads` > 1 splits both.
+    /// `scratch` holds the patch matrix; every element of it is written, so it is reused
+    /// from band to band without zeroing.
+    fn band(
+        &self,
+        image: &[f32],
+        dst: &mut [f32],
+        y0: usize,
+        threads: usize,
+        scratch: &mut Vec<f32>,
+    ) {
+        let (oh, ow) = self.out_size;
+        let y1 = (y0 + self.rows_per_band).min(oh);
+        let cols = (y1 - y0) * ow;
+        let g = &self.g;
+        let pointwise =
+            g.k_h == 1 && g.k_w == 1 && g.stride == 1 && g.padding == 0 && g.upsample == 1;
+        let patches = if pointwise {
+            // A 1×1 convolution's patch matrix is the input itself.
+            View {
+                data: &image[y0 * ow..],
+                rows: self.k,
+                cols,
+                row_stride: oh * ow,
+                col_stride: 1,
+            }
+        } else {
+            if scratch.len() < self.k * cols {
+                scratch.resize(self.k * cols, 0.0);
+            }
+            let patches = &mut scratch[..self.k * cols];
+            let fill = |(row, patch): (usize, &mut [f32])| {
+                fill_patch_row(g, image, self.in_size, ow, y0, row, patch)
+            };
+            if threads > 1 {
+                patches.par_chunks_mut(cols).enumerate().for_each(fill);
+            } else {
+                patches.chunks_mut(cols).enumerate().for_each(fill);
+            }
+            View {
+                data: patches,
+                rows: self.k,
+                cols,
+                row_stride: cols,
+                col_stride: 1,
+            }
+        };
+        let plane = oh * ow;
+        let dst = &mut dst[y0 * ow..];
+        if let Some(bias) = self.bias {
+            for (co, &b) in bias.iter().enumerate() {
+                dst[co * plane..co * plane + cols].fill(b);
+            }
+        }
+        let weight = View {
+            data: self.weight,
+            rows: self.g.c_out,
+            cols: self.k,
+            row_stride: self.k,
+            col_stride: 1,
+        };
+        matmul(dst, plane, weight, patches, self.bias.is_some(), threads);
+    }
+}
+
 /// Fills one row of the patch matrix (`row` = `(ci, ky, kx)`) for output rows
-/// `y0..y0 + patch.len() / ow`. Padding positions are left at zero.
+/// `y0..y0 + patch.len() / ow`, padding positions with zeros (every element is written).
 fn fill_patch_row(
     g: &ConvGeometry,
     image: &[f32],
@@ -139,25 +224,46 @@ fn fill_patch_row(
     let plane = &image[ci * h * w..(ci + 1) * h * w];
     let (ih, iw) = (h * g.upsample, w * g.upsample);
     // Output columns whose input column `ox·s + kx − p` lies inside [0, iw).
-    let ox_lo = g.padding.saturating_sub(kx).div_ceil(g.stride);
+    let ox_lo = g.padding.saturating_sub(kx).div_ceil(g.stride).min(ow);
     let ox_hi = if iw + g.padding > kx {
         ((iw + g.padding - kx - 1) / g.stride + 1).min(ow)
     } else {
         0
-    };
+    }
+    .max(ox_lo);
     for (j, dst) in patch.chunks_exact_mut(ow).enumerate() {
         let iy = (y0 + j) * g.stride + ky;
-        if iy < g.padding || iy - g.padding >= ih || ox_lo >= ox_hi {
+        if iy < g.padding || iy - g.padding >= ih || ox_lo == ox_hi {
+            dst.fill(0.0);
             continue;
         }
+        dst[..ox_lo].fill(0.0);
+        dst[ox_hi..].fill(0.0);
         let sy = (iy - g.padding) / g.upsample;
         let src = &plane[sy * w..(sy + 1) * w];
         let x0 = ox_lo * g.stride + kx - g.padding;
-        if g.stride == 1 && g.upsample == 1 {
-            dst[ox_lo..ox_hi].copy_from_slice(&src[x0..x0 + (ox_hi - ox_lo)]);
-        } else {
-            for (i, d) in dst[ox_lo..ox_hi].iter_mut().enumerate() {
-                *d = src[(x0 + i * g.stride) / g.upsample];
+        let dst = &mut dst[ox_lo..ox_hi];
+        match (g.stride, g.upsample) {
+            (1, 1) => dst.copy_from_slice(&src[x0..x0 + dst.len()]),
+            (s, 1) => {
+                for (d, &v) in dst.iter_mut().zip(src[x0..].iter().step_by(s)) {
+                    *d = v;
+                }
+            }
+            (1, u) => {
+                // Each input pixel `u` times; the first may be cut short.
+                let lead = ((u - x0 % u) % u).min(dst.len());
+                let (head, rest) = dst.split_at_mut(lead);
+                head.fill(src[x0 / u]);
+                let sx = (x0 + lead) / u;
+                for (d, &v) in rest.chunks_mut(u).zip(&src[sx..]) {
+                    d.fill(v);
+                }
+            }
+            (s, u) => {
+                for (i, d) in dst.iter_mut().enumerate() {
+                    *d = src[(x0 + i * s) / u];
+                }
             }
         }
     }

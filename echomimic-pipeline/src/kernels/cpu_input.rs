@@ -1,7 +1,7 @@
 //! The input check every CPU kernel starts with, and the row loop of the row-wise kernels
 //! (a leaf: it imports nothing of the crate).
 
-use candle_core::{CpuStorage, Layout, Result};
+use candle_core::{CpuStorage, Layout, Result, Storage, Tensor};
 use rayon::prelude::*;
 
 /// Elements per parallel work item of [`map_rows`] at least (small tensors stay on one
@@ -19,6 +19,20 @@ pub(super) fn contiguous_f32<'a>(
     };
     let Some((start, end)) = layout.contiguous_offsets() else {
         candle_core::bail!("{op}: the input must be contiguous");
+    };
+    Ok(&data[start..end])
+}
+
+/// The f32 elements of a contiguous CPU tensor whose storage `guard` holds (from
+/// `t.storage_and_layout()`), for a kernel that reads more tensors than its op's inputs.
+pub(super) fn tensor_f32<'a>(t: &Tensor, guard: &'a Storage) -> Result<&'a [f32]> {
+    let (Storage::Cpu(CpuStorage::F32(data)), Some((start, end))) =
+        (guard, t.layout().contiguous_offsets())
+    else {
+        candle_core::bail!(
+            "CPU kernel: {:?} is not a contiguous f32 CPU tensor",
+            t.shape()
+        );
     };
     Ok(&data[start..end])
 }

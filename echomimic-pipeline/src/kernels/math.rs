@@ -13,10 +13,20 @@
 
 const LOG2_E: f32 = std::f32::consts::LOG2_E;
 /// `ln 2` split in a part exact in f32 and the rest (Cody–Waite reduction).
-const LN2_HI: f32 = 0.693_359_4;
-const LN2_LO: f32 = -2.121_944_4e-4;
-const EXP_LOW: f32 = -87.0;
-const EXP_HIGH: f32 = 88.0;
+pub(super) const LN2_HI: f32 = 0.693_359_4;
+pub(super) const LN2_LO: f32 = -2.121_944_4e-4;
+/// The range [`exp`] clamps its input to.
+pub(super) const EXP_LOW: f32 = -87.0;
+pub(super) const EXP_HIGH: f32 = 88.0;
+/// Coefficients of the polynomial `p(r)` with `e^r ≈ p(r)·r² + r + 1`, highest degree first.
+pub(super) const EXP_POLY: [f32; 6] = [
+    1.987_569_1e-4,
+    1.398_199_9e-3,
+    8.333_452e-3,
+    4.166_579_6e-2,
+    1.666_666_5e-1,
+    0.5,
+];
 
 /// `e^x` (see the module docs for its accuracy).
 #[inline(always)]
@@ -27,12 +37,10 @@ pub(crate) fn exp(x: f32) -> f32 {
     let n = (t + 0.5f32.copysign(t)) as i32;
     let nf = n as f32;
     let r = x - nf * LN2_HI - nf * LN2_LO;
-    let p = 1.987_569_1e-4f32;
-    let p = p * r + 1.398_199_9e-3;
-    let p = p * r + 8.333_452e-3;
-    let p = p * r + 4.166_579_6e-2;
-    let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 0.5;
+    let mut p = EXP_POLY[0];
+    for c in &EXP_POLY[1..] {
+        p = p * r + c;
+    }
     let er = p * r * r + r + 1.0;
     // n is in [-126, 127]: 2^n is a normal f32.
     er * f32::from_bits(((n + 127) as u32) << 23)

@@ -1,35 +1,46 @@
 //! CPU kernels for the hot operations of the networks, and the one place that
 //! decides when they are used.
 //!
-//! Each kernel is a candle custom op with a CPU f32 implementation (one file
-//! per kernel); every other device and dtype takes the plain composition of
-//! candle ops it replaces. Two choices hold on every device: a 1×1 convolution
-//! is one matmul ([`conv2d`]), and attention keeps half-precision scores on GPUs
+//! Each kernel is a candle custom op (or a function over the storages of its
+//! tensors) with a CPU f32 implementation (one file per kernel); every other
+//! device and dtype takes the plain composition of candle ops it replaces. Two
+//! choices hold off the CPU kernels: a 1×1 convolution is one matmul
+//! ([`conv2d`]), and attention keeps half-precision scores on GPUs
 //! ([`half_precision_scores`]). The networks call the functions below instead of
 //! `Module::forward` on the layers concerned, and nothing else in the crate looks
 //! at the device to pick an implementation.
 //!
-//! Kernels: convolutions without a full im2col buffer (`conv2d`, also reading through a
+//! Kernels: multi-head attention read and written in the projections' layout (`attention`,
+//! also over the frames of every position and with EchoMimic's shared reference keys),
+//! convolutions without a full im2col buffer (`conv2d`, also reading through a
 //! nearest 2× upsample), GroupNorm with the SiLU after it fused (`group_norm`), LayerNorm
 //! with its affine part (`layer_norm`), GEGLU's gate (`geglu`) and the attention softmax with
 //! its scale (`softmax`); `math` holds the
-//! branch-free `exp`/`erf` they share, so their loops vectorise.
+//! branch-free `exp`/`erf` they share, so their loops vectorise, `x86` the AVX2 + FMA
+//! softmax row taken at run time, and `matmul` the bounds-checked strided product (candle's
+//! `gemm`) the attention and convolution kernels write their results with. `matmul` and
+//! `x86` are the crate's only `unsafe` code, each call checked where it is made.
 //!
 //! Threads: the kernels run on rayon's global pool (the one candle's CPU
 //! backend uses), so `RAYON_NUM_THREADS` bounds them like the rest of candle.
 
+mod attention;
 mod conv2d;
 mod cpu_input;
 mod geglu;
 mod group_norm;
 mod layer_norm;
 mod math;
+mod matmul;
 mod softmax;
 mod switch;
+#[cfg(target_arch = "x86_64")]
+mod x86;
 
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::Conv2d;
 
+pub use attention::{attention, frame_attention, SharedKv};
 use conv2d::{BandedConv2d, ConvGeometry};
 pub use geglu::geglu;
 pub use group_norm::{group_norm, GroupNorm};
@@ -38,11 +49,11 @@ pub use softmax::softmax_last_dim;
 use switch::use_cpu_kernel;
 pub use switch::{half_precision_scores, set_enabled};
 
-/// `conv.forward(xs)`: a 1×1 convolution (stride 1, no padding) as a plain matmul on every
-/// device and dtype (on an H200 in f16 at 24×320×64×64, without the bias: 0.20 ms against
+/// `conv.forward(xs)`: on the CPU in f32 through the banded kernel (a 1×1 convolution reads
+/// the input as its patch matrix), elsewhere a 1×1 convolution (stride 1, no padding) as a
+/// plain matmul (on an H200 in f16 at 24×320×64×64, without the bias: 0.20 ms against
 /// 1.78 ms for candle's im2col convolution; a whole UNet call moved by about 1 %;
-/// `benches/gpu/`), other kernels through the banded CPU kernel on the CPU in f32, else
-/// candle's convolution.
+/// `benches/gpu/`), other kernels through candle's convolution.
 pub fn conv2d(conv: &Conv2d, xs: &Tensor) -> Result<Tensor> {
     conv2d_upsampled(conv, xs, 1)
 }
@@ -59,7 +70,9 @@ fn conv2d_upsampled(conv: &Conv2d, xs: &Tensor, upsample: usize) -> Result<Tenso
     let (c_out, c_in_k, k_h, k_w) = weight.dims4()?;
     let _span = tracing::trace_span!("conv2d", k = k_h, c_in = c_in_k, c_out).entered();
     let (n, c_in, h, w) = xs.dims4()?;
-    if k_h == 1
+    let fast = use_cpu_kernel(xs) && weight.dtype() == DType::F32;
+    if !fast
+        && k_h == 1
         && k_w == 1
         && cfg.stride == 1
         && cfg.padding == 0
@@ -77,7 +90,6 @@ fn conv2d_upsampled(conv: &Conv2d, xs: &Tensor, upsample: usize) -> Result<Tenso
             None => Ok(ys),
         };
     }
-    let fast = use_cpu_kernel(xs) && weight.dtype() == DType::F32;
     if !fast || cfg.groups != 1 || cfg.dilation != 1 {
         let xs = if upsample == 1 {
             xs.clone()

@@ -1,9 +1,11 @@
 //! Softmax over the last dimension, with the attention's score scale folded in.
 //!
 //! The composition scales the scores into a fresh tensor, then candle's softmax calls
-//! glibc's `expf` once per element. The CPU kernel scales, subtracts the row maximum,
-//! exponentiates with the vectorisable [`exp`](super::math::exp), sums in 8 f32 lanes and
-//! normalises, one row at a time, writing each element once.
+//! glibc's `expf` once per element. The CPU kernel copies each row into the output and
+//! soft-maxes it there ([`softmax_in_place`], which the attention kernel also runs on its
+//! score blocks): scale, subtract the row maximum, exponentiate with the vectorisable
+//! [`exp`](super::math::exp) (8 wide with FMA where the CPU has AVX2), sum in 8 f32 lanes,
+//! normalise.
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, D};
 
@@ -35,26 +37,35 @@ struct ScaledSoftmax {
 
 impl ScaledSoftmax {
     fn row(&self, dst: &mut [f32], src: &[f32]) {
-        let s = self.scale;
-        let max = src.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x * s));
-        let mut lanes = [0f32; LANES];
-        let mut d = dst.chunks_exact_mut(LANES);
-        let mut x = src.chunks_exact(LANES);
-        for (d, x) in (&mut d).zip(&mut x) {
-            for ((d, &x), l) in d.iter_mut().zip(x).zip(lanes.iter_mut()) {
-                *d = exp(x * s - max);
-                *l += *d;
-            }
+        dst.copy_from_slice(src);
+        softmax_in_place(dst, self.scale);
+    }
+}
+
+/// `softmax(row · scale)` in place (8 wide with FMA where the CPU has AVX2): the row maximum, `exp` summed in [`LANES`] lanes, one
+/// normalising pass.
+pub(super) fn softmax_in_place(row: &mut [f32], scale: f32) {
+    #[cfg(target_arch = "x86_64")]
+    if super::x86::softmax_in_place(row, scale) {
+        return;
+    }
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x * scale));
+    let mut lanes = [0f32; LANES];
+    let mut chunks = row.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for (x, l) in c.iter_mut().zip(lanes.iter_mut()) {
+            *x = exp(*x * scale - max);
+            *l += *x;
         }
-        let mut sum: f32 = lanes.iter().sum();
-        for (d, &x) in d.into_remainder().iter_mut().zip(x.remainder()) {
-            *d = exp(x * s - max);
-            sum += *d;
-        }
-        let inv = 1.0 / sum;
-        for d in dst.iter_mut() {
-            *d *= inv;
-        }
+    }
+    let mut sum: f32 = lanes.iter().sum();
+    for x in chunks.into_remainder() {
+        *x = exp(*x * scale - max);
+        sum += *x;
+    }
+    let inv = 1.0 / sum;
+    for x in row.iter_mut() {
+        *x *= inv;
     }
 }
 

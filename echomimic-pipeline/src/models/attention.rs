@@ -28,7 +28,7 @@ use std::collections::{BTreeMap, HashMap};
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
-use crate::ops;
+use crate::kernels::{self, SharedKv};
 
 /// Weight of the audio cross-attention output (`audio_feature_ratio`, a
 /// hard-coded default argument of the patched block forward).
@@ -108,29 +108,42 @@ impl Attention {
     /// self-attention. Returns `[N, Lq, C]`.
     pub fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
         let _span = tracing::trace_span!("attention").entered();
-        let q = self.query(xs)?;
+        let q = self.to_q.forward(xs)?;
         let (k, v) = self.key_value(context.unwrap_or(xs))?;
-        self.attend(&q, &k, &v)
+        self.attend(&q, &k, &v, None)
     }
 
-    /// `to_q` split into heads: `[N, H, L, Dh]`.
+    /// Self-attention of `xs` `[B·F, L, C]` over the `frames` rows of every position (the
+    /// motion module's temporal attention), in the same layout.
+    pub fn forward_over_frames(&self, xs: &Tensor, frames: usize) -> Result<Tensor> {
+        let _span = tracing::trace_span!("attention").entered();
+        let q = self.to_q.forward(xs)?;
+        let (k, v) = self.key_value(xs)?;
+        let a = kernels::frame_attention(&q, &k, &v, frames, self.heads, self.scale)?;
+        self.to_out.forward(&a)
+    }
+
+    /// `to_q`: `[N, L, H·Dh]`.
     pub fn query(&self, xs: &Tensor) -> Result<Tensor> {
-        ops::split_heads(&self.to_q.forward(xs)?, self.heads)
+        self.to_q.forward(xs)
     }
 
-    /// `to_k`, `to_v` split into heads: `[N, H, L, Dh]` each.
+    /// `to_k`, `to_v`: `[N, L, H·Dh]` each.
     pub fn key_value(&self, context: &Tensor) -> Result<(Tensor, Tensor)> {
-        Ok((
-            ops::split_heads(&self.to_k.forward(context)?, self.heads)?,
-            ops::split_heads(&self.to_v.forward(context)?, self.heads)?,
-        ))
+        Ok((self.to_k.forward(context)?, self.to_v.forward(context)?))
     }
 
-    /// Attention of split-head queries over split-head keys/values, then the
-    /// head merge and `to_out.0`: `[N, Lq, C]`.
-    pub fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-        let a = ops::attention(q, k, v, self.scale)?;
-        self.to_out.forward(&ops::merge_heads(&a)?)
+    /// Attention of queries over keys/values (and the shared ones, for the items that see
+    /// them), all as the projections wrote them, then `to_out.0`: `[N, Lq, C]`.
+    pub fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        shared: Option<SharedKv<'_>>,
+    ) -> Result<Tensor> {
+        let a = kernels::attention(q, k, v, shared, self.heads, self.scale)?;
+        self.to_out.forward(&a)
     }
 }
 
@@ -247,7 +260,7 @@ pub enum BankRounding {
     Exact,
 }
 
-/// `to_k`/`to_v` of one bank entry, split into heads: `[N_ref, H, L, Dh]`.
+/// `to_k`/`to_v` of one bank entry: `[N_ref, L, H·Dh]`.
 #[derive(Debug, Clone)]
 pub struct BankKv {
     k: Tensor,
@@ -424,66 +437,26 @@ impl TemporalBasicTransformerBlock {
         //    conditional rows, from n alone for the unconditional rows
         let q = self.attn1.query(&n)?;
         let (k, v) = self.attn1.key_value(&n)?;
-        let a = match bank.get(&self.path) {
-            None => self.attn1.attend(&q, &k, &v)?,
-            Some(kv) => self.reference_attention(&q, &k, &v, kv, uncond_rows)?,
+        let shared = match bank.get(&self.path) {
+            None => None,
+            Some(kv) => {
+                let rows = q.dim(0)?;
+                if uncond_rows > rows {
+                    candle_core::bail!("{uncond_rows} unconditional rows out of {rows}");
+                }
+                Some(SharedKv {
+                    k: &kv.k,
+                    v: &kv.v,
+                    from_item: uncond_rows,
+                })
+            }
         };
+        let a = self.attn1.attend(&q, &k, &v, shared)?;
         let xs = (xs + a)?;
         // 3. audio cross-attention, weighted by 3.0
         let a2 = self.attn2.forward(&self.norm2.forward(&xs)?, Some(audio))?;
         let xs = (xs + (a2 * AUDIO_FEATURE_RATIO)?)?;
         // 4. h += ff(norm3(h))
         &xs + self.ff.forward(&self.norm3.forward(&xs)?)?
-    }
-
-    fn reference_attention(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        kv: &BankKv,
-        uncond_rows: usize,
-    ) -> Result<Tensor> {
-        let rows = q.dim(0)?;
-        if uncond_rows > rows {
-            candle_core::bail!("{uncond_rows} unconditional rows out of {rows}");
-        }
-        let cond = rows - uncond_rows;
-        let mut parts = Vec::with_capacity(2);
-        if uncond_rows > 0 {
-            let (q, k, v) = (
-                q.narrow(0, 0, uncond_rows)?,
-                k.narrow(0, 0, uncond_rows)?,
-                v.narrow(0, 0, uncond_rows)?,
-            );
-            parts.push(self.attn1.attend(&q, &k, &v)?);
-        }
-        if cond > 0 {
-            let (_, heads, l_bank, dh) = kv.k.dims4()?;
-            let bank_shape = (cond, heads, l_bank, dh);
-            let k_all = Tensor::cat(
-                &[
-                    &k.narrow(0, uncond_rows, cond)?,
-                    &kv.k.broadcast_as(bank_shape)?,
-                ],
-                2,
-            )?;
-            let v_all = Tensor::cat(
-                &[
-                    &v.narrow(0, uncond_rows, cond)?,
-                    &kv.v.broadcast_as(bank_shape)?,
-                ],
-                2,
-            )?;
-            parts.push(
-                self.attn1
-                    .attend(&q.narrow(0, uncond_rows, cond)?, &k_all, &v_all)?,
-            );
-        }
-        if parts.len() == 1 {
-            Ok(parts.remove(0))
-        } else {
-            Tensor::cat(&parts, 0)
-        }
     }
 }

@@ -103,9 +103,17 @@ impl PositionalEncoding {
         })
     }
 
-    /// `xs`: `[N, F, d]` → `xs + pe[:F]`.
-    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let frames = xs.dim(1)?;
+    /// `xs`: `[B·F, L, d]` (frame-major) → `xs + pe[f]` on every row of frame `f`.
+    pub fn forward_frames(&self, xs: &Tensor, frames: usize) -> Result<Tensor> {
+        let (bf, l, d) = xs.dims3()?;
+        let pe = self.rows(frames)?.reshape((1, frames, 1, d))?;
+        xs.reshape((bf / frames, frames, l, d))?
+            .broadcast_add(&pe)?
+            .reshape((bf, l, d))
+    }
+
+    /// `pe[:frames]`, or an error when the table is shorter.
+    fn rows(&self, frames: usize) -> Result<Tensor> {
         let max_len = self.pe.dim(0)?;
         if frames > max_len {
             candle_core::bail!(
@@ -113,7 +121,7 @@ impl PositionalEncoding {
                  (temporal_position_encoding_max_len)"
             );
         }
-        xs.broadcast_add(&self.pe.narrow(0, 0, frames)?)
+        self.pe.narrow(0, 0, frames)
     }
 }
 
@@ -147,29 +155,17 @@ impl VersatileAttention {
     /// `xs`: `[B·F, L, d]` → `[B·F, L, d]`, attending over the F frames.
     pub fn forward(&self, xs: &Tensor, frames: usize) -> Result<Tensor> {
         let _span = tracing::trace_span!("motion_attention").entered();
-        let (bf, l, d) = xs.dims3()?;
+        let bf = xs.dim(0)?;
         if frames == 0 || bf % frames != 0 {
             candle_core::bail!("{bf} rows are not a whole number of {frames}-frame videos");
         }
-        let b = bf / frames;
-        // 1. (b·f, l, d) → (b·l, f, d)
-        let seq = xs
-            .reshape((b, frames, l, d))?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((b * l, frames, d))?;
-        // 2. + pe[:f]
-        let seq = match &self.pos_encoder {
-            Some(pe) => pe.forward(&seq)?,
-            None => seq,
+        // 1. + pe[f] on every row of frame f
+        let xs = match &self.pos_encoder {
+            Some(pe) => pe.forward_frames(xs, frames)?,
+            None => xs.clone(),
         };
-        // 3. self-attention over frames
-        let out = self.attention.forward(&seq, None)?;
-        // 4. (b·l, f, d) → (b·f, l, d)
-        out.reshape((b, l, frames, d))?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((bf, l, d))
+        // 2. self-attention over the frames of every position, in the (b·f, l, d) layout
+        self.attention.forward_over_frames(&xs, frames)
     }
 }
 

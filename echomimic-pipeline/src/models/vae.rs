@@ -180,7 +180,7 @@ impl Module for Attention {
         let k = self.to_k.forward(&tokens)?.to_dtype(work)?;
         let v = self.to_v.forward(&tokens)?.to_dtype(work)?;
         // 3. softmax(q·kᵀ/√c)·v, chunked over the queries.
-        let attn = crate::ops::attention(&q, &k, &v, self.scale)?.to_dtype(dtype)?;
+        let attn = crate::kernels::attention(&q, &k, &v, None, 1, self.scale)?.to_dtype(dtype)?;
         // 4. output projection, back to (b, c, h, w), residual.
         let out = self
             .to_out

@@ -23,7 +23,7 @@
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Conv1d, Conv1dConfig, Linear, VarBuilder};
 
-use crate::ops::{attention, merge_heads, split_heads};
+use crate::kernels::attention;
 
 /// LayerNorm epsilon (PyTorch default).
 const LN_EPS: f32 = 1e-5;
@@ -154,10 +154,7 @@ impl MultiHeadAttention {
         //    scores are soft-maxed in f32.
         let d_head = xs.dim(2)? / self.n_head;
         let scale = (d_head as f64).powf(-0.25);
-        let q = (split_heads(&q, self.n_head)? * scale)?;
-        let k = (split_heads(&k, self.n_head)? * scale)?;
-        let v = split_heads(&v, self.n_head)?;
-        let wv = merge_heads(&attention(&q, &k, &v, 1.0)?)?;
+        let wv = attention(&(q * scale)?, &(k * scale)?, &v, None, self.n_head, 1.0)?;
         // 3. Output projection.
         self.out.forward(&wv)
     }
