@@ -383,11 +383,13 @@ fn naive_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64)
     o.transpose(1, 2)?.contiguous()?.reshape((n, l, h * dv))
 }
 
+/// (items, lq, lk, heads, d, dv, shared keys, first item that sees them)
+type AttentionCase = (usize, usize, usize, usize, usize, usize, usize, usize);
+
 #[test]
 fn attention_matches_the_plain_composition() -> Result<()> {
     let dev = Device::Cpu;
-    // (items, lq, lk, heads, d, dv, shared keys, first item that sees them)
-    let cases: &[(usize, usize, usize, usize, usize, usize, usize, usize)] = &[
+    let cases: &[AttentionCase] = &[
         (1, 1, 1, 1, 1, 1, 0, 0),
         (3, 7, 5, 2, 3, 3, 0, 0),
         // the denoising UNet's reference attention: own tokens + the bank for the
