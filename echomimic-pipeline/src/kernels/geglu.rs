@@ -32,6 +32,17 @@ pub fn geglu(h: &Tensor) -> Result<Tensor> {
 
 struct GeGluGate;
 
+/// `d[i] = x[i] · gelu(gate[i])` (8 wide with FMA where the CPU has AVX2).
+fn geglu_row(d: &mut [f32], x: &[f32], gate: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::x86::geglu_row(d, x, gate) {
+        return;
+    }
+    for ((d, &x), &g) in d.iter_mut().zip(x).zip(gate) {
+        *d = x * gelu_erf(g);
+    }
+}
+
 impl CustomOp1 for GeGluGate {
     fn name(&self) -> &'static str {
         "geglu-gate"
@@ -55,9 +66,7 @@ impl CustomOp1 for GeGluGate {
             .for_each(|(dst, src)| {
                 for (d, row) in dst.chunks_exact_mut(inner).zip(src.chunks_exact(width)) {
                     let (x, gate) = row.split_at(inner);
-                    for ((d, &x), &g) in d.iter_mut().zip(x).zip(gate) {
-                        *d = x * gelu_erf(g);
-                    }
+                    geglu_row(d, x, gate);
                 }
             });
         Ok((CpuStorage::F32(out), Shape::from(dims)))

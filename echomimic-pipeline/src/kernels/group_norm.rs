@@ -154,6 +154,24 @@ fn blocked_sum(xs: &[f32], f: impl Fn(f32) -> f32) -> f64 {
     total
 }
 
+/// `d[i] = (s[i] − mean)·scale + shift`, then SiLU when `with_silu` (8 wide with FMA where
+/// the CPU has AVX2).
+fn normalise_row(d: &mut [f32], s: &[f32], mean: f32, scale: f32, shift: f32, with_silu: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if super::x86::normalise_row(d, s, mean, scale, shift, with_silu) {
+        return;
+    }
+    if with_silu {
+        for (d, &x) in d.iter_mut().zip(s) {
+            *d = silu((x - mean) * scale + shift);
+        }
+    } else {
+        for (d, &x) in d.iter_mut().zip(s) {
+            *d = (x - mean) * scale + shift;
+        }
+    }
+}
+
 impl CustomOp1 for FusedGroupNorm {
     fn name(&self) -> &'static str {
         "fused-group-norm"
@@ -186,16 +204,7 @@ impl CustomOp1 for FusedGroupNorm {
                 {
                     let ch = first + j;
                     let a = (self.weight[ch] as f64 * rstd) as f32;
-                    let b = self.bias[ch];
-                    if self.silu {
-                        for (d, &x) in d.iter_mut().zip(s) {
-                            *d = silu((x - m) * a + b);
-                        }
-                    } else {
-                        for (d, &x) in d.iter_mut().zip(s) {
-                            *d = (x - m) * a + b;
-                        }
-                    }
+                    normalise_row(d, s, m, a, self.bias[ch], self.silu);
                 }
             });
         Ok((CpuStorage::F32(out), layout.shape().clone()))

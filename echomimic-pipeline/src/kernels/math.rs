@@ -28,6 +28,18 @@ pub(super) const EXP_POLY: [f32; 6] = [
     0.5,
 ];
 
+/// `p` of Abramowitz & Stegun 7.1.26: `t = 1 / (1 + p·|x|)`.
+pub(super) const ERF_P: f32 = 0.327_591_1;
+/// `a₅ … a₁` of Abramowitz & Stegun 7.1.26, highest degree first: the polynomial is
+/// `(((a₅t + a₄)t + a₃)t + a₂)t + a₁`, times `t`.
+pub(super) const ERF_POLY: [f32; 5] = [
+    1.061_405_4,
+    -1.453_152_1,
+    1.421_413_7,
+    -0.284_496_74,
+    0.254_829_6,
+];
+
 /// `e^x` (see the module docs for its accuracy).
 #[inline(always)]
 pub(crate) fn exp(x: f32) -> f32 {
@@ -49,16 +61,13 @@ pub(crate) fn exp(x: f32) -> f32 {
 /// The error function (see the module docs for its accuracy).
 #[inline(always)]
 pub(crate) fn erf(x: f32) -> f32 {
-    const P: f32 = 0.327_591_1;
-    const A1: f32 = 0.254_829_6;
-    const A2: f32 = -0.284_496_74;
-    const A3: f32 = 1.421_413_7;
-    const A4: f32 = -1.453_152_1;
-    const A5: f32 = 1.061_405_4;
     let a = x.abs();
-    let t = 1.0 / (1.0 + P * a);
-    let poly = ((((A5 * t + A4) * t + A3) * t + A2) * t + A1) * t;
-    let y = 1.0 - poly * exp(-a * a);
+    let t = 1.0 / (1.0 + ERF_P * a);
+    let mut poly = ERF_POLY[0];
+    for c in &ERF_POLY[1..] {
+        poly = poly * t + c;
+    }
+    let y = 1.0 - poly * t * exp(-a * a);
     y.copysign(x)
 }
 
