@@ -33,6 +33,22 @@ fn keep_freed_pages() {
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
 }
 
+/// The variable that sizes candle's own thread pool for its element-wise operations (read
+/// once, at candle's first such operation).
+const CANDLE_NUM_THREADS: &str = "CANDLE_NUM_THREADS";
+
+/// Runs candle's element-wise operations on the calling thread unless the operator sized
+/// candle's pool with `CANDLE_NUM_THREADS`. By default candle keeps one spinning thread per
+/// rayon thread beside rayon's own pool; the pipeline already spreads its work over rayon
+/// (whole UNet and VAE calls side by side, the kernels' rows), so on a CPU those extra
+/// threads only competed for the same cores (about a twelfth of a small request's time:
+/// spin-waits and the pool's lock). Must run before the first tensor operation.
+fn candle_elementwise_inline() {
+    if std::env::var_os(CANDLE_NUM_THREADS).is_none() {
+        std::env::set_var(CANDLE_NUM_THREADS, "1");
+    }
+}
+
 /// EchoMimic v1 talking-head worker: consumes tasks from Redis (guide: EchoMimic Worker usage),
 /// or generates one video locally.
 #[derive(Debug, Parser)]
@@ -177,6 +193,7 @@ fn admin_exit(result: Result<u8, WorkerError>) -> ExitCode {
 
 fn main() -> ExitCode {
     keep_freed_pages();
+    candle_elementwise_inline();
     let cli = Cli::parse_from(argv());
     init_logging(cli.log_format);
     let mut out = std::io::stdout().lock();
@@ -218,5 +235,16 @@ mod tests {
         }
         keep_freed_pages();
         assert_eq!(get(), -1);
+    }
+
+    /// Unset, candle's pool is made single-threaded; an operator's value is kept.
+    #[test]
+    fn candle_runs_inline_unless_the_operator_sized_its_pool() {
+        std::env::remove_var(CANDLE_NUM_THREADS);
+        candle_elementwise_inline();
+        assert_eq!(std::env::var(CANDLE_NUM_THREADS).as_deref(), Ok("1"));
+        std::env::set_var(CANDLE_NUM_THREADS, "3");
+        candle_elementwise_inline();
+        assert_eq!(std::env::var(CANDLE_NUM_THREADS).as_deref(), Ok("3"));
     }
 }
