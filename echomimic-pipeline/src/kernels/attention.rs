@@ -21,6 +21,7 @@
 use candle_core::{Device, Result, Tensor};
 use rayon::prelude::*;
 
+use super::chunked::{attention as sdpa, merge_heads, split_heads};
 use super::cpu_input::tensor_f32;
 use super::matmul::{matmul, View};
 use super::softmax::softmax_in_place;
@@ -153,13 +154,8 @@ pub fn frame_attention(
 
 /// The plain candle composition: split heads, chunked attention, merge heads.
 fn composed(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
-    let split = |x: &Tensor| crate::ops::split_heads(x, heads);
-    crate::ops::merge_heads(&crate::ops::attention(
-        &split(q)?,
-        &split(k)?,
-        &split(v)?,
-        scale,
-    )?)
+    let split = |x: &Tensor| split_heads(x, heads);
+    merge_heads(&sdpa(&split(q)?, &split(k)?, &split(v)?, scale)?)
 }
 
 /// How the sequences lie in the `[rows, width]` token matrices.
