@@ -231,6 +231,27 @@ fn fill_patch_row(
         0
     }
     .max(ox_lo);
+    if g.stride == 1 && g.upsample == 1 && ow == w && ox_lo < ox_hi {
+        // Output rows lie in the patch row back to back like input rows in the plane, so
+        // the valid rows are one contiguous copy of the plane shifted by the kernel offset;
+        // what wrapped around the row ends (the padding columns) is zeroed after.
+        let rows = patch.len() / ow;
+        let (top, p) = (y0 + ky, g.padding);
+        let j_lo = p.saturating_sub(top).min(rows);
+        let j_hi = (h + p).saturating_sub(top).min(rows).max(j_lo);
+        patch[..j_lo * ow].fill(0.0);
+        patch[j_hi * ow..].fill(0.0);
+        if j_lo < j_hi {
+            let (start, end) = (j_lo * ow + ox_lo, (j_hi - 1) * ow + ox_hi);
+            let from = (top + j_lo - p) * w + ox_lo + kx - p;
+            patch[start..end].copy_from_slice(&plane[from..from + (end - start)]);
+            for row in patch[j_lo * ow..j_hi * ow].chunks_exact_mut(ow) {
+                row[..ox_lo].fill(0.0);
+                row[ox_hi..].fill(0.0);
+            }
+        }
+        return;
+    }
     for (j, dst) in patch.chunks_exact_mut(ow).enumerate() {
         let iy = (y0 + j) * g.stride + ky;
         if iy < g.padding || iy - g.padding >= ih || ox_lo == ox_hi {
@@ -256,8 +277,21 @@ fn fill_patch_row(
                 let (head, rest) = dst.split_at_mut(lead);
                 head.fill(src[x0 / u]);
                 let sx = (x0 + lead) / u;
-                for (d, &v) in rest.chunks_mut(u).zip(&src[sx..]) {
-                    d.fill(v);
+                if u == 2 {
+                    // (The generic loop below calls `fill` on two-element slices.)
+                    let half = rest.len() / 2;
+                    let mut pairs = rest.chunks_exact_mut(2);
+                    for (d, &v) in (&mut pairs).zip(&src[sx..]) {
+                        d[0] = v;
+                        d[1] = v;
+                    }
+                    if let Some(last) = pairs.into_remainder().first_mut() {
+                        *last = src[sx + half];
+                    }
+                } else {
+                    for (d, &v) in rest.chunks_mut(u).zip(&src[sx..]) {
+                        d.fill(v);
+                    }
                 }
             }
             (s, u) => {
