@@ -4,11 +4,8 @@
 
 use candle_core::{DType, Result, Tensor};
 
-/// Scaled dot-product attention on `[..., L, D]` tensors, scores in bounded chunks (see
-/// [`attention_chunked`]).
-pub use crate::kernels::sdpa as attention;
-pub use crate::kernels::{
-    attention_chunked, max_score_elems, merge_heads, split_heads, CPU_MAX_SCORE_ELEMS,
+pub use crate::kernels::chunked::{
+    attention, attention_chunked, max_score_elems, merge_heads, split_heads, CPU_MAX_SCORE_ELEMS,
     DEFAULT_MAX_SCORE_ELEMS,
 };
 

@@ -25,9 +25,12 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// Keeps the pages the allocator frees for reuse instead of returning them to the OS: a CPU
 /// request allocates and frees tensors of a few MB per operation, and re-faulting (and the
 /// kernel's zeroing of) returned pages took about a tenth of its time. The process keeps its
-/// peak (one request's working set) mapped.
+/// peak (one request's working set) mapped. An operator's `MIMALLOC_PURGE_DELAY` is kept.
 #[allow(unsafe_code)]
 fn keep_freed_pages() {
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
+        return;
+    }
     // SAFETY: an FFI call with two integers, valid at any time (mimalloc reads the option at
     // each purge).
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
@@ -224,17 +227,24 @@ mod tests {
 
     /// The option number is mimalloc's purge delay: its default (1000 ms in mimalloc 3, the
     /// version the bindings build) is what option 15 reads before `keep_freed_pages`, and -1
-    /// after.
+    /// after; with `MIMALLOC_PURGE_DELAY` set, the operator's value stays.
     #[test]
     #[allow(unsafe_code)]
     fn the_purge_delay_option_is_the_one_set() {
         // SAFETY: FFI reads of an integer option.
         let get = || unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) };
-        if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
-            assert_eq!(get(), 1000);
+        match std::env::var("MIMALLOC_PURGE_DELAY") {
+            Err(_) => {
+                assert_eq!(get(), 1000);
+                keep_freed_pages();
+                assert_eq!(get(), -1);
+            }
+            Ok(value) => {
+                let before = get();
+                keep_freed_pages();
+                assert_eq!(get(), before, "MIMALLOC_PURGE_DELAY={value} was overridden");
+            }
         }
-        keep_freed_pages();
-        assert_eq!(get(), -1);
     }
 
     /// Unset, candle's pool is made single-threaded; an operator's value is kept.

@@ -73,6 +73,7 @@ pub fn attention(
             );
         }
     }
+    check_widths(q, k, v, shared, heads)?;
     if super::switch::use_cpu_kernel(q) {
         return fused(q, k, v, shared, heads, scale, Layout::Rows);
     }
@@ -134,6 +135,7 @@ pub fn frame_attention(
         );
     }
     let b = bf / frames;
+    check_widths(q, k, v, None, heads)?;
     if super::switch::use_cpu_kernel(q) {
         return fused(q, k, v, None, heads, scale, Layout::Frames(frames));
     }
@@ -158,6 +160,33 @@ fn composed(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Res
     merge_heads(&sdpa(&split(q)?, &split(k)?, &split(v)?, scale)?)
 }
 
+/// The widths of `q`, `k`, `v` (and the shared keys and values) split into `heads` heads
+/// alike: checked before either implementation runs.
+fn check_widths(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    shared: Option<SharedKv<'_>>,
+    heads: usize,
+) -> Result<()> {
+    let (cq, ck, cv) = (q.dim(2)?, k.dim(2)?, v.dim(2)?);
+    if heads == 0 || cq % heads != 0 || cv % heads != 0 || ck != cq {
+        candle_core::bail!(
+            "attention: widths q {cq}, k {ck}, v {cv} do not split into {heads} heads"
+        );
+    }
+    if let Some(s) = shared {
+        if s.k.dim(2)? != ck || s.v.dim(2)? != cv {
+            candle_core::bail!(
+                "attention: shared keys {:?} / values {:?} are not {ck} / {cv} wide",
+                s.k.dims(),
+                s.v.dims()
+            );
+        }
+    }
+    Ok(())
+}
+
 /// How the sequences lie in the `[rows, width]` token matrices.
 #[derive(Debug, Clone, Copy)]
 enum Layout {
@@ -178,21 +207,7 @@ fn fused(
     layout: Layout,
 ) -> Result<Tensor> {
     let (rows, lq, cq) = q.dims3()?;
-    let (lk, ck, cv) = (k.dim(1)?, k.dim(2)?, v.dim(2)?);
-    if heads == 0 || cq % heads != 0 || cv % heads != 0 || ck != cq {
-        candle_core::bail!(
-            "attention: widths q {cq}, k {ck}, v {cv} do not split into {heads} heads"
-        );
-    }
-    if let Some(s) = shared {
-        if s.k.dim(2)? != ck || s.v.dim(2)? != cv {
-            candle_core::bail!(
-                "attention: shared keys {:?} / values {:?} are not {ck} / {cv} wide",
-                s.k.dims(),
-                s.v.dims()
-            );
-        }
-    }
+    let (lk, cv) = (k.dim(1)?, v.dim(2)?);
     let mut out = vec![0f32; rows * lq * cv];
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     let shared = shared

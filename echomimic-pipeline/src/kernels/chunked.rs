@@ -146,26 +146,7 @@ pub fn merge_heads(xs: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Largest `|a − b|`; NaN (in either) counts as infinitely far.
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
-        let (x, y) = (
-            a.flatten_all()?.to_dtype(DType::F64)?,
-            b.flatten_all()?.to_dtype(DType::F64)?,
-        );
-        let (x, y) = (x.to_vec1::<f64>()?, y.to_vec1::<f64>()?);
-        assert_eq!(x.len(), y.len());
-        Ok(x.iter()
-            .zip(&y)
-            .map(|(p, q)| {
-                if (p - q).is_nan() {
-                    f64::INFINITY
-                } else {
-                    (p - q).abs()
-                }
-            })
-            .fold(0.0, f64::max))
-    }
+    use crate::ops::max_abs_diff;
 
     fn naive(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
         let s = (q.matmul(&k.t()?)? * scale)?;

@@ -6,7 +6,8 @@
 //! whole output rows at a time, in the weight's own `(c_in, ky, kx)` order (so
 //! the `[c_out, c_in, kh, kw]` weight is used as a `[c_out, K]` matrix without
 //! reordering): each patch-matrix row is filled by contiguous copies from one
-//! input row, and the `[c_out, rows·W]` product is added straight onto the bias
+//! input row (for a stride-1 convolution as wide as its input, one copy for the
+//! whole band), and the `[c_out, rows·W]` product is added straight onto the bias
 //! in the output (`c_out` runs, one plane apart): no product buffer, no copy.
 //! Many small images run side by side (a product per thread), a few large ones
 //! one band at a time with the fill and the product split over the threads. The band is sized to stay within a

@@ -16,9 +16,9 @@
 //! nearest 2× upsample), GroupNorm with the SiLU after it fused (`group_norm`), LayerNorm
 //! with its affine part (`layer_norm`), GEGLU's gate (`geglu`) and the attention softmax with
 //! its scale (`softmax`); `chunked` is the candle composition of attention (scores in
-//! bounded chunks) the attention kernel falls back to off the CPU; `math` holds the
-//! branch-free `exp`/`erf` they share, so their loops vectorise, `x86` the AVX2 + FMA
-//! softmax row taken at run time, and `matmul` the bounds-checked strided product (candle's
+//! bounded chunks) the attention kernel falls back to off the CPU (public as `ops::attention`); `math` holds the
+//! branch-free `exp`/`erf` they share, so their loops vectorise, `x86` the AVX2 + FMA rows
+//! (softmax, GEGLU gate, GroupNorm's write with SiLU) taken at run time, and `matmul` the bounds-checked strided product (candle's
 //! `gemm`) the attention and convolution kernels write their results with. `matmul` and
 //! `x86` are the crate's only `unsafe` code, each call checked where it is made.
 //!
@@ -26,7 +26,7 @@
 //! backend uses), so `RAYON_NUM_THREADS` bounds them like the rest of candle.
 
 mod attention;
-mod chunked;
+pub(crate) mod chunked;
 mod conv2d;
 mod cpu_input;
 mod geglu;
@@ -43,10 +43,6 @@ use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::Conv2d;
 
 pub use attention::{attention, frame_attention, SharedKv};
-pub use chunked::{
-    attention as sdpa, attention_chunked, max_score_elems, merge_heads, split_heads,
-    CPU_MAX_SCORE_ELEMS, DEFAULT_MAX_SCORE_ELEMS,
-};
 use conv2d::{BandedConv2d, ConvGeometry};
 pub use geglu::geglu;
 pub use group_norm::{group_norm, GroupNorm};

@@ -108,7 +108,7 @@ impl Attention {
     /// self-attention. Returns `[N, Lq, C]`.
     pub fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
         let _span = tracing::trace_span!("attention").entered();
-        let q = self.to_q.forward(xs)?;
+        let q = self.query(xs)?;
         let (k, v) = self.key_value(context.unwrap_or(xs))?;
         self.attend(&q, &k, &v, None)
     }
@@ -117,7 +117,7 @@ impl Attention {
     /// motion module's temporal attention), in the same layout.
     pub fn forward_over_frames(&self, xs: &Tensor, frames: usize) -> Result<Tensor> {
         let _span = tracing::trace_span!("attention").entered();
-        let q = self.to_q.forward(xs)?;
+        let q = self.query(xs)?;
         let (k, v) = self.key_value(xs)?;
         let a = kernels::frame_attention(&q, &k, &v, frames, self.heads, self.scale)?;
         self.to_out.forward(&a)
