@@ -15,10 +15,12 @@ use common::*;
 use echomimic_protocol::{keys, ErrorCode, Status, Task};
 use redis::Commands;
 
-/// A task that keeps the tiny model busy for a while (20 UNet calls).
+/// A task that keeps the tiny model busy for a while (100 UNet calls, the most a task may
+/// ask for: about 5 s on a 2-core CPU). It must outlast a stop's cancel, which waits up to a
+/// second for the fetcher's last claim to end; at 20 calls the faster CPU path finished first.
 fn slow_task(world: &World, id: &str) -> Task {
     let mut t = world.task(id);
-    t.steps = Some(20);
+    t.steps = Some(100);
     t.cfg = Some(1.0);
     t.frames_num = Some(12);
     t
