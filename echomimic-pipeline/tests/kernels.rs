@@ -72,6 +72,15 @@ fn conv2d_matches_candle_over_a_sweep_of_shapes() -> Result<()> {
         (8, 32, 64, 8, 8, 1, 1, 0, true),
         (6, 16, 8, 9, 7, 3, 2, 1, false),
         (5, 7, 5, 4, 6, 1, 1, 0, false),
+        // small images side by side in one product (the UNet's low levels, many frames):
+        // one group of 24 2×2 and 1×1 images, 1×1 and 3×3 with and without bias, stride 2
+        (24, 40, 24, 2, 2, 3, 1, 1, true),
+        (24, 40, 24, 1, 1, 3, 1, 1, false),
+        (24, 40, 24, 2, 2, 1, 1, 0, true),
+        (24, 12, 8, 4, 4, 3, 2, 1, true),
+        // groups of 6 (7 fit a band) on a thread each, and 13 images in groups of 7 and 6
+        (24, 128, 16, 16, 16, 3, 1, 1, true),
+        (13, 128, 8, 16, 16, 3, 1, 1, false),
     ];
     for &(n, c_in, c_out, h, w, k, stride, padding, bias) in cases {
         let cfg = Conv2dConfig {
@@ -96,7 +105,13 @@ fn conv2d_matches_candle_over_a_sweep_of_shapes() -> Result<()> {
 
 #[test]
 fn upsample_then_conv_matches_candle() -> Result<()> {
-    for &(n, c, h, w) in &[(1, 3, 4, 4), (2, 5, 3, 7), (1, 16, 9, 2), (3, 4, 1, 1)] {
+    for &(n, c, h, w) in &[
+        (1, 3, 4, 4),
+        (2, 5, 3, 7),
+        (1, 16, 9, 2),
+        (3, 4, 1, 1),
+        (24, 8, 2, 2),
+    ] {
         let cfg = Conv2dConfig {
             padding: 1,
             ..Default::default()

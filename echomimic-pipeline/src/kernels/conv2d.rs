@@ -9,10 +9,14 @@
 //! input row (for a stride-1 convolution as wide as its input, one copy for the
 //! whole band), and the `[c_out, rows·W]` product is added straight onto the bias
 //! in the output (`c_out` runs, one plane apart): no product buffer, no copy.
-//! Many small images run side by side (a product per thread), a few large ones
-//! one band at a time with the fill and the product split over the threads. The band is sized to stay within a
-//! few MiB, so a 3×3 conv over 512² × 128 channels needs ≈ 8 MiB of patches
-//! instead of 1.2 GB.
+//! Large images run one band at a time with the fill and the product split over the
+//! threads. The band is sized to stay within a few MiB, so a 3×3 conv over 512² × 128
+//! channels needs ≈ 8 MiB of patches instead of 1.2 GB. Small images (the UNet's low
+//! levels: 24 frames of 2×2 or 1×1 at the released widths) are put side by side in one patch
+//! matrix, as many as a band holds, so the weight (up to 59 MB at 1280 channels) is read
+//! once per group instead of once per image; that product goes to a scratch matrix and is
+//! copied out image by image. Groups run on one thread each when there are enough of them
+//! to share evenly, otherwise one at a time with the product split.
 //!
 //! The op can also read its input through a nearest-neighbour upsampling by an
 //! integer factor (diffusers' `Upsample2D`: `interpolate(scale 2)` then a 3×3
@@ -101,9 +105,10 @@ impl CustomOp1 for BandedConv2d {
         let image_out = g.c_out * plane_out;
         let mut out = vec![0f32; n * image_out];
         let threads = rayon::current_num_threads();
-        if n >= threads && (n % threads == 0 || n >= 4 * threads) {
-            // Images enough to keep every thread busy: whole images side by side, each
-            // product on one thread.
+        let per_group = images_per_group(n, k * plane_out, rows_per_band == oh, threads);
+        if per_group == 1 && n >= threads && (n % threads == 0 || n >= 4 * threads) {
+            // Large images enough to keep every thread busy: side by side, band by band,
+            // each product on one thread.
             out.par_chunks_mut(image_out)
                 .zip(input.par_chunks(image_in))
                 .for_each_init(Vec::new, |scratch, (dst, image)| {
@@ -111,8 +116,8 @@ impl CustomOp1 for BandedConv2d {
                         conv.band(image, dst, y0, 1, scratch);
                     }
                 });
-        } else {
-            // Few images: one band at a time, the patch fill and the product split.
+        } else if per_group == 1 {
+            // A few large images: one band at a time, the patch fill and the product split.
             let mut scratch = Vec::new();
             for (dst, image) in out
                 .chunks_exact_mut(image_out)
@@ -122,9 +127,63 @@ impl CustomOp1 for BandedConv2d {
                     conv.band(image, dst, y0, threads, &mut scratch);
                 }
             }
+        } else if n.div_ceil(per_group) % threads == 0 {
+            // Groups enough to share evenly: each on one thread.
+            out.par_chunks_mut(per_group * image_out)
+                .zip(input.par_chunks(per_group * image_in))
+                .for_each_init(Scratch::default, |scratch, (dst, images)| {
+                    conv.images(images, dst, 1, scratch);
+                });
+        } else {
+            // A few groups: one at a time, the fill and the product split.
+            let mut scratch = Scratch::default();
+            for (dst, images) in out
+                .chunks_mut(per_group * image_out)
+                .zip(input.chunks(per_group * image_in))
+            {
+                conv.images(images, dst, threads, &mut scratch);
+            }
         }
         Ok((CpuStorage::F32(out), Shape::from((n, g.c_out, oh, ow))))
     }
+}
+
+/// How many whole images share one patch matrix: 1 when an image's patches
+/// (`image_patches` elements) do not fit in a band (`fits`) or only one fits, otherwise as
+/// many as a band holds, evened out so that every group is about the same size and, where
+/// there are images enough, their number is a multiple of `threads`.
+fn images_per_group(n: usize, image_patches: usize, fits: bool, threads: usize) -> usize {
+    let most = if fits {
+        (BAND_ELEMS / image_patches.max(1)).clamp(1, n.max(1))
+    } else {
+        1
+    };
+    if most == 1 {
+        return 1;
+    }
+    let mut groups = n.div_ceil(most);
+    if groups > 1 && n >= groups.next_multiple_of(threads) {
+        groups = groups.next_multiple_of(threads);
+    }
+    n.div_ceil(groups)
+}
+
+/// A thread's buffers, reused from call to call without zeroing (every element used is
+/// written first).
+#[derive(Default)]
+struct Scratch {
+    /// The patch matrix.
+    patches: Vec<f32>,
+    /// The `[c_out, images·plane]` product of a group of images.
+    product: Vec<f32>,
+}
+
+/// `buf[..len]`, grown as needed.
+fn at_least(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    if buf.len() < len {
+        buf.resize(len, 0.0);
+    }
+    &mut buf[..len]
 }
 
 /// One convolution over one image, band by band.
@@ -141,6 +200,71 @@ struct Bands<'a> {
 }
 
 impl Bands<'_> {
+    /// Every output of the whole images in `input` (`dst`: their `[c_out, oh·ow]` outputs,
+    /// one after the other) with one product: their patch matrices side by side, `weight ·
+    /// patches` onto the bias in `scratch.product`, then copied out image by image.
+    /// `threads` > 1 splits the fill and the product.
+    fn images(&self, input: &[f32], dst: &mut [f32], threads: usize, scratch: &mut Scratch) {
+        let (h, w) = self.in_size;
+        let (oh, ow) = self.out_size;
+        let plane = oh * ow;
+        let image_in = self.g.c_in * h * w;
+        let count = input.len() / image_in;
+        let cols = count * plane;
+        let patches = at_least(&mut scratch.patches, self.k * cols);
+        let fill = |(row, patch): (usize, &mut [f32])| {
+            for (image, part) in input
+                .chunks_exact(image_in)
+                .zip(patch.chunks_exact_mut(plane))
+            {
+                fill_patch_row(&self.g, image, self.in_size, ow, 0, row, part);
+            }
+        };
+        if threads > 1 {
+            patches.par_chunks_mut(cols).enumerate().for_each(fill);
+        } else {
+            patches.chunks_mut(cols).enumerate().for_each(fill);
+        }
+        let c_out = self.g.c_out;
+        let product = at_least(&mut scratch.product, c_out * cols);
+        if let Some(bias) = self.bias {
+            for (row, &b) in product.chunks_exact_mut(cols).zip(bias) {
+                row.fill(b);
+            }
+        }
+        let patches = View {
+            data: &scratch.patches[..self.k * cols],
+            rows: self.k,
+            cols,
+            row_stride: cols,
+            col_stride: 1,
+        };
+        matmul(
+            product,
+            cols,
+            self.weight_view(),
+            patches,
+            self.bias.is_some(),
+            threads,
+        );
+        for (j, out) in dst.chunks_exact_mut(c_out * plane).enumerate() {
+            for (co, out) in out.chunks_exact_mut(plane).enumerate() {
+                out.copy_from_slice(&product[co * cols + j * plane..][..plane]);
+            }
+        }
+    }
+
+    /// The weight as the `[c_out, K]` left factor of every product.
+    fn weight_view(&self) -> View<'_> {
+        View {
+            data: self.weight,
+            rows: self.g.c_out,
+            cols: self.k,
+            row_stride: self.k,
+            col_stride: 1,
+        }
+    }
+
     /// Output rows `y0..y0 + rows_per_band` of every channel of `dst` (the image's
     /// `[c_out, oh·ow]` output): the patch matrix of the band, then `weight · patches`
     /// added onto the bias where it belongs in `dst`. `threads` > 1 splits both.
@@ -170,10 +294,7 @@ impl Bands<'_> {
                 col_stride: 1,
             }
         } else {
-            if scratch.len() < self.k * cols {
-                scratch.resize(self.k * cols, 0.0);
-            }
-            let patches = &mut scratch[..self.k * cols];
+            let patches = at_least(scratch, self.k * cols);
             let fill = |(row, patch): (usize, &mut [f32])| {
                 fill_patch_row(g, image, self.in_size, ow, y0, row, patch)
             };
@@ -197,14 +318,14 @@ impl Bands<'_> {
                 dst[co * plane..co * plane + cols].fill(b);
             }
         }
-        let weight = View {
-            data: self.weight,
-            rows: self.g.c_out,
-            cols: self.k,
-            row_stride: self.k,
-            col_stride: 1,
-        };
-        matmul(dst, plane, weight, patches, self.bias.is_some(), threads);
+        matmul(
+            dst,
+            plane,
+            self.weight_view(),
+            patches,
+            self.bias.is_some(),
+            threads,
+        );
     }
 }
 
@@ -301,5 +422,26 @@ fn fill_patch_row(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_images_share_a_product_in_even_groups() {
+        // 1280 channels, 3×3, 2×2 images: 24 frames fit one band.
+        assert_eq!(images_per_group(24, 11_520 * 4, true, 2), 24);
+        // 7 fit a band: 4 groups of 6 (a multiple of the threads) rather than 7, 7, 7, 3.
+        assert_eq!(images_per_group(24, 294_912, true, 2), 6);
+        // 13 images, 7 fit: 2 groups (7 + 6).
+        assert_eq!(images_per_group(13, 294_912, true, 2), 7);
+        // 9 images, 4 fit a band, 3 threads: 3 groups of 3.
+        assert_eq!(images_per_group(9, BAND_ELEMS / 4, true, 3), 3);
+        // One image, an image that fills half a band or more, or one larger than a band.
+        assert_eq!(images_per_group(1, 10, true, 2), 1);
+        assert_eq!(images_per_group(24, BAND_ELEMS / 2 + 1, true, 2), 1);
+        assert_eq!(images_per_group(24, 3 * BAND_ELEMS, false, 2), 1);
     }
 }
