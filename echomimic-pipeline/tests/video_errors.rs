@@ -150,6 +150,35 @@ fn the_builtin_encoder_asks_for_samples_when_given_a_non_wav_file() -> anyhow::R
     Ok(())
 }
 
+/// A program that passed the check is not run again for the next check (every video writer
+/// checks its encoder); one that failed is checked again, so a fix is seen.
+#[cfg(unix)]
+#[test]
+fn a_passed_ffmpeg_check_is_remembered_and_a_failed_one_is_not() -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let bin = tempfile::tempdir()?;
+    let runs = bin.path().join("runs");
+    let program = bin.path().join("counting-ffmpeg");
+    let write = |body: &str| -> anyhow::Result<()> {
+        let script = format!("#!/bin/sh\necho run >> '{}'\n{body}\n", runs.display());
+        std::fs::write(&program, script)?;
+        std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755))?;
+        Ok(())
+    };
+    let count = || std::fs::read_to_string(&runs).map_or(0, |s| s.lines().count());
+    write("echo 'broken build' >&2; exit 1")?;
+    probe_ffmpeg(Some(&program)).expect_err("the program fails");
+    probe_ffmpeg(Some(&program)).expect_err("still failing");
+    assert_eq!(count(), 2, "a failure is checked again each time");
+    write("exec ffmpeg \"$@\"")?;
+    let first = probe_ffmpeg(Some(&program))?;
+    assert_eq!(count(), 4, "-version and -encoders");
+    let again = probe_ffmpeg(Some(&program))?;
+    assert_eq!(count(), 4, "the passed check is remembered");
+    assert_eq!(first, again);
+    Ok(())
+}
+
 /// A stand-in `ffmpeg` that behaves like the real one except for the final
 /// encode, where it runs `encode_body` (POSIX sh).
 #[cfg(unix)]

@@ -6,6 +6,7 @@ use std::ffi::OsString;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStderr, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::{Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -26,11 +27,32 @@ pub struct FfmpegInfo {
     pub version: String,
 }
 
+/// Programs that passed [`probe_ffmpeg`] in this process.
+static PROBED: Mutex<Vec<FfmpegInfo>> = Mutex::new(Vec::new());
+
 /// Checks that ffmpeg runs and has the `libx264` and `aac` encoders. The worker
 /// calls this at startup so a missing or unsuitable ffmpeg is reported before
 /// the first task, not after a GPU run.
+///
+/// A program that passed is not run again for later checks in the same process (the two runs
+/// cost ≈ 0.1 s, and every video writer checks its encoder); a failure is never remembered,
+/// so a program installed later is found.
 pub fn probe_ffmpeg(binary: Option<&Path>) -> Result<FfmpegInfo> {
     let binary = resolve_ffmpeg(binary);
+    let probed = |list: &Vec<FfmpegInfo>| list.iter().find(|i| i.binary == binary).cloned();
+    if let Some(info) = probed(&PROBED.lock().unwrap_or_else(PoisonError::into_inner)) {
+        return Ok(info);
+    }
+    let info = run_probe(binary.clone())?;
+    let mut list = PROBED.lock().unwrap_or_else(PoisonError::into_inner);
+    if probed(&list).is_none() {
+        list.push(info.clone());
+    }
+    Ok(info)
+}
+
+/// [`probe_ffmpeg`]'s two runs of `binary`.
+fn run_probe(binary: PathBuf) -> Result<FfmpegInfo> {
     let run = |args: &[&str]| -> Result<String> {
         let out = Command::new(&binary)
             .args(args)
