@@ -45,6 +45,7 @@ mod outbox;
 pub mod progress;
 mod redis_link;
 mod reporter;
+pub mod runtime;
 pub mod service;
 pub mod shutdown;
 mod state;
