@@ -81,6 +81,12 @@ fn conv2d_matches_candle_over_a_sweep_of_shapes() -> Result<()> {
         // groups of 6 (7 fit a band) on a thread each, and 13 images in groups of 7 and 6
         (24, 128, 16, 16, 16, 3, 1, 1, true),
         (13, 128, 8, 16, 16, 3, 1, 1, false),
+        // a few output channels (conv_out of the UNet and the VAE), padding 0/1/2, 1×1 to 5×5
+        (3, 16, 3, 17, 19, 3, 1, 1, true),
+        (2, 40, 4, 8, 8, 3, 1, 1, false),
+        (2, 9, 2, 5, 6, 1, 1, 0, true),
+        (1, 4, 1, 7, 8, 5, 1, 2, true),
+        (1, 5, 3, 2, 3, 3, 1, 1, true),
     ];
     for &(n, c_in, c_out, h, w, k, stride, padding, bias) in cases {
         let cfg = Conv2dConfig {
