@@ -23,6 +23,7 @@
 use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
+use rayon::prelude::*;
 use realfft::{RealFftPlanner, RealToComplex};
 
 use crate::error::{AudioError, PipelineError, Result};
@@ -40,6 +41,9 @@ pub const SEGMENT_FRAMES: usize = 3000;
 pub const MIN_SAMPLES: usize = 2 * HOP_LENGTH;
 /// Floor applied before `log10`.
 const LOG_FLOOR: f64 = 1e-10;
+/// Frames per task when the spectrogram's frames are spread over rayon's pool (30 s = 3000
+/// frames: 12 tasks).
+const FRAMES_PER_TASK: usize = 256;
 /// Dynamic range kept below the global maximum, in log10 units.
 const DYNAMIC_RANGE: f64 = 8.0;
 
@@ -209,19 +213,27 @@ impl MelSpectrogram {
     ///
     /// Fails with [`AudioError::TooShort`] below [`MIN_SAMPLES`] samples.
     pub fn compute(&self, waveform: &[f32]) -> Result<LogMel> {
-        let mut input = self.fft.make_input_vec();
-        let mut spectrum = self.fft.make_output_vec();
-        let mut scratch = self.fft.make_scratch_vec();
-        self.compute_with(waveform, |windowed, power| {
-            input.copy_from_slice(windowed);
-            self.fft
-                .process_with_scratch(&mut input, &mut spectrum, &mut scratch)
-                .map_err(|e| PipelineError::InvalidInput(format!("fft: {e}")))?;
-            for (p, c) in power.iter_mut().zip(&spectrum) {
-                *p = c.norm_sqr();
-            }
-            Ok(())
-        })
+        let buffers = || {
+            (
+                self.fft.make_input_vec(),
+                self.fft.make_output_vec(),
+                self.fft.make_scratch_vec(),
+            )
+        };
+        self.compute_with(
+            waveform,
+            buffers,
+            |(input, spectrum, scratch), windowed, power| {
+                input.copy_from_slice(windowed);
+                self.fft
+                    .process_with_scratch(input, spectrum, scratch)
+                    .map_err(|e| PipelineError::InvalidInput(format!("fft: {e}")))?;
+                for (p, c) in power.iter_mut().zip(spectrum.iter()) {
+                    *p = c.norm_sqr();
+                }
+                Ok(())
+            },
+        )
     }
 
     /// The same spectrogram with a plain O(n_fft²) DFT per frame instead of
@@ -234,26 +246,33 @@ impl MelSpectrogram {
                 (a.cos(), a.sin())
             })
             .unzip();
-        self.compute_with(waveform, |windowed, power| {
-            for (k, p) in power.iter_mut().enumerate() {
-                let (mut re, mut im) = (0.0, 0.0);
-                for (i, &x) in windowed.iter().enumerate() {
-                    let idx = (k * i) % N_FFT;
-                    re += x * cos[idx];
-                    im -= x * sin[idx];
+        self.compute_with(
+            waveform,
+            || (),
+            |(), windowed, power| {
+                for (k, p) in power.iter_mut().enumerate() {
+                    let (mut re, mut im) = (0.0, 0.0);
+                    for (i, &x) in windowed.iter().enumerate() {
+                        let idx = (k * i) % N_FFT;
+                        re += x * cos[idx];
+                        im -= x * sin[idx];
+                    }
+                    *p = re * re + im * im;
                 }
-                *p = re * re + im * im;
-            }
-            Ok(())
-        })
+                Ok(())
+            },
+        )
     }
 
-    /// Steps 1–4 of the module docs, with `power_spectrum(windowed_frame,
-    /// power_out)` filling the 201 one-sided |X|² values of one frame.
-    fn compute_with(
+    /// Steps 1–4 of the module docs, with `power_spectrum(buffers, windowed_frame,
+    /// power_out)` filling the 201 one-sided |X|² values of one frame. Frames are independent:
+    /// blocks of [`FRAMES_PER_TASK`] run on rayon's pool, each with its own `buffers()`, and
+    /// every frame's values are the same whichever thread computes them.
+    fn compute_with<B>(
         &self,
         waveform: &[f32],
-        mut power_spectrum: impl FnMut(&[f64], &mut [f64]) -> Result<()>,
+        buffers: impl Fn() -> B + Sync,
+        power_spectrum: impl Fn(&mut B, &[f64], &mut [f64]) -> Result<()> + Sync,
     ) -> Result<LogMel> {
         let n = waveform.len();
         if n < MIN_SAMPLES {
@@ -272,32 +291,44 @@ impl MelSpectrogram {
 
         // 2. Frames 0 .. n/160 (the STFT's last frame is dropped): windowed
         //    power spectrum, mel filter bank, log10 with a floor.
+        //    Computed frame-major (`[t][m]`), read out mel-major below.
         let frames = n / HOP_LENGTH;
-        let mut log_spec = vec![0f64; self.n_mels * frames];
-        let mut windowed = vec![0f64; N_FFT];
-        let mut power = vec![0f64; N_FREQS];
-        for t in 0..frames {
-            let frame = &padded[t * HOP_LENGTH..t * HOP_LENGTH + N_FFT];
-            for ((dst, &x), &w) in windowed.iter_mut().zip(frame).zip(&self.window) {
-                *dst = x * w;
-            }
-            power_spectrum(&windowed, &mut power)?;
-            for (m, (first, weights)) in self.filters.iter().enumerate() {
-                let e: f64 = weights
-                    .iter()
-                    .zip(&power[*first..])
-                    .map(|(w, p)| w * p)
-                    .sum();
-                log_spec[m * frames + t] = e.max(LOG_FLOOR).log10();
+        let n_mels = self.n_mels;
+        let mut by_frame = vec![0f64; n_mels * frames];
+        by_frame
+            .par_chunks_mut(n_mels * FRAMES_PER_TASK)
+            .enumerate()
+            .try_for_each(|(block, out)| -> Result<()> {
+                let mut bufs = buffers();
+                let mut windowed = vec![0f64; N_FFT];
+                let mut power = vec![0f64; N_FREQS];
+                for (i, mels) in out.chunks_exact_mut(n_mels).enumerate() {
+                    let t = block * FRAMES_PER_TASK + i;
+                    let frame = &padded[t * HOP_LENGTH..t * HOP_LENGTH + N_FFT];
+                    for ((dst, &x), &w) in windowed.iter_mut().zip(frame).zip(&self.window) {
+                        *dst = x * w;
+                    }
+                    power_spectrum(&mut bufs, &windowed, &mut power)?;
+                    for (mel, (first, weights)) in mels.iter_mut().zip(&self.filters) {
+                        let e: f64 = weights
+                            .iter()
+                            .zip(&power[*first..])
+                            .map(|(w, p)| w * p)
+                            .sum();
+                        *mel = e.max(LOG_FLOOR).log10();
+                    }
+                }
+                Ok(())
+            })?;
+        // 3. Clamp to (global max - 8), then (x + 4) / 4.
+        let max = by_frame.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let floor = max - DYNAMIC_RANGE;
+        let mut data = vec![0f32; n_mels * frames];
+        for (t, mels) in by_frame.chunks_exact(n_mels).enumerate() {
+            for (m, &x) in mels.iter().enumerate() {
+                data[m * frames + t] = ((x.max(floor) + 4.0) / 4.0) as f32;
             }
         }
-        // 3. Clamp to (global max - 8), then (x + 4) / 4.
-        let max = log_spec.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        let floor = max - DYNAMIC_RANGE;
-        let data = log_spec
-            .iter()
-            .map(|&x| ((x.max(floor) + 4.0) / 4.0) as f32)
-            .collect();
         Ok(LogMel {
             data,
             n_mels: self.n_mels,
