@@ -232,6 +232,16 @@ fn max_pool_ceil_planes(
     (ys, oh, ow)
 }
 
+/// One R-Net/O-Net stage: `conv` ([`kernels::conv2d`]), then [`prelu_pool`].
+fn conv_prelu_pool(
+    conv: &Conv2d,
+    prelu: &PReLU,
+    xs: &Tensor,
+    pool: Option<(usize, usize)>,
+) -> Result<Tensor> {
+    prelu_pool(&kernels::conv2d(conv, xs)?, prelu, pool)
+}
+
 /// `prelu` then, with `pool = Some((k, s))`, the ceil-mode max pool ([`max_pool2d_ceil`]) of
 /// an `(n, c, h, w)` batch. On the CPU in f32 one pass over plain planes: at R-Net/O-Net
 /// sizes candle's element-wise ops, the `-inf` padding and its copies cost more than the
@@ -417,17 +427,9 @@ impl RNet {
     /// `(n, 3, 24, 24)` -> (box regression `(n, 4)`, probabilities `(n, 2)`).
     pub fn forward(&self, xs: &Tensor) -> Result<(Tensor, Tensor)> {
         // 1. three conv + PReLU stages with two ceil-mode 3x3/2 max pools
-        let xs = prelu_pool(
-            &kernels::conv2d(&self.conv1, xs)?,
-            &self.prelu1,
-            Some((3, 2)),
-        )?;
-        let xs = prelu_pool(
-            &kernels::conv2d(&self.conv2, &xs)?,
-            &self.prelu2,
-            Some((3, 2)),
-        )?;
-        let xs = prelu_pool(&kernels::conv2d(&self.conv3, &xs)?, &self.prelu3, None)?;
+        let xs = conv_prelu_pool(&self.conv1, &self.prelu1, xs, Some((3, 2)))?;
+        let xs = conv_prelu_pool(&self.conv2, &self.prelu2, &xs, Some((3, 2)))?;
+        let xs = conv_prelu_pool(&self.conv3, &self.prelu3, &xs, None)?;
         // 2. flatten in (w, h, c) order: x.permute(0, 3, 2, 1).contiguous().view(n, -1)
         let xs = xs.permute((0, 3, 2, 1))?.contiguous()?.flatten_from(1)?;
         // 3. dense4 -> prelu4 -> heads
@@ -481,22 +483,10 @@ impl ONet {
     /// `[x0..x4, y0..y4]` relative to the box, probabilities `(n, 2)`).
     pub fn forward(&self, xs: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         // 1. four conv + PReLU stages with ceil-mode max pools (3/2, 3/2, 2/2)
-        let xs = prelu_pool(
-            &kernels::conv2d(&self.conv1, xs)?,
-            &self.prelu1,
-            Some((3, 2)),
-        )?;
-        let xs = prelu_pool(
-            &kernels::conv2d(&self.conv2, &xs)?,
-            &self.prelu2,
-            Some((3, 2)),
-        )?;
-        let xs = prelu_pool(
-            &kernels::conv2d(&self.conv3, &xs)?,
-            &self.prelu3,
-            Some((2, 2)),
-        )?;
-        let xs = prelu_pool(&kernels::conv2d(&self.conv4, &xs)?, &self.prelu4, None)?;
+        let xs = conv_prelu_pool(&self.conv1, &self.prelu1, xs, Some((3, 2)))?;
+        let xs = conv_prelu_pool(&self.conv2, &self.prelu2, &xs, Some((3, 2)))?;
+        let xs = conv_prelu_pool(&self.conv3, &self.prelu3, &xs, Some((2, 2)))?;
+        let xs = conv_prelu_pool(&self.conv4, &self.prelu4, &xs, None)?;
         // 2. flatten in (w, h, c) order
         let xs = xs.permute((0, 3, 2, 1))?.contiguous()?.flatten_from(1)?;
         // 3. dense5 -> prelu5 -> heads
