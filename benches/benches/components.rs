@@ -39,7 +39,7 @@ fn best_of<T>(n: usize, mut f: impl FnMut() -> anyhow::Result<T>) -> anyhow::Res
 }
 
 fn main() -> anyhow::Result<()> {
-    echomimic_benches::worker_runtime();
+    echomimic_worker::runtime::configure();
     let mut speech = None;
     let mut photos = Vec::new();
     let mut iters = 5usize;

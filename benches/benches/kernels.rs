@@ -106,7 +106,7 @@ fn report(part: &str, latent: usize, (candle, ours, diff): (f64, f64, f32)) {
 }
 
 fn main() -> anyhow::Result<()> {
-    echomimic_benches::worker_runtime();
+    echomimic_worker::runtime::configure();
     let a = Args::parse_from(std::env::args().filter(|x| x != "--bench"));
     eprintln!(
         "kernels bench: {} threads, load average {:?}",

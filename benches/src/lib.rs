@@ -4,24 +4,17 @@
 
 pub mod flops;
 
-/// The worker binary's allocator, for every benchmark: figures are the pipeline as the worker
-/// runs it (the allocator's effect was measured in `RESULTS.md`).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-/// The worker binary's process settings ([`echomimic_worker::runtime`]): freed pages kept by
-/// the allocator, candle's element-wise operations on the calling thread (each unless the
-/// environment sets it). Call first in `main`, before any tensor operation.
-pub fn worker_runtime() {
-    echomimic_worker::runtime::keep_freed_pages();
-    echomimic_worker::runtime::candle_elementwise_inline();
-}
-
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use candle_core::{DType, Device};
 use echomimic_pipeline::device::{parse_dtype, select_device, DeviceChoice};
+
+/// The worker binary's allocator, for every benchmark: figures are the pipeline as the worker
+/// runs it. Benchmarks that compare against another implementation also call
+/// [`echomimic_worker::runtime::configure`] first, as the worker's `main` does.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// One warm-up call, then the median wall time of `iterations` calls (the
 /// device is synchronised after every call). Returns the median and all times.

@@ -446,10 +446,10 @@ fn check_output_folder(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `--timings-json`: seconds per part, plus the frame and UNet-call counts.
-/// `--timings-json`. The speech file is decoded before the pipeline runs (once, for the model
-/// and for the video's audio track); its time `speech_read` counts in `audio` and `pipeline`
-/// (and is also given alone), as the file's decoding does in the reference's audio stage.
+/// `--timings-json`: seconds per part, plus the frame and UNet-call counts. The speech file is
+/// decoded before the pipeline runs (once, for the model and for the video's audio track); its
+/// time `speech_read` counts in `audio` and `pipeline` (and is also given alone), as the file's
+/// decoding does in the reference's audio stage.
 fn write_timings(
     path: &Path,
     report: &GenerateReport,

@@ -162,8 +162,7 @@ fn admin_exit(result: Result<u8, WorkerError>) -> ExitCode {
 }
 
 fn main() -> ExitCode {
-    runtime::keep_freed_pages();
-    runtime::candle_elementwise_inline();
+    runtime::configure();
     let cli = Cli::parse_from(argv());
     init_logging(cli.log_format);
     let mut out = std::io::stdout().lock();

@@ -2,6 +2,13 @@
 //! operation (it also makes mimalloc its allocator: `#[global_allocator]` in `main.rs`). Public
 //! so that the benchmarks measure the pipeline as the worker runs it.
 
+/// Every setting below, in the order the worker binary makes them: call first in `main`,
+/// before any tensor operation.
+pub fn configure() {
+    keep_freed_pages();
+    candle_elementwise_inline();
+}
+
 /// mimalloc's `mi_option_purge_delay` (its place in `mi_option_t`, which the bindings do not
 /// name; the enum keeps retired options' places, and the test below checks the default).
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;

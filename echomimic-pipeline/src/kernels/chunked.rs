@@ -148,9 +148,25 @@ mod tests {
     use super::*;
     use crate::ops::max_abs_diff;
 
-    fn naive(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
-        let s = (q.matmul(&k.t()?)? * scale)?;
-        candle_nn::ops::softmax_last_dim(&s)?.matmul(v)
+    /// `attention_chunked` at every score limit in `limits` against the unchunked f32
+    /// composition (computed from f32 copies of the inputs): same shape and dtype as `q`, and
+    /// within `tolerance`.
+    fn check_limits(
+        (q, k, v): (&Tensor, &Tensor, &Tensor),
+        limits: &[usize],
+        tolerance: f64,
+    ) -> Result<()> {
+        let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+        let s = (f32(q)?.matmul(&f32(k)?.t()?)? * 0.35)?;
+        let want = candle_nn::ops::softmax_last_dim(&s)?.matmul(&f32(v)?)?;
+        for &limit in limits {
+            let got = attention_chunked(q, k, v, 0.35, limit)?;
+            assert_eq!(got.dims(), want.dims());
+            assert_eq!(got.dtype(), q.dtype());
+            let diff = max_abs_diff(&got, &want)?;
+            assert!(diff < tolerance, "limit {limit}: diff {diff}");
+        }
+        Ok(())
     }
 
     #[test]
@@ -159,33 +175,19 @@ mod tests {
         let q = Tensor::randn(0f32, 1., (2, 3, 37, 8), &dev)?;
         let k = Tensor::randn(0f32, 1., (2, 3, 53, 8), &dev)?;
         let v = Tensor::randn(0f32, 1., (2, 3, 53, 5), &dev)?;
-        let want = naive(&q, &k, &v, 0.35)?;
         // 1 score, one query of one item, several rows of one item, several
         // items, everything at once.
-        for limit in [1, 53, 7 * 53, 53 * 37 * 2, 1 << 30] {
-            let got = attention_chunked(&q, &k, &v, 0.35, limit)?;
-            assert_eq!(got.dims(), &[2, 3, 37, 5]);
-            let diff = max_abs_diff(&got, &want)?;
-            assert!(diff < 1e-5, "limit {limit}: diff {diff}");
-        }
-        Ok(())
+        check_limits((&q, &k, &v), &[1, 53, 7 * 53, 53 * 37 * 2, 1 << 30], 1e-5)
     }
 
     #[test]
     fn half_precision_attention_matches_f32() -> Result<()> {
         let dev = Device::Cpu;
-        let q = Tensor::randn(0f32, 1., (3, 29, 8), &dev)?.to_dtype(DType::F16)?;
-        let k = Tensor::randn(0f32, 1., (3, 41, 8), &dev)?.to_dtype(DType::F16)?;
-        let v = Tensor::randn(0f32, 1., (3, 41, 8), &dev)?.to_dtype(DType::F16)?;
-        let f32 = |t: &Tensor| t.to_dtype(DType::F32);
-        let want = naive(&f32(&q)?, &f32(&k)?, &f32(&v)?, 0.35)?;
-        for limit in [41 * 5, 1 << 30] {
-            let got = attention_chunked(&q, &k, &v, 0.35, limit)?;
-            assert_eq!(got.dtype(), DType::F16);
-            let diff = max_abs_diff(&got, &want)?;
-            assert!(diff < 5e-3, "limit {limit}: diff {diff}");
-        }
-        Ok(())
+        let half = |shape: (usize, usize, usize)| {
+            Tensor::randn(0f32, 1., shape, &dev)?.to_dtype(DType::F16)
+        };
+        let (q, k, v) = (half((3, 29, 8))?, half((3, 41, 8))?, half((3, 41, 8))?);
+        check_limits((&q, &k, &v), &[41 * 5, 1 << 30], 5e-3)
     }
 
     #[test]

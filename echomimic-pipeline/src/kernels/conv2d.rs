@@ -186,6 +186,26 @@ fn at_least(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
     &mut buf[..len]
 }
 
+/// `fill(row, row_slice)` for every `cols`-long row of `patches`, on rayon's pool when
+/// `threads` > 1.
+fn fill_rows(
+    patches: &mut [f32],
+    cols: usize,
+    threads: usize,
+    fill: impl Fn(usize, &mut [f32]) + Sync,
+) {
+    if threads > 1 {
+        patches
+            .par_chunks_mut(cols)
+            .enumerate()
+            .for_each(|(row, patch)| fill(row, patch));
+    } else {
+        for (row, patch) in patches.chunks_mut(cols).enumerate() {
+            fill(row, patch);
+        }
+    }
+}
+
 /// One convolution over one image, band by band.
 struct Bands<'a> {
     g: ConvGeometry,
@@ -212,26 +232,17 @@ impl Bands<'_> {
         let count = input.len() / image_in;
         let cols = count * plane;
         let patches = at_least(&mut scratch.patches, self.k * cols);
-        let fill = |(row, patch): (usize, &mut [f32])| {
+        fill_rows(patches, cols, threads, |row, patch| {
             for (image, part) in input
                 .chunks_exact(image_in)
                 .zip(patch.chunks_exact_mut(plane))
             {
                 fill_patch_row(&self.g, image, self.in_size, ow, 0, row, part);
             }
-        };
-        if threads > 1 {
-            patches.par_chunks_mut(cols).enumerate().for_each(fill);
-        } else {
-            patches.chunks_mut(cols).enumerate().for_each(fill);
-        }
+        });
         let c_out = self.g.c_out;
         let product = at_least(&mut scratch.product, c_out * cols);
-        if let Some(bias) = self.bias {
-            for (row, &b) in product.chunks_exact_mut(cols).zip(bias) {
-                row.fill(b);
-            }
-        }
+        self.bias_rows(product, cols, cols);
         let patches = View {
             data: &scratch.patches[..self.k * cols],
             rows: self.k,
@@ -250,6 +261,17 @@ impl Bands<'_> {
         for (j, out) in dst.chunks_exact_mut(c_out * plane).enumerate() {
             for (co, out) in out.chunks_exact_mut(plane).enumerate() {
                 out.copy_from_slice(&product[co * cols + j * plane..][..plane]);
+            }
+        }
+    }
+
+    /// The first `cols` elements of each of the `c_out` rows of `dst` (`row_stride` apart) set
+    /// to the channel's bias, for a product to be added onto; nothing without a bias (the
+    /// product then overwrites).
+    fn bias_rows(&self, dst: &mut [f32], row_stride: usize, cols: usize) {
+        if let Some(bias) = self.bias {
+            for (co, &b) in bias.iter().enumerate() {
+                dst[co * row_stride..][..cols].fill(b);
             }
         }
     }
@@ -295,14 +317,9 @@ impl Bands<'_> {
             }
         } else {
             let patches = at_least(scratch, self.k * cols);
-            let fill = |(row, patch): (usize, &mut [f32])| {
+            fill_rows(patches, cols, threads, |row, patch| {
                 fill_patch_row(g, image, self.in_size, ow, y0, row, patch)
-            };
-            if threads > 1 {
-                patches.par_chunks_mut(cols).enumerate().for_each(fill);
-            } else {
-                patches.chunks_mut(cols).enumerate().for_each(fill);
-            }
+            });
             View {
                 data: patches,
                 rows: self.k,
@@ -313,11 +330,7 @@ impl Bands<'_> {
         };
         let plane = oh * ow;
         let dst = &mut dst[y0 * ow..];
-        if let Some(bias) = self.bias {
-            for (co, &b) in bias.iter().enumerate() {
-                dst[co * plane..co * plane + cols].fill(b);
-            }
-        }
+        self.bias_rows(dst, plane, cols);
         matmul(
             dst,
             plane,

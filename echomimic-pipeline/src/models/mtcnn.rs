@@ -130,43 +130,29 @@ struct PlaneConv {
 }
 
 impl PlaneConv {
-    fn new(conv: &Conv2d) -> Result<Self> {
-        let weight = conv
-            .weight()
-            .to_device(&Device::Cpu)?
-            .to_dtype(DType::F32)?;
-        let (cout, cin, kh, kw) = weight.dims4()?;
-        if kh != kw {
-            candle_core::bail!("P-Net convolutions are square, got {kh}x{kw}");
+    /// A CPU f32 copy of `conv`, with `stacked`'s output channels after its own when given
+    /// (`conv4_1` over `conv4_2`, which read the same input).
+    fn new(conv: &Conv2d, stacked: Option<&Conv2d>) -> Result<Self> {
+        let cpu = |t: &Tensor| t.to_device(&Device::Cpu)?.to_dtype(DType::F32);
+        let (mut weights, mut biases) = (Vec::new(), Vec::new());
+        for part in std::iter::once(conv).chain(stacked) {
+            let weight = cpu(part.weight())?;
+            let (cout, _, kh, kw) = weight.dims4()?;
+            if kh != kw {
+                candle_core::bail!("P-Net convolutions are square, got {kh}x{kw}");
+            }
+            biases.push(match part.bias() {
+                Some(b) => cpu(b)?,
+                None => Tensor::zeros(cout, DType::F32, &Device::Cpu)?,
+            });
+            weights.push(weight);
         }
-        let bias = match conv.bias() {
-            Some(b) => b.to_device(&Device::Cpu)?.to_dtype(DType::F32)?,
-            None => Tensor::zeros(cout, DType::F32, &Device::Cpu)?,
-        };
+        let weight = Tensor::cat(&weights, 0)?;
+        let (cout, cin, _, _) = weight.dims4()?;
         Ok(Self {
-            conv: Conv2d::new(weight, Some(bias), *conv.config()),
+            conv: Conv2d::new(weight, Some(Tensor::cat(&biases, 0)?), *conv.config()),
             cin,
             cout,
-        })
-    }
-
-    /// Two convolutions with the same input stacked into one (`conv4_1` and `conv4_2`).
-    fn stack(a: &Self, b: &Self) -> Result<Self> {
-        // `new` always gives a bias (zeros where the checkpoint has none).
-        let bias = |p: &Self| {
-            p.conv
-                .bias()
-                .cloned()
-                .ok_or_else(|| candle_core::Error::Msg("P-Net convolution without bias".into()))
-        };
-        Ok(Self {
-            conv: Conv2d::new(
-                Tensor::cat(&[a.conv.weight(), b.conv.weight()], 0)?,
-                Some(Tensor::cat(&[bias(a)?, bias(b)?], 0)?),
-                *a.conv.config(),
-            ),
-            cin: a.cin,
-            cout: a.cout + b.cout,
         })
     }
 
@@ -297,13 +283,13 @@ impl PNetPlanes {
         };
         let [c1, c2, c3, c41, c42] = convs;
         Ok(Self {
-            conv1: PlaneConv::new(c1)?,
+            conv1: PlaneConv::new(c1, None)?,
             prelu1: alpha(prelus[0])?,
-            conv2: PlaneConv::new(c2)?,
+            conv2: PlaneConv::new(c2, None)?,
             prelu2: alpha(prelus[1])?,
-            conv3: PlaneConv::new(c3)?,
+            conv3: PlaneConv::new(c3, None)?,
             prelu3: alpha(prelus[2])?,
-            heads: PlaneConv::stack(&PlaneConv::new(c41)?, &PlaneConv::new(c42)?)?,
+            heads: PlaneConv::new(c41, Some(c42))?,
         })
     }
 }
