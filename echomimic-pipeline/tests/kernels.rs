@@ -127,6 +127,49 @@ fn conv2d_matches_candle_over_a_sweep_of_shapes() -> Result<()> {
 }
 
 #[test]
+fn conv2d_direct_shapes_match_candle() -> Result<()> {
+    // Stride-1 convolutions on images wide enough for the direct AVX-512 path (on a CPU
+    // without AVX-512F they take the banded product, against the same reference): output
+    // channels that leave 1 to 5 rows for the last tile and that split unevenly over the
+    // threads, more input channels than one pass sums (128), several bands, 5×5 and
+    // padding 0, a 2× upsampled input, and four images.
+    let cases: &[ConvCase] = &[
+        // (n, c_in, c_out, h, w, k, padding, upsample, bias)
+        (1, 3, 7, 40, 40, 3, 1, 1, true),
+        (1, 130, 13, 33, 64, 3, 1, 1, false),
+        (1, 5, 134, 48, 48, 3, 1, 1, true),
+        (1, 4, 6, 36, 70, 5, 2, 1, true),
+        (1, 6, 9, 50, 50, 3, 0, 1, true),
+        (1, 8, 5, 24, 24, 3, 1, 2, true),
+        (1, 6, 6, 96, 96, 3, 1, 1, false),
+        (4, 8, 12, 64, 64, 3, 1, 1, true),
+    ];
+    for &(n, c_in, c_out, h, w, k, padding, upsample, bias) in cases {
+        let cfg = Conv2dConfig {
+            padding,
+            ..Default::default()
+        };
+        let conv = random_conv(c_in, c_out, k, cfg, bias)?;
+        let xs = randn(0f32, 1., (n, c_in, h, w), &Device::Cpu)?;
+        let (want, got) = if upsample == 1 {
+            (conv.forward(&xs)?, kernels::conv2d(&conv, &xs)?)
+        } else {
+            let up = xs.upsample_nearest2d(h * upsample, w * upsample)?;
+            (
+                conv.forward(&up)?,
+                kernels::upsample_nearest2x_conv2d(&conv, &xs)?,
+            )
+        };
+        let (abs, rel) = compare(&got, &want)?;
+        assert!(
+            abs < 1e-4,
+            "n{n} c{c_in}->{c_out} {h}x{w} k{k} p{padding} u{upsample}: max abs {abs:e}, max rel {rel:e}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
 fn upsample_then_conv_matches_candle() -> Result<()> {
     for &(n, c, h, w) in &[
         (1, 3, 4, 4),

@@ -18,6 +18,12 @@
 //! copied out image by image. Groups run on one thread each when there are enough of them
 //! to share evenly, otherwise one at a time with the product split.
 //!
+//! On CPUs with AVX-512F, a stride-1 convolution over images wide enough (the VAE
+//! decoder's 32² to 512² levels, the UNet's 64² level at 512² output) skips the patch matrix
+//! and the matrix product altogether: [`Direct`] sums each tile of 64 output positions × 6
+//! output channels in registers straight from a zero-padded copy of the input (faster than
+//! the banded product on the bench box for those sizes: `benches/RESULTS.md`).
+//!
 //! The op can also read its input through a nearest-neighbour upsampling by an
 //! integer factor (diffusers' `Upsample2D`: `interpolate(scale 2)` then a 3×3
 //! conv) without materialising the upsampled tensor.
@@ -106,7 +112,18 @@ impl CustomOp1 for BandedConv2d {
         let mut out = vec![0f32; n * image_out];
         let threads = rayon::current_num_threads();
         let per_group = images_per_group(n, k * plane_out, rows_per_band == oh, threads);
-        if per_group == 1 && n >= threads && (n % threads == 0 || n >= 4 * threads) {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(direct) = Direct::new(&conv, threads, n).filter(|_| per_group == 1) {
+            let mut scratch = Scratch::default();
+            for (dst, image) in out
+                .chunks_exact_mut(image_out)
+                .zip(input.chunks_exact(image_in))
+            {
+                direct.image(image, dst, threads, &mut scratch);
+            }
+            return Ok((CpuStorage::F32(out), Shape::from((n, g.c_out, oh, ow))));
+        }
+        if per_group == 1 && images_in_parallel(n, threads) {
             // Large images enough to keep every thread busy: side by side, band by band,
             // each product on one thread.
             out.par_chunks_mut(image_out)
@@ -146,6 +163,12 @@ impl CustomOp1 for BandedConv2d {
         }
         Ok((CpuStorage::F32(out), Shape::from((n, g.c_out, oh, ow))))
     }
+}
+
+/// Whether `n` large images keep `threads` busy one image per thread (an even share each,
+/// or enough that the last round matters little).
+fn images_in_parallel(n: usize, threads: usize) -> bool {
+    n >= threads && (n.is_multiple_of(threads) || n >= 4 * threads)
 }
 
 /// How many whole images share one patch matrix: 1 when an image's patches
@@ -342,6 +365,250 @@ impl Bands<'_> {
     }
 }
 
+/// Outputs per thread per band of the direct convolution (256 KiB: the band's outputs stay
+/// in L2 between the passes over the input channels).
+#[cfg(target_arch = "x86_64")]
+const DIRECT_BAND_ELEMS: usize = 64 << 10;
+
+/// Grid positions per band of the direct convolution, at most.
+#[cfg(target_arch = "x86_64")]
+const DIRECT_BAND_MAX: usize = 2048;
+
+/// Input channels summed per pass over a band (between passes the tiles' sums wait in the
+/// band's outputs).
+#[cfg(target_arch = "x86_64")]
+const DIRECT_CHANNELS: usize = 128;
+
+/// A stride-1 convolution computed directly in AVX-512 registers from a zero-padded copy
+/// of the input, without a patch matrix or a matrix product.
+///
+/// Output pixel `(y, x)` is grid position `q = y·wp + x` of the padded width `wp`, and
+/// kernel tap `(ky, kx)` of every position reads the padded plane at `q + ky·wp + kx`: the
+/// same offset for all, so a tile of 64 consecutive positions × 6 output channels loads
+/// four vectors per tap and input channel and broadcasts six weights (the weight is used in
+/// its own `[c_out, c_in, kh, kw]` layout). The `kw − 1` positions at the end of each grid
+/// row are computed and dropped. The grid is cut into bands; each thread takes an even
+/// share of the output channels through every band, so both read one band's input at a
+/// time, and collects a band's outputs in a block of its own (`[channels][band]`, sized
+/// by [`DIRECT_BAND_ELEMS`]) that is copied out when the band is done.
+#[cfg(target_arch = "x86_64")]
+struct Direct<'a, 'b> {
+    bands: &'b Bands<'a>,
+    /// Padded (and upsampled) input width: the grid's row length.
+    wp: usize,
+    /// Length of one padded plane, with the zeros the last tiles read past the last row.
+    plane: usize,
+    /// Grid positions per band (a multiple of 64), and bands.
+    band: usize,
+    count: usize,
+    /// Grid positions with an output (`oh·wp`).
+    positions: usize,
+    /// Output channels per thread.
+    per: usize,
+    /// `ky·wp + kx` for each tap, in the weight's `(ky, kx)` order.
+    offsets: Vec<usize>,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl<'a, 'b> Direct<'a, 'b> {
+    /// The direct convolution for `bands`' geometry, when this CPU has AVX-512F, the
+    /// convolution has stride 1 and a kernel larger than 1×1 (a 1×1 one reads its input as
+    /// the patch matrix already), and its image is wide enough: the positions it computes
+    /// (whole tiles, `kw − 1` dropped per row) must be within 1/8 of the outputs it keeps,
+    /// within 1/32 for `n` images that the banded path would run one per thread. At the low
+    /// levels' small images (16 × 18 positions for 16 × 16 outputs, in 5 tiles of 64) the
+    /// banded product is faster, and for 24 frames of 32 × 32 about as fast (2-thread
+    /// AVX-512 timings, `benches/RESULTS.md`).
+    fn new(bands: &'b Bands<'a>, threads: usize, n: usize) -> Option<Self> {
+        use super::x86::{avx512_available, TILE_CHANNELS, TILE_POSITIONS};
+        let g = &bands.g;
+        let (oh, ow) = bands.out_size;
+        let (hp, wp) = (
+            bands.in_size.0 * g.upsample + 2 * g.padding,
+            bands.in_size.1 * g.upsample + 2 * g.padding,
+        );
+        let positions = oh * wp;
+        let computed = positions.next_multiple_of(TILE_POSITIONS);
+        let slack = if images_in_parallel(n, threads) {
+            32
+        } else {
+            8
+        };
+        if g.stride != 1 || g.k_h * g.k_w == 1 || slack * computed > (slack + 1) * oh * ow {
+            return None;
+        }
+        if !avx512_available() {
+            return None;
+        }
+        let per = g.c_out.div_ceil(threads).max(TILE_CHANNELS);
+        let band = (DIRECT_BAND_ELEMS / per)
+            .clamp(2 * TILE_POSITIONS, DIRECT_BAND_MAX)
+            .min(computed)
+            / TILE_POSITIONS
+            * TILE_POSITIONS;
+        let count = positions.div_ceil(band);
+        let offsets: Vec<usize> = (0..g.k_h)
+            .flat_map(|ky| (0..g.k_w).map(move |kx| ky * wp + kx))
+            .collect();
+        let reach = offsets.last().copied().unwrap_or(0);
+        let plane = (count * band + reach + TILE_POSITIONS).max(hp * wp);
+        Some(Self {
+            bands,
+            wp,
+            plane,
+            band,
+            count,
+            positions,
+            per,
+            offsets,
+        })
+    }
+
+    /// The padded planes of `image` into `padded` (`c_in` planes of `plane`).
+    fn pad(&self, image: &[f32], padded: &mut [f32], threads: usize) {
+        let g = &self.bands.g;
+        let (h, w) = self.bands.in_size;
+        let (p, u, wp) = (g.padding, g.upsample, self.wp);
+        let (ih, iw) = (h * u, w * u);
+        let fill = |ci: usize, dst: &mut [f32]| {
+            let src = &image[ci * h * w..(ci + 1) * h * w];
+            dst[..p * wp].fill(0.0);
+            dst[(p + ih) * wp..].fill(0.0);
+            for (y, row) in dst[p * wp..(p + ih) * wp].chunks_exact_mut(wp).enumerate() {
+                row[..p].fill(0.0);
+                row[p + iw..].fill(0.0);
+                let s = &src[(y / u) * w..][..w];
+                let inner = &mut row[p..p + iw];
+                if u == 1 {
+                    inner.copy_from_slice(s);
+                } else {
+                    for (d, &v) in inner.chunks_exact_mut(u).zip(s) {
+                        d.fill(v);
+                    }
+                }
+            }
+        };
+        if threads > 1 {
+            padded
+                .par_chunks_mut(self.plane)
+                .enumerate()
+                .for_each(|(ci, d)| fill(ci, d));
+        } else {
+            for (ci, d) in padded.chunks_mut(self.plane).enumerate() {
+                fill(ci, d);
+            }
+        }
+    }
+
+    /// Every output of one image (`dst`: its `[c_out, oh·ow]` output), band by band, each
+    /// band's output channels shared by the threads.
+    fn image(&self, image: &[f32], dst: &mut [f32], threads: usize, scratch: &mut Scratch) {
+        let b = self.bands;
+        let padded = at_least(&mut scratch.patches, b.g.c_in * self.plane);
+        self.pad(image, padded, threads);
+        let padded = &scratch.patches[..b.g.c_in * self.plane];
+        let plane_out = b.out_size.0 * b.out_size.1;
+        let chunk = self.per * plane_out;
+        let mut blocks: Vec<Vec<f32>> =
+            (0..dst.len().div_ceil(chunk)).map(|_| Vec::new()).collect();
+        for i in 0..self.count {
+            let run = |(j, (dst, block)): (usize, (&mut [f32], &mut Vec<f32>))| {
+                let block = at_least(block, dst.len() / plane_out * self.band);
+                self.piece(padded, i, j * self.per, block);
+                self.copy_out(i, block, dst);
+            };
+            if threads > 1 {
+                dst.par_chunks_mut(chunk)
+                    .zip(blocks.par_iter_mut())
+                    .enumerate()
+                    .for_each(run);
+            } else {
+                dst.chunks_mut(chunk)
+                    .zip(blocks.iter_mut())
+                    .enumerate()
+                    .for_each(run);
+            }
+        }
+    }
+
+    /// Band `i`'s outputs from `block` (`[rows][band]`) to their places in `dst` (`rows`
+    /// output channels, `oh·ow` each), dropping the positions past each row's end.
+    fn copy_out(&self, i: usize, block: &[f32], dst: &mut [f32]) {
+        let (oh, ow) = self.bands.out_size;
+        let (start, end) = (i * self.band, ((i + 1) * self.band).min(self.positions));
+        let rows = (start / self.wp)..end.div_ceil(self.wp).min(oh);
+        for (block, dst) in block
+            .chunks_exact(self.band)
+            .zip(dst.chunks_exact_mut(oh * ow))
+        {
+            for y in rows.clone() {
+                let lo = (y * self.wp).max(start);
+                let hi = (y * self.wp + ow).min(end);
+                if lo < hi {
+                    let x = lo - y * self.wp;
+                    dst[y * ow + x..y * ow + x + (hi - lo)]
+                        .copy_from_slice(&block[lo - start..hi - start]);
+                }
+            }
+        }
+    }
+
+    /// Band `i` of output channels `co0..` into `block` (their rows of the band, `band`
+    /// long each): the input channels in passes of [`DIRECT_CHANNELS`], each pass tile by
+    /// tile (a tile's weights stay in L1 across the band).
+    fn piece(&self, padded: &[f32], i: usize, co0: usize, block: &mut [f32]) {
+        use super::x86::{conv_tile, TileInput, TILE_POSITIONS};
+        let b = self.bands;
+        let c_in = b.g.c_in;
+        let end = (self.positions - i * self.band).min(self.band);
+        let starts = tile_starts(block.len() / self.band);
+        for ci in (0..c_in).step_by(DIRECT_CHANNELS) {
+            let channels = ci..(ci + DIRECT_CHANNELS).min(c_in);
+            for rows in starts.windows(2) {
+                let co = co0 + rows[0];
+                let src = TileInput {
+                    input: &padded[i * self.band..],
+                    plane: self.plane,
+                    offsets: &self.offsets,
+                    weight: &b.weight[co * b.k..],
+                    weight_row: b.k,
+                };
+                for q in (0..end).step_by(TILE_POSITIONS) {
+                    conv_tile(
+                        &src,
+                        q,
+                        channels.clone(),
+                        &mut block[rows[0] * self.band + q..],
+                        self.band,
+                        rows[1] - rows[0],
+                        b.bias.map(|bias| &bias[co..]),
+                        ci == 0,
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Where the tiles of `rows` output channels start, and `rows` last: tiles of 6, except
+/// that a remainder of 1 to 3 channels joins the last 6 in two tiles of 3 to 5 (a tile of 1
+/// to 3 channels spends more on its loads than on its sums).
+#[cfg(target_arch = "x86_64")]
+fn tile_starts(rows: usize) -> Vec<usize> {
+    use super::x86::TILE_CHANNELS as T;
+    let (full, rem) = (rows / T, rows % T);
+    let mut starts: Vec<usize> = (0..full).map(|i| i * T).collect();
+    if (1..=3).contains(&rem) && full > 0 {
+        let last = starts.pop().unwrap_or(0);
+        let sum = T + rem;
+        starts.extend([last, last + sum / 2]);
+    } else if rem > 0 {
+        starts.push(full * T);
+    }
+    starts.push(rows);
+    starts
+}
+
 /// Fills one row of the patch matrix (`row` = `(ci, ky, kx)`) for output rows
 /// `y0..y0 + patch.len() / ow`, padding positions with zeros (every element is written).
 fn fill_patch_row(
@@ -441,6 +708,19 @@ fn fill_patch_row(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn tiles_take_six_channels_and_no_tile_fewer_than_three_when_it_can() {
+        assert_eq!(tile_starts(12), [0, 6, 12]);
+        assert_eq!(tile_starts(4), [0, 4]);
+        // 6 + 2: two tiles of 4; 6 + 1: 3 and 4; 6 + 3: 4 and 5; 6 + 4: as is.
+        assert_eq!(tile_starts(8), [0, 4, 8]);
+        assert_eq!(tile_starts(13), [0, 6, 9, 13]);
+        assert_eq!(tile_starts(9), [0, 4, 9]);
+        assert_eq!(tile_starts(10), [0, 6, 10]);
+        assert_eq!(tile_starts(1), [0, 1]);
+    }
 
     #[test]
     fn small_images_share_a_product_in_even_groups() {

@@ -13,12 +13,13 @@
 //! Kernels: multi-head attention read and written in the projections' layout (`attention`,
 //! also over the frames of every position and with EchoMimic's shared reference keys),
 //! convolutions without a full im2col buffer (`conv2d`, also reading through a
-//! nearest 2× upsample), GroupNorm with the SiLU after it fused (`group_norm`), LayerNorm
+//! nearest 2× upsample; on AVX-512 CPUs wide stride-1 ones without any patch matrix), GroupNorm with the SiLU after it fused (`group_norm`), LayerNorm
 //! with its affine part (`layer_norm`), GEGLU's gate (`geglu`) and the attention softmax with
 //! its scale (`softmax`); `chunked` is the candle composition of attention (scores in
 //! bounded chunks) the attention kernel falls back to off the CPU (public as `ops::attention`); `math` holds the
 //! branch-free `exp`/`erf` they share, so their loops vectorise, `x86` the AVX2 + FMA rows
-//! (softmax, GEGLU gate, GroupNorm's write with SiLU) taken at run time, and `matmul` the bounds-checked strided product (candle's
+//! (softmax, GEGLU gate, GroupNorm's write with SiLU) and the AVX-512 convolution tile taken
+//! at run time, and `matmul` the bounds-checked strided product (candle's
 //! `gemm`) the attention and convolution kernels write their results with. `matmul` and
 //! `x86` are the crate's only `unsafe` code, each call checked where it is made.
 //!

@@ -10,9 +10,12 @@
 //! row maximum is a vector maximum (the scalar fold is a serial dependency chain the
 //! compiler may not reorder).
 //!
+//! It also holds the direct convolution's AVX-512 tile ([`conv_tile`]: 64 output positions
+//! × up to 6 output channels in 24 accumulators), taken when the CPU has AVX-512F.
+//!
 //! The one other module with `unsafe` code besides the checked matrix product: the
-//! intrinsics need the CPU features, which [`available`] checks once, and the loads and
-//! stores take pointers, each within a slice.
+//! intrinsics need the CPU features, which [`available`] and [`avx512_available`] check
+//! once, and the loads and stores take pointers, each within a slice.
 #![allow(unsafe_code)]
 
 use std::arch::x86_64::*;
@@ -244,6 +247,137 @@ fn gelu8(x: __m256) -> __m256 {
         _mm256_mul_ps(_mm256_set1_ps(0.5), x),
         _mm256_add_ps(one, erf),
     )
+}
+
+/// Whether this CPU runs the AVX-512 convolution tile (checked once).
+pub(super) fn avx512_available() -> bool {
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    *AVAILABLE.get_or_init(|| is_x86_feature_detected!("avx512f"))
+}
+
+/// Grid positions (four vectors of 16) and most output channels of one convolution tile.
+pub(super) const TILE_POSITIONS: usize = 64;
+pub(super) const TILE_CHANNELS: usize = 6;
+
+/// What the convolution tiles of one band read: zero-padded input planes `plane` apart,
+/// where kernel tap `t` of grid position `q` reads `q + offsets[t]` of each; and the weight
+/// rows (`[c_in, taps]` each, `weight_row` apart) from the tiles' first output channel on.
+pub(super) struct TileInput<'a> {
+    pub(super) input: &'a [f32],
+    pub(super) plane: usize,
+    pub(super) offsets: &'a [usize],
+    pub(super) weight: &'a [f32],
+    pub(super) weight_row: usize,
+}
+
+/// For grid positions `at..at + 64` and `rows` (1 to 6) output channels `r`:
+/// `dst[r·dst_row + q − at] (+)= Σ_{ci ∈ channels, t} weight[r][ci][t] · input[ci][q +
+/// offsets[t]]`, summed in AVX-512 registers from `start[r]` (the bias; zero when `None`)
+/// when `first`, else from what `dst` holds.
+///
+/// # Panics
+/// When the CPU lacks AVX-512F (callers check [`avx512_available`]), a read or write would
+/// leave its slice, or `rows` is not 1 to 6.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn conv_tile(
+    src: &TileInput<'_>,
+    at: usize,
+    channels: std::ops::Range<usize>,
+    dst: &mut [f32],
+    dst_row: usize,
+    rows: usize,
+    start: Option<&[f32]>,
+    first: bool,
+) {
+    assert!(avx512_available(), "conv_tile: the CPU lacks AVX-512F");
+    let taps = src.offsets.len();
+    assert!(
+        (1..=TILE_CHANNELS).contains(&rows),
+        "conv_tile: {rows} rows"
+    );
+    assert!(
+        start.is_none_or(|b| b.len() >= rows),
+        "conv_tile: short bias"
+    );
+    assert!(
+        (rows - 1) * dst_row + TILE_POSITIONS <= dst.len(),
+        "conv_tile: the output reaches past its slice"
+    );
+    if let Some(last_ci) = channels.clone().last() {
+        let reach = src.offsets.iter().max().copied().unwrap_or(0);
+        assert!(
+            last_ci * src.plane + at + reach + TILE_POSITIONS <= src.input.len(),
+            "conv_tile: the input reaches past its slice"
+        );
+        assert!(
+            (rows - 1) * src.weight_row + (last_ci + 1) * taps <= src.weight.len(),
+            "conv_tile: the weight reaches past its slice"
+        );
+    }
+    // SAFETY: the CPU has AVX-512F, and every index the tile reads or writes lies within
+    // the bounds asserted above.
+    unsafe {
+        match rows {
+            6 => conv_tile_avx512::<6>(src, at, channels, dst, dst_row, start, first),
+            5 => conv_tile_avx512::<5>(src, at, channels, dst, dst_row, start, first),
+            4 => conv_tile_avx512::<4>(src, at, channels, dst, dst_row, start, first),
+            3 => conv_tile_avx512::<3>(src, at, channels, dst, dst_row, start, first),
+            2 => conv_tile_avx512::<2>(src, at, channels, dst, dst_row, start, first),
+            _ => conv_tile_avx512::<1>(src, at, channels, dst, dst_row, start, first),
+        }
+    }
+}
+
+/// [`conv_tile`] for `R` rows: 4·R accumulators, four input vectors and one broadcast
+/// weight in 29 of the 32 vector registers.
+#[target_feature(enable = "avx512f")]
+unsafe fn conv_tile_avx512<const R: usize>(
+    src: &TileInput<'_>,
+    at: usize,
+    channels: std::ops::Range<usize>,
+    dst: &mut [f32],
+    dst_row: usize,
+    start: Option<&[f32]>,
+    first: bool,
+) {
+    const V: usize = TILE_POSITIONS / 16;
+    let taps = src.offsets.len();
+    let d = dst.as_mut_ptr();
+    let mut acc = [[_mm512_setzero_ps(); V]; R];
+    for (r, acc) in acc.iter_mut().enumerate() {
+        for (v, acc) in acc.iter_mut().enumerate() {
+            // SAFETY (this and every pointer access below): within the bounds the caller
+            // asserted.
+            *acc = match (first, start) {
+                (true, Some(b)) => _mm512_set1_ps(b[r]),
+                (true, None) => _mm512_setzero_ps(),
+                (false, _) => unsafe { _mm512_loadu_ps(d.add(r * dst_row + 16 * v)) },
+            };
+        }
+    }
+    let (input, weight) = (unsafe { src.input.as_ptr().add(at) }, src.weight.as_ptr());
+    for ci in channels {
+        let base = unsafe { input.add(ci * src.plane) };
+        let w = unsafe { weight.add(ci * taps) };
+        for (t, &offset) in src.offsets.iter().enumerate() {
+            let b = unsafe { base.add(offset) };
+            let mut x = [_mm512_setzero_ps(); V];
+            for (v, x) in x.iter_mut().enumerate() {
+                *x = unsafe { _mm512_loadu_ps(b.add(16 * v)) };
+            }
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let wv = _mm512_set1_ps(unsafe { *w.add(r * src.weight_row + t) });
+                for (acc, &x) in acc.iter_mut().zip(&x) {
+                    *acc = _mm512_fmadd_ps(x, wv, *acc);
+                }
+            }
+        }
+    }
+    for (r, acc) in acc.iter().enumerate() {
+        for (v, &acc) in acc.iter().enumerate() {
+            unsafe { _mm512_storeu_ps(d.add(r * dst_row + 16 * v), acc) };
+        }
+    }
 }
 
 #[cfg(test)]
