@@ -13,7 +13,8 @@
 //! Kernels: multi-head attention read and written in the projections' layout (`attention`,
 //! also over the frames of every position and with EchoMimic's shared reference keys),
 //! convolutions without a full im2col buffer (`conv2d`, also reading through a
-//! nearest 2× upsample; on AVX-512 CPUs wide stride-1 ones without any patch matrix), GroupNorm with the SiLU after it fused (`group_norm`), LayerNorm
+//! nearest 2× upsample; 3×3 stride-1 ones by Winograd's F(2×2, 3×3) in `winograd`; on
+//! AVX-512 CPUs other wide stride-1 ones without any patch matrix), GroupNorm with the SiLU after it fused (`group_norm`), LayerNorm
 //! with its affine part (`layer_norm`), GEGLU's gate (`geglu`) and the attention softmax with
 //! its scale (`softmax`); `chunked` is the candle composition of attention (scores in
 //! bounded chunks) the attention kernel falls back to off the CPU (public as `ops::attention`); `math` holds the
@@ -37,6 +38,7 @@ mod math;
 mod matmul;
 mod softmax;
 mod switch;
+mod winograd;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
