@@ -106,19 +106,28 @@ impl CustomOp1 for BandedConv2d {
         let shape = [g.c_out, g.c_in, g.k_h, g.k_w];
         if let Some(wino) = Winograd::new(shape, g.stride, (oh, ow), weight, self.bias.as_deref()) {
             // Every image alone, whatever their number, so that a batch gives what each
-            // image gives by itself.
-            let (hp, wp) = (
-                h * g.upsample + 2 * g.padding,
-                w * g.upsample + 2 * g.padding,
-            );
+            // image gives by itself (the threads split a product without changing its sums):
+            // one per thread when they keep every thread busy, else one at a time, split.
+            let wp = w * g.upsample + 2 * g.padding;
+            let plane = (h * g.upsample + 2 * g.padding) * wp;
             let mut out = vec![0f32; n * image_out];
-            let mut padded = vec![0f32; g.c_in * hp * wp];
-            for (dst, image) in out
-                .chunks_exact_mut(image_out)
-                .zip(input.chunks_exact(image_in))
-            {
-                pad_planes(&g, (h, w), image, &mut padded, hp * wp, threads);
-                wino.image(&padded, hp * wp, wp, dst, threads);
+            let one = |image: &[f32], dst: &mut [f32], padded: &mut Vec<f32>, threads| {
+                let padded = at_least(padded, g.c_in * plane);
+                pad_planes(&g, (h, w), image, padded, plane, threads);
+                wino.image(padded, plane, wp, dst, threads);
+            };
+            if images_in_parallel(n, threads) {
+                out.par_chunks_mut(image_out)
+                    .zip(input.par_chunks(image_in))
+                    .for_each_init(Vec::new, |padded, (dst, image)| one(image, dst, padded, 1));
+            } else {
+                let mut padded = Vec::new();
+                for (dst, image) in out
+                    .chunks_exact_mut(image_out)
+                    .zip(input.chunks_exact(image_in))
+                {
+                    one(image, dst, &mut padded, threads);
+                }
             }
             return Ok((CpuStorage::F32(out), Shape::from((n, g.c_out, oh, ow))));
         }
@@ -136,18 +145,30 @@ impl CustomOp1 for BandedConv2d {
         };
         let mut out = vec![0f32; n * image_out];
         let per_group = images_per_group(n, k * plane_out, rows_per_band == oh, threads);
+        let parallel = images_in_parallel(n, threads);
         #[cfg(target_arch = "x86_64")]
-        if let Some(direct) = Direct::new(&conv, threads, n).filter(|_| per_group == 1) {
-            let mut scratch = Scratch::default();
-            for (dst, image) in out
-                .chunks_exact_mut(image_out)
-                .zip(input.chunks_exact(image_in))
-            {
-                direct.image(image, dst, threads, &mut scratch);
+        if let Some(direct) = Direct::new(&conv, if parallel { 1 } else { threads }, parallel)
+            .filter(|_| per_group == 1)
+        {
+            if parallel {
+                // One image per thread, each on its own.
+                out.par_chunks_mut(image_out)
+                    .zip(input.par_chunks(image_in))
+                    .for_each_init(Scratch::default, |scratch, (dst, image)| {
+                        direct.image(image, dst, 1, scratch);
+                    });
+            } else {
+                let mut scratch = Scratch::default();
+                for (dst, image) in out
+                    .chunks_exact_mut(image_out)
+                    .zip(input.chunks_exact(image_in))
+                {
+                    direct.image(image, dst, threads, &mut scratch);
+                }
             }
             return Ok((CpuStorage::F32(out), Shape::from((n, g.c_out, oh, ow))));
         }
-        if per_group == 1 && images_in_parallel(n, threads) {
+        if per_group == 1 && parallel {
             // Large images enough to keep every thread busy: side by side, band by band,
             // each product on one thread.
             out.par_chunks_mut(image_out)
@@ -439,11 +460,12 @@ impl<'a, 'b> Direct<'a, 'b> {
     /// convolution has stride 1 and a kernel larger than 1×1 (a 1×1 one reads its input as
     /// the patch matrix already), and its image is wide enough: the positions it computes
     /// (whole tiles, `kw − 1` dropped per row) must be within 1/8 of the outputs it keeps,
-    /// within 1/32 for `n` images that the banded path would run one per thread. At the low
+    /// within 1/32 for a `batch` of images run one per thread (`threads` is then 1: the
+    /// threads each image is split over). At the low
     /// levels' small images (16 × 18 positions for 16 × 16 outputs, in 5 tiles of 64) the
     /// banded product is faster, and for 24 frames of 32 × 32 about as fast (2-thread
     /// AVX-512 timings, `benches/RESULTS.md`).
-    fn new(bands: &'b Bands<'a>, threads: usize, n: usize) -> Option<Self> {
+    fn new(bands: &'b Bands<'a>, threads: usize, batch: bool) -> Option<Self> {
         use super::x86::{avx512_available, TILE_CHANNELS, TILE_POSITIONS};
         let g = &bands.g;
         let (oh, ow) = bands.out_size;
@@ -453,11 +475,7 @@ impl<'a, 'b> Direct<'a, 'b> {
         );
         let positions = oh * wp;
         let computed = positions.next_multiple_of(TILE_POSITIONS);
-        let slack = if images_in_parallel(n, threads) {
-            32
-        } else {
-            8
-        };
+        let slack = if batch { 32 } else { 8 };
         if g.stride != 1 || g.k_h * g.k_w == 1 || slack * computed > (slack + 1) * oh * ow {
             return None;
         }
