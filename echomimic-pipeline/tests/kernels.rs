@@ -133,17 +133,17 @@ fn conv2d_direct_and_winograd_shapes_match_candle() -> Result<()> {
     // channels that leave 1 to 5 rows for the last tile and that split unevenly over the
     // threads, more input channels than one pass sums (128), several bands, 5×5 and
     // padding 0, a 2× upsampled input, and four images. Then 3×3 ones with an even output
-    // of 16 × 16 or more, 8+ input and 16+ output channels, which take Winograd's F(2×2,
+    // of 16 × 16 or more, 32+ input and output channels, which take Winograd's F(2×2,
     // 3×3) on every CPU: the smallest, two images, a 2× upsampled input, padding 0, several
     // bands of blocks (many blocks, or many input channels).
     let cases: &[ConvCase] = &[
         // (n, c_in, c_out, h, w, k, padding, upsample, bias)
-        (1, 8, 16, 16, 16, 3, 1, 1, true),
-        (2, 9, 17, 20, 34, 3, 1, 1, false),
-        (1, 8, 16, 12, 12, 3, 1, 2, true),
-        (1, 8, 16, 34, 34, 3, 0, 1, true),
-        (1, 8, 16, 66, 66, 3, 1, 1, true),
-        (1, 600, 16, 32, 32, 3, 1, 1, false),
+        (1, 32, 32, 16, 16, 3, 1, 1, true),
+        (2, 33, 34, 20, 34, 3, 1, 1, false),
+        (1, 32, 32, 12, 12, 3, 1, 2, true),
+        (1, 32, 32, 34, 34, 3, 0, 1, true),
+        (1, 32, 32, 66, 66, 3, 1, 1, true),
+        (1, 600, 32, 32, 32, 3, 1, 1, false),
         (1, 3, 7, 40, 40, 3, 1, 1, true),
         (1, 130, 13, 33, 64, 3, 1, 1, false),
         (1, 5, 134, 48, 48, 3, 1, 1, true),

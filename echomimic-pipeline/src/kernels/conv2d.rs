@@ -34,6 +34,7 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::chunks::for_each_chunk;
 use super::cpu_input::{contiguous_f32, tensor_f32};
 use super::matmul::{matmul, View};
 use super::winograd::Winograd;
@@ -254,26 +255,6 @@ fn at_least(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
     &mut buf[..len]
 }
 
-/// `fill(row, row_slice)` for every `cols`-long row of `patches`, on rayon's pool when
-/// `threads` > 1.
-fn fill_rows(
-    patches: &mut [f32],
-    cols: usize,
-    threads: usize,
-    fill: impl Fn(usize, &mut [f32]) + Sync,
-) {
-    if threads > 1 {
-        patches
-            .par_chunks_mut(cols)
-            .enumerate()
-            .for_each(|(row, patch)| fill(row, patch));
-    } else {
-        for (row, patch) in patches.chunks_mut(cols).enumerate() {
-            fill(row, patch);
-        }
-    }
-}
-
 /// One convolution over one image, band by band.
 struct Bands<'a> {
     g: ConvGeometry,
@@ -300,7 +281,7 @@ impl Bands<'_> {
         let count = input.len() / image_in;
         let cols = count * plane;
         let patches = at_least(&mut scratch.patches, self.k * cols);
-        fill_rows(patches, cols, threads, |row, patch| {
+        for_each_chunk(patches, cols, threads, |row, patch| {
             for (image, part) in input
                 .chunks_exact(image_in)
                 .zip(patch.chunks_exact_mut(plane))
@@ -385,7 +366,7 @@ impl Bands<'_> {
             }
         } else {
             let patches = at_least(scratch, self.k * cols);
-            fill_rows(patches, cols, threads, |row, patch| {
+            for_each_chunk(patches, cols, threads, |row, patch| {
                 fill_patch_row(g, image, self.in_size, ow, y0, row, patch)
             });
             View {
@@ -640,16 +621,7 @@ fn pad_planes(
             }
         }
     };
-    if threads > 1 {
-        padded
-            .par_chunks_mut(plane)
-            .enumerate()
-            .for_each(|(ci, d)| fill(ci, d));
-    } else {
-        for (ci, d) in padded.chunks_mut(plane).enumerate() {
-            fill(ci, d);
-        }
-    }
+    for_each_chunk(padded, plane, threads, fill);
 }
 
 /// Where the tiles of `rows` output channels start, and `rows` last: tiles of 6, except

@@ -21,7 +21,8 @@
 //! branch-free `exp`/`erf` they share, so their loops vectorise, `x86` the AVX2 + FMA rows
 //! (softmax, GEGLU gate, GroupNorm's write with SiLU) and the AVX-512 convolution tile taken
 //! at run time, and `matmul` the bounds-checked strided product (candle's
-//! `gemm`) the attention and convolution kernels write their results with. `matmul` and
+//! `gemm`) the attention and convolution kernels write their results with, and `chunks` the
+//! one helper that runs work over a buffer's chunks on the pool or on the caller's thread. `matmul` and
 //! `x86` are the crate's only `unsafe` code, each call checked where it is made.
 //!
 //! Threads: the kernels run on rayon's global pool (the one candle's CPU
@@ -29,6 +30,7 @@
 
 mod attention;
 pub(crate) mod chunked;
+mod chunks;
 mod conv2d;
 mod cpu_input;
 mod geglu;

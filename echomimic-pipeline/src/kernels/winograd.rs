@@ -10,8 +10,7 @@
 //! and the output transform writes each 2×2 block with its bias. The weight is transformed
 //! once per call (`[c_out][16][c_in]`).
 
-use rayon::prelude::*;
-
+use super::chunks::for_each_chunk;
 use super::matmul::{matmul, View};
 
 /// Transformed input elements per band and per element of the 4×4 block, about (whole
@@ -93,15 +92,7 @@ impl<'a> Winograd<'a> {
             let fill = |ci: usize, v: &mut [f32]| {
                 input_transform(&padded[ci * plane..(ci + 1) * plane], wp, by0..by1, bw, v)
             };
-            if threads > 1 {
-                v.par_chunks_mut(E * blocks)
-                    .enumerate()
-                    .for_each(|(ci, v)| fill(ci, v));
-            } else {
-                for (ci, v) in v.chunks_mut(E * blocks).enumerate() {
-                    fill(ci, v);
-                }
-            }
+            for_each_chunk(&mut v, E * blocks, threads, fill);
             // 2. The 16 products: [c_out][16][blocks].
             m.resize(self.c_out * E * blocks, 0.0);
             for e in 0..E {
@@ -133,15 +124,7 @@ impl<'a> Winograd<'a> {
                     out,
                 );
             };
-            if threads > 1 {
-                dst.par_chunks_mut(oh * ow)
-                    .enumerate()
-                    .for_each(|(co, out)| write(co, out));
-            } else {
-                for (co, out) in dst.chunks_mut(oh * ow).enumerate() {
-                    write(co, out);
-                }
-            }
+            for_each_chunk(dst, oh * ow, threads, write);
         }
     }
 
@@ -174,15 +157,7 @@ impl<'a> Winograd<'a> {
                 }
             }
         };
-        if threads > 1 {
-            u.par_chunks_mut(E * c_in)
-                .enumerate()
-                .for_each(|(co, u)| fill(co, u));
-        } else {
-            for (co, u) in u.chunks_mut(E * c_in).enumerate() {
-                fill(co, u);
-            }
-        }
+        for_each_chunk(&mut u, E * c_in, threads, fill);
         u
     }
 }
