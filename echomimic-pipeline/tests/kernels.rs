@@ -64,6 +64,18 @@ fn random_conv(
 /// (batch, c_in, c_out, h, w, kernel, stride, padding, bias)
 type ConvCase = (usize, usize, usize, usize, usize, usize, usize, usize, bool);
 
+/// A random convolution for `case` and a random input for it.
+fn random_case(case: ConvCase) -> Result<(Conv2d, Tensor)> {
+    let (n, c_in, c_out, h, w, k, stride, padding, bias) = case;
+    let cfg = Conv2dConfig {
+        padding,
+        stride,
+        ..Default::default()
+    };
+    let conv = random_conv(c_in, c_out, k, cfg, bias)?;
+    Ok((conv, randn(0f32, 1., (n, c_in, h, w), &Device::Cpu)?))
+}
+
 #[test]
 fn conv2d_matches_candle_over_a_sweep_of_shapes() -> Result<()> {
     let cases: &[ConvCase] = &[
@@ -106,13 +118,7 @@ fn conv2d_matches_candle_over_a_sweep_of_shapes() -> Result<()> {
         (1, 5, 3, 2, 3, 3, 1, 1, true),
     ];
     for &(n, c_in, c_out, h, w, k, stride, padding, bias) in cases {
-        let cfg = Conv2dConfig {
-            padding,
-            stride,
-            ..Default::default()
-        };
-        let conv = random_conv(c_in, c_out, k, cfg, bias)?;
-        let xs = randn(0f32, 1., (n, c_in, h, w), &Device::Cpu)?;
+        let (conv, xs) = random_case((n, c_in, c_out, h, w, k, stride, padding, bias))?;
         let want = conv.forward(&xs)?;
         let got = kernels::conv2d(&conv, &xs)?;
         let (abs, rel) = compare(&got, &want)?;
@@ -154,12 +160,7 @@ fn conv2d_direct_and_winograd_shapes_match_candle() -> Result<()> {
         (4, 8, 12, 64, 64, 3, 1, 1, true),
     ];
     for &(n, c_in, c_out, h, w, k, padding, upsample, bias) in cases {
-        let cfg = Conv2dConfig {
-            padding,
-            ..Default::default()
-        };
-        let conv = random_conv(c_in, c_out, k, cfg, bias)?;
-        let xs = randn(0f32, 1., (n, c_in, h, w), &Device::Cpu)?;
+        let (conv, xs) = random_case((n, c_in, c_out, h, w, k, 1, padding, bias))?;
         let (want, got) = if upsample == 1 {
             (conv.forward(&xs)?, kernels::conv2d(&conv, &xs)?)
         } else {

@@ -18,7 +18,7 @@
 //! copied out image by image. Groups run on one thread each when there are enough of them
 //! to share evenly, otherwise one at a time with the product split.
 //!
-//! A 3×3 stride-1 convolution with an even output of 16 × 16 or more and 8+ input and 16+
+//! A 3×3 stride-1 convolution with an even output of 16 × 16 or more and 32+ input and
 //! output channels (nearly all of the VAE decoder's, the UNet's at 16² latents and up) goes
 //! to Winograd's F(2×2, 3×3) ([`super::winograd`]), 2.25× fewer multiplications, image by
 //! image. Of the rest, on CPUs with AVX-512F, a stride-1 convolution over images wide enough (the VAE
@@ -104,32 +104,33 @@ impl CustomOp1 for BandedConv2d {
         let image_in = c * h * w;
         let image_out = g.c_out * oh * ow;
         let threads = rayon::current_num_threads();
+        let parallel = images_in_parallel(n, threads);
+        let mut out = vec![0f32; n * image_out];
         let shape = [g.c_out, g.c_in, g.k_h, g.k_w];
-        if let Some(wino) = Winograd::new(shape, g.stride, (oh, ow), weight, self.bias.as_deref()) {
+        if let Some(wino) = Winograd::new(
+            shape,
+            g.stride,
+            (oh, ow),
+            weight,
+            self.bias.as_deref(),
+            threads,
+        ) {
             // Every image alone, whatever their number, so that a batch gives what each
-            // image gives by itself (the threads split a product without changing its sums):
-            // one per thread when they keep every thread busy, else one at a time, split.
+            // image gives by itself (the threads split a product without changing its sums).
             let wp = w * g.upsample + 2 * g.padding;
             let plane = (h * g.upsample + 2 * g.padding) * wp;
-            let mut out = vec![0f32; n * image_out];
-            let one = |image: &[f32], dst: &mut [f32], padded: &mut Vec<f32>, threads| {
-                let padded = at_least(padded, g.c_in * plane);
-                pad_planes(&g, (h, w), image, padded, plane, threads);
-                wino.image(padded, plane, wp, dst, threads);
-            };
-            if images_in_parallel(n, threads) {
-                out.par_chunks_mut(image_out)
-                    .zip(input.par_chunks(image_in))
-                    .for_each_init(Vec::new, |padded, (dst, image)| one(image, dst, padded, 1));
-            } else {
-                let mut padded = Vec::new();
-                for (dst, image) in out
-                    .chunks_exact_mut(image_out)
-                    .zip(input.chunks_exact(image_in))
-                {
-                    one(image, dst, &mut padded, threads);
-                }
-            }
+            by_chunks(
+                input,
+                &mut out,
+                (image_in, image_out),
+                parallel,
+                threads,
+                |image, dst, threads, padded: &mut Vec<f32>| {
+                    let padded = at_least(padded, g.c_in * plane);
+                    pad_planes(&g, (h, w), image, padded, plane, threads);
+                    wino.image(padded, plane, wp, dst, threads);
+                },
+            );
             return Ok((CpuStorage::F32(out), Shape::from((n, g.c_out, oh, ow))));
         }
         let k = g.c_in * g.k_h * g.k_w;
@@ -144,68 +145,51 @@ impl CustomOp1 for BandedConv2d {
             out_size: (oh, ow),
             rows_per_band,
         };
-        let mut out = vec![0f32; n * image_out];
         let per_group = images_per_group(n, k * plane_out, rows_per_band == oh, threads);
-        let parallel = images_in_parallel(n, threads);
         #[cfg(target_arch = "x86_64")]
         if let Some(direct) = Direct::new(&conv, if parallel { 1 } else { threads }, parallel)
             .filter(|_| per_group == 1)
         {
-            if parallel {
-                // One image per thread, each on its own.
-                out.par_chunks_mut(image_out)
-                    .zip(input.par_chunks(image_in))
-                    .for_each_init(Scratch::default, |scratch, (dst, image)| {
-                        direct.image(image, dst, 1, scratch);
-                    });
-            } else {
-                let mut scratch = Scratch::default();
-                for (dst, image) in out
-                    .chunks_exact_mut(image_out)
-                    .zip(input.chunks_exact(image_in))
-                {
-                    direct.image(image, dst, threads, &mut scratch);
-                }
-            }
+            let chunks = (image_in, image_out);
+            by_chunks(
+                input,
+                &mut out,
+                chunks,
+                parallel,
+                threads,
+                |image, dst, t, scratch| direct.image(image, dst, t, scratch),
+            );
             return Ok((CpuStorage::F32(out), Shape::from((n, g.c_out, oh, ow))));
         }
-        if per_group == 1 && parallel {
-            // Large images enough to keep every thread busy: side by side, band by band,
-            // each product on one thread.
-            out.par_chunks_mut(image_out)
-                .zip(input.par_chunks(image_in))
-                .for_each_init(Vec::new, |scratch, (dst, image)| {
+        if per_group == 1 {
+            // Large images one band at a time: one image per thread when they keep every
+            // thread busy, else the patch fill and the product split.
+            let chunks = (image_in, image_out);
+            by_chunks(
+                input,
+                &mut out,
+                chunks,
+                parallel,
+                threads,
+                |image, dst, t, scratch| {
                     for y0 in (0..oh).step_by(rows_per_band) {
-                        conv.band(image, dst, y0, 1, scratch);
+                        conv.band(image, dst, y0, t, scratch);
                     }
-                });
-        } else if per_group == 1 {
-            // A few large images: one band at a time, the patch fill and the product split.
-            let mut scratch = Vec::new();
-            for (dst, image) in out
-                .chunks_exact_mut(image_out)
-                .zip(input.chunks_exact(image_in))
-            {
-                for y0 in (0..oh).step_by(rows_per_band) {
-                    conv.band(image, dst, y0, threads, &mut scratch);
-                }
-            }
-        } else if n.div_ceil(per_group) % threads == 0 {
-            // Groups enough to share evenly: each on one thread.
-            out.par_chunks_mut(per_group * image_out)
-                .zip(input.par_chunks(per_group * image_in))
-                .for_each_init(Scratch::default, |scratch, (dst, images)| {
-                    conv.images(images, dst, 1, scratch);
-                });
+                },
+            );
         } else {
-            // A few groups: one at a time, the fill and the product split.
-            let mut scratch = Scratch::default();
-            for (dst, images) in out
-                .chunks_mut(per_group * image_out)
-                .zip(input.chunks(per_group * image_in))
-            {
-                conv.images(images, dst, threads, &mut scratch);
-            }
+            // Groups of small images in one product: each group on one thread when there
+            // are enough to share evenly, else one at a time, split.
+            let chunks = (per_group * image_in, per_group * image_out);
+            let even = n.div_ceil(per_group).is_multiple_of(threads);
+            by_chunks(
+                input,
+                &mut out,
+                chunks,
+                even,
+                threads,
+                |images, dst, t, scratch| conv.images(images, dst, t, scratch),
+            );
         }
         Ok((CpuStorage::F32(out), Shape::from((n, g.c_out, oh, ow))))
     }
@@ -215,6 +199,29 @@ impl CustomOp1 for BandedConv2d {
 /// or enough that the last round matters little).
 fn images_in_parallel(n: usize, threads: usize) -> bool {
     n >= threads && (n.is_multiple_of(threads) || n >= 4 * threads)
+}
+
+/// `run(inputs, outputs, threads, scratch)` for every pair of `chunks.0` input and `chunks.1`
+/// output elements (whole images): each on one thread of rayon's pool with a scratch of its
+/// own when `parallel`, else one after the other, each split over `threads`.
+fn by_chunks<S: Default + Send>(
+    input: &[f32],
+    out: &mut [f32],
+    chunks: (usize, usize),
+    parallel: bool,
+    threads: usize,
+    run: impl Fn(&[f32], &mut [f32], usize, &mut S) + Sync,
+) {
+    if parallel {
+        out.par_chunks_mut(chunks.1)
+            .zip(input.par_chunks(chunks.0))
+            .for_each_init(S::default, |scratch, (dst, src)| run(src, dst, 1, scratch));
+    } else {
+        let mut scratch = S::default();
+        for (dst, src) in out.chunks_mut(chunks.1).zip(input.chunks(chunks.0)) {
+            run(src, dst, threads, &mut scratch);
+        }
+    }
 }
 
 /// How many whole images share one patch matrix: 1 when an image's patches
@@ -487,24 +494,12 @@ impl<'a, 'b> Direct<'a, 'b> {
         })
     }
 
-    /// The padded planes of `image` into `padded` (`c_in` planes of `plane`).
-    fn pad(&self, image: &[f32], padded: &mut [f32], threads: usize) {
-        pad_planes(
-            &self.bands.g,
-            self.bands.in_size,
-            image,
-            padded,
-            self.plane,
-            threads,
-        );
-    }
-
     /// Every output of one image (`dst`: its `[c_out, oh·ow]` output), band by band, each
     /// band's output channels shared by the threads.
     fn image(&self, image: &[f32], dst: &mut [f32], threads: usize, scratch: &mut Scratch) {
         let b = self.bands;
         let padded = at_least(&mut scratch.patches, b.g.c_in * self.plane);
-        self.pad(image, padded, threads);
+        pad_planes(&b.g, b.in_size, image, padded, self.plane, threads);
         let padded = &scratch.patches[..b.g.c_in * self.plane];
         let plane_out = b.out_size.0 * b.out_size.1;
         let chunk = self.per * plane_out;

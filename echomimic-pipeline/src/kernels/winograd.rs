@@ -28,26 +28,28 @@ const MIN_OUTPUTS: usize = 256;
 /// slower this way).
 const MIN_CHANNELS: (usize, usize) = (32, 32);
 
-/// One convolution: its channels, output size (even), weight `[c_out, c_in, 3, 3]`, bias.
+/// One convolution: its channels, output size (even), transformed weight
+/// (`[c_out][16][c_in]`), bias.
 pub(super) struct Winograd<'a> {
     c_in: usize,
     c_out: usize,
     out_size: (usize, usize),
-    weight: &'a [f32],
+    u: Vec<f32>,
     bias: Option<&'a [f32]>,
 }
 
 impl<'a> Winograd<'a> {
-    /// The Winograd convolution for `g` with outputs `out_size`, when it applies and pays:
-    /// a 3×3 kernel, stride 1, an even output size of at least 16 × 16 and at least 32
-    /// input and output channels.
-    /// `[c_out, c_in, kh, kw]` is the weight's shape.
+    /// The Winograd convolution of a weight shaped `[c_out, c_in, kh, kw]` with outputs
+    /// `out_size`, when it applies and pays: a 3×3 kernel, stride 1, an even output size of
+    /// at least 16 × 16 and at least 32 input and output channels. The weight is transformed
+    /// here, once for every image of the call (split over `threads`).
     pub(super) fn new(
         [c_out, c_in, k_h, k_w]: [usize; 4],
         stride: usize,
         out_size: (usize, usize),
-        weight: &'a [f32],
+        weight: &[f32],
         bias: Option<&'a [f32]>,
+        threads: usize,
     ) -> Option<Self> {
         let (oh, ow) = out_size;
         let fits = (k_h, k_w, stride) == (3, 3, 1)
@@ -56,11 +58,11 @@ impl<'a> Winograd<'a> {
             && oh * ow >= MIN_OUTPUTS
             && c_in >= MIN_CHANNELS.0
             && c_out >= MIN_CHANNELS.1;
-        fits.then_some(Self {
+        fits.then(|| Self {
             c_in,
             c_out,
             out_size,
-            weight,
+            u: weight_transform(weight, c_out, c_in, threads),
             bias,
         })
     }
@@ -77,7 +79,6 @@ impl<'a> Winograd<'a> {
     ) {
         let (oh, ow) = self.out_size;
         let (bh, bw) = (oh / 2, ow / 2);
-        let u = self.weight_transform(threads);
         // Bands whose transformed input per element (`c_in × blocks`) is 256 KiB: one
         // product's right factor and result stay in L2.
         let blocks_per_band = (BAND_ELEMS / self.c_in).clamp(64, 1024);
@@ -97,7 +98,7 @@ impl<'a> Winograd<'a> {
             m.resize(self.c_out * E * blocks, 0.0);
             for e in 0..E {
                 let lhs = View {
-                    data: &u[e * self.c_in..],
+                    data: &self.u[e * self.c_in..],
                     rows: self.c_out,
                     cols: self.c_in,
                     row_stride: E * self.c_in,
@@ -127,39 +128,38 @@ impl<'a> Winograd<'a> {
             for_each_chunk(dst, oh * ow, threads, write);
         }
     }
+}
 
-    /// `G g Gᵀ` of every 3×3 kernel, `[c_out][16][c_in]`.
-    fn weight_transform(&self, threads: usize) -> Vec<f32> {
-        let c_in = self.c_in;
-        let mut u = vec![0f32; self.c_out * E * c_in];
-        let fill = |co: usize, u: &mut [f32]| {
-            for ci in 0..c_in {
-                let g = &self.weight[(co * c_in + ci) * 9..][..9];
-                // t = G g (4×3), then t Gᵀ (4×4).
-                let mut t = [[0f32; 3]; 4];
-                for j in 0..3 {
-                    let (g0, g1, g2) = (g[j], g[3 + j], g[6 + j]);
-                    t[0][j] = g0;
-                    t[1][j] = 0.5 * (g0 + g1 + g2);
-                    t[2][j] = 0.5 * (g0 - g1 + g2);
-                    t[3][j] = g2;
-                }
-                for (a, t) in t.iter().enumerate() {
-                    let row = [
-                        t[0],
-                        0.5 * (t[0] + t[1] + t[2]),
-                        0.5 * (t[0] - t[1] + t[2]),
-                        t[2],
-                    ];
-                    for (b, &x) in row.iter().enumerate() {
-                        u[(4 * a + b) * c_in + ci] = x;
-                    }
+/// `G g Gᵀ` of every 3×3 kernel of `weight` (`[c_out, c_in, 3, 3]`), `[c_out][16][c_in]`.
+fn weight_transform(weight: &[f32], c_out: usize, c_in: usize, threads: usize) -> Vec<f32> {
+    let mut u = vec![0f32; c_out * E * c_in];
+    let fill = |co: usize, u: &mut [f32]| {
+        for ci in 0..c_in {
+            let g = &weight[(co * c_in + ci) * 9..][..9];
+            // t = G g (4×3), then t Gᵀ (4×4).
+            let mut t = [[0f32; 3]; 4];
+            for j in 0..3 {
+                let (g0, g1, g2) = (g[j], g[3 + j], g[6 + j]);
+                t[0][j] = g0;
+                t[1][j] = 0.5 * (g0 + g1 + g2);
+                t[2][j] = 0.5 * (g0 - g1 + g2);
+                t[3][j] = g2;
+            }
+            for (a, t) in t.iter().enumerate() {
+                let row = [
+                    t[0],
+                    0.5 * (t[0] + t[1] + t[2]),
+                    0.5 * (t[0] - t[1] + t[2]),
+                    t[2],
+                ];
+                for (b, &x) in row.iter().enumerate() {
+                    u[(4 * a + b) * c_in + ci] = x;
                 }
             }
-        };
-        for_each_chunk(&mut u, E * c_in, threads, fill);
-        u
-    }
+        }
+    };
+    for_each_chunk(&mut u, E * c_in, threads, fill);
+    u
 }
 
 /// `Bᵀ d B` of the 4×4 input blocks of block rows `rows` (`bw` blocks each) of one padded
