@@ -6,6 +6,7 @@
 /// before any tensor operation.
 pub fn configure() {
     keep_freed_pages();
+    small_pages();
     candle_elementwise_inline();
 }
 
@@ -25,6 +26,31 @@ pub fn keep_freed_pages() {
     // SAFETY: an FFI call with two integers, valid at any time (mimalloc reads the option at
     // each purge).
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+}
+
+/// mimalloc's switch for transparent huge pages, read when it starts (before `main`).
+const MIMALLOC_ALLOW_THP: &str = "MIMALLOC_ALLOW_THP";
+
+/// Backs the process's memory with 4 KiB pages instead of transparent huge pages, unless the
+/// operator chose with `MIMALLOC_ALLOW_THP` (mimalloc applies that itself).
+///
+/// mimalloc asks for huge pages (`madvise`), and the kernel zeroes each 2 MiB page whole at
+/// its first touch. Every tensor of a CPU request lands on fresh memory the first time, so a
+/// one-shot `generate` (and a worker's first task) spends its start zeroing: on a virtual
+/// machine that hands free memory back to its host, a profile of such a run showed a quarter
+/// of its CPU time in the kernel's `clear_page_erms` under `do_huge_pmd_anonymous_page`, and
+/// the face stage ran 4-7x slower than in a run straight after another. With small pages the
+/// first touches cost the same cold or warm; once the pages are kept (`keep_freed_pages`),
+/// later tasks fault nothing either way. Measured: benches/RESULTS.md. The setting is the
+/// process's (`prctl(PR_SET_THP_DISABLE)`), inherited by the ffmpeg it starts.
+pub fn small_pages() {
+    if std::env::var_os(MIMALLOC_ALLOW_THP).is_some() {
+        return;
+    }
+    #[cfg(target_os = "linux")]
+    if let Err(e) = rustix::thread::disable_transparent_huge_pages(true) {
+        tracing::debug!(error = %e, "could not turn transparent huge pages off");
+    }
 }
 
 /// The variable that sizes candle's own thread pool for its element-wise operations (read
@@ -66,6 +92,21 @@ mod tests {
                 keep_freed_pages();
                 assert_eq!(get(), before, "MIMALLOC_PURGE_DELAY={value} was overridden");
             }
+        }
+    }
+
+    /// Unless the operator set `MIMALLOC_ALLOW_THP`, the process's huge pages are off after
+    /// `small_pages` (the kernel's own flag, read back).
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn small_pages_turns_the_process_flag_on() {
+        let before = rustix::thread::transparent_huge_pages_are_disabled().unwrap();
+        small_pages();
+        let after = rustix::thread::transparent_huge_pages_are_disabled().unwrap();
+        if std::env::var_os(MIMALLOC_ALLOW_THP).is_some() {
+            assert_eq!(after, before, "MIMALLOC_ALLOW_THP is set: the flag stays");
+        } else {
+            assert!(after, "huge pages are still allowed after small_pages");
         }
     }
 
