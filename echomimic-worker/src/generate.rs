@@ -148,7 +148,7 @@ pub fn run_with_cancel(
 ) -> anyhow::Result<GenerateOutcome> {
     check_paths(args)?;
     if args.encoder != EncoderBackend::Builtin {
-        // ffmpeg's check (two runs, ≈ 0.1 s) overlaps the weight loading; the video writer
+        // ffmpeg's check (one run, ≈ 0.05 s) overlaps the weight loading; the video writer
         // then finds it passed (`probe_ffmpeg` remembers) or checks again and reports.
         std::thread::spawn(|| {
             let _ = probe_ffmpeg(None);
