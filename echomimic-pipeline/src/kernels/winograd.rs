@@ -164,6 +164,9 @@ fn weight_transform(weight: &[f32], c_out: usize, c_in: usize, threads: usize) -
 
 /// `Bᵀ d B` of the 4×4 input blocks of block rows `rows` (`bw` blocks each) of one padded
 /// plane, into `v` (`[16][blocks]`).
+///
+/// Block `k` reads columns `2k..2k + 4` of its four rows: the even and odd columns of each
+/// row are split out once, so every step below runs over `k` with unit strides.
 fn input_transform(
     plane: &[f32],
     wp: usize,
@@ -173,29 +176,68 @@ fn input_transform(
 ) {
     let blocks = v.len() / E;
     let first = rows.start;
+    let n = bw + 1;
+    // even[i·n + k] = row i's column 2k, odd[i·n + k] its column 2k + 1
+    let mut split = vec![0f32; 8 * n];
+    let (even, odd) = split.split_at_mut(4 * n);
     for by in rows {
         let at = (by - first) * bw;
-        let r: [&[f32]; 4] = std::array::from_fn(|i| &plane[(2 * by + i) * wp..][..2 * bw + 2]);
-        for bx in 0..bw {
-            // d B (each row of the block), then Bᵀ (d B) (each column).
-            let mut d = [[0f32; 4]; 4];
-            for (i, row) in r.iter().enumerate() {
-                let x = &row[2 * bx..2 * bx + 4];
-                d[i] = [x[0] - x[2], x[1] + x[2], x[2] - x[1], x[1] - x[3]];
+        for i in 0..4 {
+            let row = &plane[(2 * by + i) * wp..][..2 * n];
+            let (e, o) = (&mut even[i * n..][..n], &mut odd[i * n..][..n]);
+            for ((e, o), pair) in e.iter_mut().zip(o.iter_mut()).zip(row.chunks_exact(2)) {
+                *e = pair[0];
+                *o = pair[1];
             }
-            for b in 0..4 {
-                let (d0, d1, d2, d3) = (d[0][b], d[1][b], d[2][b], d[3][b]);
-                let col = [d0 - d2, d1 + d2, d2 - d1, d1 - d3];
-                for (a, &x) in col.iter().enumerate() {
-                    v[(4 * a + b) * blocks + at + bx] = x;
-                }
+        }
+        for b in 0..4 {
+            // Column b of `d B`, row i: x + sign·y, from a row's (x0, x1, x2, x3) = (even[k],
+            // odd[k], even[k + 1], odd[k + 1]): (x0 − x2, x1 + x2, x2 − x1, x1 − x3).
+            let sign = if b == 1 { 1.0 } else { -1.0 };
+            let [(x0, y0), (x1, y1), (x2, y2), (x3, y3)]: [(&[f32], &[f32]); 4] =
+                std::array::from_fn(|i| {
+                    let (e0, e1) = (&even[i * n..][..bw], &even[i * n + 1..][..bw]);
+                    let (o0, o1) = (&odd[i * n..][..bw], &odd[i * n + 1..][..bw]);
+                    match b {
+                        0 => (e0, e1),
+                        1 => (o0, e1),
+                        2 => (e1, o0),
+                        _ => (o0, o1),
+                    }
+                });
+            // Bᵀ over the rows: (d0 − d2, d1 + d2, d2 − d1, d1 − d3), elements 4a + b.
+            let [v0, v1, v2, v3] = four_rows(v, b, blocks, at, bw);
+            for k in 0..bw {
+                let d0 = x0[k] + sign * y0[k];
+                let d1 = x1[k] + sign * y1[k];
+                let d2 = x2[k] + sign * y2[k];
+                let d3 = x3[k] + sign * y3[k];
+                v0[k] = d0 - d2;
+                v1[k] = d1 + d2;
+                v2[k] = d2 - d1;
+                v3[k] = d1 - d3;
             }
         }
     }
 }
 
+/// The `bw`-long runs at `at` of elements `b`, `4 + b`, `8 + b` and `12 + b` of `v`
+/// (`[16][blocks]`).
+fn four_rows(v: &mut [f32], b: usize, blocks: usize, at: usize, bw: usize) -> [&mut [f32]; 4] {
+    let (r0, rest) = v[b * blocks..].split_at_mut(4 * blocks);
+    let (r1, rest) = rest.split_at_mut(4 * blocks);
+    let (r2, r3) = rest.split_at_mut(4 * blocks);
+    [
+        &mut r0[at..at + bw],
+        &mut r1[at..at + bw],
+        &mut r2[at..at + bw],
+        &mut r3[at..at + bw],
+    ]
+}
+
 /// `Aᵀ m A` of the products of block rows `rows` (`bw` blocks each) of one output channel
-/// (`m`: `[16][blocks]`), plus `bias`, into its `oh·ow` plane `out`.
+/// (`m`: `[16][blocks]`), plus `bias`, into its `oh·ow` plane `out`, over `bx` with unit
+/// strides as the input transform.
 fn output_transform(
     m: &[f32],
     rows: std::ops::Range<usize>,
@@ -206,20 +248,34 @@ fn output_transform(
 ) {
     let blocks = m.len() / E;
     let first = rows.start;
+    // Aᵀ over the block's rows: s[i·4 + b][k] for output row i of the block, column b.
+    let mut s = vec![0f32; 8 * bw];
     for by in rows {
         let at = (by - first) * bw;
-        for bx in 0..bw {
-            let k = at + bx;
-            let p = |a: usize, b: usize| m[(4 * a + b) * blocks + k];
-            // Aᵀ over the block's rows, then over its columns.
-            let s: [[f32; 4]; 2] = [
-                std::array::from_fn(|b| p(0, b) + p(1, b) + p(2, b)),
-                std::array::from_fn(|b| p(1, b) - p(2, b) - p(3, b)),
-            ];
-            for (i, s) in s.iter().enumerate() {
-                let y = (2 * by + i) * ow + 2 * bx;
-                out[y] = s[0] + s[1] + s[2] + bias;
-                out[y + 1] = s[1] - s[2] - s[3] + bias;
+        let p = |e: usize| &m[e * blocks + at..][..bw];
+        for (b, (s0, s1)) in {
+            let (s0, s1) = s.split_at_mut(4 * bw);
+            s0.chunks_exact_mut(bw).zip(s1.chunks_exact_mut(bw))
+        }
+        .enumerate()
+        {
+            let ins = p(b).iter().zip(p(4 + b)).zip(p(8 + b)).zip(p(12 + b));
+            for ((s0, s1), (((&p0, &p1), &p2), &p3)) in s0.iter_mut().zip(s1.iter_mut()).zip(ins) {
+                *s0 = p0 + p1 + p2;
+                *s1 = p1 - p2 - p3;
+            }
+        }
+        // ... then over its columns, two outputs per block and row.
+        let (top, bottom) = out[2 * by * ow..][..2 * ow].split_at_mut(ow);
+        for (i, dst) in [top, bottom].into_iter().enumerate() {
+            let r = &s[i * 4 * bw..][..4 * bw];
+            let (r01, r23) = r.split_at(2 * bw);
+            let (r0, r1) = r01.split_at(bw);
+            let (r2, r3) = r23.split_at(bw);
+            let ins = r0.iter().zip(r1).zip(r2).zip(r3);
+            for (pair, (((&c0, &c1), &c2), &c3)) in dst.chunks_exact_mut(2).zip(ins) {
+                pair[0] = c0 + c1 + c2 + bias;
+                pair[1] = c1 - c2 - c3 + bias;
             }
         }
     }
