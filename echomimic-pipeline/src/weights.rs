@@ -381,8 +381,13 @@ fn read_torch_zip(path: &Path, key: Option<&str>) -> Result<Vec<(String, Tensor)
     infos
         .into_iter()
         .map(|info| {
-            let tensor = read_stored_tensor(&mut archive, &info)
-                .map_err(|e| weights_err(path, Some(&info.name), e))?;
+            let tensor = read_stored_tensor(&mut archive, &info).map_err(|e| {
+                weights_err(
+                    path,
+                    Some(&info.name),
+                    format!("storage record {}: {e}", info.path),
+                )
+            })?;
             Ok((info.name, tensor))
         })
         .collect()
@@ -404,19 +409,14 @@ fn read_stored_tensor<R: std::io::Read + std::io::Seek>(
             layout.stride()
         ));
     }
-    let mut record = archive
-        .by_name(&info.path)
-        .map_err(|e| format!("storage record {}: {e}", info.path))?;
+    let mut record = archive.by_name(&info.path).map_err(|e| e.to_string())?;
     // Where the view starts in its storage: candle's pickle reader gives it in bytes (the
     // layouts test checks views at element offsets 3 and 5).
     let skip = layout.start_offset() as u64;
     let skipped = std::io::copy(&mut record.by_ref().take(skip), &mut std::io::sink())
-        .map_err(|e| format!("storage record {}: {e}", info.path))?;
+        .map_err(|e| e.to_string())?;
     if skipped != skip {
-        return Err(format!(
-            "storage record {} ends before the tensor's offset ({skip} bytes)",
-            info.path
-        ));
+        return Err(format!("it ends before the tensor's offset ({skip} bytes)"));
     }
     let count = layout.shape().elem_count();
     let dims: Vec<usize> = if fortran {
@@ -433,12 +433,7 @@ fn read_stored_tensor<R: std::io::Read + std::io::Seek>(
         DType::I64 => read_values::<i64>(&mut record, count, &dims),
         other => Err(format!("storage dtype {other:?} is not read")),
     }
-    .map_err(|e| {
-        format!(
-            "storage record {}: {e} (reading {count} {:?} values)",
-            info.path, info.dtype
-        )
-    })?;
+    .map_err(|e| format!("{e} (reading {count} {:?} values)", info.dtype))?;
     if fortran && dims.len() > 1 {
         let reversed: Vec<usize> = (0..dims.len()).rev().collect();
         return tensor.permute(reversed).map_err(|e| e.to_string());

@@ -39,7 +39,7 @@ const MIMALLOC_ALLOW_THP: &str = "MIMALLOC_ALLOW_THP";
 /// one-shot `generate` (and a worker's first task) spends its start zeroing: on a virtual
 /// machine that hands free memory back to its host, a profile of such a run showed a quarter
 /// of its CPU time in the kernel's `clear_page_erms` under `do_huge_pmd_anonymous_page`, and
-/// the face stage ran 4-7x slower than in a run straight after another. With small pages the
+/// the face stage ran 5-7x slower than in a run straight after another. With small pages the
 /// first touches cost the same cold or warm; once the pages are kept (`keep_freed_pages`),
 /// later tasks fault nothing either way. Measured: benches/RESULTS.md. The setting is the
 /// process's (`prctl(PR_SET_THP_DISABLE)`), inherited by the ffmpeg it starts.

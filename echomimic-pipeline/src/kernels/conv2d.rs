@@ -146,34 +146,25 @@ impl CustomOp1 for BandedConv2d {
             rows_per_band,
         };
         let per_group = images_per_group(n, k * plane_out, rows_per_band == oh, threads);
-        #[cfg(target_arch = "x86_64")]
-        if let Some(direct) = Direct::new(&conv, if parallel { 1 } else { threads }, parallel)
-            .filter(|_| per_group == 1)
-        {
-            let chunks = (image_in, image_out);
-            by_chunks(
-                input,
-                &mut out,
-                chunks,
-                parallel,
-                threads,
-                |image, dst, t, scratch| direct.image(image, dst, t, scratch),
-            );
-            return Ok((CpuStorage::F32(out), Shape::from((n, g.c_out, oh, ow))));
-        }
         if per_group == 1 {
-            // Large images one band at a time: one image per thread when they keep every
-            // thread busy, else the patch fill and the product split.
-            let chunks = (image_in, image_out);
+            // Large images: the direct convolution where it applies, else one band at a
+            // time; one image per thread when they keep every thread busy, else each split.
+            #[cfg(target_arch = "x86_64")]
+            let direct = Direct::new(&conv, if parallel { 1 } else { threads }, parallel);
             by_chunks(
                 input,
                 &mut out,
-                chunks,
+                (image_in, image_out),
                 parallel,
                 threads,
                 |image, dst, t, scratch| {
+                    #[cfg(target_arch = "x86_64")]
+                    if let Some(direct) = &direct {
+                        direct.image(image, dst, t, scratch);
+                        return;
+                    }
                     for y0 in (0..oh).step_by(rows_per_band) {
-                        conv.band(image, dst, y0, t, scratch);
+                        conv.band(image, dst, y0, t, &mut scratch.patches);
                     }
                 },
             );

@@ -253,12 +253,11 @@ fn output_transform(
     for by in rows {
         let at = (by - first) * bw;
         let p = |e: usize| &m[e * blocks + at..][..bw];
-        for (b, (s0, s1)) in {
-            let (s0, s1) = s.split_at_mut(4 * bw);
-            s0.chunks_exact_mut(bw).zip(s1.chunks_exact_mut(bw))
-        }
-        .enumerate()
-        {
+        let (s_top, s_bottom) = s.split_at_mut(4 * bw);
+        let columns = s_top
+            .chunks_exact_mut(bw)
+            .zip(s_bottom.chunks_exact_mut(bw));
+        for (b, (s0, s1)) in columns.enumerate() {
             let ins = p(b).iter().zip(p(4 + b)).zip(p(8 + b)).zip(p(12 + b));
             for ((s0, s1), (((&p0, &p1), &p2), &p3)) in s0.iter_mut().zip(s1.iter_mut()).zip(ins) {
                 *s0 = p0 + p1 + p2;
@@ -268,10 +267,8 @@ fn output_transform(
         // ... then over its columns, two outputs per block and row.
         let (top, bottom) = out[2 * by * ow..][..2 * ow].split_at_mut(ow);
         for (i, dst) in [top, bottom].into_iter().enumerate() {
-            let r = &s[i * 4 * bw..][..4 * bw];
-            let (r01, r23) = r.split_at(2 * bw);
-            let (r0, r1) = r01.split_at(bw);
-            let (r2, r3) = r23.split_at(bw);
+            let [r0, r1, r2, r3]: [&[f32]; 4] =
+                std::array::from_fn(|b| &s[(4 * i + b) * bw..][..bw]);
             let ins = r0.iter().zip(r1).zip(r2).zip(r3);
             for (pair, (((&c0, &c1), &c2), &c3)) in dst.chunks_exact_mut(2).zip(ins) {
                 pair[0] = c0 + c1 + c2 + bias;
