@@ -77,6 +77,7 @@ impl ConvGeometry {
 
 /// The CPU f32 convolution as a candle op on the input; it holds the weight as
 /// a contiguous `[c_out, c_in·kh·kw]` matrix and the bias values.
+#[derive(Debug, Clone)]
 pub(crate) struct BandedConv2d {
     pub(crate) geometry: ConvGeometry,
     pub(crate) weight: Tensor,
@@ -91,6 +92,31 @@ impl CustomOp1 for BandedConv2d {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let input = contiguous_f32(self.name(), storage, layout)?;
         let (n, c, h, w) = layout.shape().dims4()?;
+        let mut out = Vec::new();
+        let (oh, ow) = self.run(input, (n, c, h, w), &mut out)?;
+        Ok((
+            CpuStorage::F32(out),
+            Shape::from((n, self.geometry.c_out, oh, ow)),
+        ))
+    }
+}
+
+impl BandedConv2d {
+    /// The convolution of the `(n, c, h, w)` contiguous images in `input`, into `out`
+    /// (cleared and resized to their `(n, c_out, oh, ow)` outputs, so a caller can reuse
+    /// one buffer from call to call). Returns `(oh, ow)`.
+    pub(crate) fn run(
+        &self,
+        input: &[f32],
+        (n, c, h, w): (usize, usize, usize, usize),
+        out: &mut Vec<f32>,
+    ) -> Result<(usize, usize)> {
+        if input.len() != n * c * h * w {
+            candle_core::bail!(
+                "banded-conv2d: {} input values for {n}x{c}x{h}x{w}",
+                input.len()
+            );
+        }
         let g = self.geometry;
         if c != g.c_in {
             candle_core::bail!(
@@ -105,7 +131,9 @@ impl CustomOp1 for BandedConv2d {
         let image_out = g.c_out * oh * ow;
         let threads = rayon::current_num_threads();
         let parallel = images_in_parallel(n, threads);
-        let mut out = vec![0f32; n * image_out];
+        out.clear();
+        out.resize(n * image_out, 0.0);
+        let out = &mut out[..];
         let shape = [g.c_out, g.c_in, g.k_h, g.k_w];
         if let Some(wino) = Winograd::new(
             shape,
@@ -121,7 +149,7 @@ impl CustomOp1 for BandedConv2d {
             let plane = (h * g.upsample + 2 * g.padding) * wp;
             by_chunks(
                 input,
-                &mut out,
+                out,
                 (image_in, image_out),
                 parallel,
                 threads,
@@ -131,7 +159,7 @@ impl CustomOp1 for BandedConv2d {
                     wino.image(padded, plane, wp, dst, threads);
                 },
             );
-            return Ok((CpuStorage::F32(out), Shape::from((n, g.c_out, oh, ow))));
+            return Ok((oh, ow));
         }
         let k = g.c_in * g.k_h * g.k_w;
         let rows_per_band = (BAND_ELEMS / (k * ow)).clamp(1, oh);
@@ -153,7 +181,7 @@ impl CustomOp1 for BandedConv2d {
             let direct = Direct::new(&conv, if parallel { 1 } else { threads }, parallel);
             by_chunks(
                 input,
-                &mut out,
+                out,
                 (image_in, image_out),
                 parallel,
                 threads,
@@ -175,14 +203,14 @@ impl CustomOp1 for BandedConv2d {
             let even = n.div_ceil(per_group).is_multiple_of(threads);
             by_chunks(
                 input,
-                &mut out,
+                out,
                 chunks,
                 even,
                 threads,
                 |images, dst, t, scratch| conv.images(images, dst, t, scratch),
             );
         }
-        Ok((CpuStorage::F32(out), Shape::from((n, g.c_out, oh, ow))))
+        Ok((oh, ow))
     }
 }
 

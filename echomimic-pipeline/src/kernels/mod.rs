@@ -71,6 +71,74 @@ pub fn upsample_nearest2x_conv2d(conv: &Conv2d, xs: &Tensor) -> Result<Tensor> {
     conv2d_upsampled(conv, xs, 2)
 }
 
+/// A convolution over plain CPU f32 values, for a network that keeps its activations as
+/// vectors (MTCNN's P-Net over each pyramid level): the banded kernel prepared once and
+/// written into a buffer the caller reuses, without wrapping the values in a tensor and
+/// copying them out again. With the kernels switched off ([`set_enabled`]) it takes
+/// candle's convolution through tensors.
+#[derive(Debug, Clone)]
+pub(crate) struct PlaneConv2d {
+    conv: Conv2d,
+    op: Option<BandedConv2d>,
+}
+
+impl PlaneConv2d {
+    /// `conv` on CPU f32 values (its weight must be on the CPU in f32).
+    pub(crate) fn new(conv: Conv2d) -> Result<Self> {
+        let weight = conv.weight();
+        if !weight.device().is_cpu() || weight.dtype() != DType::F32 {
+            candle_core::bail!("a plane convolution needs a CPU f32 weight");
+        }
+        let cfg = conv.config();
+        let op = (cfg.groups == 1 && cfg.dilation == 1)
+            .then(|| banded(&conv, 1))
+            .transpose()?;
+        Ok(Self { conv, op })
+    }
+
+    /// `(n, c_in, h, w)` values in `x` to `(n, c_out, oh, ow)` ones in `out` (cleared
+    /// first); returns `(oh, ow)`.
+    pub(crate) fn forward_into(
+        &self,
+        x: &[f32],
+        (n, h, w): (usize, usize, usize),
+        out: &mut Vec<f32>,
+    ) -> Result<(usize, usize)> {
+        let (_, c_in, _, _) = self.conv.weight().dims4()?;
+        match &self.op {
+            Some(op) if switch::enabled() => op.run(x, (n, c_in, h, w), out),
+            _ => {
+                let xs = Tensor::from_slice(x, (n, c_in, h, w), &candle_core::Device::Cpu)?;
+                let ys = self.conv.forward(&xs)?;
+                let (_, _, oh, ow) = ys.dims4()?;
+                out.clear();
+                out.extend(ys.flatten_all()?.to_vec1::<f32>()?);
+                Ok((oh, ow))
+            }
+        }
+    }
+}
+
+/// The banded CPU op for `conv` reading its input through a nearest `upsample`.
+fn banded(conv: &Conv2d, upsample: usize) -> Result<BandedConv2d> {
+    let cfg = conv.config();
+    let weight = conv.weight();
+    let (c_out, c_in, k_h, k_w) = weight.dims4()?;
+    Ok(BandedConv2d {
+        geometry: ConvGeometry {
+            c_in,
+            c_out,
+            k_h,
+            k_w,
+            stride: cfg.stride,
+            padding: cfg.padding,
+            upsample,
+        },
+        weight: weight.reshape((c_out, c_in * k_h * k_w))?.contiguous()?,
+        bias: conv.bias().map(|b| b.to_vec1::<f32>()).transpose()?,
+    })
+}
+
 fn conv2d_upsampled(conv: &Conv2d, xs: &Tensor, upsample: usize) -> Result<Tensor> {
     let cfg = conv.config();
     let weight = conv.weight();
@@ -106,18 +174,5 @@ fn conv2d_upsampled(conv: &Conv2d, xs: &Tensor, upsample: usize) -> Result<Tenso
         };
         return conv.forward(&xs);
     }
-    let op = BandedConv2d {
-        geometry: ConvGeometry {
-            c_in: c_in_k,
-            c_out,
-            k_h,
-            k_w,
-            stride: cfg.stride,
-            padding: cfg.padding,
-            upsample,
-        },
-        weight: weight.reshape((c_out, c_in_k * k_h * k_w))?.contiguous()?,
-        bias: conv.bias().map(|b| b.to_vec1::<f32>()).transpose()?,
-    };
-    xs.contiguous()?.apply_op1_no_bwd(&op)
+    xs.contiguous()?.apply_op1_no_bwd(&banded(conv, upsample)?)
 }

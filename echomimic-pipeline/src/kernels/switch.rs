@@ -21,9 +21,12 @@ pub fn half_precision_scores(q: &Tensor) -> bool {
     matches!(q.dtype(), DType::F16 | DType::BF16) && !q.device().is_cpu()
 }
 
+/// Whether the CPU kernels are switched on ([`set_enabled`]).
+pub(crate) fn enabled() -> bool {
+    ENABLED.load(Ordering::Relaxed)
+}
+
 /// Whether the CPU kernels apply to `xs` (enabled, CPU device, f32).
 pub(crate) fn use_cpu_kernel(xs: &Tensor) -> bool {
-    ENABLED.load(Ordering::Relaxed)
-        && matches!(xs.device(), Device::Cpu)
-        && xs.dtype() == DType::F32
+    enabled() && matches!(xs.device(), Device::Cpu) && xs.dtype() == DType::F32
 }

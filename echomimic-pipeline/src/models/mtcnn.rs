@@ -32,6 +32,8 @@
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{conv2d, linear, prelu, Conv2d, Linear, PReLU, VarBuilder};
 
+use rayon::prelude::*;
+
 use crate::kernels;
 
 /// P-Net output cell size and stride in input pixels (hard-coded in `generateBoundingBox`).
@@ -78,15 +80,7 @@ impl Default for MtcnnConfig {
 /// over the bottom/right edge and then only covers the pixels that exist.
 fn max_pool2d_ceil(xs: &Tensor, k: usize, s: usize) -> Result<Tensor> {
     let (b, c, h, w) = xs.dims4()?;
-    let out = |n: usize| {
-        let mut o = (n.saturating_sub(k)).div_ceil(s) + 1;
-        // PyTorch drops a last window that would start outside the input.
-        if (o - 1) * s >= n {
-            o -= 1;
-        }
-        o
-    };
-    let (oh, ow) = (out(h), out(w));
+    let (oh, ow) = (pooled_size(h, k, s), pooled_size(w, k, s));
     let (need_h, need_w) = ((oh - 1) * s + k, (ow - 1) * s + k);
     let mut xs = xs.clone();
     if need_w > w {
@@ -120,12 +114,10 @@ pub struct PNet {
 }
 
 /// A stride-1, unpadded convolution of one CPU image given as plain values, through the
-/// crate's banded CPU convolution (patch rows filled by whole-row copies, the product
-/// written onto the bias in the output).
+/// crate's banded CPU convolution written into a buffer the caller reuses.
 #[derive(Debug, Clone)]
 struct PlaneConv {
-    conv: Conv2d,
-    cin: usize,
+    conv: kernels::PlaneConv2d,
     cout: usize,
 }
 
@@ -148,74 +140,118 @@ impl PlaneConv {
             weights.push(weight);
         }
         let weight = Tensor::cat(&weights, 0)?;
-        let (cout, cin, _, _) = weight.dims4()?;
+        let (cout, _, _, _) = weight.dims4()?;
+        let conv = Conv2d::new(weight, Some(Tensor::cat(&biases, 0)?), *conv.config());
         Ok(Self {
-            conv: Conv2d::new(weight, Some(Tensor::cat(&biases, 0)?), *conv.config()),
-            cin,
+            conv: kernels::PlaneConv2d::new(conv)?,
             cout,
         })
     }
 
-    /// `(cin, h, w)` -> `(cout, h - k + 1, w - k + 1)`.
-    fn forward(&self, x: &[f32], h: usize, w: usize) -> Result<(Vec<f32>, usize, usize)> {
-        let cin = self.cin;
-        if x.len() != cin * h * w {
-            candle_core::bail!("P-Net convolution: {} values for {cin}x{h}x{w}", x.len());
-        }
-        let xs = Tensor::from_slice(x, (1, cin, h, w), &Device::Cpu)?;
-        let ys = kernels::conv2d(&self.conv, &xs)?;
-        let (_, _, oh, ow) = ys.dims4()?;
-        Ok((ys.flatten_all()?.to_vec1()?, oh, ow))
+    /// `(cin, h, w)` in `x` -> `(cout, h - k + 1, w - k + 1)` in `out`; returns the size.
+    fn forward(&self, x: &[f32], h: usize, w: usize, out: &mut Vec<f32>) -> Result<(usize, usize)> {
+        self.conv.forward_into(x, (1, h, w), out)
     }
 }
 
-/// candle's `PReLU` (`max(x, 0) + min(x, 0) * a`, one `a` per channel) in place on
-/// `(c, plane)` values.
-fn prelu_planes(xs: &mut [f32], alpha: &[f32]) {
-    let plane = xs.len() / alpha.len().max(1);
-    for (chunk, &a) in xs.chunks_exact_mut(plane.max(1)).zip(alpha) {
-        for v in chunk {
-            *v = v.max(0.0) + v.min(0.0) * a;
-        }
-    }
+/// candle's `PReLU` (`max(x, 0) + min(x, 0) * a`, one `a` per channel).
+#[inline(always)]
+fn prelu1(v: f32, a: f32) -> f32 {
+    v.max(0.0) + v.min(0.0) * a
 }
 
-/// [`max_pool2d_ceil`] on `(c, h, w)` planes.
-fn max_pool_ceil_planes(
+/// [`prelu1`] in place on `(n, c, plane)` values (`c` = `alpha.len()`), the planes split
+/// over rayon's pool.
+fn prelu_planes(xs: &mut [f32], alpha: &[f32], plane: usize) {
+    xs.par_chunks_mut(plane.max(1))
+        .enumerate()
+        .for_each(|(i, chunk)| {
+            let a = alpha[i % alpha.len()];
+            for v in chunk {
+                *v = prelu1(*v, a);
+            }
+        });
+}
+
+/// Output size of a ceil-mode max pool of `k` by `s` over `n` inputs, without padding
+/// (PyTorch drops a last window that would start past the input).
+fn pooled_size(n: usize, k: usize, s: usize) -> usize {
+    let mut o = (n.saturating_sub(k)).div_ceil(s) + 1;
+    if (o - 1) * s >= n {
+        o -= 1;
+    }
+    o
+}
+
+/// [`max_pool2d_ceil`] on `(c, h, w)` planes, each value first through its channel's
+/// PReLU when `alpha` is given (plane `i` has slope `alpha[i % alpha.len()]`: `prelu` then
+/// pool in one pass, the same values as the two in turn), the planes split over rayon's
+/// pool. The result goes to `out` (cleared
+/// first); returns its size.
+fn prelu_max_pool_planes(
     xs: &[f32],
-    c: usize,
-    h: usize,
-    w: usize,
-    k: usize,
-    s: usize,
-) -> (Vec<f32>, usize, usize) {
-    let out = |n: usize| {
-        let mut o = (n.saturating_sub(k)).div_ceil(s) + 1;
-        if (o - 1) * s >= n {
-            o -= 1;
-        }
-        o
-    };
-    let (oh, ow) = (out(h), out(w));
-    let mut ys = vec![f32::NEG_INFINITY; c * oh * ow];
-    for ci in 0..c {
-        let src = &xs[ci * h * w..(ci + 1) * h * w];
-        let dst = &mut ys[ci * oh * ow..(ci + 1) * oh * ow];
-        for oy in 0..oh {
-            let rows = oy * s..(oy * s + k).min(h);
-            for ox in 0..ow {
-                let (x0, x1) = (ox * s, (ox * s + k).min(w));
-                let mut m = f32::NEG_INFINITY;
-                for y in rows.clone() {
-                    for &v in &src[y * w + x0..y * w + x1] {
-                        m = m.max(v);
+    alpha: Option<&[f32]>,
+    (c, h, w): (usize, usize, usize),
+    (k, s): (usize, usize),
+    out: &mut Vec<f32>,
+) -> (usize, usize) {
+    let (oh, ow) = (pooled_size(h, k, s), pooled_size(w, k, s));
+    out.clear();
+    out.resize(c * oh * ow, f32::NEG_INFINITY);
+    out.par_chunks_mut((oh * ow).max(1))
+        .zip(xs.par_chunks(h * w))
+        .enumerate()
+        .for_each(|(ci, (dst, src))| {
+            let a = alpha.map(|a| a[ci % a.len()]);
+            let f = |v: f32| a.map_or(v, |a| prelu1(v, a));
+            if k == 2 && s == 2 {
+                pool_2x2_plane(src, (h, w), dst, ow, f);
+                return;
+            }
+            for oy in 0..oh {
+                let rows = oy * s..(oy * s + k).min(h);
+                for ox in 0..ow {
+                    let (x0, x1) = (ox * s, (ox * s + k).min(w));
+                    let mut m = f32::NEG_INFINITY;
+                    for y in rows.clone() {
+                        for &v in &src[y * w + x0..y * w + x1] {
+                            m = m.max(f(v));
+                        }
                     }
+                    dst[oy * ow + ox] = m;
                 }
-                dst[oy * ow + ox] = m;
+            }
+        });
+    (oh, ow)
+}
+
+/// The 2×2, stride-2 ceil-mode pool of one `h x w` plane through `f` into `dst`
+/// (`ow` wide): the two rows' maxima first, then each pair of columns; a last odd row
+/// or column is a window of its own.
+fn pool_2x2_plane(
+    src: &[f32],
+    (h, w): (usize, usize),
+    dst: &mut [f32],
+    ow: usize,
+    f: impl Fn(f32) -> f32,
+) {
+    let mut pair = vec![0f32; w];
+    for (oy, out_row) in dst.chunks_exact_mut(ow).enumerate() {
+        let top = &src[2 * oy * w..][..w];
+        if 2 * oy + 1 < h {
+            let bottom = &src[(2 * oy + 1) * w..][..w];
+            for ((p, &t), &b) in pair.iter_mut().zip(top).zip(bottom) {
+                *p = f(t).max(f(b));
+            }
+        } else {
+            for (p, &t) in pair.iter_mut().zip(top) {
+                *p = f(t);
             }
         }
+        for (o, two) in out_row.iter_mut().zip(pair.chunks(2)) {
+            *o = two.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        }
     }
-    (ys, oh, ow)
 }
 
 /// One R-Net/O-Net stage: `conv` ([`kernels::conv2d`]), then [`prelu_pool`].
@@ -246,16 +282,19 @@ fn prelu_pool(xs: &Tensor, prelu: &PReLU, pool: Option<(usize, usize)>) -> Resul
     if alpha.len() != c {
         candle_core::bail!("PReLU with {} slopes on {c} channels", alpha.len());
     }
-    let mut data = xs.flatten_all()?.to_vec1::<f32>()?;
-    for image in data.chunks_exact_mut(c * h * w) {
-        prelu_planes(image, &alpha);
-    }
+    let data = xs.flatten_all()?.to_vec1::<f32>()?;
     match pool {
-        Some((k, s)) => {
-            let (ys, oh, ow) = max_pool_ceil_planes(&data, n * c, h, w, k, s);
+        Some(window) => {
+            let mut ys = Vec::new();
+            let (oh, ow) =
+                prelu_max_pool_planes(&data, Some(&alpha), (n * c, h, w), window, &mut ys);
             Tensor::from_vec(ys, (n, c, oh, ow), xs.device())
         }
-        None => Tensor::from_vec(data, (n, c, h, w), xs.device()),
+        None => {
+            let mut data = data;
+            prelu_planes(&mut data, &alpha, h * w);
+            Tensor::from_vec(data, (n, c, h, w), xs.device())
+        }
     }
 }
 
@@ -335,30 +374,35 @@ impl PNet {
         w: usize,
     ) -> Result<(Vec<f32>, Vec<f32>, usize, usize)> {
         let p = &self.planes;
+        let (mut a, mut b) = (Vec::new(), Vec::new());
         // 1. conv1 -> prelu1 -> pool1 (2, 2, ceil)
-        let (mut x, h1, w1) = p.conv1.forward(xs, h, w)?;
-        prelu_planes(&mut x, &p.prelu1);
-        let (x, h1, w1) = max_pool_ceil_planes(&x, p.conv1.cout, h1, w1, 2, 2);
+        let (h1, w1) = p.conv1.forward(xs, h, w, &mut a)?;
+        let (h1, w1) =
+            prelu_max_pool_planes(&a, Some(&p.prelu1), (p.conv1.cout, h1, w1), (2, 2), &mut b);
         // 2. conv2 -> prelu2 -> conv3 -> prelu3
-        let (mut x, h2, w2) = p.conv2.forward(&x, h1, w1)?;
-        prelu_planes(&mut x, &p.prelu2);
-        let (mut x, h3, w3) = p.conv3.forward(&x, h2, w2)?;
-        prelu_planes(&mut x, &p.prelu3);
+        let (h2, w2) = p.conv2.forward(&b, h1, w1, &mut a)?;
+        prelu_planes(&mut a, &p.prelu2, h2 * w2);
+        let (h3, w3) = p.conv3.forward(&a, h2, w2, &mut b)?;
+        prelu_planes(&mut b, &p.prelu3, h3 * w3);
         // 3. heads: softmax over the two classes (candle's: max, exp, sum, divide),
         //    and the box regression
-        let (heads, oh, ow) = p.heads.forward(&x, h3, w3)?;
+        let (oh, ow) = p.heads.forward(&b, h3, w3, &mut a)?;
         let n = oh * ow;
-        let (logits, reg) = heads.split_at(2 * n);
         let mut prob = vec![0f32; 2 * n];
-        for i in 0..n {
-            let (a, b) = (logits[i], logits[n + i]);
-            let m = a.max(b);
-            let (ea, eb) = ((a - m).exp(), (b - m).exp());
-            let den = ea + eb;
-            prob[i] = ea / den;
-            prob[n + i] = eb / den;
+        {
+            let (logits, _) = a.split_at(2 * n);
+            let (p0, p1) = prob.split_at_mut(n);
+            for (i, (q0, q1)) in p0.iter_mut().zip(p1.iter_mut()).enumerate() {
+                let (x0, x1) = (logits[i], logits[n + i]);
+                let m = x0.max(x1);
+                let (e0, e1) = ((x0 - m).exp(), (x1 - m).exp());
+                let den = e0 + e1;
+                *q0 = e0 / den;
+                *q1 = e1 / den;
+            }
         }
-        Ok((reg.to_vec(), prob, oh, ow))
+        a.drain(..2 * n);
+        Ok((a, prob, oh, ow))
     }
 
     /// `(b, 3, h, w)` -> (box regression `(b, 4, h', w')`, softmax probabilities
@@ -645,33 +689,49 @@ pub fn imresample_area(
         area_in_pytorch_order(image, &rows, &cols, &row_windows, &col_windows, &mut out);
         return out;
     }
+    // Output rows in blocks over rayon's pool, each block with a running row of its own
+    // and the matching rows of the three planes.
     let stride = image.width * 3;
     let plane = out_h * out_w;
-    let mut running = vec![0u32; in_w * 3];
-    for (oh, &(ih0, ih1)) in row_windows.iter().enumerate() {
-        let kh = (ih1 - ih0) as f32;
-        running.fill(0);
-        for ih in ih0..ih1 {
-            let start = (rows.start + ih) * stride + cols.start * 3;
-            let row = &image.data[start..start + in_w * 3];
-            for (acc, &p) in running.iter_mut().zip(row) {
-                *acc += u32::from(p);
+    let block = out_h.div_ceil(4 * rayon::current_num_threads()).max(1);
+    let (r, gb) = out.split_at_mut(plane);
+    let (g, b) = gb.split_at_mut(plane);
+    r.par_chunks_mut(block * out_w)
+        .zip(g.par_chunks_mut(block * out_w))
+        .zip(b.par_chunks_mut(block * out_w))
+        .enumerate()
+        .for_each(|(bi, ((r, g), b))| {
+            let mut running = vec![0u32; in_w * 3];
+            let planes = [r, g, b];
+            for (i, &(ih0, ih1)) in row_windows[bi * block..]
+                .iter()
+                .take(planes[0].len() / out_w)
+                .enumerate()
+            {
+                let kh = (ih1 - ih0) as f32;
+                running.fill(0);
+                for ih in ih0..ih1 {
+                    let start = (rows.start + ih) * stride + cols.start * 3;
+                    let row = &image.data[start..start + in_w * 3];
+                    for (acc, &p) in running.iter_mut().zip(row) {
+                        *acc += u32::from(p);
+                    }
+                }
+                for (ow, &(iw0, iw1)) in col_windows.iter().enumerate() {
+                    let kw = (iw1 - iw0) as f32;
+                    let mut sum = [0u32; 3];
+                    for px in running[iw0 * 3..iw1 * 3].chunks_exact(3) {
+                        sum[0] += px[0];
+                        sum[1] += px[1];
+                        sum[2] += px[2];
+                    }
+                    for (c, &s) in sum.iter().enumerate() {
+                        // exact: s < 2^24
+                        planes[c][i * out_w + ow] = s as f32 / kh / kw;
+                    }
+                }
             }
-        }
-        for (ow, &(iw0, iw1)) in col_windows.iter().enumerate() {
-            let kw = (iw1 - iw0) as f32;
-            let mut sum = [0u32; 3];
-            for px in running[iw0 * 3..iw1 * 3].chunks_exact(3) {
-                sum[0] += px[0];
-                sum[1] += px[1];
-                sum[2] += px[2];
-            }
-            for (c, &s) in sum.iter().enumerate() {
-                // exact: s < 2^24
-                out[c * plane + oh * out_w + ow] = s as f32 / kh / kw;
-            }
-        }
-    }
+        });
     out
 }
 
@@ -1433,9 +1493,13 @@ mod tests {
     fn prelu_pool_on_planes_equals_the_candle_ops() -> Result<()> {
         let dev = Device::Cpu;
         let prelu = PReLU::new(Tensor::new(&[0.25f32, -0.5, 2.0], &dev)?, false);
-        // odd sizes (ragged ceil-mode windows), two images, pools of 3/2 and 2/2, and none
-        let xs = Tensor::randn(0f32, 1., (2, 3, 9, 7), &dev)?;
-        for pool in [Some((3, 2)), Some((2, 2)), None] {
+        // odd sizes (ragged ceil-mode windows) and even ones, two images, pools of 3/2
+        // and 2/2, and none
+        for (shape, pool) in [(2, 3, 9, 7), (2, 3, 8, 10)]
+            .into_iter()
+            .flat_map(|s| [Some((3, 2)), Some((2, 2)), None].map(|p| (s, p)))
+        {
+            let xs = Tensor::randn(0f32, 1., shape, &dev)?;
             let want = prelu.forward(&xs)?;
             let want = match pool {
                 Some((k, s)) => max_pool2d_ceil(&want, k, s)?,
@@ -1448,7 +1512,7 @@ mod tests {
                 .flatten_all()?
                 .max(0)?
                 .to_scalar::<f32>()?;
-            assert!(d < 1e-6, "{pool:?}: max abs diff {d}");
+            assert!(d < 1e-6, "{shape:?} {pool:?}: max abs diff {d}");
         }
         Ok(())
     }
