@@ -157,6 +157,48 @@ pub fn mel_filters(n_mels: usize) -> Vec<f32> {
     out
 }
 
+/// `log10` of every value, for finite positive normal `f64` values (the floored mel
+/// energies), in a loop without branches or calls that the compiler vectorises: a third of
+/// the log-mel's time went to libm's scalar `log10` (perf, 30 s of speech). `x = 2^e · m`
+/// with `m` in [√½, √2), `ln m = 2·atanh(s)` with `s = (m − 1)/(m + 1)`, |s| ≤ 0.172, as
+/// its odd series to `s^23` (the next term is below 1e-18 of the sum), and
+/// `ln x = e·ln 2 + ln m` with `ln 2` in two parts. Within a few units in the last place of
+/// libm's value (`log10_agrees_with_libm`), far below the `f32` the spectrogram is kept in.
+fn log10_in_place(xs: &mut [f64]) {
+    // ln 2 = LN2_HI + LN2_LO, the high part with its low 21 bits zero (fdlibm's split)
+    const LN2_HI: f64 = f64::from_bits(0x3fe6_2e42_fee0_0000);
+    const LN2_LO: f64 = f64::from_bits(0x3dea_39ef_3579_3c76);
+    const MANTISSA: u64 = (1 << 52) - 1;
+    const ONE: u64 = 0x3ff << 52;
+    /// `2 / (2k + 1)`, k = 0..=11.
+    const SERIES: [f64; 12] = {
+        let mut c = [0.0; 12];
+        let mut k = 0;
+        while k < 12 {
+            c[k] = 2.0 / (2 * k + 1) as f64;
+            k += 1;
+        }
+        c
+    };
+    for x in xs {
+        let bits = x.to_bits();
+        let e = ((bits >> 52) & 0x7ff) as i64 - 1023;
+        let m = f64::from_bits((bits & MANTISSA) | ONE);
+        let big = m > std::f64::consts::SQRT_2;
+        let (m, e) = if big { (m * 0.5, e + 1) } else { (m, e) };
+        let s = (m - 1.0) / (m + 1.0);
+        let z = s * s;
+        // 2·(1 + z/3 + z²/5 + … + z^11/23)
+        let mut p = SERIES[11];
+        for &c in SERIES[..11].iter().rev() {
+            p = p * z + c;
+        }
+        let e = e as f64;
+        let ln = e * LN2_HI + (s * p + e * LN2_LO);
+        *x = ln * std::f64::consts::LOG10_E;
+    }
+}
+
 /// Computes Whisper log-mel spectrograms; holds the filter bank, window and
 /// FFT plan.
 #[derive(Clone)]
@@ -315,8 +357,9 @@ impl MelSpectrogram {
                             .zip(&power[*first..])
                             .map(|(w, p)| w * p)
                             .sum();
-                        *mel = e.max(LOG_FLOOR).log10();
+                        *mel = e.max(LOG_FLOOR);
                     }
+                    log10_in_place(mels);
                 }
                 Ok(())
             })?;
@@ -340,6 +383,24 @@ impl MelSpectrogram {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log10_agrees_with_libm() {
+        // the floor, tiny and huge energies, powers of ten and two, both sides of √2
+        let mut xs: Vec<f64> = vec![LOG_FLOOR, 1e-9, 0.5, 1.0, 2.0, 10.0, 1e3, 1e12, 1.5e5];
+        xs.extend((0..4000).map(|i| 1e-10 * 1.0123f64.powi(i)));
+        xs.extend([
+            std::f64::consts::SQRT_2,
+            f64::from_bits(std::f64::consts::SQRT_2.to_bits() + 1),
+        ]);
+        let mut got = xs.clone();
+        log10_in_place(&mut got);
+        for (&x, &y) in xs.iter().zip(&got) {
+            let want = x.log10();
+            let tol = 4.0 * f64::EPSILON * want.abs().max(1.0);
+            assert!((y - want).abs() <= tol, "log10({x:e}) = {y}, libm {want}");
+        }
+    }
 
     #[test]
     fn filter_bank_shape_and_slaney_norm() {
