@@ -15,7 +15,7 @@
 //! convolutions without a full im2col buffer (`conv2d`, also reading through a
 //! nearest 2× upsample; 3×3 stride-1 ones by Winograd's F(2×2, 3×3) in `winograd`; on
 //! AVX-512 CPUs other wide stride-1 ones without any patch matrix), GroupNorm with the SiLU after it fused (`group_norm`), LayerNorm
-//! with its affine part (`layer_norm`), GEGLU's gate (`geglu`) and the attention softmax with
+//! with its affine part (`layer_norm`), linear layers over a few rows (`linear`), GEGLU's gate (`geglu`) and the attention softmax with
 //! its scale (`softmax`); `chunked` is the candle composition of attention (scores in
 //! bounded chunks) the attention kernel falls back to off the CPU (public as `ops::attention`); `math` holds the
 //! branch-free `exp`/`erf` they share, so their loops vectorise, `x86` the AVX2 + FMA rows
@@ -36,6 +36,7 @@ mod cpu_input;
 mod geglu;
 mod group_norm;
 mod layer_norm;
+mod linear;
 mod math;
 mod matmul;
 mod softmax;
@@ -52,6 +53,7 @@ use conv2d::{BandedConv2d, ConvGeometry};
 pub use geglu::geglu;
 pub use group_norm::{group_norm, GroupNorm};
 pub use layer_norm::layer_norm;
+pub use linear::linear;
 pub use softmax::softmax_last_dim;
 use switch::use_cpu_kernel;
 pub use switch::{half_precision_scores, set_enabled};

@@ -11,7 +11,9 @@
 //! compiler may not reorder).
 //!
 //! It also holds the direct convolution's AVX-512 tile ([`conv_tile`]: 64 output positions
-//! × up to 6 output channels in 24 accumulators), taken when the CPU has AVX-512F.
+//! × up to 6 output channels in 24 accumulators) and the narrow products' row dots
+//! ([`dot_rows`]: 4 rows of a weight against up to 4 positions in 16 accumulators), taken
+//! when the CPU has AVX-512F.
 //!
 //! The one other module with `unsafe` code besides the checked matrix product: the
 //! intrinsics need the CPU features, which [`available`] and [`avx512_available`] check
@@ -376,6 +378,115 @@ unsafe fn conv_tile_avx512<const R: usize>(
     for (r, acc) in acc.iter().enumerate() {
         for (v, &acc) in acc.iter().enumerate() {
             unsafe { _mm512_storeu_ps(d.add(r * dst_row + 16 * v), acc) };
+        }
+    }
+}
+
+/// Rows of `a` dotted with a few rows of `b`, for products whose other side is narrow (a
+/// weight times a handful of positions).
+///
+/// `out[r·n + j] = Σ_i a[r·k + i] · b[j·k + i]` for every row `r` of `a` (`a.len() / k`
+/// rows) and `j < n` (`b` holds `n` rows of `k`), summed in AVX-512 registers: four rows of
+/// `a` against up to four of `b` at a time (16 accumulators), each row of `a` read once
+/// per four rows of `b`. Each sum runs in one fixed order, whatever the thread.
+///
+/// # Panics
+/// When the CPU lacks AVX-512F (callers check [`avx512_available`]) or the slices do not
+/// hold `rows × k`, `n × k` and `rows × n` values.
+pub(super) fn dot_rows(a: &[f32], b: &[f32], k: usize, n: usize, out: &mut [f32]) {
+    assert!(avx512_available(), "dot_rows: the CPU lacks AVX-512F");
+    assert!(k > 0 && a.len().is_multiple_of(k), "dot_rows: ragged rows");
+    let rows = a.len() / k;
+    assert_eq!(b.len(), n * k, "dot_rows: b is not n × k");
+    assert_eq!(out.len(), rows * n, "dot_rows: out is not rows × n");
+    for r0 in (0..rows).step_by(4) {
+        let r = (rows - r0).min(4);
+        for j0 in (0..n).step_by(4) {
+            let c = (n - j0).min(4);
+            let mut sums = [[0f32; 4]; 4];
+            let a = &a[r0 * k..(r0 + r) * k];
+            let b = &b[j0 * k..(j0 + c) * k];
+            // SAFETY: the CPU has AVX-512F; `a` holds `r` rows and `b` `c` rows of `k`
+            // (sliced just above), which is all the tile reads.
+            macro_rules! tiles {
+                ($(($rr:literal, $cc:literal)),*) => {
+                    match (r, c) {
+                        $(($rr, $cc) => unsafe { dot_tile::<$rr, $cc>(a, b, k, &mut sums) },)*
+                        _ => unreachable!("dot_rows: a tile of {r}x{c}"),
+                    }
+                };
+            }
+            tiles!(
+                (4, 4),
+                (4, 3),
+                (4, 2),
+                (4, 1),
+                (3, 4),
+                (3, 3),
+                (3, 2),
+                (3, 1),
+                (2, 4),
+                (2, 3),
+                (2, 2),
+                (2, 1),
+                (1, 4),
+                (1, 3),
+                (1, 2),
+                (1, 1)
+            );
+            for (ri, row) in sums.iter().enumerate().take(r) {
+                out[(r0 + ri) * n + j0..][..c].copy_from_slice(&row[..c]);
+            }
+        }
+    }
+}
+
+/// [`dot_rows`] for `R` rows of `a` against `C` rows of `b` (`R·C` accumulators), the
+/// last `k mod 16` elements through masked loads.
+#[target_feature(enable = "avx512f")]
+unsafe fn dot_tile<const R: usize, const C: usize>(
+    a: &[f32],
+    b: &[f32],
+    k: usize,
+    sums: &mut [[f32; 4]; 4],
+) {
+    let mut acc = [[_mm512_setzero_ps(); C]; R];
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    let full = k / 16 * 16;
+    let mut i = 0;
+    while i < full {
+        let mut bv = [_mm512_setzero_ps(); C];
+        for (j, v) in bv.iter_mut().enumerate() {
+            // SAFETY: row `j` of `b` holds `k` values and `i + 16 <= k`.
+            *v = unsafe { _mm512_loadu_ps(pb.add(j * k + i)) };
+        }
+        for (r, acc) in acc.iter_mut().enumerate() {
+            // SAFETY: row `r` of `a` holds `k` values and `i + 16 <= k`.
+            let av = unsafe { _mm512_loadu_ps(pa.add(r * k + i)) };
+            for (acc, &bv) in acc.iter_mut().zip(&bv) {
+                *acc = _mm512_fmadd_ps(av, bv, *acc);
+            }
+        }
+        i += 16;
+    }
+    if full < k {
+        let mask: __mmask16 = (1u32 << (k - full)).wrapping_sub(1) as __mmask16;
+        let mut bv = [_mm512_setzero_ps(); C];
+        for (j, v) in bv.iter_mut().enumerate() {
+            // SAFETY: the mask covers the `k - full` values left in row `j` of `b`.
+            *v = unsafe { _mm512_maskz_loadu_ps(mask, pb.add(j * k + full)) };
+        }
+        for (r, acc) in acc.iter_mut().enumerate() {
+            // SAFETY: the mask covers the values left in row `r` of `a`.
+            let av = unsafe { _mm512_maskz_loadu_ps(mask, pa.add(r * k + full)) };
+            for (acc, &bv) in acc.iter_mut().zip(&bv) {
+                *acc = _mm512_fmadd_ps(av, bv, *acc);
+            }
+        }
+    }
+    for (sums, acc) in sums.iter_mut().zip(&acc) {
+        for (s, &acc) in sums.iter_mut().zip(acc) {
+            *s = _mm512_reduce_add_ps(acc);
         }
     }
 }

@@ -120,17 +120,20 @@ impl Attention {
         let q = self.query(xs)?;
         let (k, v) = self.key_value(xs)?;
         let a = kernels::frame_attention(&q, &k, &v, frames, self.heads, self.scale)?;
-        self.to_out.forward(&a)
+        kernels::linear(&self.to_out, &a)
     }
 
     /// `to_q`: `[N, L, H·Dh]`.
     pub fn query(&self, xs: &Tensor) -> Result<Tensor> {
-        self.to_q.forward(xs)
+        kernels::linear(&self.to_q, xs)
     }
 
     /// `to_k`, `to_v`: `[N, L, H·Dh]` each.
     pub fn key_value(&self, context: &Tensor) -> Result<(Tensor, Tensor)> {
-        Ok((self.to_k.forward(context)?, self.to_v.forward(context)?))
+        Ok((
+            kernels::linear(&self.to_k, context)?,
+            kernels::linear(&self.to_v, context)?,
+        ))
     }
 
     /// Attention of queries over keys/values (and the shared ones, for the items that see
@@ -143,7 +146,7 @@ impl Attention {
         shared: Option<SharedKv<'_>>,
     ) -> Result<Tensor> {
         let a = kernels::attention(q, k, v, shared, self.heads, self.scale)?;
-        self.to_out.forward(&a)
+        kernels::linear(&self.to_out, &a)
     }
 }
 
@@ -165,7 +168,7 @@ impl GeGlu {
 
 impl Module for GeGlu {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        crate::kernels::geglu(&self.proj.forward(xs)?)
+        kernels::geglu(&kernels::linear(&self.proj, xs)?)
     }
 }
 
@@ -192,7 +195,7 @@ impl FeedForward {
 impl Module for FeedForward {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let _span = tracing::trace_span!("feed_forward").entered();
-        self.net_2.forward(&self.net_0.forward(xs)?)
+        kernels::linear(&self.net_2, &self.net_0.forward(xs)?)
     }
 }
 
