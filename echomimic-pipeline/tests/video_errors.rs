@@ -166,14 +166,24 @@ fn a_passed_ffmpeg_check_is_remembered_and_a_failed_one_is_not() -> anyhow::Resu
         Ok(())
     };
     let count = || std::fs::read_to_string(&runs).map_or(0, |s| s.lines().count());
+    // A script just written can be refused with ETXTBSY while another test's process,
+    // forked in that moment, still holds the write descriptor until its exec: try again.
+    let probe = || loop {
+        match probe_ffmpeg(Some(&program)) {
+            Err(e) if e.to_string().contains("Text file busy") => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => break other,
+        }
+    };
     write("echo 'broken build' >&2; exit 1")?;
-    probe_ffmpeg(Some(&program)).expect_err("the program fails");
-    probe_ffmpeg(Some(&program)).expect_err("still failing");
+    probe().expect_err("the program fails");
+    probe().expect_err("still failing");
     assert_eq!(count(), 2, "a failure is checked again each time");
     write("exec ffmpeg \"$@\"")?;
-    let first = probe_ffmpeg(Some(&program))?;
+    let first = probe()?;
     assert_eq!(count(), 3, "one run: -encoders");
-    let again = probe_ffmpeg(Some(&program))?;
+    let again = probe()?;
     assert_eq!(count(), 3, "the passed check is remembered");
     assert_eq!(first, again);
     Ok(())
