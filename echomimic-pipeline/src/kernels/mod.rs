@@ -20,7 +20,7 @@
 //! bounded chunks) the attention kernel falls back to off the CPU (public as `ops::attention`); `math` holds the
 //! branch-free `exp`/`erf` they share, so their loops vectorise, `x86` the AVX2 + FMA rows
 //! (softmax, GEGLU gate, GroupNorm's write with SiLU) and the AVX-512 convolution tile taken
-//! at run time, and `matmul` the bounds-checked strided product (candle's
+//! at run time, `pool` the scratch buffers the Winograd convolution keeps between calls, and `matmul` the bounds-checked strided product (candle's
 //! `gemm`) the attention and convolution kernels write their results with, and `chunks` the
 //! one helper that runs work over a buffer's chunks on the pool or on the caller's thread. `matmul` and
 //! `x86` are the crate's only `unsafe` code, each call checked where it is made.
@@ -39,6 +39,7 @@ mod layer_norm;
 mod linear;
 mod math;
 mod matmul;
+mod pool;
 mod softmax;
 mod switch;
 mod winograd;

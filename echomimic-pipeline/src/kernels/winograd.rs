@@ -8,10 +8,12 @@
 //! band of block rows: the input blocks are transformed (`[c_in][16][blocks]`), the 16
 //! products `U[e] · V[e]` go through the checked `gemm` product into `[c_out][16][blocks]`,
 //! and the output transform writes each 2×2 block with its bias. The weight is transformed
-//! once per call (`[c_out][16][c_in]`).
+//! once per call (`[c_out][16][c_in]`); it and the bands live in buffers of [`super::pool`],
+//! reused from call to call without zeroing.
 
 use super::chunks::for_each_chunk;
 use super::matmul::{matmul, View};
+use super::pool::Scratch;
 
 /// Transformed input elements per band and per element of the 4×4 block, about (whole
 /// block rows).
@@ -34,7 +36,7 @@ pub(super) struct Winograd<'a> {
     c_in: usize,
     c_out: usize,
     out_size: (usize, usize),
-    u: Vec<f32>,
+    u: Scratch,
     bias: Option<&'a [f32]>,
 }
 
@@ -83,19 +85,21 @@ impl<'a> Winograd<'a> {
         // product's right factor and result stay in L2.
         let blocks_per_band = (BAND_ELEMS / self.c_in).clamp(64, 1024);
         let rows_per_band = (blocks_per_band / bw).clamp(1, bh);
-        let mut v = Vec::new();
-        let mut m = Vec::new();
+        // every element of both is written before it is read
+        let mut v_buf = Scratch::take(self.c_in * E * rows_per_band * bw);
+        let mut m_buf = Scratch::take(self.c_out * E * rows_per_band * bw);
         for by0 in (0..bh).step_by(rows_per_band) {
             let by1 = (by0 + rows_per_band).min(bh);
             let blocks = (by1 - by0) * bw;
             // 1. Input blocks, transformed: [c_in][16][blocks].
-            v.resize(self.c_in * E * blocks, 0.0);
+            let v = &mut v_buf[..self.c_in * E * blocks];
             let fill = |ci: usize, v: &mut [f32]| {
                 input_transform(&padded[ci * plane..(ci + 1) * plane], wp, by0..by1, bw, v)
             };
-            for_each_chunk(&mut v, E * blocks, threads, fill);
+            for_each_chunk(v, E * blocks, threads, fill);
+            let v = &*v;
             // 2. The 16 products: [c_out][16][blocks].
-            m.resize(self.c_out * E * blocks, 0.0);
+            let m = &mut m_buf[..self.c_out * E * blocks];
             for e in 0..E {
                 let lhs = View {
                     data: &self.u[e * self.c_in..],
@@ -113,6 +117,7 @@ impl<'a> Winograd<'a> {
                 };
                 matmul(&mut m[e * blocks..], E * blocks, lhs, rhs, false, threads);
             }
+            let m = &*m;
             // 3. Output blocks with the bias.
             let write = |co: usize, out: &mut [f32]| {
                 let bias = self.bias.map_or(0.0, |b| b[co]);
@@ -130,9 +135,10 @@ impl<'a> Winograd<'a> {
     }
 }
 
-/// `G g Gᵀ` of every 3×3 kernel of `weight` (`[c_out, c_in, 3, 3]`), `[c_out][16][c_in]`.
-fn weight_transform(weight: &[f32], c_out: usize, c_in: usize, threads: usize) -> Vec<f32> {
-    let mut u = vec![0f32; c_out * E * c_in];
+/// `G g Gᵀ` of every 3×3 kernel of `weight` (`[c_out, c_in, 3, 3]`), `[c_out][16][c_in]`,
+/// in a pooled buffer (every element written).
+fn weight_transform(weight: &[f32], c_out: usize, c_in: usize, threads: usize) -> Scratch {
+    let mut u = Scratch::take(c_out * E * c_in);
     let fill = |co: usize, u: &mut [f32]| {
         for ci in 0..c_in {
             let g = &weight[(co * c_in + ci) * 9..][..9];
