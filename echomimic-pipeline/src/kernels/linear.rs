@@ -10,7 +10,7 @@ use super::cpu_input::tensor_f32;
 use super::matmul::{matmul, View, NARROW};
 use super::switch::use_cpu_kernel;
 
-/// `lin.forward(xs)`: with at most [`NARROW`] rows (the product of `xs`'s leading
+/// `lin.forward(xs)`: with at most 16 rows (the product of `xs`'s leading
 /// dimensions) on the CPU in f32, `W · xᵀ` (the weight as the left factor, read in its own
 /// row-major layout) transposed onto the bias; otherwise candle's `Linear`.
 pub fn linear(lin: &Linear, xs: &Tensor) -> Result<Tensor> {
