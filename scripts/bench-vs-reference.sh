@@ -32,6 +32,10 @@
 #                            relative ones are taken inside the reference)
 #   OURS_BIN                 an echomimic-worker binary (default: built
 #                            here with `cargo build --release`)
+#   REFERENCE_AUDIO_TRACK    1 (default): the reference ends as the official
+#                            infer_audio2vid.py does, adding the speech to its
+#                            silent MP4 with moviepy, so both sides deliver an
+#                            MP4 with sound; 0: it stops at the silent MP4
 #
 # The reference runs its own copy of the code with the two CPU patches of
 # testdata/golden/public/README.md applied (P1: the reference-attention hooks'
@@ -51,6 +55,11 @@ runs="${BENCH_RUNS:-3}"
 threads="${BENCH_THREADS:-2}"
 requests="${BENCH_REQUESTS:-golden real components}"
 iters="${BENCH_ITERS:-5}"
+case "${REFERENCE_AUDIO_TRACK:-1}" in
+  1) ref_audio=() ;;
+  0) ref_audio=(--no-audio-track) ;;
+  *) echo "error: REFERENCE_AUDIO_TRACK must be 0 or 1" >&2 && exit 1 ;;
+esac
 golden="$repo/testdata/golden/public"
 
 die() {
@@ -110,7 +119,7 @@ if [ -z "$py" ]; then
   py="$venv/bin/python"
 fi
 "$py" - <<'EOF' || die "$py lacks the reference's packages (benches/python/reference-requirements.txt, facenet-pytorch --no-deps)"
-import torch, diffusers, transformers, facenet_pytorch, cv2, av, omegaconf, einops, numpy, PIL
+import torch, diffusers, transformers, facenet_pytorch, cv2, av, omegaconf, einops, numpy, PIL, moviepy
 for name, have, want in (("torch", torch.__version__, "2.2.2"),
                          ("diffusers", diffusers.__version__, "0.24.0")):
     if not have.startswith(want):
@@ -196,7 +205,7 @@ for req in $requests; do
     (cd "$golden" && export OMP_NUM_THREADS="$threads" && timed "$dir/ref-$i.json" "$dir/ref-$i.log" \
       "$py" "$repo/benches/python/reference_runner.py" --reference-dir "$ref" \
       --config configs/prompts/animation_tiny.yaml $args --threads "$threads" \
-      --output "$dir/ref-$i.mp4" --timings-json "$dir/ref-$i.json")
+      "${ref_audio[@]}" --output "$dir/ref-$i.mp4" --timings-json "$dir/ref-$i.json")
   done
 done
 log "load average: $(cut -d' ' -f1-3 /proc/loadavg)"

@@ -2,8 +2,9 @@
 
 Drives `Audio2VideoPipeline` the way the official `infer_audio2vid.py` does
 (MTCNN face detection, mask and crop, the pipeline call, the video written
-with the official `save_videos_grid`), on the CPU in float32, and writes the
-wall time of each part as JSON. Used by `scripts/bench-vs-reference.sh`;
+with the official `save_videos_grid`, then the speech added with the official
+moviepy step), on the CPU in float32, and writes the wall time of each part
+as JSON. Used by `scripts/bench-vs-reference.sh`;
 the reference code must already carry the two CPU patches (the script applies
 them to its own copy).
 
@@ -25,9 +26,14 @@ Parts (the same boundaries as `echomimic-worker generate --timings-json`):
              denoising-UNet call)
   denoising  first denoising-UNet call to the end of the DDIM loop
   decoding   latent interpolation and VAE decode of every frame
-  write      the frames to an MP4 (`save_videos_grid`, libx264, no audio:
-             the official script's later moviepy re-encode with the audio is
-             left out, which only flatters the reference)
+  write      the deliverable MP4: `write_video` + `write_audio` (with
+             --no-audio-track, `write_video` alone)
+  write_video  the frames to a silent MP4 (`save_videos_grid`: PyAV,
+             libx264 at its defaults, CRF 23)
+  write_audio  the official script's last step: moviepy 1.0.3 reads the
+             silent MP4 back, adds the speech and writes `--output` (libx264
+             at CRF 23 again, AAC); this is what makes an MP4 with sound, as
+             `echomimic-worker generate` writes in one pass
   total      from the first line of this script to the written video
 """
 
@@ -62,6 +68,8 @@ def parse_args():
     p.add_argument("--facemusk-dilation-ratio", type=float, default=0.1)
     p.add_argument("--facecrop-dilation-ratio", type=float, default=0.5)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-audio-track", action="store_true",
+                   help="stop at the silent MP4 (written to --output), skipping the moviepy step")
     return p.parse_args()
 
 
@@ -77,6 +85,7 @@ from src.models.unet_3d_echo import EchoUNet3DConditionModel  # noqa: E402
 from src.models.whisper.audio2feature import load_audio_model  # noqa: E402
 from src.pipelines.pipeline_echo_mimic import Audio2VideoPipeline  # noqa: E402
 from src.utils.util import save_videos_grid  # noqa: E402
+from moviepy.editor import AudioFileClip, VideoFileClip  # noqa: E402  (imported as the official script does)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import reference_face  # noqa: E402
@@ -198,7 +207,14 @@ def main(args):
             context_overlap=args.context_overlap,
         ).videos
     t_pipe = time.perf_counter()
-    save_videos_grid(video, os.path.abspath(args.output), n_rows=1, fps=args.fps)
+    output = os.path.abspath(args.output)
+    silent = output if args.no_audio_track else os.path.splitext(output)[0] + "_silent.mp4"
+    save_videos_grid(video, silent, n_rows=1, fps=args.fps)
+    t_video = time.perf_counter()
+    if not args.no_audio_track:
+        video_clip = VideoFileClip(silent)
+        video_clip = video_clip.set_audio(AudioFileClip(args.audio))
+        video_clip.write_videofile(output, codec="libx264", audio_codec="aac")
     t_end = time.perf_counter()
     m = marks.t
     timings = {
@@ -211,6 +227,8 @@ def main(args):
         "decoding": m["decoding_end"] - m["denoising_end"],
         "pipeline": t_pipe - t_face,
         "write": t_end - t_pipe,
+        "write_video": t_video - t_pipe,
+        "write_audio": t_end - t_video,
         "total": t_end - T_START,
         "frames": int(video.shape[2]),
         "unet_calls": marks.unet_calls,
