@@ -324,6 +324,38 @@ fn assert_close(got: &Tensor, want: &Tensor, atol: f32, rtol: f32, what: &str) -
 }
 
 #[test]
+fn gelu_matches_candles_op() -> Result<()> {
+    let dev = Device::Cpu;
+    // a row shorter than the 8 lanes, odd widths, rows above the per-task split, a view
+    for dims in [
+        vec![1, 5],
+        vec![3, 17],
+        vec![2, 1500, 96],
+        vec![1, 3, 4, 1280],
+    ] {
+        // values up to |8|: both tails of the GELU and its bend near 0
+        let x = (randn(0f32, 1., dims.as_slice(), &dev)? * 3.0)?;
+        // erf's absolute error (< 1e-6) times |x|/2 where 1 + erf is small (x < 0)
+        assert_close(
+            &kernels::gelu_erf(&x)?,
+            &x.gelu_erf()?,
+            1e-5,
+            4e-6,
+            &format!("{dims:?}"),
+        )?;
+        let t = x.t()?;
+        assert_close(
+            &kernels::gelu_erf(&t)?,
+            &t.gelu_erf()?,
+            1e-5,
+            4e-6,
+            &format!("{dims:?} transposed"),
+        )?;
+    }
+    Ok(())
+}
+
+#[test]
 fn geglu_matches_the_candle_composition() -> Result<()> {
     let dev = Device::Cpu;
     // (leading dims, inner): odd widths, one row, rows above the per-task split, rank 2 and 4

@@ -51,7 +51,7 @@ use candle_nn::Conv2d;
 
 pub use attention::{attention, frame_attention, SharedKv};
 use conv2d::{BandedConv2d, ConvGeometry};
-pub use geglu::geglu;
+pub use geglu::{geglu, gelu_erf};
 pub use group_norm::{group_norm, GroupNorm};
 pub use layer_norm::layer_norm;
 pub use linear::linear;

@@ -102,6 +102,31 @@ unsafe fn geglu_avx2(dst: &mut [f32], x: &[f32], gate: &[f32]) {
     }
 }
 
+/// `dst[i] = gelu(x[i])` (the exact, erf GELU), 8 wide; `false` (and `dst` untouched) when
+/// the CPU lacks AVX2 or FMA. The slices have one length.
+pub(super) fn gelu_row(dst: &mut [f32], x: &[f32]) -> bool {
+    if !available() {
+        return false;
+    }
+    assert_eq!(dst.len(), x.len());
+    // SAFETY: the CPU has AVX2 and FMA (checked just above).
+    unsafe { gelu_avx2(dst, x) };
+    true
+}
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn gelu_avx2(dst: &mut [f32], x: &[f32]) {
+    let mut d = dst.chunks_exact_mut(LANES);
+    let mut xs = x.chunks_exact(LANES);
+    for (d, x) in (&mut d).zip(&mut xs) {
+        // SAFETY: each chunk holds 8 f32.
+        unsafe { _mm256_storeu_ps(d.as_mut_ptr(), gelu8(_mm256_loadu_ps(x.as_ptr()))) };
+    }
+    for (d, &x) in d.into_remainder().iter_mut().zip(xs.remainder()) {
+        *d = gelu_erf(x);
+    }
+}
+
 #[target_feature(enable = "avx2,fma")]
 unsafe fn normalise_avx2(
     dst: &mut [f32],

@@ -23,7 +23,7 @@
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Conv1d, Conv1dConfig, Linear, VarBuilder};
 
-use crate::kernels::attention;
+use crate::kernels::{self, attention};
 
 /// LayerNorm epsilon (PyTorch default).
 const LN_EPS: f32 = 1e-5;
@@ -191,7 +191,7 @@ impl Module for ResidualAttentionBlock {
         // 1. x = x + attn(attn_ln(x))
         let xs = (xs + self.attn.forward(&self.attn_ln.forward(xs)?)?)?;
         // 2. x = x + mlp(mlp_ln(x)), mlp = Linear -> GELU (erf) -> Linear
-        let h = self.mlp_0.forward(&self.mlp_ln.forward(&xs)?)?.gelu_erf()?;
+        let h = kernels::gelu_erf(&self.mlp_0.forward(&self.mlp_ln.forward(&xs)?)?)?;
         xs + self.mlp_2.forward(&h)?
     }
 }
@@ -268,8 +268,8 @@ impl AudioEncoder {
         let dtype = self.conv1.weight().dtype();
         let xs = mel.to_dtype(dtype)?;
         // 1. conv1 -> GELU -> conv2 (stride 2) -> GELU
-        let xs = self.conv1.forward(&xs)?.gelu_erf()?;
-        let xs = self.conv2.forward(&xs)?.gelu_erf()?;
+        let xs = kernels::gelu_erf(&self.conv1.forward(&xs)?)?;
+        let xs = kernels::gelu_erf(&self.conv2.forward(&xs)?)?;
         // 2. (batch, state, time) -> (batch, time, state), + positional embedding
         let xs = xs.transpose(1, 2)?;
         let (_, time, state) = xs.dims3()?;
