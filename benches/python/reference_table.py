@@ -19,7 +19,7 @@ PARTS = [
     ("denoising", "denoising"),
     ("decoding", "decoding (ours: incl. video encoding)"),
     ("pipeline", "pipeline (face..decoding)"),
-    ("write", "finishing the MP4 with sound"),
+    ("write", "finishing the MP4 (ours: with its sound)"),
     ("write_video", "… reference: the silent MP4"),
     ("write_audio", "… reference: the speech added (moviepy)"),
     ("load", "loading the weights"),
