@@ -90,12 +90,7 @@ mod tests {
             let xs = Tensor::randn(0f32, 1.0, shape, &dev)?;
             let want = lin.forward(&xs)?;
             let got = linear(&lin, &xs)?;
-            assert_eq!(got.dims(), want.dims());
-            let d = (got - want)?
-                .abs()?
-                .flatten_all()?
-                .max(0)?
-                .to_scalar::<f32>()?;
+            let d = crate::ops::max_abs_diff(&got, &want)?;
             assert!(d < 1e-4, "{lead:?} {in_dim}->{out_dim}: max abs diff {d}");
         }
         Ok(())

@@ -1506,12 +1506,7 @@ mod tests {
                 None => want,
             };
             let got = prelu_pool(&xs, &prelu, pool)?;
-            assert_eq!(got.dims(), want.dims());
-            let d = (got - want)?
-                .abs()?
-                .flatten_all()?
-                .max(0)?
-                .to_scalar::<f32>()?;
+            let d = crate::ops::max_abs_diff(&got, &want)?;
             assert!(d < 1e-6, "{shape:?} {pool:?}: max abs diff {d}");
         }
         Ok(())
