@@ -37,6 +37,7 @@ use rayon::prelude::*;
 use super::chunks::for_each_chunk;
 use super::cpu_input::{contiguous_f32, tensor_f32};
 use super::matmul::{matmul, View};
+use super::pool::Buffer;
 use super::winograd::Winograd;
 
 /// Elements of the patch matrix built per band (2 Mi f32 = 8 MiB at most;
@@ -153,8 +154,8 @@ impl BandedConv2d {
                 (image_in, image_out),
                 parallel,
                 threads,
-                |image, dst, threads, padded: &mut Vec<f32>| {
-                    let padded = at_least(padded, g.c_in * plane);
+                |image, dst, threads, padded: &mut Buffer| {
+                    let padded = padded.at_least(g.c_in * plane);
                     pad_planes(&g, (h, w), image, padded, plane, threads);
                     wino.image(padded, plane, wp, dst, threads);
                 },
@@ -263,22 +264,14 @@ fn images_per_group(n: usize, image_patches: usize, fits: bool, threads: usize) 
     n.div_ceil(groups)
 }
 
-/// A thread's buffers, reused from call to call without zeroing (every element used is
+/// A thread's buffers, from the pool and reused without zeroing (every element used is
 /// written first).
 #[derive(Default)]
 struct Scratch {
     /// The patch matrix.
-    patches: Vec<f32>,
+    patches: Buffer,
     /// The `[c_out, images·plane]` product of a group of images.
-    product: Vec<f32>,
-}
-
-/// `buf[..len]`, grown as needed.
-fn at_least(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
-    if buf.len() < len {
-        buf.resize(len, 0.0);
-    }
-    &mut buf[..len]
+    product: Buffer,
 }
 
 /// One convolution over one image, band by band.
@@ -306,7 +299,7 @@ impl Bands<'_> {
         let image_in = self.g.c_in * h * w;
         let count = input.len() / image_in;
         let cols = count * plane;
-        let patches = at_least(&mut scratch.patches, self.k * cols);
+        let patches = scratch.patches.at_least(self.k * cols);
         for_each_chunk(patches, cols, threads, |row, patch| {
             for (image, part) in input
                 .chunks_exact(image_in)
@@ -316,7 +309,7 @@ impl Bands<'_> {
             }
         });
         let c_out = self.g.c_out;
-        let product = at_least(&mut scratch.product, c_out * cols);
+        let product = scratch.product.at_least(c_out * cols);
         self.bias_rows(product, cols, cols);
         let patches = View {
             data: &scratch.patches[..self.k * cols],
@@ -373,7 +366,7 @@ impl Bands<'_> {
         dst: &mut [f32],
         y0: usize,
         threads: usize,
-        scratch: &mut Vec<f32>,
+        scratch: &mut Buffer,
     ) {
         let (oh, ow) = self.out_size;
         let y1 = (y0 + self.rows_per_band).min(oh);
@@ -391,7 +384,7 @@ impl Bands<'_> {
                 col_stride: 1,
             }
         } else {
-            let patches = at_least(scratch, self.k * cols);
+            let patches = scratch.at_least(self.k * cols);
             for_each_chunk(patches, cols, threads, |row, patch| {
                 fill_patch_row(g, image, self.in_size, ow, y0, row, patch)
             });
@@ -517,16 +510,17 @@ impl<'a, 'b> Direct<'a, 'b> {
     /// band's output channels shared by the threads.
     fn image(&self, image: &[f32], dst: &mut [f32], threads: usize, scratch: &mut Scratch) {
         let b = self.bands;
-        let padded = at_least(&mut scratch.patches, b.g.c_in * self.plane);
+        let padded = scratch.patches.at_least(b.g.c_in * self.plane);
         pad_planes(&b.g, b.in_size, image, padded, self.plane, threads);
         let padded = &scratch.patches[..b.g.c_in * self.plane];
         let plane_out = b.out_size.0 * b.out_size.1;
         let chunk = self.per * plane_out;
-        let mut blocks: Vec<Vec<f32>> =
-            (0..dst.len().div_ceil(chunk)).map(|_| Vec::new()).collect();
+        let mut blocks: Vec<Buffer> = (0..dst.len().div_ceil(chunk))
+            .map(|_| Buffer::default())
+            .collect();
         for i in 0..self.count {
-            let run = |(j, (dst, block)): (usize, (&mut [f32], &mut Vec<f32>))| {
-                let block = at_least(block, dst.len() / plane_out * self.band);
+            let run = |(j, (dst, block)): (usize, (&mut [f32], &mut Buffer))| {
+                let block = block.at_least(dst.len() / plane_out * self.band);
                 self.piece(padded, i, j * self.per, block);
                 self.copy_out(i, block, dst);
             };

@@ -13,7 +13,7 @@
 
 use super::chunks::for_each_chunk;
 use super::matmul::{matmul, View};
-use super::pool::Scratch;
+use super::pool::Buffer;
 
 /// Transformed input elements per band and per element of the 4×4 block, about (whole
 /// block rows).
@@ -36,7 +36,7 @@ pub(super) struct Winograd<'a> {
     c_in: usize,
     c_out: usize,
     out_size: (usize, usize),
-    u: Scratch,
+    u: Buffer,
     bias: Option<&'a [f32]>,
 }
 
@@ -86,20 +86,20 @@ impl<'a> Winograd<'a> {
         let blocks_per_band = (BAND_ELEMS / self.c_in).clamp(64, 1024);
         let rows_per_band = (blocks_per_band / bw).clamp(1, bh);
         // every element of both is written before it is read
-        let mut v_buf = Scratch::take(self.c_in * E * rows_per_band * bw);
-        let mut m_buf = Scratch::take(self.c_out * E * rows_per_band * bw);
+        let mut v_buf = Buffer::default();
+        let mut m_buf = Buffer::default();
         for by0 in (0..bh).step_by(rows_per_band) {
             let by1 = (by0 + rows_per_band).min(bh);
             let blocks = (by1 - by0) * bw;
             // 1. Input blocks, transformed: [c_in][16][blocks].
-            let v = &mut v_buf[..self.c_in * E * blocks];
+            let v = v_buf.at_least(self.c_in * E * blocks);
             let fill = |ci: usize, v: &mut [f32]| {
                 input_transform(&padded[ci * plane..(ci + 1) * plane], wp, by0..by1, bw, v)
             };
             for_each_chunk(v, E * blocks, threads, fill);
             let v = &*v;
             // 2. The 16 products: [c_out][16][blocks].
-            let m = &mut m_buf[..self.c_out * E * blocks];
+            let m = m_buf.at_least(self.c_out * E * blocks);
             for e in 0..E {
                 let lhs = View {
                     data: &self.u[e * self.c_in..],
@@ -137,8 +137,8 @@ impl<'a> Winograd<'a> {
 
 /// `G g Gᵀ` of every 3×3 kernel of `weight` (`[c_out, c_in, 3, 3]`), `[c_out][16][c_in]`,
 /// in a pooled buffer (every element written).
-fn weight_transform(weight: &[f32], c_out: usize, c_in: usize, threads: usize) -> Scratch {
-    let mut u = Scratch::take(c_out * E * c_in);
+fn weight_transform(weight: &[f32], c_out: usize, c_in: usize, threads: usize) -> Buffer {
+    let mut u = Buffer::default();
     let fill = |co: usize, u: &mut [f32]| {
         for ci in 0..c_in {
             let g = &weight[(co * c_in + ci) * 9..][..9];
@@ -164,7 +164,7 @@ fn weight_transform(weight: &[f32], c_out: usize, c_in: usize, threads: usize) -
             }
         }
     };
-    for_each_chunk(&mut u, E * c_in, threads, fill);
+    for_each_chunk(u.at_least(c_out * E * c_in), E * c_in, threads, fill);
     u
 }
 
